@@ -1,0 +1,44 @@
+# sockd: each target sets up .venv by itself.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+CONFIG ?= etc/sockd.ini
+PYTEST_ARGS ?=
+
+.PHONY: run test lint typecheck unit bench soak clean
+
+# The venv, with sockd installed in "compat" editable mode: twistd finds the
+# plugin through a path entry (the default editable mode hides it).
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/python -m pip install --quiet --config-settings editable_mode=compat -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed setup.cfg
+	$(BIN)/python -m pip install --quiet --config-settings editable_mode=compat -e '.[test,dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/twistd --nodaemon --pidfile= sockd --config $(CONFIG)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check sockd tests twisted bench
+	$(BIN)/ruff format --check sockd tests twisted bench
+
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy
+
+unit: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test: lint typecheck unit
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info _trial_temp* .mypy_cache .ruff_cache
+	find . -name dropin.cache -delete -o -name __pycache__ -prune -exec rm -rf {} +

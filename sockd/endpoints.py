@@ -1,0 +1,164 @@
+"""
+Datagram endpoints, in the style of Twisted's stream endpoint strings.
+
+Twisted parses C{tcp:...} and C{systemd:...} for streams only.  For UDP we
+accept::
+
+    udp:PORT[:interface=ADDR][:maxPacketSize=N]
+    systemd:domain=INET|INET6:index=N     (a datagram socket passed by systemd)
+
+Listening returns Twisted's own C{IListeningPort}.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IListeningPort, IReactorSocket, IReactorUDP
+from twisted.internet.protocol import DatagramProtocol
+
+__all__ = ["DatagramEndpoint", "inherited_fds", "parse_datagram"]
+
+#: systemd passes sockets from this descriptor on (sd_listen_fds(3))
+SD_LISTEN_FDS_START = 3
+
+
+@dataclass(frozen=True)
+class DatagramEndpoint:
+    """Where a datagram service listens: a port to bind, or an inherited fd."""
+
+    description: str
+    port: int | None = None
+    interface: str = ""
+    systemd_index: int | None = None
+    family: socket.AddressFamily = socket.AF_INET
+    max_packet_size: int | None = None
+
+    def listen(
+        self, reactor: object, protocol: DatagramProtocol, max_packet_size: int
+    ) -> IListeningPort:
+        size = self.max_packet_size or max_packet_size
+        if self.systemd_index is not None:
+            fds = inherited_fds()
+            if self.systemd_index >= len(fds):
+                raise ValueError(
+                    f"{self.description}: systemd passed {len(fds)} socket(s); "
+                    f"there is no index {self.systemd_index}"
+                )
+            fd = fds[self.systemd_index]
+            kind = socket.socket(fileno=os.dup(fd))
+            try:
+                if kind.type != socket.SOCK_DGRAM:
+                    raise ValueError(
+                        f"{self.description}: inherited descriptor {fd} is not "
+                        "a datagram socket"
+                    )
+            finally:
+                kind.close()
+            port: IListeningPort = IReactorSocket(reactor).adoptDatagramPort(
+                fd, self.family, protocol, size
+            )
+            return port
+        assert self.port is not None
+        return IReactorUDP(reactor).listenUDP(
+            self.port, protocol, interface=self.interface, maxPacketSize=size
+        )
+
+
+def inherited_fds() -> list[int]:
+    """Descriptors systemd passed to this process (LISTEN_PID/LISTEN_FDS)."""
+    try:
+        if int(os.environ.get("LISTEN_PID", "")) != os.getpid():
+            return []
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
+
+
+def _split(description: str) -> tuple[list[str], dict[str, str]]:
+    # The same escaping rule as Twisted's endpoint strings: backslash quotes
+    # the next character (so IPv6 addresses can be written 'interface=\:\:1').
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(description)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    for part in parts:
+        if "=" in part:
+            key, _, value = part.partition("=")
+            if key in kwargs:
+                raise ValueError(f"{key!r} is given twice")
+            kwargs[key] = value
+        else:
+            args.append(part)
+    return args, kwargs
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise ValueError(f"port {text!r} is not a number from 0 to 65535")
+    return int(text)
+
+
+def parse_datagram(description: str) -> DatagramEndpoint:
+    """Parse one datagram endpoint description; ValueError says what is wrong."""
+    usage = (
+        "expected udp:PORT[:interface=ADDR][:maxPacketSize=N] or "
+        "systemd:domain=INET:index=N"
+    )
+    try:
+        args, kwargs = _split(description)
+    except ValueError as e:
+        raise ValueError(f"{description!r}: {e}; {usage}") from None
+    kind = args[0].lower() if args else ""
+    size: int | None = None
+    if "maxPacketSize" in kwargs:
+        raw = kwargs.pop("maxPacketSize")
+        if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+            raise ValueError(f"{description!r}: maxPacketSize must be 1 to 65535")
+        size = int(raw)
+    if kind == "udp":
+        if len(args) != 2:
+            raise ValueError(f"{description!r}: {usage}")
+        interface = kwargs.pop("interface", "")
+        if kwargs:
+            raise ValueError(
+                f"{description!r}: unknown option(s) {', '.join(sorted(kwargs))}; "
+                f"{usage}"
+            )
+        family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+        if interface:
+            try:
+                socket.inet_pton(family, interface)
+            except OSError:
+                raise ValueError(
+                    f"{description!r}: interface {interface!r} is not an IP "
+                    "address (write IPv6 colons as \\:)"
+                ) from None
+        try:
+            port = _port(args[1])
+        except ValueError as e:
+            raise ValueError(f"{description!r}: {e}") from None
+        return DatagramEndpoint(description, port, interface, None, family, size)
+    if kind == "systemd":
+        domain = kwargs.pop("domain", "INET").upper()
+        index = kwargs.pop("index", "")
+        if len(args) != 1 or kwargs or domain not in ("INET", "INET6"):
+            raise ValueError(f"{description!r}: {usage}")
+        if not index.isdigit():
+            raise ValueError(f"{description!r}: index must be a number; {usage}")
+        family = socket.AF_INET6 if domain == "INET6" else socket.AF_INET
+        return DatagramEndpoint(description, None, "", int(index), family, size)
+    raise ValueError(f"{description!r} is not a datagram endpoint; {usage}")

@@ -1,0 +1,353 @@
+"""
+Limits shared by every service: connection caps (total and per client
+address), per-source rate limiting, timeouts that really close, and
+backpressure.
+
+Twisted's C{policies.LimitConnectionsByPeer} crashes on C{IPv4Address}
+(Twisted #12183), and C{TimeoutMixin} only calls C{loseConnection}, which
+never completes against a peer that does not read; hence this module.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from typing import Any
+
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTime,
+)
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = [
+    "ConnectionLimiter",
+    "GuardedFactory",
+    "GuardedProtocol",
+    "RateLimiter",
+    "Refusal",
+    "TokenBucket",
+    "peer_key",
+]
+
+log = Logger(namespace="sockd")
+
+
+def peer_key(host: str) -> str:
+    """
+    The key a client address is counted under: an IPv4 address as itself
+    (also when written C{::ffff:a.b.c.d}), an IPv6 address by its /64, and
+    anything else (a UNIX socket path) as it is.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        network = ipaddress.IPv6Network((int(address) >> 64 << 64, 64))
+        return str(network)
+    return str(address)
+
+
+def host_of(address: IAddress | None) -> str:
+    host = getattr(address, "host", None)
+    if isinstance(host, str):
+        return host
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        return name.decode("utf-8", "backslashreplace")
+    return str(name) if name else "unix"
+
+
+class ConnectionLimiter:
+    """Counts open connections, in total and per L{peer_key}."""
+
+    def __init__(self, max_total: int, max_per_peer: int) -> None:
+        self.max_total = max_total
+        self.max_per_peer = max_per_peer
+        self.total = 0
+        self.per_peer: dict[str, int] = {}
+        self.refused = 0
+
+    def acquire(self, key: str) -> str | None:
+        """Take a slot for C{key}; on refusal return the reason instead."""
+        if self.total >= self.max_total:
+            self.refused += 1
+            return "too many connections to this server"
+        count = self.per_peer.get(key, 0)
+        if count >= self.max_per_peer:
+            self.refused += 1
+            return "too many connections from your address"
+        self.per_peer[key] = count + 1
+        self.total += 1
+        return None
+
+    def release(self, key: str) -> None:
+        count = self.per_peer.get(key, 0)
+        if count <= 0:
+            return
+        self.total -= 1
+        if count == 1:
+            del self.per_peer[key]
+        else:
+            self.per_peer[key] = count - 1
+
+
+class TokenBucket:
+    """A token bucket: C{rate} tokens a second, at most C{burst} saved."""
+
+    __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, clock: IReactorTime) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.tokens = float(burst)
+        self.stamp = clock.seconds()
+
+    def take(self, cost: float = 1.0) -> bool:
+        now = self.clock.seconds()
+        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if tokens >= cost:
+            self.tokens = tokens - cost
+            return True
+        self.tokens = tokens
+        return False
+
+
+class RateLimiter:
+    """
+    One token bucket per source, plus a global one.  The table of sources is
+    bounded: when it is full the least recently seen source is forgotten, so
+    a flood from many spoofed sources costs bounded memory (the global
+    bucket still caps what they get).
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        total_rate: float,
+        clock: IReactorTime,
+        max_sources: int = 65536,
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.max_sources = max_sources
+        self.total = TokenBucket(total_rate, max(total_rate, burst), clock)
+        self.sources: OrderedDict[Any, list[float]] = OrderedDict()
+        self.dropped = 0
+
+    def allow(self, source: Any, cost: float = 1.0) -> bool:
+        """Charge C{cost} to C{source}; False means drop the request."""
+        now = self.clock.seconds()
+        state = self.sources.get(source)
+        if state is None:
+            if len(self.sources) >= self.max_sources:
+                self.sources.popitem(last=False)
+            state = self.sources[source] = [float(self.burst), now]
+        else:
+            self.sources.move_to_end(source)
+        tokens = min(self.burst, state[0] + (now - state[1]) * self.rate)
+        state[1] = now
+        if tokens < cost or not self.total.take(cost):
+            state[0] = tokens
+            self.dropped += 1
+            return False
+        state[0] = tokens - cost
+        return True
+
+
+@implementer(IHalfCloseableProtocol)
+class GuardedProtocol(Protocol):
+    """
+    A TCP protocol with an idle timeout, a deadline for the request in
+    progress, backpressure, and a close that really closes.
+
+    Subclasses call L{touch} when data arrives, L{startDeadline} and
+    L{stopDeadline} around a partial request, and L{close} to finish.
+    When the peer half-closes (C{nc -N}), L{inputEnded} runs and, by
+    default, closes once every answer is written.
+    """
+
+    factory: GuardedFactory
+    _idle: IDelayedCall | None = None
+    _deadline: IDelayedCall | None = None
+    _abort: IDelayedCall | None = None
+    _key: str | None = None
+    closing = False
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        # Stop reading from a peer that does not read our answers until the
+        # write buffer drains; without this a sender that never reads grows
+        # the buffer without bound.
+        transport.registerProducer(transport, True)  # type: ignore[attr-defined]
+        self._idle = self.factory.clock.callLater(
+            self.factory.idle_timeout, self._timedOut, "idle"
+        )
+
+    def touch(self) -> None:
+        """Data arrived: restart the idle timer."""
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.factory.idle_timeout)
+
+    def startDeadline(self) -> None:
+        """A request has begun; it must complete within the request timeout."""
+        if self._deadline is None or not self._deadline.active():
+            self._deadline = self.factory.clock.callLater(
+                self.factory.request_timeout, self._timedOut, "request"
+            )
+
+    def restartDeadline(self) -> None:
+        """A request completed and the next has begun."""
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.reset(self.factory.request_timeout)
+        else:
+            self.startDeadline()
+
+    def stopDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _timedOut(self, which: str) -> None:
+        log.info(
+            "{service}: closing {peer}: {which} timeout",
+            service=self.factory.service_name,
+            peer=self._key,
+            which=which,
+        )
+        self.timedOut(which)
+
+    def timedOut(self, which: str) -> None:
+        """Hook: a timer ran out.  By default, close."""
+        self.close()
+
+    def close(self, message: bytes = b"") -> None:
+        """
+        Write C{message}, then close once the write buffer drains; abort if
+        that takes longer than the grace period (a peer that never reads).
+        """
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        self.closing = True
+        self.stopDeadline()
+        if message:
+            transport.write(message)
+        # The transport is its own producer; leaving it registered would keep
+        # a paused connection open forever after the buffer drains.
+        transport.unregisterProducer()  # type: ignore[attr-defined]
+        transport.loseConnection()
+        self._abort = self.factory.clock.callLater(
+            self.factory.abort_grace,
+            transport.abortConnection,  # type: ignore[attr-defined]
+        )
+
+    def inputEnded(self) -> None:
+        """Hook: the peer will send nothing more."""
+        self.close()
+
+    def readConnectionLost(self) -> None:
+        self.inputEnded()
+
+    def writeConnectionLost(self) -> None:
+        # We never half-close ourselves; a peer resetting its read side
+        # means our answers cannot arrive.
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        for call in (self._idle, self._deadline, self._abort):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle = self._deadline = self._abort = None
+        if self._key is not None:
+            self.factory.limiter.release(self._key)
+            self._key = None
+
+
+class Refusal(Protocol):
+    """Says one line to a client over a connection cap, then closes."""
+
+    def __init__(self, message: bytes, clock: IReactorTime, grace: float) -> None:
+        self.message = message
+        self.clock = clock
+        self.grace = grace
+        self._abort: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(self.message)
+        transport.loseConnection()
+        self._abort = self.clock.callLater(
+            self.grace,
+            transport.abortConnection,  # type: ignore[attr-defined]
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+
+
+class GuardedFactory(ServerFactory):
+    """
+    Builds L{GuardedProtocol}s under a L{ConnectionLimiter}; clients over a
+    cap get one line (L{refusal}) and are closed.
+    """
+
+    noisy = False
+    service_name = "sockd"
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        max_connections: int,
+        max_connections_per_ip: int,
+        idle_timeout: float,
+        request_timeout: float,
+        abort_grace: float,
+    ) -> None:
+        self.clock = clock
+        self.limiter = ConnectionLimiter(max_connections, max_connections_per_ip)
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.abort_grace = abort_grace
+
+    def refusal(self, reason: str) -> bytes:
+        """The line a refused client gets."""
+        return f"ERR {reason}\r\n".encode()
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        key = peer_key(host_of(addr))
+        reason = self.limiter.acquire(key)
+        if reason is not None:
+            log.warn(
+                "{service}: refused {peer}: {reason}",
+                service=self.service_name,
+                peer=key,
+                reason=reason,
+            )
+            refusal = Refusal(self.refusal(reason), self.clock, self.abort_grace)
+            refusal.factory = self
+            return refusal
+        protocol = super().buildProtocol(addr)
+        assert isinstance(protocol, GuardedProtocol)
+        protocol._key = key
+        return protocol

@@ -1,0 +1,244 @@
+"""
+Wiring shared by every daemon: command-line options over the INI file,
+listeners for stream and datagram endpoints, and the service tree.
+
+Each daemon's C{*_tap} module provides C{build(config, reactor)}, returning
+its listeners; the all-in-one daemon asks every enabled section for its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from sockd import config as _config
+from sockd.config import Config, ConfigError
+from sockd.endpoints import parse_datagram
+
+__all__ = [
+    "DAEMONS",
+    "DaemonOptions",
+    "Listener",
+    "datagram_listener",
+    "make_daemon_service",
+    "stream_listener",
+    "with_backlog",
+]
+
+log = Logger(namespace="sockd")
+
+#: section name -> module whose build(config, reactor) makes its listeners
+DAEMONS = {
+    "echo": "sockd.echo_tap",
+    "chat": "sockd.chat_tap",
+    "file": "sockd.file_tap",
+}
+
+
+class Builder(Protocol):
+    def __call__(self, config: Config, reactor: Any) -> list[IService]: ...
+
+
+class Listener(Service):
+    """
+    Listens on one endpoint while running.  Binding happens in
+    C{privilegedStartService}, before twistd drops privileges, and a failure
+    to bind stops start-up with a message naming the endpoint.
+    """
+
+    port: IListeningPort | None = None
+
+    def __init__(
+        self, service: str, description: str, listen: Callable[[], Any]
+    ) -> None:
+        self.service = service
+        self.description = description
+        self._listen = listen
+        self.setName(f"{service} {description}")
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._bind()
+
+    def startService(self) -> None:
+        super().startService()
+        self._bind()
+
+    def _bind(self) -> None:
+        if self.port is not None:
+            return
+        try:
+            result = self._listen()
+        except Exception as e:
+            raise SystemExit(self._failed(e)) from None
+        if isinstance(result, Deferred):
+            outcome: list[Any] = []
+            result.addBoth(outcome.append)
+            if not outcome:
+                raise SystemExit(
+                    f"{self.service}: {self.description}: did not "
+                    "bind at once; asynchronous endpoints are not "
+                    "supported"
+                )
+            if isinstance(outcome[0], Failure):
+                raise SystemExit(self._failed(outcome[0].value or Exception()))
+            result = outcome[0]
+        self.port = result
+        address = result.getHost()
+        kind = getattr(address, "type", "UNIX")
+        where = (
+            f"{address.host}:{address.port}"
+            if hasattr(address, "port")
+            else str(getattr(address, "name", address))
+        )
+        log.info(
+            "{service}: listening on {kind} {where}",
+            service=self.service,
+            kind=kind,
+            where=where,
+            description=self.description,
+        )
+
+    def _failed(self, error: BaseException) -> str:
+        return f"sockd: {self.service} cannot listen on {self.description}: {error}"
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        result = port.stopListening()
+        return result if isinstance(result, Deferred) else None
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """Add C{backlog=} to a listening description that has none."""
+    kind = description.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "ssl", "unix") and not re.search(
+        r"(^|:)backlog=", description
+    ):
+        return f"{description}:backlog={backlog}"
+    return description
+
+
+def stream_listener(
+    service: str, description: str, factory: Factory, reactor: Any, backlog: int
+) -> Listener:
+    endpoint = serverFromString(reactor, with_backlog(description, backlog))
+    return Listener(service, description, lambda: endpoint.listen(factory))
+
+
+def datagram_listener(
+    service: str,
+    description: str,
+    protocol: DatagramProtocol,
+    reactor: Any,
+    max_packet_size: int,
+) -> Listener:
+    endpoint = parse_datagram(description)
+    return Listener(
+        service,
+        description,
+        lambda: endpoint.listen(reactor, protocol, max_packet_size),
+    )
+
+
+def builder(section: str) -> Builder:
+    module = importlib.import_module(DAEMONS[section])
+    build: Builder = module.build
+    return build
+
+
+def make_daemon_service(
+    config: Config, sections: Sequence[str], reactor: Any = None
+) -> MultiService:
+    """One service holding the listeners of each of C{sections}."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    top = MultiService()
+    for section in sections:
+        for child in builder(section)(config, reactor):
+            child.setServiceParent(top)
+    Ready(sections).setServiceParent(top)
+    return top
+
+
+class Ready(Service):
+    """Started last: every listener is bound.  Says so, once."""
+
+    def __init__(self, sections: Sequence[str]) -> None:
+        self.sections = list(sections)
+        self.setName("ready")
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("sockd: ready: {services}", services=" ".join(self.sections))
+
+
+class DaemonOptions(usage.Options):
+    """
+    Options every daemon shares: which INI file, and C{--set} overrides.
+    Subclasses name their C{section} and map their own options to keys in
+    C{keyOptions} (option name -> key); C{listOptions} accumulate.
+    """
+
+    section = ""
+    keyOptions: dict[str, str] = {}
+    listOptions: dict[str, str] = {}
+
+    optParameters: list[list[Any]] = [
+        [
+            "config",
+            "c",
+            None,
+            "INI file (default: $SOCKD_CONFIG, "
+            f"{_config.SYSTEM_CONFIG}, then the packaged default)",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.overrides: dict[str, dict[str, str]] = {}
+        self.lists: dict[str, list[str]] = {}
+
+    def opt_set(self, assignment: str) -> None:
+        """Override one setting: KEY=VALUE, or SECTION.KEY=VALUE."""
+        key, sep, value = assignment.partition("=")
+        if not sep or not key.strip():
+            raise usage.UsageError(f"--set expects KEY=VALUE, not {assignment!r}")
+        section, dot, name = key.strip().rpartition(".")
+        if not dot:
+            section = self.section
+        if not section:
+            raise usage.UsageError(f"--set expects SECTION.KEY=VALUE, not {key!r}")
+        self.overrides.setdefault(section.lower(), {})[name.lower()] = value
+
+    def _add_list(self, key: str, value: str) -> None:
+        self.lists.setdefault(key, []).append(value)
+
+    def postOptions(self) -> None:
+        for option, key in self.keyOptions.items():
+            if self.get(option) is not None:
+                self.overrides.setdefault(self.section, {})[key] = str(self[option])
+        for key, values in self.lists.items():
+            self.overrides.setdefault(self.section, {})[key] = " ".join(values)
+        if self.section:
+            # Running a single daemon means running it, whatever the file says.
+            self.overrides.setdefault(self.section, {}).setdefault("enabled", "true")
+        try:
+            self.config = _config.load(self["config"], self.overrides)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None

@@ -1,0 +1,233 @@
+"""
+Shared test helpers: in-memory transports, settings builders, and a real
+C{twistd} runner for integration tests (loopback only, ephemeral ports).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransportWithDisconnection
+
+from sockd import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeDatagramTransport:
+    """Records datagrams written; can be told to fail like sendto does."""
+
+    def __init__(self, error: OSError | None = None) -> None:
+        self.written: list[tuple[bytes, Any]] = []
+        self.error = error
+
+    def write(self, data: bytes, addr: Any = None) -> None:
+        if self.error is not None:
+            raise self.error
+        self.written.append((data, addr))
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", "127.0.0.1", 9)
+
+
+def settings(text: str = "", **sections: dict[str, str]) -> config.Config:
+    """Parse INI text (dedented), with per-section overrides as keywords."""
+    return config.parse(textwrap.dedent(text), "<test>", ROOT, sections)
+
+
+def connect(
+    factory: Any, host: str = "127.0.0.1", port: int = 40000
+) -> tuple[Any, StringTransportWithDisconnection]:
+    """Build a protocol from C{factory} on an in-memory transport."""
+    addr = IPv4Address("TCP", host, port)
+    protocol = factory.buildProtocol(addr)
+    transport = StringTransportWithDisconnection(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 9000), peerAddress=addr
+    )
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def need(tool: str) -> str:
+    """The path of a command-line tool, or skip the test saying which."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed (.ci/run installs it with apt-get)")
+    return path
+
+
+class Daemon:
+    """
+    A real C{twistd -n} on loopback.  Listeners bind port 0; the daemon's log
+    says which ports it got, and C{sockd: ready} once every one is bound.
+    """
+
+    READY = re.compile(r"sockd: ready")
+    LISTEN = re.compile(r"\] (\w+): listening on (TCP|UDP|UNIX) (\S+)")
+
+    def __init__(
+        self,
+        tapname: str,
+        ini: str,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        directory: Path | None = None,
+    ) -> None:
+        self.tapname = tapname
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="sockd-test-"))
+        self.config_path = self.directory / "sockd.ini"
+        self.config_path.write_text(textwrap.dedent(ini))
+        self.args = list(args)
+        self.env = {**os.environ, **(env or {})}
+        self.lines: list[str] = []
+        self.ports: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        self.process: subprocess.Popen[str] | None = None
+        self._changed = threading.Condition()
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "twisted",
+            "--nodaemon",
+            "--pidfile=",
+            "--logfile=-",
+            self.tapname,
+            "--config",
+            str(self.config_path),
+            *self.args,
+        ]
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            env=self.env,
+            cwd=self.directory,
+        )
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.wait_for(self.READY, timeout)
+        return self
+
+    def _drain(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            match = self.LISTEN.search(line)
+            if match:
+                host, _, port = match.group(3).rpartition(":")
+                key = (match.group(1), match.group(2))
+                self.ports.setdefault(key, []).append((host, int(port)))
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: re.Pattern[str] | str, timeout: float = 10.0) -> str:
+        """Block until a log line matches; fail with the log if it does not."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if regex.search(line):
+                        return line
+                seen = len(self.lines)
+                assert self.process is not None
+                if self.process.poll() is not None and seen == len(self.lines):
+                    # Give the drain thread one more chance to deliver.
+                    if not self._changed.wait(0.5):
+                        raise AssertionError(
+                            f"twistd exited ({self.process.returncode}) before "
+                            f"{regex.pattern!r}:\n" + self.log()
+                        )
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"no {regex.pattern!r} within {timeout}s:\n" + self.log()
+                    )
+                self._changed.wait(left)
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def port(self, service: str, kind: str = "TCP", index: int = 0) -> int:
+        return self.ports[(service, kind)][index][1]
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        return self.process.returncode
+
+
+@contextmanager
+def running(
+    tapname: str, ini: str, args: Sequence[str] = (), **kwargs: Any
+) -> Iterator[Daemon]:
+    daemon = Daemon(tapname, ini, args, **kwargs)
+    try:
+        yield daemon.start()
+    finally:
+        daemon.stop()
+
+
+def tcp_exchange(
+    port: int,
+    data: bytes,
+    host: str = "127.0.0.1",
+    timeout: float = 5.0,
+    shut: bool = True,
+    source: str | None = None,
+) -> bytes:
+    """Send C{data}, half-close, and read until the server closes."""
+    with socket.create_connection(
+        (host, port), timeout=timeout, source_address=(source, 0) if source else None
+    ) as s:
+        s.sendall(data)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def run_tool(
+    argv: Sequence[str], data: bytes = b"", timeout: float = 10.0
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        list(argv), input=data, capture_output=True, timeout=timeout, check=False
+    )
