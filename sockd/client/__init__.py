@@ -1,0 +1,1 @@
+"""The C{sockd} command and its subcommands."""

@@ -1,0 +1,50 @@
+"""
+C{sockd}: the client command.  Each subcommand lives in its own module,
+which provides C{add_arguments(parser)} and C{run(args) -> int} (the exit
+status); this module only dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from sockd import __version__
+
+__all__ = ["SUBCOMMANDS", "main"]
+
+#: name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "echo": ("sockd.client.echo", "send lines to an echo server, print answers"),
+}
+
+#: exit statuses shared by every subcommand (documented in the README)
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="sockd", description="Clients for the sockd daemons."
+    )
+    top.add_argument("--version", action="version", version=f"sockd {__version__}")
+    subparsers = top.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub)
+        sub.set_defaults(_module=module)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    status: int = args._module.run(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
