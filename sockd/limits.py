@@ -246,9 +246,11 @@ class GuardedProtocol(Protocol):
         self.stopDeadline()
         if message:
             transport.write(message)
-        # The transport is its own producer; leaving it registered would keep
-        # a paused connection open forever after the buffer drains.
-        transport.unregisterProducer()  # type: ignore[attr-defined]
+        # Whatever producer is registered (the transport itself, or a file
+        # sender) must go first: left registered, a paused connection stays
+        # open forever after its buffer drains.
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()  # type: ignore[attr-defined]
         transport.loseConnection()
         self._abort = self.factory.clock.callLater(
             self.factory.abort_grace,
