@@ -1,0 +1,69 @@
+"""
+Eager writes: send at once when a TCP transport has nothing queued.
+
+Stock Twisted queues every C{write} and sends it on the next reactor turn,
+asking epoll for write readiness and dropping the request again afterwards
+(two C{epoll_ctl} calls per reply).  L{eager_write} instead sends straight
+away on the socket when the transport's buffers are empty, as asyncio does,
+and hands only what the kernel did not take to C{transport.write}, so
+ordering, producers (backpressure), C{loseConnection} and half-close keep
+working through Twisted's own write path.
+
+Anything it does not recognise exactly (TLS, UNIX sockets, test transports,
+other reactors' transports) simply gets C{transport.write}, and so does a
+connection with a pull producer or a paused one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+
+__all__ = ["can_write_eagerly", "eager_write"]
+
+# Exactly these classes: a subclass may override write() (TLS wrappers do).
+_PLAIN_TCP = frozenset({tcp.Server, tcp.Client})
+
+
+def can_write_eagerly(transport: Any) -> bool:
+    """
+    Whether C{transport} is a plain TCP connection with nothing queued, open
+    in both directions, with no close requested: only then can bytes go
+    straight to the socket without overtaking anything.
+    """
+    return (
+        type(transport) in _PLAIN_TCP
+        and not transport.dataBuffer
+        and not transport._tempDataLen
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and not transport._writeDisconnected
+        and not transport.TLS
+        # A pull producer is asked for more only when a queued write drains,
+        # and a paused push producer is resumed the same way: leave both to
+        # the queue.
+        and (transport.producer is None or transport.streamingProducer)
+        and not transport.producerPaused
+    )
+
+
+def eager_write(transport: Any, data: bytes) -> None:
+    """
+    Write C{data} to C{transport}: as much as the kernel takes at once when
+    nothing is queued, the rest (or all of it) through C{transport.write}.
+    """
+    if data and can_write_eagerly(transport):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            # EAGAIN (kernel buffer full), EINTR: queue it all.  EPIPE,
+            # ECONNRESET...: queue it too, so the transport's own doWrite
+            # meets the error and runs the connection-lost machinery.
+            sent = 0
+        if sent >= len(data):
+            return
+        if sent:
+            data = data[sent:]
+    transport.write(data)
