@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-__all__ = ["escape"]
+import os
+import sys
+from collections.abc import Mapping
+from typing import IO, Any
+
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    LogLevel,
+    eventAsText,
+    jsonFileLogObserver,
+)
+
+__all__ = ["escape", "journal_observer", "json_observer"]
 
 _ESCAPES = {0x5C: "\\\\", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
 
@@ -26,3 +39,62 @@ def escape(data: bytes | str, limit: int = 200) -> str:
     if len(raw) > limit:
         out.append(f"...({len(raw)} bytes)")
     return "".join(out)
+
+
+# --- observers for `twistd --logger` ----------------------------------------
+
+#: syslog priorities (sd-daemon(3) "<N>" prefixes) for Twisted's levels
+_PRIORITY = {
+    LogLevel.debug: 7,
+    LogLevel.info: 6,
+    LogLevel.warn: 4,
+    LogLevel.error: 3,
+    LogLevel.critical: 2,
+}
+
+
+def _journal_attached(out: IO[str], environ: Mapping[str, str]) -> bool:
+    # systemd sets JOURNAL_STREAM=DEV:INODE of the stream it connected;
+    # matching it against our output means journald reads what we write.
+    device, _, inode = environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        stat = os.fstat(out.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return f"{stat.st_dev}:{stat.st_ino}" == f"{device}:{inode}"
+
+
+def journal_observer(
+    out: IO[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ILogObserver:
+    """
+    Log observer factory for C{twistd --logger sockd.logs.journal_observer}:
+    one line per event on standard output without a timestamp (journald
+    stamps each line itself).  When standard output is the journal, each
+    line starts with its syslog priority (C{<6>}), which journald strips and
+    records.
+    """
+    stream = sys.stdout if out is None else out
+    env = os.environ if environ is None else environ
+    prefixed = _journal_attached(stream, env)
+
+    def format_event(event: dict[str, Any]) -> str | None:
+        text = eventAsText(event, includeTimestamp=False)
+        if not text:
+            return None
+        if not prefixed:
+            return text.replace("\n", "\n\t") + "\n"
+        level = event.get("log_level", LogLevel.info)
+        mark = f"<{_PRIORITY.get(level, 6)}>"
+        # Every line of a traceback keeps the event's priority.
+        return "".join(f"{mark}{line}\n" for line in text.split("\n"))
+
+    return FileLogObserver(stream, format_event)
+
+
+def json_observer(out: IO[str] | None = None) -> ILogObserver:
+    """
+    Log observer factory for C{twistd --logger sockd.logs.json_observer}:
+    each event as one line of JSON with its structured fields.
+    """
+    return jsonFileLogObserver(sys.stdout if out is None else out, "")

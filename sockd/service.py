@@ -9,14 +9,15 @@ its listeners; the all-in-one daemon asks every enabled section for its own.
 from __future__ import annotations
 
 import importlib
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
 from twisted.python import usage
@@ -25,6 +26,7 @@ from twisted.python.failure import Failure
 from sockd import config as _config
 from sockd.config import Config, ConfigError
 from sockd.endpoints import parse_datagram
+from sockd.notify import Notifier
 
 __all__ = [
     "DAEMONS",
@@ -172,20 +174,65 @@ def make_daemon_service(
     for section in sections:
         for child in builder(section)(config, reactor):
             child.setServiceParent(top)
-    Ready(sections).setServiceParent(top)
+    Ready(sections, reactor).setServiceParent(top)
     return top
 
 
 class Ready(Service):
-    """Started last: every listener is bound.  Says so, once."""
+    """
+    Started last: every listener is bound.  Says so, once, in the log and
+    to systemd (C{READY=1} and a C{STATUS=} summary, see L{sockd.notify}),
+    then pings the watchdog if systemd asks; C{STOPPING=1} when stopped.
+    """
 
-    def __init__(self, sections: Sequence[str]) -> None:
+    notifier: Notifier | None = None
+
+    def __init__(
+        self,
+        sections: Sequence[str],
+        reactor: Any = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.sections = list(sections)
+        self.reactor = reactor
+        self.environ = environ
         self.setName("ready")
 
     def startService(self) -> None:
         super().startService()
         log.info("sockd: ready: {services}", services=" ".join(self.sections))
+        clock = self.reactor if IReactorTime.providedBy(self.reactor) else None
+        environ = os.environ if self.environ is None else self.environ
+        self.notifier = Notifier(environ, clock)
+        self.notifier.ready(self.summary())
+        self.notifier.start_watchdog()
+
+    def summary(self) -> str:
+        """One line: each service and where it listens."""
+        where: dict[str, list[str]] = {s: [] for s in self.sections}
+        for child in self.parent or ():
+            port = getattr(child, "port", None)
+            if isinstance(child, Listener) and port is not None:
+                address = port.getHost()
+                kind = getattr(address, "type", "UNIX")
+                spot = (
+                    f"{address.host}:{address.port}"
+                    if hasattr(address, "port")
+                    else str(getattr(address, "name", address))
+                )
+                where.setdefault(child.service, []).append(f"{kind} {spot}")
+        return "; ".join(
+            f"{service}: {', '.join(spots) or 'no listener'}"
+            for service, spots in where.items()
+        )
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.notifier is not None:
+            self.notifier.stopping()
+            self.notifier.close()
+            self.notifier = None
+        return None
 
 
 class DaemonOptions(usage.Options):

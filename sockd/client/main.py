@@ -18,6 +18,7 @@ __all__ = ["SUBCOMMANDS", "main"]
 #: name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "echo": ("sockd.client.echo", "send lines to an echo server, print answers"),
+    "cert": ("sockd.client.cert", "write a self-signed TLS certificate and key"),
 }
 
 #: exit statuses shared by every subcommand (documented in the README)
