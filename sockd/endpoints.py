@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
-from twisted.internet.interfaces import IListeningPort, IReactorSocket, IReactorUDP
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 
 __all__ = ["DatagramEndpoint", "inherited_fds", "parse_datagram"]
@@ -37,7 +38,7 @@ class DatagramEndpoint:
     max_packet_size: int | None = None
 
     def listen(
-        self, reactor: object, protocol: DatagramProtocol, max_packet_size: int
+        self, reactor: Any, protocol: DatagramProtocol, max_packet_size: int
     ) -> IListeningPort:
         size = self.max_packet_size or max_packet_size
         if self.systemd_index is not None:
@@ -57,14 +58,15 @@ class DatagramEndpoint:
                     )
             finally:
                 kind.close()
-            port: IListeningPort = IReactorSocket(reactor).adoptDatagramPort(
+            port: IListeningPort = reactor.adoptDatagramPort(
                 fd, self.family, protocol, size
             )
             return port
         assert self.port is not None
-        return IReactorUDP(reactor).listenUDP(
+        udp: IListeningPort = reactor.listenUDP(
             self.port, protocol, interface=self.interface, maxPacketSize=size
         )
+        return udp
 
 
 def inherited_fds() -> list[int]:
