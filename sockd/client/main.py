@@ -19,6 +19,10 @@ __all__ = ["SUBCOMMANDS", "main"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "echo": ("sockd.client.echo", "send lines to an echo server, print answers"),
     "cert": ("sockd.client.cert", "write a self-signed TLS certificate and key"),
+    "get": ("sockd.client.files", "download a file from a sockd-file server"),
+    "ls": ("sockd.client.files", "list a directory on a sockd-file server"),
+    "stat": ("sockd.client.files", "show a remote file's type, size and mtime"),
+    "put": ("sockd.client.files", "upload a file to a writable sockd-file server"),
 }
 
 #: exit statuses shared by every subcommand (documented in the README)

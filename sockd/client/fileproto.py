@@ -1,0 +1,365 @@
+"""
+Blocking client side of the sockd-file framed protocol (docs/protocol-file.md):
+request lines out, C{OK ...} / C{ERR <code> <reason>} answers in, bodies
+moved in large chunks straight between the socket and a sink.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+__all__ = [
+    "CHUNK",
+    "DEFAULT_PORT",
+    "EXIT_CONNECT",
+    "EXIT_ERROR",
+    "EXIT_FORBIDDEN",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_SERVER",
+    "EXIT_USAGE",
+    "EXIT_VERIFY",
+    "ClientError",
+    "ConnectFailed",
+    "Connection",
+    "Entry",
+    "FileClient",
+    "Found",
+    "ProtocolError",
+    "ServerError",
+    "Transfer",
+    "Truncated",
+    "VerifyFailed",
+    "quote",
+    "unquote",
+]
+
+DEFAULT_PORT = 8898
+#: bytes per socket read and per file write
+CHUNK = 1024 * 1024
+#: the longest answer line accepted; server lines are short
+MAX_LINE = 8192
+
+#: exit statuses of C{sockd get|ls|stat|put}
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CONNECT = 3
+EXIT_NOT_FOUND = 4
+EXIT_FORBIDDEN = 5
+EXIT_VERIFY = 6
+EXIT_SERVER = 7
+EXIT_INTERRUPTED = 130
+
+# Busy or stopping servers refuse the connection: retrying later may work.
+_ERR_STATUS = {
+    403: EXIT_FORBIDDEN,
+    404: EXIT_NOT_FOUND,
+    429: EXIT_CONNECT,
+    503: EXIT_CONNECT,
+}
+
+# Printable ASCII except "%" goes as is; everything else as %XX of its bytes.
+_QUOTE = [chr(b) if 0x21 <= b < 0x7F and b != 0x25 else f"%{b:02X}" for b in range(256)]
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+def quote(path: str | bytes) -> str:
+    """Percent-encode a path for a request line (UTF-8, or raw bytes as given)."""
+    raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
+    return "".join([_QUOTE[b] for b in raw])
+
+
+def unquote(text: bytes) -> bytes:
+    """Decode the C{%XX} escapes of a name from a listing."""
+    return _PERCENT.sub(lambda m: bytes((int(m.group(1), 16),)), text)
+
+
+class ClientError(Exception):
+    """A failure reported to the user, with the exit status it maps to."""
+
+    status = EXIT_ERROR
+
+
+class ConnectFailed(ClientError):
+    """Could not connect, or the connection failed or timed out."""
+
+    status = EXIT_CONNECT
+
+
+class Truncated(ConnectFailed):
+    """The server closed before sending every announced byte."""
+
+    def __init__(self, received: int, expected: int) -> None:
+        super().__init__(f"connection closed after {received} of {expected} bytes")
+        self.received = received
+        self.expected = expected
+
+
+class ProtocolError(ClientError):
+    """The server said something the protocol does not allow."""
+
+    status = EXIT_SERVER
+
+
+class VerifyFailed(ClientError):
+    """A checksum or a TLS certificate did not verify."""
+
+    status = EXIT_VERIFY
+
+
+class ServerError(ClientError):
+    """An C{ERR <code> <reason>} answer."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"server error {code}: {reason}")
+        self.code = code
+        self.reason = reason
+        self.status = _ERR_STATUS.get(code, EXIT_SERVER)
+
+
+@dataclass(frozen=True)
+class Found:
+    """C{STAT}: what a path is."""
+
+    type: str
+    size: int
+    mtime: int
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One C{LIST} line; C{name} is the decoded raw name."""
+
+    kind: str
+    size: int
+    mtime: int
+    name: bytes
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """C{GET}'s announcement: C{length} bytes follow, of a C{size}-byte file."""
+
+    length: int
+    size: int
+    mtime: int
+
+
+def _describe(error: OSError) -> str:
+    if isinstance(error, TimeoutError | socket.timeout):
+        return "timed out"
+    return error.strerror or str(error) or type(error).__name__
+
+
+class Connection:
+    """A connected (maybe TLS) socket with a line reader on top."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock = sock
+        self.name = name
+        self._pending = bytearray()
+        self._chunk = memoryview(bytearray(CHUNK))
+
+    @classmethod
+    def open(
+        cls,
+        host: str,
+        port: int,
+        timeout: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> Connection:
+        name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise ConnectFailed(f"{name}: cannot connect: {_describe(e)}") from e
+        if tls is not None:
+            try:
+                sock = tls.wrap_socket(sock, server_hostname=host)
+            except ssl.SSLCertVerificationError as e:
+                sock.close()
+                raise VerifyFailed(
+                    f"{name}: TLS certificate not accepted: {e.verify_message}"
+                ) from e
+            except OSError as e:
+                sock.close()
+                raise ConnectFailed(
+                    f"{name}: TLS handshake failed: {_describe(e)}"
+                ) from e
+        return cls(sock, name)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _recv_into(self, view: memoryview) -> int:
+        try:
+            return self.sock.recv_into(view)
+        except OSError as e:
+            raise ConnectFailed(f"{self.name}: receive failed: {_describe(e)}") from e
+
+    def send_line(self, line: str) -> None:
+        try:
+            self.sock.sendall(line.encode("ascii") + b"\r\n")
+        except OSError as e:
+            raise ConnectFailed(f"{self.name}: send failed: {_describe(e)}") from e
+
+    def readline(self) -> bytes:
+        """The next line without its ending; C{ConnectFailed} at EOF."""
+        while True:
+            end = self._pending.find(b"\n")
+            if end >= 0:
+                line = bytes(self._pending[:end])
+                del self._pending[: end + 1]
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self._pending) > MAX_LINE:
+                raise ProtocolError(f"{self.name}: answer line too long")
+            n = self._recv_into(self._chunk[:MAX_LINE])
+            if n == 0:
+                raise ConnectFailed(f"{self.name}: server closed the connection")
+            self._pending += self._chunk[:n]
+
+    def answer(self) -> str:
+        """The text after C{OK}; C{ServerError} for an C{ERR} line."""
+        text = self.readline().decode("utf-8", "replace")
+        if text == "OK" or text.startswith("OK "):
+            return text[3:]
+        if text.startswith("ERR "):
+            code, _, reason = text[4:].partition(" ")
+            if code.isdigit():
+                raise ServerError(int(code), _printable(reason))
+        raise ProtocolError(f"{self.name}: unexpected answer {_printable(text)!r}")
+
+    def receive(self, length: int, sink: Callable[[memoryview], object]) -> None:
+        """Pass exactly C{length} bytes to C{sink}, in chunks of up to C{CHUNK}."""
+        done = 0
+        if self._pending:
+            head = bytes(self._pending[:length])
+            del self._pending[: len(head)]
+            sink(memoryview(head))
+            done = len(head)
+        chunk = self._chunk
+        while done < length:
+            n = self._recv_into(chunk[: min(CHUNK, length - done)])
+            if n == 0:
+                raise Truncated(done, length)
+            sink(chunk[:n])
+            done += n
+
+    def send(self, data: memoryview | bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            raise ConnectFailed(f"{self.name}: send failed: {_describe(e)}") from e
+
+
+def _printable(text: str) -> str:
+    # Server text goes to a terminal: no control characters.
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:300])
+
+
+def _fields(text: str) -> dict[str, str]:
+    return dict(item.partition("=")[::2] for item in text.split() if "=" in item)
+
+
+def _number(fields: dict[str, str], key: str, answer: str) -> int:
+    value = fields.get(key, "")
+    if not value.isdigit():
+        raise ProtocolError(f"answer without a valid {key}: {_printable(answer)!r}")
+    return int(value)
+
+
+class FileClient:
+    """Requests over one framed-mode connection, one at a time."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def stat(self, path: str) -> Found:
+        self.connection.send_line(f"STAT {quote(path)}")
+        text = self.connection.answer()
+        fields = _fields(text)
+        kind = fields.get("type", "")
+        if kind not in ("file", "dir"):
+            raise ProtocolError(f"STAT answer without a type: {_printable(text)!r}")
+        return Found(
+            kind, _number(fields, "size", text), _number(fields, "mtime", text)
+        )
+
+    def sum(self, path: str) -> tuple[str, int, int]:
+        """(hex SHA-256, size, mtime) of a file."""
+        self.connection.send_line(f"SUM {quote(path)}")
+        text = self.connection.answer()
+        fields = _fields(text)
+        digest = fields.get("sha256", "").lower()
+        if not re.fullmatch("[0-9a-f]{64}", digest):
+            raise ProtocolError(f"SUM answer without a sha256: {_printable(text)!r}")
+        return digest, _number(fields, "size", text), _number(fields, "mtime", text)
+
+    def list(self, path: str | None) -> Iterator[Entry]:
+        """The entries of a directory, as the server sends them."""
+        line = "LIST" if path is None else f"LIST {quote(path)}"
+        self.connection.send_line(line)
+        self.connection.answer()
+        while (raw := self.connection.readline()) != b".":
+            parts = raw.split(b" ", 3)
+            if (
+                len(parts) != 4
+                or parts[0] not in (b"f", b"d")
+                or not parts[1].isdigit()
+                or not parts[2].isdigit()
+            ):
+                raise ProtocolError(
+                    f"bad LIST line {_printable(raw.decode('utf-8', 'replace'))!r}"
+                )
+            yield Entry(
+                parts[0].decode(), int(parts[1]), int(parts[2]), unquote(parts[3])
+            )
+
+    def get(self, path: str, offset: int = 0) -> Transfer:
+        """Ask for a file from C{offset}; the body follows (see C{receive})."""
+        self.connection.send_line(
+            f"GET {quote(path)} {offset}" if offset else f"GET {quote(path)}"
+        )
+        text = self.connection.answer()
+        first, _, rest = text.partition(" ")
+        if not first.isdigit():
+            raise ProtocolError(f"GET answer without a length: {_printable(text)!r}")
+        fields = _fields(rest)
+        transfer = Transfer(
+            int(first), _number(fields, "size", text), _number(fields, "mtime", text)
+        )
+        if offset + transfer.length > transfer.size:
+            raise ProtocolError(
+                f"GET announced {transfer.length} bytes from {offset} "
+                f"of a {transfer.size}-byte file"
+            )
+        return transfer
+
+    def put(self, path: str, length: int) -> None:
+        """Announce an upload; the body follows (C{Connection.send})."""
+        self.connection.send_line(f"PUT {quote(path)} {length}")
+        text = self.connection.answer()
+        if text.split(" ", 1)[0] != "ready":
+            raise ProtocolError(f"PUT answer is not 'ready': {_printable(text)!r}")
+
+    def stored(self) -> tuple[int, str]:
+        """The server's (length, hex SHA-256) once an upload is complete."""
+        text = self.connection.answer()
+        word, _, rest = text.partition(" ")
+        count, _, rest = rest.partition(" ")
+        digest = _fields(rest).get("sha256", "").lower()
+        if word != "stored" or not count.isdigit() or len(digest) != 64:
+            raise ProtocolError(f"unexpected PUT answer {_printable(text)!r}")
+        return int(count), digest
