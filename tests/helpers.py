@@ -29,6 +29,13 @@ from sockd import config
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: twistd as this interpreter runs it (``python -m twisted`` is "twist", not twistd)
+TWISTD = [
+    sys.executable,
+    "-c",
+    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+]
+
 
 class FakeDatagramTransport:
     """Records datagrams written; can be told to fail like sendto does."""
@@ -89,8 +96,10 @@ class Daemon:
         args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         directory: Path | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.tapname = tapname
+        self.wrapper = list(wrapper)
         self.directory = Path(directory or tempfile.mkdtemp(prefix="sockd-test-"))
         self.config_path = self.directory / "sockd.ini"
         self.config_path.write_text(textwrap.dedent(ini))
@@ -103,9 +112,8 @@ class Daemon:
 
     def command(self) -> list[str]:
         return [
-            sys.executable,
-            "-m",
-            "twisted",
+            *self.wrapper,
+            *TWISTD,
             "--nodaemon",
             "--pidfile=",
             "--logfile=-",
@@ -231,3 +239,11 @@ def run_tool(
     return subprocess.run(
         list(argv), input=data, capture_output=True, timeout=timeout, check=False
     )
+
+
+def tempdir(case: Any) -> Path:
+    """A fresh directory removed after the test (trial's mktemp writes into
+    the working directory when run under pytest)."""
+    path = Path(tempfile.mkdtemp(prefix="sockd-test-"))
+    case.addCleanup(shutil.rmtree, path, True)
+    return path

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import textwrap
-from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockd import config
 from sockd.config import ConfigError
-from tests.helpers import ROOT
+from tests.helpers import ROOT, tempdir
 
 
 def parse(text: str, **overrides: dict[str, str]) -> config.Config:
@@ -187,8 +186,7 @@ class OverrideTests(SynchronousTestCase):
 
 class LookupTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.dir = Path(self.mktemp())
-        self.dir.mkdir()
+        self.dir = tempdir(self)
         self.file = self.dir / "a.ini"
         self.file.write_text("[echo]\nmode = raw\n")
 
