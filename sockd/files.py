@@ -1,0 +1,818 @@
+"""
+sockd-file: a file server simple enough for netcat, in the family of Gopher
+(RFC 1436) and TFTP.  The wire protocol is in C{docs/protocol-file.md}.
+
+ - Bare mode: one selector line (or bytes ended by a pause or half-close),
+   the file's bytes back, then close; a directory gets a Gopher menu.
+ - Framed mode, chosen by a first line starting with a keyword: C{GET},
+   C{STAT}, C{SUM}, C{LIST}, C{HELP}, C{QUIT} and, when writable, C{PUT},
+   several on one connection.
+
+L{FileProtocol} parses and writes; L{FileState} holds the decisions (path
+safety through L{sockd.paths.Root}, listings, the checksum cache, uploads,
+bandwidth caps).  File bodies go out through L{sockd.sendfile}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import stat
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from sockd.config import FileSettings
+from sockd.limits import GuardedFactory, GuardedProtocol
+from sockd.logs import escape
+from sockd.paths import Opened, PathError, Root
+from sockd.sendfile import Bucket, Pacer, TransferError, send_file
+
+__all__ = [
+    "KEYWORDS",
+    "MAX_LINE",
+    "FileFactory",
+    "FileProtocol",
+    "FileState",
+    "percent_decode",
+    "percent_encode",
+]
+
+log = Logger(namespace="sockd.file")
+
+KEYWORDS = frozenset({b"GET", b"STAT", b"SUM", b"LIST", b"HELP", b"QUIT", b"PUT"})
+#: longest request line; room for a 4096-byte path written with %XX escapes
+MAX_LINE = 16384
+#: entries listed from one directory at most
+MAX_LISTING = 10000
+#: bytes hashed per reactor turn
+HASH_STEP = 1024 * 1024
+#: checksums remembered
+SUM_CACHE = 4096
+TEXT_SUFFIXES = frozenset(
+    {".txt", ".md", ".rst", ".csv", ".json", ".ini", ".cfg", ".log", ".py", ".html"}
+)
+HELP = b"""\
+sockd-file: commands (one line each; paths with space, % or non-printable
+characters are written %XX):
+  GET <path> [<offset> [<length>]]   OK <length> size=<n> mtime=<n>, then bytes
+  STAT <path>                        OK type=<file|dir> size=<n> mtime=<n>
+  SUM <path>                         OK sha256=<hex> size=<n> mtime=<n>
+  LIST [<dir>]                       OK, lines <f|d> <size> <mtime> <name>, .
+  PUT <path> <length>                OK ready, send <length> bytes, OK stored
+  HELP                               this text
+  QUIT                               OK bye, then close
+A line not starting with a command is a bare request: the file, then close.
+"""
+_SAFE = frozenset(range(0x21, 0x7F)) - {ord("%")}
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_UPLOAD_PREFIX = ".sockd-upload."
+
+
+def percent_encode(name: bytes) -> bytes:
+    """Space, C{%}, controls and non-ASCII bytes become C{%XX}."""
+    return b"".join(bytes((b,)) if b in _SAFE else b"%%%02X" % b for b in name)
+
+
+def percent_decode(text: bytes) -> bytes:
+    """C{%XX} back to bytes; a C{%} not followed by two hex digits is an error."""
+    if b"%" not in text:
+        return text
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        byte = text[i]
+        if byte == 0x25:
+            pair = text[i + 1 : i + 3]
+            if len(pair) != 2 or not set(pair) <= _HEX:
+                raise PathError(400, "bad %XX escape in path")
+            out.append(int(pair, 16))
+            i += 3
+        else:
+            out.append(byte)
+            i += 1
+    return bytes(out)
+
+
+def _number(text: bytes) -> int:
+    if not text.isdigit() or len(text) > 19:
+        raise PathError(400, f"expected a whole number, not {escape(text, 40)}")
+    return int(text)
+
+
+def _line(text: str) -> bytes:
+    return text.encode("utf-8") + b"\r\n"
+
+
+class Upload:
+    """
+    One PUT in progress: bytes go to a temporary file beside the target;
+    only a complete, fsynced file is renamed (or linked) to the real name.
+    """
+
+    def __init__(
+        self, dir_fd: int, name: str, length: int, overwrite: bool, token: str
+    ) -> None:
+        self.dir_fd = dir_fd
+        self.name = name
+        self.length = length
+        self.remaining = length
+        self.overwrite = overwrite
+        self.temp = f"{_UPLOAD_PREFIX}{token}"
+        self.hash = hashlib.sha256()
+        self.fd = os.open(
+            self.temp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o666,
+            dir_fd=dir_fd,
+        )
+
+    def feed(self, data: bytes) -> bytes:
+        """Write body bytes; return what follows the body (the next request)."""
+        body, rest = data[: self.remaining], data[self.remaining :]
+        view = memoryview(body)
+        while view:
+            written = os.write(self.fd, view)  # OSError (ENOSPC, EFBIG) to caller
+            view = view[written:]
+        self.hash.update(body)
+        self.remaining -= len(body)
+        return rest
+
+    def commit(self) -> None:
+        """Blocking: fsync, then put the file under its real name atomically."""
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        if self.overwrite:
+            os.rename(
+                self.temp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd
+            )
+        else:
+            # link() never replaces an existing name: the no-overwrite rule
+            # holds even against a file created since the PUT was accepted.
+            os.link(
+                self.temp,
+                self.name,
+                src_dir_fd=self.dir_fd,
+                dst_dir_fd=self.dir_fd,
+                follow_symlinks=False,
+            )
+            os.unlink(self.temp, dir_fd=self.dir_fd)
+        os.fsync(self.dir_fd)
+        os.close(self.dir_fd)
+        self.dir_fd = -1
+
+    def abort(self) -> None:
+        """Remove the temporary file; the real name is never touched."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.dir_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.temp, dir_fd=self.dir_fd)
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+class FileState:
+    """
+    The file service's decisions and long-lived state: what may be served,
+    how listings look, remembered checksums, upload rules, bandwidth.
+    """
+
+    def __init__(
+        self,
+        settings: FileSettings,
+        clock: IReactorTime,
+        root: Root | None = None,
+        use_sendfile: bool = True,
+        token: Callable[[], str] = lambda: os.urandom(8).hex(),
+    ) -> None:
+        if root is None:
+            if settings.root is None:
+                raise ValueError("[file] root is not set")
+            root = Root(settings.root, settings.symlinks, settings.hidden)
+        self.settings = settings
+        self.clock = clock
+        self.root = root
+        self.use_sendfile = use_sendfile
+        self.token = token
+        self.sums: OrderedDict[tuple[int, int, int, int], str] = OrderedDict()
+        self.total_bucket = (
+            Bucket(settings.total_rate_limit, clock)
+            if settings.total_rate_limit
+            else None
+        )
+        self.served = 0
+        self.bytes_sent = 0
+        self.refused = 0
+
+    # --- reading --------------------------------------------------------
+
+    def open(self, raw: bytes, want: str = "any") -> tuple[tuple[str, ...], Opened]:
+        parts = self.root.parse(raw)
+        return parts, self.root.open(parts, want)
+
+    def pacer(self) -> Pacer | None:
+        rate = self.settings.rate_limit
+        own = Bucket(rate, self.clock) if rate else None
+        if own is None and self.total_bucket is None:
+            return None
+        return Pacer(own, self.total_bucket)
+
+    def listing(
+        self, parts: tuple[str, ...], opened: Opened
+    ) -> list[tuple[str, str, os.stat_result]]:
+        """(kind f or d, name, stat) for each servable entry, sorted by name."""
+        try:
+            names = sorted(os.listdir(opened.fd))
+        finally:
+            opened.close()
+        entries: list[tuple[str, str, os.stat_result]] = []
+        for name in names:
+            if len(entries) >= MAX_LISTING:
+                break
+            # Only names a client could request: UTF-8, no control
+            # characters, not hidden unless allowed.
+            try:
+                if self.root.parse(os.fsencode(name)) != (name,):
+                    continue
+            except PathError:
+                continue
+            try:
+                child = self.root.open((*parts, name), "any")
+            except PathError:
+                continue  # FIFOs, sockets, symlinks out of the root...
+            child.close()
+            entries.append(("d" if child.is_dir else "f", name, child.stat))
+        return entries
+
+    def checksum(self, opened: Opened) -> Deferred[str]:
+        """SHA-256 of an open file, remembered by inode, size and mtime."""
+        info = opened.stat
+        key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        known = self.sums.get(key)
+        if known is not None:
+            opened.close()
+            self.sums.move_to_end(key)
+            return succeed(known)
+        result = _Hasher(opened, self.clock).start()
+        result.addCallback(self._remember, key)
+        return result
+
+    def _remember(self, hexdigest: str, key: tuple[int, int, int, int]) -> str:
+        self.sums[key] = hexdigest
+        if len(self.sums) > SUM_CACHE:
+            self.sums.popitem(last=False)
+        return hexdigest
+
+    # --- writing --------------------------------------------------------
+
+    def begin_upload(self, raw: bytes, length: int) -> Upload:
+        settings = self.settings
+        if not settings.writable:
+            raise PathError(403, "this server does not accept uploads")
+        if length > settings.max_upload:
+            raise PathError(413, f"upload larger than {settings.max_upload} bytes")
+        parts = self.root.parse(raw)
+        if not parts:
+            raise PathError(400, "PUT needs a file name")
+        dir_fd = self.root.open_dir_for_writing(parts[:-1])
+        name = parts[-1]
+        try:
+            if name.startswith(_UPLOAD_PREFIX):
+                raise PathError(403, "reserved name")
+            try:
+                existing = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            else:
+                if not stat.S_ISREG(existing.st_mode):
+                    raise PathError(405, "target exists and is not a regular file")
+                if not settings.overwrite:
+                    raise PathError(409, "file exists and overwrite is off")
+            space = os.fstatvfs(dir_fd)
+            if length > space.f_bavail * space.f_frsize:
+                raise PathError(413, "not enough free space")
+            return Upload(dir_fd, name, length, settings.overwrite, self.token())
+        except PathError:
+            os.close(dir_fd)
+            raise
+        except OSError as e:
+            os.close(dir_fd)
+            raise PathError(_write_code(e), f"cannot create: {e.strerror}") from None
+
+    def blocking(self, work: Callable[[], None]) -> Deferred[None]:
+        """Run blocking work (fsync) in a thread when the reactor has them."""
+        if IReactorThreads.providedBy(self.clock):
+            reactor: Any = self.clock
+            return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+        return maybeDeferred(work)
+
+
+class _Hasher:
+    """Hashes an open file L{HASH_STEP} bytes per reactor turn."""
+
+    def __init__(self, opened: Opened, clock: IReactorTime) -> None:
+        self.opened = opened
+        self.clock = clock
+        self.offset = 0
+        self.digest = hashlib.sha256()
+        self.call: IDelayedCall | None = None
+        self.result: Deferred[str] = Deferred(self._cancel)
+
+    def start(self) -> Deferred[str]:
+        self.call = self.clock.callLater(0, self._step)
+        return self.result
+
+    def _step(self) -> None:
+        self.call = None
+        opened = self.opened
+        try:
+            data = os.pread(opened.fd, HASH_STEP, self.offset)
+            if data:
+                self.digest.update(data)
+                self.offset += len(data)
+                self.call = self.clock.callLater(0, self._step)
+                return
+            now = os.fstat(opened.fd)
+        except OSError as e:
+            opened.close()
+            self.result.errback(PathError(500, f"read error: {e.strerror}"))
+            return
+        opened.close()
+        before = opened.stat
+        if (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            self.result.errback(PathError(503, "file changed while hashing; try again"))
+            return
+        self.result.callback(self.digest.hexdigest())
+
+    def _cancel(self, result: Deferred[str]) -> None:
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+            self.call = None
+            self.opened.close()
+
+
+def _write_code(error: OSError) -> int:
+    if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return 413
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return 403
+    if error.errno == errno.EEXIST:
+        return 409
+    return 500
+
+
+class FileProtocol(GuardedProtocol):
+    """One connection: a bare request, or framed requests one after another."""
+
+    factory: FileFactory
+    mode = ""  # "", then "bare" or "framed" from the first request
+    _buffer = b""
+    _busy = False
+    _ended = False
+    _lost = False
+    _pause: IDelayedCall | None = None
+    _upload: Upload | None = None
+    _sender: Any = None
+    _work: Deferred[Any] | None = None
+
+    # --- input ----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.touch()
+        if self._upload is not None:
+            data = self._uploadData(data)
+            if not data or self.closing:
+                return
+        self._buffer = self._buffer + data if self._buffer else data
+        if self._busy:
+            if len(self._buffer) > MAX_LINE:
+                self.transport.pauseProducing()  # type: ignore[union-attr]
+            return
+        self._process()
+
+    def _process(self) -> None:
+        while not (self._busy or self.closing or self._upload is not None):
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                break
+            if end > MAX_LINE:
+                self._tooLong()
+                return
+            line = self._buffer[:end]
+            self._buffer = self._buffer[end + 1 :]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            self._cancelPause()
+            self.stopDeadline()
+            self._request(line)
+        if self._busy or self.closing or self._upload is not None:
+            return
+        if len(self._buffer) > MAX_LINE:
+            self._tooLong()
+        elif self._ended:
+            self._atEnd()
+        elif self._buffer:
+            # An absolute deadline for the line: trickling bytes does not
+            # extend it.  A first line may also end with a pause (a client
+            # that sends a name and no newline, as the classic tutorial's).
+            self.startDeadline()
+            if not self.mode:
+                self._startPause()
+
+    def _tooLong(self) -> None:
+        self._buffer = b""
+        self._error(414, f"request line longer than {MAX_LINE} bytes", b"", close=True)
+
+    def _startPause(self) -> None:
+        pause = self.factory.state.settings.bare_pause
+        if self._pause is not None and self._pause.active():
+            self._pause.reset(pause)
+        else:
+            self._pause = self.factory.clock.callLater(pause, self._paused)
+
+    def _cancelPause(self) -> None:
+        if self._pause is not None and self._pause.active():
+            self._pause.cancel()
+        self._pause = None
+
+    def _paused(self) -> None:
+        self._pause = None
+        if self._buffer and not self.mode and not self._busy and not self.closing:
+            line, self._buffer = self._buffer, b""
+            self.stopDeadline()
+            self._request(line.rstrip(b"\r"))
+            self._process()
+
+    def inputEnded(self) -> None:
+        self._ended = True
+        if self._upload is not None:
+            self._abortUpload()
+            self._error(
+                400, "connection ended in the middle of an upload", b"PUT", close=True
+            )
+        elif not self._busy:
+            self._process()
+
+    def _atEnd(self) -> None:
+        """The peer sent all it will: answer an unterminated last request."""
+        self._cancelPause()
+        if self._buffer:
+            line, self._buffer = self._buffer, b""
+            self._request(line.rstrip(b"\r"))
+        if not (self._busy or self.closing or self._upload is not None):
+            self.close()
+
+    # --- requests -------------------------------------------------------
+
+    def _request(self, line: bytes) -> None:
+        if not self.mode:
+            self.mode = "framed" if line.split(b" ", 1)[0] in KEYWORDS else "bare"
+        if self.mode == "bare":
+            self._bare(line)
+            return
+        word, _, rest = line.partition(b" ")
+        handler = self._commands.get(word)
+        if handler is None:
+            self._error(400, "unknown command; send HELP for the list", word)
+            return
+        args = rest.split(b" ") if rest else []
+        path = args[0] if args else b""
+        try:
+            if b"" in args:
+                raise PathError(400, "arguments are separated by single spaces")
+            handler(self, args)
+        except PathError as e:
+            self._error(e.code, e.reason, word, path, close=word == b"PUT")
+
+    def _bare(self, line: bytes) -> None:
+        # Gopher clients may add a tab and more after the selector.
+        selector = line.split(b"\t", 1)[0]
+        state = self.factory.state
+        try:
+            parts, opened = state.open(selector)
+        except PathError as e:
+            self._error(e.code, e.reason, b"", selector, close=True)
+            return
+        if opened.is_dir:
+            self.close(self._menu(parts, opened))
+            return
+        self._log("bare", selector, opened.stat.st_size)
+        self._send(opened, 0, opened.stat.st_size, self.close)
+
+    def _menu(self, parts: tuple[str, ...], opened: Opened) -> bytes:
+        """A Gopher menu (RFC 1436 type 1) of a directory."""
+        host = self.transport.getHost()  # type: ignore[union-attr]
+        where = f"\t{getattr(host, 'host', 'localhost')}\t{getattr(host, 'port', 0)}"
+        lines = []
+        for kind, name, _info in self.factory.state.listing(parts, opened):
+            if kind == "d":
+                kind = "1"
+            else:
+                kind = (
+                    "0" if os.path.splitext(name)[1].lower() in TEXT_SUFFIXES else "9"
+                )
+            selector = "/" + "/".join((*parts, name))
+            lines.append(f"{kind}{name}\t{selector}{where}\r\n")
+        lines.append(".\r\n")
+        return "".join(lines).encode("utf-8")
+
+    def _get(self, args: list[bytes]) -> None:
+        if not 1 <= len(args) <= 3:
+            raise PathError(400, "usage: GET <path> [<offset> [<length>]]")
+        offset = _number(args[1]) if len(args) > 1 else 0
+        length = _number(args[2]) if len(args) > 2 else None
+        _, opened = self.factory.state.open(percent_decode(args[0]), "file")
+        size = opened.stat.st_size
+        if offset > size:
+            opened.close()
+            raise PathError(416, f"offset {offset} is beyond the end ({size} bytes)")
+        count = size - offset if length is None else min(size - offset, length)
+        mtime = int(opened.stat.st_mtime)
+        self.transport.write(_line(f"OK {count} size={size} mtime={mtime}"))  # type: ignore[union-attr]
+        self._log("GET", args[0], count)
+        self._send(opened, offset, count, self._next)
+
+    def _stat(self, args: list[bytes]) -> None:
+        if len(args) != 1:
+            raise PathError(400, "usage: STAT <path>")
+        _, opened = self.factory.state.open(percent_decode(args[0]))
+        opened.close()
+        info = opened.stat
+        kind = "dir" if opened.is_dir else "file"
+        self.transport.write(  # type: ignore[union-attr]
+            _line(f"OK type={kind} size={info.st_size} mtime={int(info.st_mtime)}")
+        )
+
+    def _sum(self, args: list[bytes]) -> None:
+        if len(args) != 1:
+            raise PathError(400, "usage: SUM <path>")
+        _, opened = self.factory.state.open(percent_decode(args[0]), "file")
+        info = opened.stat
+        self._setBusy(True)
+        work = self._work = self.factory.state.checksum(opened)
+
+        def done(hexdigest: str) -> None:
+            self.transport.write(  # type: ignore[union-attr]
+                _line(
+                    f"OK sha256={hexdigest} size={info.st_size} "
+                    f"mtime={int(info.st_mtime)}"
+                )
+            )
+
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            if not isinstance(error, PathError):
+                log.failure("file: SUM failed", failure)
+                error = PathError(500, "internal error")
+            self._error(error.code, error.reason, b"SUM", args[0])
+
+        work.addCallbacks(done, failed)
+        work.addBoth(self._workDone)
+
+    def _list(self, args: list[bytes]) -> None:
+        if len(args) > 1:
+            raise PathError(400, "usage: LIST [<dir>]")
+        path = percent_decode(args[0]) if args else b""
+        parts, opened = self.factory.state.open(path, "dir")
+        out = [b"OK\r\n"]
+        for kind, name, info in self.factory.state.listing(parts, opened):
+            encoded = percent_encode(name.encode("utf-8"))
+            out.append(
+                b"%s %d %d %s\r\n"
+                % (kind.encode(), info.st_size, int(info.st_mtime), encoded)
+            )
+        out.append(b".\r\n")
+        self.transport.write(b"".join(out))  # type: ignore[union-attr]
+
+    def _help(self, args: list[bytes]) -> None:
+        body = b"".join(line + b"\r\n" for line in HELP.splitlines())
+        self.transport.write(b"OK\r\n" + body + b".\r\n")  # type: ignore[union-attr]
+
+    def _quit(self, args: list[bytes]) -> None:
+        self.close(b"OK bye\r\n")
+
+    def _put(self, args: list[bytes]) -> None:
+        if len(args) != 2:
+            raise PathError(400, "usage: PUT <path> <length>")
+        length = _number(args[1])
+        upload = self.factory.state.begin_upload(percent_decode(args[0]), length)
+        self._upload = upload
+        self._log("PUT", args[0], length)
+        self.transport.write(b"OK ready\r\n")  # type: ignore[union-attr]
+        data, self._buffer = self._buffer, b""
+        if length == 0 or data:
+            self._buffer = self._uploadData(data)
+
+    _commands: dict[bytes, Callable[[FileProtocol, list[bytes]], None]] = {
+        b"GET": _get,
+        b"STAT": _stat,
+        b"SUM": _sum,
+        b"LIST": _list,
+        b"HELP": _help,
+        b"QUIT": _quit,
+        b"PUT": _put,
+    }
+
+    # --- uploads --------------------------------------------------------
+
+    def _uploadData(self, data: bytes) -> bytes:
+        upload = self._upload
+        assert upload is not None
+        try:
+            rest = upload.feed(data)
+        except OSError as e:
+            self._abortUpload()
+            self._error(
+                _write_code(e), f"cannot write: {e.strerror}", b"PUT", close=True
+            )
+            return b""
+        if upload.remaining == 0:
+            self._upload = None
+            self._commit(upload)
+        return rest
+
+    def _commit(self, upload: Upload) -> None:
+        self._setBusy(True)
+        work = self._work = self.factory.state.blocking(upload.commit)
+
+        def done(_: None) -> None:
+            self.transport.write(  # type: ignore[union-attr]
+                _line(f"OK stored {upload.length} sha256={upload.hash.hexdigest()}")
+            )
+
+        def failed(failure: Failure) -> None:
+            upload.abort()
+            error = failure.value
+            if isinstance(error, OSError):
+                code = _write_code(error)
+                reason = (
+                    "file exists" if code == 409 else f"cannot store: {error.strerror}"
+                )
+            else:
+                log.failure("file: storing an upload failed", failure)
+                code, reason = 500, "internal error"
+            self._error(code, reason, b"PUT", upload.name.encode(), close=True)
+
+        work.addCallbacks(done, failed)
+        work.addBoth(self._workDone)
+
+    def _abortUpload(self) -> None:
+        upload, self._upload = self._upload, None
+        if upload is not None:
+            upload.abort()
+
+    # --- sending --------------------------------------------------------
+
+    def _send(
+        self, opened: Opened, offset: int, count: int, then: Callable[[], None]
+    ) -> None:
+        state = self.factory.state
+        transport = self.transport
+        self._setBusy(True)
+        # The transport is registered as its own producer (backpressure on
+        # reading); the file sender takes that place during the transfer.
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()  # type: ignore[union-attr]
+        sender, result = send_file(
+            transport,
+            opened.fd,
+            offset,
+            count,
+            state.clock,
+            state.pacer(),
+            self._progress,
+            state.use_sendfile,
+        )
+        self._sender = sender
+
+        def sent(count: int) -> None:
+            self._sender = None
+            state.served += 1
+            if not self._lost:
+                self._setBusy(False)
+                then()
+
+        def failed(failure: Failure) -> None:
+            self._sender = None
+            error = failure.value
+            if not isinstance(error, TransferError):
+                log.failure("file: transfer failed", failure)
+            elif not self._lost:
+                log.info(
+                    "file: {peer}: transfer ended early: {error}",
+                    peer=self._key,
+                    error=str(error),
+                )
+            self.close()
+
+        result.addCallbacks(sent, failed)
+
+    def _progress(self, count: int) -> None:
+        self.factory.state.bytes_sent += count
+        self.touch()  # a transfer that moves is not idle
+
+    def _setBusy(self, busy: bool) -> None:
+        self._busy = busy
+        transport: Any = self.transport
+        if self.closing or self._lost or transport is None:
+            return
+        if busy:
+            transport.pauseProducing()
+        else:
+            if getattr(transport, "producer", None) is None:
+                transport.registerProducer(transport, True)
+            transport.resumeProducing()
+
+    def _workDone(self, result: object) -> None:
+        self._work = None
+        if not self._lost and not self.closing:
+            self._next()
+
+    def _next(self) -> None:
+        self._setBusy(False)
+        self._process()
+
+    # --- answers --------------------------------------------------------
+
+    def _error(
+        self,
+        code: int,
+        reason: str,
+        command: bytes,
+        path: bytes = b"",
+        close: bool = False,
+    ) -> None:
+        self.factory.state.refused += 1
+        log.info(
+            "file: {peer} {command} {path}: {code} {reason}",
+            peer=self._key,
+            command=escape(command or b"bare", 20),
+            path=escape(path),
+            code=code,
+            reason=reason,
+        )
+        line = b""
+        if self.mode != "bare" or self.factory.state.settings.bare_errors == "line":
+            line = _line(f"ERR {code} {reason}")
+        if close or self.mode == "bare":
+            self.close(line)
+        elif line:
+            self.transport.write(line)  # type: ignore[union-attr]
+
+    def _log(self, command: str, path: bytes, count: int) -> None:
+        log.info(
+            "file: {peer} {command} {path}: {count} bytes",
+            peer=self._key,
+            command=command,
+            path=escape(path),
+            count=count,
+        )
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        self._cancelPause()
+        if self._sender is not None and not self._sender.done:
+            self._sender.stopProducing()
+        self._sender = None
+        if self._work is not None:
+            self._work.cancel()
+        self._abortUpload()
+        super().connectionLost(reason)
+
+
+class FileFactory(GuardedFactory):
+    """The file service under the limits of C{[file]}."""
+
+    service_name = "file"
+    protocol = FileProtocol  # type: ignore[assignment]
+
+    def __init__(
+        self, state: FileState, clock: IReactorTime, abort_grace: float = 5.0
+    ) -> None:
+        settings = state.settings
+        super().__init__(
+            clock,
+            max_connections=settings.max_connections,
+            max_connections_per_ip=settings.max_connections_per_ip,
+            idle_timeout=settings.idle_timeout,
+            request_timeout=settings.request_timeout,
+            abort_grace=abort_grace,
+        )
+        self.state = state
+
+    def refusal(self, reason: str) -> bytes:
+        return f"ERR 429 {reason}\r\n".encode()

@@ -1,0 +1,331 @@
+"""
+Safe path resolution for the file server: a request names a path, and only
+files beneath the configured root are ever opened.
+
+Names are checked first (L{parse_path}): NUL bytes, backslashes, invalid
+UTF-8, control characters, C{.} and C{..} segments (also written with
+look-alike characters such as fullwidth dots), names made only of dots,
+over-long paths and components, and hidden names are refused.
+
+Then the kernel resolves the path beneath an open descriptor of the root:
+C{openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)} (Linux 5.6+, through
+C{ctypes}), or, where that is missing, a walk one component at a time with
+C{dir_fd} and C{O_NOFOLLOW}, following relative symlinks by hand and refusing
+any that climb out of the root.  Absolute symlinks are always refused.
+
+What was opened is checked with C{fstat} on the open descriptor, never by
+path, so a swap between check and open cannot escape the root; files are
+opened with C{O_NONBLOCK} so a FIFO never blocks, and only after an
+C{O_PATH} look has shown a regular file, so FIFOs and devices are never
+opened for reading at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import stat
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "MAX_COMPONENT",
+    "MAX_PATH",
+    "Opened",
+    "PathError",
+    "Root",
+    "openat2_available",
+    "parse_path",
+]
+
+#: longest path accepted, in bytes (Linux PATH_MAX counts the NUL too)
+MAX_PATH = 4096
+#: longest single name, in bytes (NAME_MAX)
+MAX_COMPONENT = 255
+#: symlinks followed in one resolution, as the kernel allows
+MAX_SYMLINKS = 40
+
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437, "arm64": 437}
+
+_O_PATH = getattr(os, "O_PATH", 0)
+_LOOK = _O_PATH | os.O_CLOEXEC
+_READ_FILE = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+class PathError(Exception):
+    """A request that cannot be served: a protocol code and a reason."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.reason}"
+
+
+@dataclass(frozen=True)
+class Opened:
+    """An open descriptor and the C{fstat} of that very descriptor."""
+
+    fd: int
+    stat: os.stat_result
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.stat.st_mode)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def parse_path(raw: bytes, hidden: bool = False) -> tuple[str, ...]:
+    """
+    Check a requested path and split it into names; C{""} and C{"/"} are the
+    root.  Raises L{PathError} saying what is wrong.
+    """
+    if len(raw) > MAX_PATH:
+        raise PathError(414, f"path longer than {MAX_PATH} bytes")
+    if b"\x00" in raw:
+        raise PathError(400, "NUL byte in path")
+    if b"\\" in raw:
+        raise PathError(400, "backslash in path; use / between names")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PathError(400, "path is not valid UTF-8") from None
+    if any(c < " " or "\x7f" <= c <= "\x9f" for c in text):
+        raise PathError(400, "control character in path")
+    parts = []
+    for part in text.split("/"):
+        if not part:
+            continue  # leading "/" means the root; "a//b" is "a/b"
+        if len(part.encode("utf-8")) > MAX_COMPONENT:
+            raise PathError(414, f"path component longer than {MAX_COMPONENT} bytes")
+        # Look-alikes (fullwidth dots and slashes) fold to ASCII under NFKC;
+        # refuse them so no later normalisation can turn them into "..".
+        folded = unicodedata.normalize("NFKC", part)
+        if folded.strip(".") == "" or "/" in folded or "\\" in folded:
+            raise PathError(403, "path segments . and .. are not allowed")
+        if part.startswith(".") and not hidden:
+            raise PathError(403, "hidden files are not served")
+        parts.append(part)
+    return tuple(parts)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _openat2(dir_fd: int, path: str, flags: int, resolve: int) -> int:
+    """C{openat2(2)}; raises OSError like C{os.open}."""
+    assert _libc is not None
+    how = _OpenHow(flags, 0, resolve)
+    encoded = os.fsencode(path)
+    while True:
+        fd = _libc.syscall(
+            ctypes.c_long(_SYS_OPENAT2[platform.machine()]),
+            ctypes.c_int(dir_fd),
+            ctypes.c_char_p(encoded),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
+        if fd >= 0:
+            return int(fd)
+        code = ctypes.get_errno()
+        if code != errno.EINTR:
+            raise OSError(code, os.strerror(code), path)
+
+
+def openat2_available() -> bool:
+    """Whether this kernel (and any seccomp filter) lets us use openat2."""
+    global _libc
+    if platform.system() != "Linux" or platform.machine() not in _SYS_OPENAT2:
+        return False
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.syscall.restype = ctypes.c_long
+        fd = _openat2(-100, "/", _LOOK | os.O_DIRECTORY, _RESOLVE_BENEATH)
+    except (OSError, AttributeError):
+        return False
+    os.close(fd)
+    return True
+
+
+_ERRORS = {
+    errno.ENOENT: (404, "not found"),
+    errno.ENOTDIR: (404, "not found"),
+    errno.EXDEV: (403, "leads outside the root"),
+    errno.ELOOP: (403, "symlink not allowed"),
+    errno.EACCES: (403, "permission denied"),
+    errno.EPERM: (403, "permission denied"),
+    errno.ENAMETOOLONG: (414, "path too long"),
+    errno.ENXIO: (405, "not a regular file"),
+    errno.ENODEV: (405, "not a regular file"),
+    errno.EOPNOTSUPP: (405, "not a regular file"),
+}
+
+
+def _refusal(error: OSError) -> PathError:
+    code, reason = _ERRORS.get(error.errno or 0, (500, "cannot open"))
+    return PathError(code, reason)
+
+
+class Root:
+    """
+    The directory served.  Holds a descriptor of it for its lifetime, and
+    opens paths beneath it by the C{symlinks} policy: C{inside} follows
+    relative symlinks that stay beneath the root, C{refuse} follows none.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        symlinks: str = "inside",
+        hidden: bool = False,
+        use_openat2: bool | None = None,
+    ) -> None:
+        if symlinks not in ("inside", "refuse"):
+            raise ValueError(f"symlinks must be inside or refuse, not {symlinks!r}")
+        self.path = os.fspath(path)
+        self.symlinks = symlinks
+        self.hidden = hidden
+        self.use_openat2 = openat2_available() if use_openat2 is None else use_openat2
+        self.fd = os.open(self.path, _LOOK | os.O_DIRECTORY)
+        self._resolve = _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS
+        if symlinks == "refuse":
+            self._resolve |= _RESOLVE_NO_SYMLINKS
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def parse(self, raw: bytes) -> tuple[str, ...]:
+        return parse_path(raw, self.hidden)
+
+    # --- opening --------------------------------------------------------
+
+    def open(self, parts: Sequence[str], want: str = "any") -> Opened:
+        """
+        Open C{parts} (from L{parse}) beneath the root: a regular file for
+        reading, or a directory for listing.  C{want} is C{file}, C{dir} or
+        C{any}; anything else (FIFO, socket, device) is refused with 405.
+        """
+        look = self._open(parts, _LOOK)
+        try:
+            mode = os.fstat(look).st_mode
+        finally:
+            os.close(look)
+        if stat.S_ISDIR(mode):
+            if want == "file":
+                raise PathError(405, "is a directory, not a regular file")
+            flags = _READ_DIR
+        elif stat.S_ISREG(mode):
+            if want == "dir":
+                raise PathError(405, "not a directory")
+            flags = _READ_FILE
+        else:
+            raise PathError(405, "not a regular file")
+        fd = self._open(parts, flags)
+        # Check what was really opened: the name may have been swapped since.
+        info = os.fstat(fd)
+        expected = stat.S_ISDIR if flags == _READ_DIR else stat.S_ISREG
+        if not expected(info.st_mode):
+            os.close(fd)
+            raise PathError(405, "not a regular file")
+        return Opened(fd, info)
+
+    def open_dir_for_writing(self, parts: Sequence[str]) -> int:
+        """A descriptor of the directory C{parts}, for creating files in it."""
+        return self.open(parts, "dir").fd
+
+    def _open(self, parts: Sequence[str], flags: int) -> int:
+        path = "/".join(parts) or "."
+        if self.use_openat2:
+            for _ in range(3):
+                try:
+                    return _openat2(self.fd, path, flags, self._resolve)
+                except OSError as e:
+                    # EAGAIN: a rename raced with "..": the kernel asks to retry.
+                    if e.errno != errno.EAGAIN:
+                        raise _refusal(e) from None
+            raise PathError(503, "path keeps changing; try again")
+        parent, name = self._walk(parts)
+        try:
+            return os.open(name, flags | os.O_NOFOLLOW, dir_fd=parent)
+        except OSError as e:
+            raise _refusal(e) from None
+        finally:
+            os.close(parent)
+
+    def _walk(self, parts: Sequence[str]) -> tuple[int, str]:
+        """
+        Resolve all but the last name, one directory at a time, and return
+        (descriptor of the directory holding it, the name).  The last name
+        is, as far as this walk saw, not a symlink; the caller opens it
+        with C{O_NOFOLLOW}, so a swap to a symlink since then is refused.
+        """
+        stack = [os.dup(self.fd)]
+        todo = list(parts)
+        hops = 0
+        try:
+            while todo:
+                name = todo.pop(0)
+                if name in ("", "."):
+                    continue
+                if name == "..":  # only ever from a symlink's target
+                    if len(stack) == 1:
+                        raise PathError(403, "leads outside the root")
+                    os.close(stack.pop())
+                    continue
+                try:
+                    info = os.stat(name, dir_fd=stack[-1], follow_symlinks=False)
+                except OSError as e:
+                    raise _refusal(e) from None
+                if stat.S_ISLNK(info.st_mode):
+                    if self.symlinks == "refuse":
+                        raise PathError(403, "symlink not allowed")
+                    hops += 1
+                    if hops > MAX_SYMLINKS:
+                        raise PathError(403, "too many levels of symlinks")
+                    try:
+                        target = os.readlink(name, dir_fd=stack[-1])
+                    except OSError as e:
+                        raise _refusal(e) from None
+                    if target.startswith("/"):
+                        raise PathError(403, "leads outside the root")
+                    todo[0:0] = target.split("/")
+                    continue
+                if not todo:
+                    return stack.pop(), name
+                if not stat.S_ISDIR(info.st_mode):
+                    raise PathError(404, "not found")
+                try:
+                    fd = os.open(
+                        name,
+                        _LOOK | os.O_DIRECTORY | os.O_NOFOLLOW,
+                        dir_fd=stack[-1],
+                    )
+                except OSError as e:
+                    raise _refusal(e) from None
+                stack.append(fd)
+            return stack.pop(), "."
+        finally:
+            for fd in stack:
+                os.close(fd)
