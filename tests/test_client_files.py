@@ -1,0 +1,872 @@
+"""
+Tests for C{sockd get|ls|stat|put} (sockd.client.files, fileproto, tls),
+against a small threaded fake sockd-file server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import ipaddress
+import os
+import socket
+import socketserver
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from sockd.client import fileproto
+from sockd.client.fileproto import quote, unquote
+from sockd.client.files import (
+    Progress,
+    display,
+    format_duration,
+    format_size,
+    render_progress,
+)
+from sockd.client.main import main
+
+MTIME = 1_764_000_000
+
+
+def unquote_arg(word: bytes) -> bytes:
+    return unquote(word).lstrip(b"/")
+
+
+class Handler(socketserver.StreamRequestHandler):
+    """The framed protocol over C{server.files}, with faults on demand."""
+
+    server: FakeServer
+    timeout = 5
+
+    def setup(self) -> None:
+        if self.server.tls is not None:
+            try:
+                self.request = self.server.tls.wrap_socket(
+                    self.request, server_side=True
+                )
+            except (ssl.SSLError, OSError):
+                self.request.close()
+                self.server.handshake_failures += 1
+                raise
+        super().setup()
+
+    def answer(self, line: str) -> None:
+        self.wfile.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+
+    def handle(self) -> None:
+        srv = self.server
+        if srv.greeting is not None:
+            self.wfile.write(srv.greeting)
+        while line := self.rfile.readline(4097):
+            srv.requests.append(line)
+            if srv.raw_answer is not None:
+                self.wfile.write(srv.raw_answer)
+                return
+            words = line.rstrip(b"\r\n").split(b" ")
+            verb = words[0].decode()
+            args = [unquote_arg(w) for w in words[1:]]
+            if verb in srv.errors:
+                code, reason = srv.errors[verb]
+                self.answer(f"ERR {code} {reason}")
+                continue
+            path = args[0] if args else b""
+            data = srv.files.get(path)
+            if verb == "GET":
+                if data is None:
+                    self.answer("ERR 404 not found")
+                    continue
+                offset = int(args[1]) if len(args) > 1 else 0
+                if offset > len(data):
+                    self.answer("ERR 416 offset beyond the end of the file")
+                    continue
+                body = data[offset:]
+                self.answer(f"OK {len(body)} size={len(data)} mtime={srv.mtime}")
+                if srv.cut_after is not None:
+                    self.wfile.write(body[: srv.cut_after])
+                    return
+                self.wfile.write(body)
+                srv.mtime += srv.mtime_step
+            elif verb == "SUM":
+                if data is None:
+                    self.answer("ERR 404 not found")
+                    continue
+                digest = srv.sum_override or hashlib.sha256(data).hexdigest()
+                self.answer(f"OK sha256={digest} size={len(data)} mtime={srv.mtime}")
+            elif verb == "STAT":
+                if data is not None:
+                    self.answer(f"OK type=file size={len(data)} mtime={srv.mtime}")
+                elif path in srv.dirs():
+                    self.answer(f"OK type=dir size=4096 mtime={srv.mtime}")
+                else:
+                    self.answer("ERR 404 not found")
+            elif verb == "LIST":
+                if path not in srv.dirs():
+                    self.answer("ERR 404 not found")
+                    continue
+                self.answer("OK")
+                for kind, size, name in srv.entries(path):
+                    self.answer(f"{kind} {size} {srv.mtime} {quote(name)}")
+                self.answer(".")
+            elif verb == "PUT":
+                if not srv.writable:
+                    self.answer("ERR 403 not writable")
+                    return
+                length = int(args[1])
+                self.answer("OK ready")
+                body = self.rfile.read(length)
+                if len(body) < length:
+                    srv.discarded += 1
+                    return
+                srv.files[path] = body
+                digest = srv.sum_override or hashlib.sha256(body).hexdigest()
+                self.answer(f"OK stored {length} sha256={digest}")
+            elif verb == "QUIT":
+                self.answer("OK bye")
+                return
+            else:
+                self.answer("ERR 400 bad request")
+
+
+class FakeServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(self, files: dict[bytes, bytes], tls: ssl.SSLContext | None) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.files = files
+        self.tls = tls
+        self.requests: list[bytes] = []
+        self.errors: dict[str, tuple[int, str]] = {}
+        self.cut_after: int | None = None
+        self.sum_override: str | None = None
+        self.raw_answer: bytes | None = None
+        self.greeting: bytes | None = None
+        self.mtime = MTIME
+        self.mtime_step = 0
+        self.writable = False
+        self.discarded = 0
+        self.handshake_failures = 0
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # failed handshakes are counted; tests assert on the client side
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+    def dirs(self) -> set[bytes]:
+        found = {b""}
+        for path in self.files:
+            parts = path.split(b"/")[:-1]
+            found.update(b"/".join(parts[: i + 1]) for i in range(len(parts)))
+        return found
+
+    def entries(self, directory: bytes) -> list[tuple[str, int, bytes]]:
+        prefix = directory + b"/" if directory else b""
+        out: dict[bytes, tuple[str, int, bytes]] = {}
+        for path, data in self.files.items():
+            if path.startswith(prefix):
+                head, slash, _ = path[len(prefix) :].partition(b"/")
+                out[head] = ("d", 4096, head) if slash else ("f", len(data), head)
+        return sorted(out.values(), key=lambda e: e[2])
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., FakeServer]]:
+    servers: list[FakeServer] = []
+
+    def start(
+        files: dict[bytes, bytes] | None = None, tls: ssl.SSLContext | None = None
+    ) -> FakeServer:
+        server = FakeServer(dict(files or {}), tls)
+        # A short poll interval keeps shutdown() quick at teardown.
+        threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+BLOB = bytes(range(256)) * 12_288  # 3 MiB: several 1 MiB reads
+FILES = {
+    b"hello.txt": b"hello, world\n",
+    b"blob.bin": BLOB,
+    b"with space %.txt": b"odd name\n",
+    b"docs/README.txt": b"read me\n",
+    b"docs/deep/x": b"x",
+    b"esc\x1b[31mred": b"e",
+}
+
+
+HELLO_SUM = hashlib.sha256(FILES[b"hello.txt"]).hexdigest()
+
+
+def sockd(capfd: Any, *argv: str) -> tuple[int, str, str]:
+    try:
+        status = main(list(argv))
+    except SystemExit as e:
+        status = int(e.code or 0)
+    out, err = capfd.readouterr()
+    return status, out, err
+
+
+@pytest.fixture
+def here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# Percent-encoding ---------------------------------------------------------
+
+
+def test_quote_leaves_printable_ascii() -> None:
+    assert quote("docs/README.txt") == "docs/README.txt"
+    assert quote("/a-b_c~d+e,f") == "/a-b_c~d+e,f"
+
+
+def test_quote_encodes_space_percent_controls_and_utf8() -> None:
+    assert quote("with space %.txt") == "with%20space%20%25.txt"
+    assert quote("a\r\nGET /etc/passwd") == "a%0D%0AGET%20/etc/passwd"
+    assert quote("caf\u00e9\t\x7f") == "caf%C3%A9%09%7F"
+    # Undecodable command-line bytes (surrogateescape) go out as they came.
+    assert quote(os.fsdecode(b"\xff\xfe")) == "%FF%FE"
+
+
+def test_quote_unquote_round_trip_every_byte() -> None:
+    raw = bytes(range(256))
+    encoded = quote(raw)
+    assert all(0x21 <= ord(ch) < 0x7F for ch in encoded)
+    assert unquote(encoded.encode()) == raw
+
+
+def test_unquote_keeps_malformed_escapes() -> None:
+    assert unquote(b"100%") == b"100%"
+    assert unquote(b"%zz%4") == b"%zz%4"
+    assert unquote(b"%41%62") == b"Ab"
+
+
+# Display helpers ----------------------------------------------------------
+
+
+def test_format_size_and_duration() -> None:
+    assert format_size(0) == "0 B"
+    assert format_size(1023) == "1023 B"
+    assert format_size(1536) == "1.5 KiB"
+    assert format_size(3 * 1024**3) == "3.0 GiB"
+    assert format_size(5 * 1024**4) == "5.0 TiB"
+    assert format_duration(0) == "0:00"
+    assert format_duration(75) == "1:15"
+    assert format_duration(3725) == "1:02:05"
+
+
+def test_render_progress_fixed_numbers() -> None:
+    line = render_progress("big.iso", 512 * 1024**2, 1024**3, 4.0, width=80)
+    assert line == (
+        "big.iso [###############---------------]  50% 512.0 MiB  128.0 MiB/s  ETA 0:04"
+    )
+    assert len(line) <= 79
+
+
+def test_render_progress_rate_counts_only_this_run() -> None:
+    # Resumed at 900 of 1000 bytes: 50 new bytes in 5 s is 10 B/s, 5 s left.
+    line = render_progress("f", 950, 1000, 5.0, initial=900, width=80)
+    assert line.endswith(" 95% 950 B  10 B/s  ETA 0:05")
+
+
+def test_render_progress_start_end_and_empty_file() -> None:
+    assert render_progress("f", 0, 100, 0.0).endswith("  0% 0 B  0 B/s  ETA --:--")
+    final = render_progress("f", 100, 100, 100.0, final=True)
+    assert final.endswith("100% 100 B  1 B/s  in 1:40")
+    assert "[" + "#" * 30 + "]" in final
+    assert " 100% 0 B" in render_progress("empty", 0, 0, 1.0)
+
+
+def test_render_progress_narrow_terminal() -> None:
+    label = "a-very-long-file-name-that-will-not-fit.tar.gz"
+    for width in (100, 60, 40, 20, 5, 1):
+        line = render_progress(label, 50, 100, 1.0, width=width)
+        assert len(line) <= max(0, width - 1)
+    assert "[" not in render_progress(label, 50, 100, 1.0, width=50)
+    assert "~" in render_progress(label, 50, 100, 1.0, width=70)
+
+
+def test_progress_redraws_at_most_every_interval() -> None:
+    now = [100.0]
+    stream = io.StringIO()
+    progress = Progress(
+        stream, "f", 1000, clock=lambda: now[0], width=lambda: 60, interval=0.25
+    )
+    progress.update(10)
+    progress.update(20)  # same instant: not drawn
+    now[0] += 0.3
+    progress.update(500)
+    assert stream.getvalue().count("\r") == 2
+    assert "50%" in stream.getvalue()
+    now[0] += 1.0
+    progress.finish()
+    text = stream.getvalue()
+    assert text.endswith("\n")
+    assert "in 0:01" in text
+    assert all(len(part.rstrip("\n")) == 59 for part in text.split("\r")[1:])
+
+
+def test_progress_disabled_writes_nothing() -> None:
+    stream = io.StringIO()
+    progress = Progress(stream, "f", 10, enabled=False, width=lambda: 80)
+    progress.update(5)
+    progress.finish()
+    progress.abandon()
+    assert stream.getvalue() == ""
+
+
+def test_progress_abandon_ends_the_line() -> None:
+    stream = io.StringIO()
+    progress = Progress(stream, "f", 10, width=lambda: 40)
+    progress.update(5)
+    progress.abandon()
+    assert stream.getvalue().startswith("\r") and stream.getvalue().endswith("\n")
+
+
+def test_display_escapes_terminal_controls() -> None:
+    assert display(b"plain name.txt") == "plain name.txt"
+    assert display("caf\u00e9") == "caf\u00e9"
+    assert display(b"esc\x1b[31mred") == "esc\\x1b[31mred"
+    assert display(b"a\nb\rc\x7f\xc2\x9b") == "a\\x0ab\\x0dc\\x7f\\x9b"
+    assert display("bidi\u202egnp.exe") == "bidi\\u202egnp.exe"
+    assert display(b"bad\xffutf8") == "bad\\\\xffutf8"
+
+
+# get ----------------------------------------------------------------------
+
+
+def test_get_writes_the_file_and_verifies_it(
+    serve: Any, here: Path, capfd: Any
+) -> None:
+    server = serve(FILES)
+    status, out, err = sockd(capfd, "get", server.address, "blob.bin")
+    assert (status, out, err) == (0, "", "")
+    assert (here / "blob.bin").read_bytes() == BLOB
+    assert sorted(os.listdir(here)) == ["blob.bin"]
+    assert server.requests == [b"GET blob.bin\r\n", b"SUM blob.bin\r\n"]
+
+
+def test_get_percent_encodes_the_path(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve(FILES)
+    status, _, err = sockd(capfd, "get", server.address, "with space %.txt")
+    assert status == 0, err
+    assert server.requests[0] == b"GET with%20space%20%25.txt\r\n"
+    assert (here / "with space %.txt").read_bytes() == b"odd name\n"
+
+
+def test_get_to_stdout(serve: Any, here: Path, capfdbinary: Any) -> None:
+    server = serve(FILES)
+    assert main(["get", server.address, "/docs/README.txt", "-o", "-"]) == 0
+    assert capfdbinary.readouterr() == (b"read me\n", b"")
+    assert os.listdir(here) == []
+
+
+def test_get_into_a_directory(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve(FILES)
+    (here / "dl").mkdir()
+    status, _, err = sockd(capfd, "get", server.address, "docs/README.txt", "-o", "dl")
+    assert status == 0, err
+    assert (here / "dl" / "README.txt").read_bytes() == b"read me\n"
+
+
+def test_get_never_replaces_a_file_without_force(
+    serve: Any, here: Path, capfd: Any
+) -> None:
+    server = serve(FILES)
+    (here / "hello.txt").write_bytes(b"mine")
+    status, _, err = sockd(capfd, "get", server.address, "hello.txt")
+    assert status == 1
+    assert "hello.txt exists: use --force" in err
+    assert (here / "hello.txt").read_bytes() == b"mine"
+    assert server.requests == []
+    status, _, _ = sockd(capfd, "get", "-f", server.address, "hello.txt")
+    assert status == 0
+    assert (here / "hello.txt").read_bytes() == b"hello, world\n"
+
+
+def test_get_refuses_a_part_file_without_continue(
+    serve: Any, here: Path, capfd: Any
+) -> None:
+    server = serve(FILES)
+    (here / "blob.bin.part").write_bytes(b"not ours")
+    status, _, err = sockd(capfd, "get", server.address, "blob.bin")
+    assert status == 1
+    assert "--continue" in err
+    assert (here / "blob.bin.part").read_bytes() == b"not ours"
+
+
+def test_cut_connection_keeps_part_then_continue_resumes(
+    serve: Any, here: Path, capfd: Any
+) -> None:
+    server = serve(FILES)
+    server.cut_after = 1_500_000
+    status, _, err = sockd(capfd, "get", server.address, "blob.bin")
+    assert status == fileproto.EXIT_CONNECT
+    assert "closed after 1500000 of 3145728 bytes" in err
+    assert "partial data kept in blob.bin.part: resume with --continue" in err
+    assert not (here / "blob.bin").exists()
+    assert (here / "blob.bin.part").read_bytes() == BLOB[:1_500_000]
+
+    server.cut_after = None
+    status, _, err = sockd(capfd, "get", "--continue", server.address, "blob.bin")
+    assert status == 0, err
+    assert server.requests[-2:] == [b"GET blob.bin 1500000\r\n", b"SUM blob.bin\r\n"]
+    assert (here / "blob.bin").read_bytes() == BLOB
+    assert not (here / "blob.bin.part").exists()
+
+
+def test_continue_without_part_downloads_everything(
+    serve: Any, here: Path, capfd: Any
+) -> None:
+    server = serve(FILES)
+    status, _, err = sockd(capfd, "get", "-c", server.address, "hello.txt")
+    assert status == 0, err
+    assert server.requests[0] == b"GET hello.txt\r\n"
+    assert (here / "hello.txt").read_bytes() == b"hello, world\n"
+
+
+def test_continue_of_a_complete_part(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve(FILES)
+    (here / "hello.txt.part").write_bytes(b"hello, world\n")
+    status, _, err = sockd(capfd, "get", "-c", server.address, "hello.txt")
+    assert status == 0, err
+    assert server.requests[0] == b"GET hello.txt 13\r\n"
+    assert (here / "hello.txt").read_bytes() == b"hello, world\n"
+
+
+def test_continue_with_a_wrong_prefix_fails_verification(
+    serve: Any, here: Path, capfd: Any
+) -> None:
+    server = serve(FILES)
+    (here / "hello.txt.part").write_bytes(b"HELLO")
+    status, _, err = sockd(capfd, "get", "-c", server.address, "hello.txt")
+    assert status == fileproto.EXIT_VERIFY
+    assert "SHA-256 mismatch" in err
+    assert "data kept in hello.txt.part" in err
+    assert (here / "hello.txt.part").read_bytes() == b"HELLO, world\n"
+    assert not (here / "hello.txt").exists()
+
+
+def test_continue_with_a_longer_part(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve(FILES)
+    (here / "hello.txt.part").write_bytes(b"x" * 100)
+    status, _, err = sockd(capfd, "get", "-c", server.address, "hello.txt")
+    assert status == fileproto.EXIT_SERVER
+    assert "server error 416" in err
+    assert "longer than the remote file" in err
+    assert (here / "hello.txt.part").read_bytes() == b"x" * 100
+
+
+def test_continue_refuses_a_symlinked_part(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve(FILES)
+    (here / "precious").write_bytes(b"keep")
+    (here / "hello.txt.part").symlink_to(here / "precious")
+    status, _, err = sockd(capfd, "get", "-c", server.address, "hello.txt")
+    assert status == 1
+    assert "cannot resume" in err
+    assert (here / "precious").read_bytes() == b"keep"
+    assert server.requests == []
+
+
+def test_checksum_mismatch_has_its_own_status(
+    serve: Any, here: Path, capfd: Any
+) -> None:
+    server = serve(FILES)
+    server.sum_override = "0" * 64
+    status, _, err = sockd(capfd, "get", server.address, "hello.txt")
+    assert status == fileproto.EXIT_VERIFY == 6
+    assert f"received {HELLO_SUM}" in err
+    assert not (here / "hello.txt").exists()
+    assert (here / "hello.txt.part").read_bytes() == b"hello, world\n"
+
+
+def test_file_changed_during_the_download(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve(FILES)
+    server.mtime_step = 1
+    status, _, err = sockd(capfd, "get", server.address, "hello.txt")
+    assert status == fileproto.EXIT_VERIFY
+    assert "changed during the download" in err
+    assert not (here / "hello.txt").exists()
+
+
+def test_checksum_mismatch_on_stdout(serve: Any, here: Path, capfdbinary: Any) -> None:
+    server = serve(FILES)
+    server.sum_override = "f" * 64
+    assert main(["get", server.address, "hello.txt", "-o", "-"]) == 6
+    out, err = capfdbinary.readouterr()
+    assert out == b"hello, world\n"
+    assert b"SHA-256 mismatch" in err
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [(400, 7), (403, 5), (404, 4), (405, 7), (414, 7), (429, 3), (500, 7), (503, 3)],
+)
+def test_err_codes_map_to_exit_statuses(
+    serve: Any, here: Path, capfd: Any, code: int, status: int
+) -> None:
+    server = serve(FILES)
+    server.errors["GET"] = (code, "no\x1b[2J way")
+    (here / "other").write_bytes(b"user file")
+    got, _, err = sockd(capfd, "get", server.address, "hello.txt")
+    assert got == status
+    assert f"server error {code}: no\\x1b[2J way" in err
+    assert "\x1b" not in err
+    # Nothing created, nothing removed.
+    assert sorted(os.listdir(here)) == ["other"]
+
+
+def test_not_found_end_to_end(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve(FILES)
+    status, _, err = sockd(capfd, "get", server.address, "missing")
+    assert status == fileproto.EXIT_NOT_FOUND
+    assert os.listdir(here) == []
+
+
+def test_connection_refused(here: Path, capfd: Any) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        # Bound, not listening: connecting is refused.
+        status, _, err = sockd(capfd, "get", f"127.0.0.1:{port}", "x")
+    assert status == fileproto.EXIT_CONNECT
+    assert "cannot connect" in err
+    assert os.listdir(here) == []
+
+
+def test_silent_server_times_out(here: Path, capfd: Any) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        status, _, err = sockd(
+            capfd, "stat", "--timeout", "0.2", f"127.0.0.1:{port}", "x"
+        )
+    assert status == fileproto.EXIT_CONNECT
+    assert "timed out" in err
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HELLO\r\n",
+        b"OK lots size=1 mtime=2\r\n",
+        b"OK 99 size=3 mtime=2\r\n",
+        b"x" * 10_000,
+        b"ERR nope\r\n",
+    ],
+)
+def test_protocol_violations(serve: Any, here: Path, capfd: Any, raw: bytes) -> None:
+    server = serve(FILES)
+    server.raw_answer = raw
+    status, _, err = sockd(capfd, "get", server.address, "hello.txt")
+    assert status == fileproto.EXIT_SERVER, err
+    assert os.listdir(here) == []
+
+
+def test_server_closing_before_answering(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve(FILES)
+    server.raw_answer = b""
+    status, _, err = sockd(capfd, "ls", server.address)
+    assert status == fileproto.EXIT_CONNECT
+    assert "server closed the connection" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["get"],
+        ["get", "host"],
+        ["get", "host:99999", "x"],
+        ["get", ":8898", "x"],
+        ["get", "--timeout", "0", "host", "x"],
+        ["get", "host", ""],
+        ["get", "host", "/"],
+        ["get", "host", "x", "-o", "-", "--continue"],
+        ["put", "host", "file", ".."],
+        ["ls", "127.0.0.1:1", "--cafile", "/nonexistent/ca.pem"],
+    ],
+)
+def test_usage_errors(here: Path, capfd: Any, argv: list[str]) -> None:
+    status, _, err = sockd(capfd, *argv)
+    assert status == fileproto.EXIT_USAGE, err
+    assert err
+
+
+def test_help_documents_exit_statuses(capfd: Any) -> None:
+    for command in ("get", "ls", "stat", "put"):
+        status, out, _ = sockd(capfd, command, "--help")
+        assert status == 0
+        assert "exit status:" in out
+        assert "6    verification failure" in out
+
+
+# ls and stat --------------------------------------------------------------
+
+
+def test_ls_root(serve: Any, capfd: Any) -> None:
+    server = serve(FILES)
+    status, out, err = sockd(capfd, "ls", server.address)
+    assert status == 0, err
+    assert out.splitlines() == [
+        "blob.bin",
+        "docs/",
+        "esc\\x1b[31mred",
+        "hello.txt",
+        "with space %.txt",
+    ]
+    assert server.requests == [b"LIST\r\n"]
+
+
+def test_ls_long_subdirectory(serve: Any, capfd: Any) -> None:
+    server = serve(FILES)
+    status, out, _ = sockd(capfd, "ls", "-l", server.address, "docs")
+    assert status == 0
+    assert out.splitlines() == [
+        "f              8 2025-11-24 16:00 README.txt",
+        "d           4096 2025-11-24 16:00 deep/",
+    ]
+
+
+def test_ls_missing_directory(serve: Any, capfd: Any) -> None:
+    server = serve(FILES)
+    status, _, err = sockd(capfd, "ls", server.address, "nope dir")
+    assert status == fileproto.EXIT_NOT_FOUND
+    assert server.requests == [b"LIST nope%20dir\r\n"]
+
+
+def test_stat_file_with_sum(serve: Any, capfd: Any) -> None:
+    server = serve(FILES)
+    status, out, _ = sockd(capfd, "stat", "--sum", server.address, "hello.txt")
+    assert status == 0
+    assert out.splitlines() == [
+        "path:   hello.txt",
+        "type:   file",
+        "size:   13",
+        f"mtime:  {MTIME} (2025-11-24 16:00 UTC)",
+        f"sha256: {HELLO_SUM}",
+    ]
+
+
+def test_stat_directory(serve: Any, capfd: Any) -> None:
+    server = serve(FILES)
+    status, out, _ = sockd(capfd, "stat", "--sum", server.address, "docs")
+    assert status == 0
+    assert "type:   dir" in out and "sha256" not in out
+    assert server.requests == [b"STAT docs\r\n"]
+
+
+# put ----------------------------------------------------------------------
+
+
+def test_put_uploads_and_checks_the_digest(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve(FILES)
+    server.writable = True
+    (here / "up load.bin").write_bytes(BLOB[:2_500_000])
+    status, _, err = sockd(capfd, "put", server.address, "up load.bin", "docs/")
+    assert status == 0, err
+    assert server.requests[0] == b"PUT docs/up%20load.bin 2500000\r\n"
+    assert server.files[b"docs/up load.bin"] == BLOB[:2_500_000]
+
+
+def test_put_default_remote_name(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve({})
+    server.writable = True
+    (here / "sub").mkdir()
+    (here / "sub" / "n.txt").write_bytes(b"")
+    status, _, err = sockd(capfd, "put", server.address, "sub/n.txt")
+    assert status == 0, err
+    assert server.files == {b"n.txt": b""}
+
+
+def test_put_forbidden(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve(FILES)
+    (here / "f").write_bytes(b"data")
+    status, _, err = sockd(capfd, "put", server.address, "f")
+    assert status == fileproto.EXIT_FORBIDDEN
+    assert "403" in err
+
+
+def test_put_digest_mismatch(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve(FILES)
+    server.writable = True
+    server.sum_override = "a" * 64
+    (here / "f").write_bytes(b"data")
+    status, _, err = sockd(capfd, "put", server.address, "f")
+    assert status == fileproto.EXIT_VERIFY
+    assert "stored 4 bytes" in err
+
+
+def test_put_refuses_non_regular_files(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve(FILES)
+    os.mkfifo(here / "fifo")
+    for local in ("fifo", ".", "missing"):
+        status, _, err = sockd(capfd, "put", server.address, local, "x")
+        assert status == 1, err
+    assert server.requests == []
+
+
+# TLS ----------------------------------------------------------------------
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _ca(common: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common))
+        .issuer_name(_name(common))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _server_context(
+    tmp: Path,
+    ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate],
+    names: list[x509.GeneralName],
+) -> ssl.SSLContext:
+    ca_key, ca_cert = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("sockd test server"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = tmp / "server.pem"
+    pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        + cert.public_bytes(serialization.Encoding.PEM)
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pem)
+    return context
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Any]:
+    ca = _ca("sockd test CA")
+    cafile = tmp_path / "ca.pem"
+    cafile.write_bytes(ca[1].public_bytes(serialization.Encoding.PEM))
+    local = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
+    return {
+        "cafile": str(cafile),
+        "good": _server_context(tmp_path, ca, local),
+        "wrong_name": _server_context(tmp_path, ca, [x509.DNSName("files.example")]),
+        "other_ca": _server_context(tmp_path, _ca("someone else"), local),
+    }
+
+
+def test_tls_get_with_cafile(
+    serve: Any, here: Path, capfd: Any, pki: dict[str, Any]
+) -> None:
+    server = serve(FILES, tls=pki["good"])
+    status, _, err = sockd(
+        capfd, "get", "--cafile", pki["cafile"], server.address, "blob.bin"
+    )
+    assert status == 0, err
+    assert (here / "blob.bin").read_bytes() == BLOB
+    port = server.server_address[1]
+    status, out, err = sockd(
+        capfd, "ls", "--tls", "--cafile", pki["cafile"], f"localhost:{port}"
+    )
+    assert status == 0, err
+    assert "hello.txt" in out.splitlines()
+
+
+def test_tls_wrong_hostname(
+    serve: Any, here: Path, capfd: Any, pki: dict[str, Any]
+) -> None:
+    server = serve(FILES, tls=pki["wrong_name"])
+    status, _, err = sockd(
+        capfd, "get", "--cafile", pki["cafile"], server.address, "hello.txt"
+    )
+    assert status == fileproto.EXIT_VERIFY
+    assert "certificate not accepted" in err and "mismatch" in err
+    assert server.requests == []
+    assert os.listdir(here) == ["ca.pem", "server.pem"]
+
+
+def test_tls_unknown_ca(serve: Any, capfd: Any, pki: dict[str, Any]) -> None:
+    server = serve(FILES, tls=pki["other_ca"])
+    status, _, err = sockd(capfd, "ls", "--cafile", pki["cafile"], server.address)
+    assert status == fileproto.EXIT_VERIFY
+    assert "unable to get local issuer certificate" in err
+    # Nor does the system store know this CA.
+    status, _, err = sockd(capfd, "ls", "--tls", server.address)
+    assert status == fileproto.EXIT_VERIFY
+    assert server.requests == []
+
+
+def test_tls_to_a_plain_server(serve: Any, capfd: Any, pki: dict[str, Any]) -> None:
+    server = serve(FILES)
+    server.greeting = b"ERR 400 bad request\r\n"
+    status, _, err = sockd(
+        capfd, "ls", "--timeout", "5", "--cafile", pki["cafile"], server.address
+    )
+    assert status == fileproto.EXIT_CONNECT
+    assert "TLS handshake failed" in err
