@@ -288,4 +288,5 @@ class DaemonOptions(usage.Options):
         try:
             self.config = _config.load(self["config"], self.overrides)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # Not a usage error: say what is wrong without the options list.
+            raise SystemExit(f"sockd: {e}") from None
