@@ -184,11 +184,13 @@ class GuardedProtocol(Protocol):
     _deadline: IDelayedCall | None = None
     _abort: IDelayedCall | None = None
     _key: str | None = None
+    _opened = 0.0
     closing = False
 
     def connectionMade(self) -> None:
         transport = self.transport
         assert transport is not None
+        self._opened = self.factory.clock.seconds()
         # Stop reading from a peer that does not read our answers until the
         # write buffer drains; without this a sender that never reads grows
         # the buffer without bound.
@@ -275,6 +277,13 @@ class GuardedProtocol(Protocol):
             if call is not None and call.active():
                 call.cancel()
         self._idle = self._deadline = self._abort = None
+        log.info(
+            "{service}: {peer} disconnected after {duration:.3f}s: {outcome}",
+            service=self.factory.service_name,
+            peer=self._key,
+            duration=self.factory.clock.seconds() - self._opened,
+            outcome=reason.getErrorMessage(),
+        )
         if self._key is not None:
             self.factory.limiter.release(self._key)
             self._key = None

@@ -457,3 +457,19 @@ class StringTransportSanity(SynchronousTestCase):
         proto.makeConnection(transport)
         proto.dataReceived(b"x")
         self.assertEqual(transport.value(), b"X")
+
+
+class ConnectionLogTests(SynchronousTestCase):
+    def test_one_structured_line_per_connection(self) -> None:
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        clock = Clock()
+        proto, transport = connect(factory(clock), "127.0.0.9")
+        clock.advance(2.5)
+        transport.loseConnection()
+        (event,) = [e for e in events if "disconnected" in e["log_format"]]
+        self.assertEqual(event["service"], "echo")
+        self.assertEqual(event["peer"], "127.0.0.9")
+        self.assertEqual(event["duration"], 2.5)
