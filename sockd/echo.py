@@ -20,6 +20,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from sockd.config import EchoSettings
+from sockd.eager import eager_write
 from sockd.limits import GuardedFactory, GuardedProtocol, RateLimiter, peer_key
 from sockd.logs import escape
 
@@ -192,7 +193,8 @@ class LineEcho(GuardedProtocol):
             # Only a block longer than the limit can hold a line that is.
             if len(block) > limit and self._tooLong(block, limit):
                 return
-            self.transport.write(factory.transform_lines(block))  # type: ignore[union-attr]
+            # Sent at once when nothing is queued (see sockd.eager).
+            eager_write(self.transport, factory.transform_lines(block))
             if self._buffer:
                 self.restartDeadline()
             else:
@@ -246,7 +248,7 @@ class RawEcho(GuardedProtocol):
         if self.closing:
             return
         self.touch()
-        self.transport.write(self.factory.transform_bytes(data))  # type: ignore[union-attr]
+        eager_write(self.transport, self.factory.transform_bytes(data))
 
 
 class EchoFactory(GuardedFactory):

@@ -1,0 +1,291 @@
+"""
+Benchmarks: each sockd daemon against reference servers, side by side.
+
+Every benchmark module (C{bench/echo.py}, C{bench/chat.py}, ...) runs as
+C{python -m bench.NAME [--quick]} and prints, besides anything it likes, one
+C{RESULT <json>} line per scenario (see L{Result} and L{emit}).
+C{python -m bench} runs each module present and prints one table of them.
+
+Contenders in a scenario are run alternately (A B C A B C ...), each run
+bounded to a few seconds, so that load from anything else on the machine
+falls on all of them alike; a ratio is the median of the per-round ratios.
+All traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BIN = HERE / "bin"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Result:
+    """
+    One scenario: samples per contender ("sockd" first), in C{unit}.
+    C{goals} maps a reference to the least (or, when C{higher_is_better} is
+    false, the most) ratio sockd/reference wanted against it; C{limits} maps
+    a label to (sockd median, bound) for absolute goals such as bytes per
+    connection.
+    """
+
+    bench: str
+    scenario: str
+    unit: str
+    samples: dict[str, list[float]]
+    ratios: dict[str, list[float]] = field(default_factory=dict)
+    higher_is_better: bool = True
+    goals: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.samples[name])
+
+    def ratio(self, name: str) -> float:
+        if self.ratios.get(name):
+            return statistics.median(self.ratios[name])
+        return self.median("sockd") / self.median(name)
+
+    def goal_met(self, name: str) -> bool | None:
+        if name not in self.goals:
+            return None
+        if self.higher_is_better:
+            return self.ratio(name) >= self.goals[name]
+        return self.ratio(name) <= self.goals[name]
+
+
+def emit(result: Result) -> None:
+    """Print a result for C{python -m bench} to collect."""
+    print("RESULT " + json.dumps(asdict(result)), flush=True)
+
+
+def parse_result(line: str) -> Result | None:
+    if not line.startswith("RESULT "):
+        return None
+    return Result(**json.loads(line[len("RESULT ") :]))
+
+
+def paired_ratios(samples: dict[str, list[float]]) -> dict[str, list[float]]:
+    """sockd/reference for each round, where both have a sample."""
+    mine = samples["sockd"]
+    return {
+        name: [a / b for a, b in zip(mine, theirs, strict=False) if b]
+        for name, theirs in samples.items()
+        if name != "sockd"
+    }
+
+
+def raise_nofile() -> int:
+    """Raise the descriptor limit to the hard limit; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# --- compiled tools -------------------------------------------------------
+
+
+def build_tools() -> None:
+    """Compile the C load generator and reference server when stale."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("bench: no C compiler (cc) found; apt-get install gcc")
+    BIN.mkdir(exist_ok=True)
+    for name in ("loadgen", "ref_echo_epoll"):
+        source, binary = HERE / f"{name}.c", BIN / name
+        if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+            continue
+        subprocess.run([cc, "-O2", "-Wall", "-o", str(binary), str(source)], check=True)
+
+
+def loadgen(
+    mode: str,
+    port: int,
+    conns: int,
+    size: int = 64,
+    depth: int = 1,
+    seconds: float = 2.0,
+    warmup: float = 0.5,
+) -> dict[str, float]:
+    """Run the load generator once; its key=value line as numbers."""
+    argv = [str(BIN / "loadgen"), mode, "127.0.0.1", str(port), str(conns)]
+    argv += [str(size), str(depth), str(seconds), str(warmup)]
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=seconds + warmup + 30
+    )
+    values = dict(re.findall(r"(\w+)=(-?[\d.]+)", done.stdout))
+    if "rate" not in values:
+        raise RuntimeError(f"loadgen failed: {done.stdout} {done.stderr}")
+    return {k: float(v) for k, v in values.items()}
+
+
+# --- servers --------------------------------------------------------------
+
+
+class Server:
+    """A server process that prints its ports, then serves until stopped."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        ready: str,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.ready = re.compile(ready)
+        self.cwd = cwd
+        self.env = env
+        self.ports: dict[str, int] = {}
+        self.lines: list[str] = []
+        self.process: subprocess.Popen[str] | None = None
+        self._changed = threading.Condition()
+
+    def start(self, timeout: float = 30.0) -> Server:
+        self.process = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            cwd=self.cwd,
+            env={**os.environ, **(self.env or {})},
+        )
+        threading.Thread(target=self._drain, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not any(self.ready.search(line) for line in self.lines):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(
+                        f"{self.name} did not start:\n" + "\n".join(self.lines[-20:])
+                    )
+                self._changed.wait(min(left, 0.5))
+        return self
+
+    def _drain(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            for kind, port in re.findall(r"\b(tcp|udp)=(\d+)", line):
+                self.ports.setdefault(kind, int(port))
+            match = re.search(r"listening on (TCP|UDP) [\d.]+:(\d+)", line)
+            if match:
+                self.ports.setdefault(match.group(1).lower(), int(match.group(2)))
+            with self._changed:
+                if len(self.lines) < 1000:
+                    self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def rss(self) -> int:
+        """Resident memory in bytes (VmRSS)."""
+        text = Path(f"/proc/{self.pid}/status").read_text()
+        match = re.search(r"VmRSS:\s+(\d+) kB", text)
+        return int(match.group(1)) * 1024 if match else 0
+
+    def cpu(self) -> float:
+        """CPU seconds used so far (user + system)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def python_server(name: str, module: str, *args: str) -> Server:
+    return Server(name, [sys.executable, "-m", module, *args], r"listening", ROOT)
+
+
+def sockd_daemon(
+    name: str, tapname: str, ini: str, prelude: str = "", services: int = 1
+) -> Server:
+    """
+    A real C{twistd -n TAPNAME} with C{ini} as its configuration.  C{prelude}
+    is Python run in the daemon before twistd starts (a benchmark-only patch,
+    such as turning eager writes off to measure them).
+    """
+    directory = Path(tempfile.mkdtemp(prefix="sockd-bench-"))
+    config = directory / "sockd.ini"
+    config.write_text(textwrap.dedent(ini))
+    code = f"{prelude}\nfrom twisted.scripts.twistd import run\nrun()"
+    argv = [sys.executable, "-c", code, "--nodaemon", "--pidfile=", "--logfile=-"]
+    return Server(
+        name,
+        [*argv, tapname, "--config", str(config)],
+        r"sockd: ready",
+        directory,
+    )
+
+
+# --- running --------------------------------------------------------------
+
+
+def alternate(
+    rounds: int, contenders: dict[str, Callable[[], float]]
+) -> dict[str, list[float]]:
+    """Run each contender once per round, in turn; samples per contender."""
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, run in contenders.items():
+            samples[name].append(run())
+    return samples
+
+
+def describe_machine() -> dict[str, Any]:
+    import platform
+
+    import twisted
+
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "kernel": platform.release(),
+    }

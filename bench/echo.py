@@ -1,0 +1,346 @@
+"""
+Echo benchmarks: C{twistd sockd-echo} against stdlib asyncio, uvloop and a
+C epoll server doing the same work, driven by the C load generator.
+
+    python -m bench.echo [--quick] [--rounds N] [--seconds S] [--only WORD]
+
+Scenarios: line request/response and pipelined (128 lines in flight) at 1,
+100 and 1000 connections, raw pipelined, UDP, and 10,000 idle connections
+(accept time and memory per connection).  64-byte lines and datagrams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+from bench import (
+    Result,
+    Server,
+    alternate,
+    build_tools,
+    emit,
+    loadgen,
+    paired_ratios,
+    python_server,
+    raise_nofile,
+    sockd_daemon,
+)
+
+SIZE = 64
+DEPTH = 128
+
+SOCKD_INI = """\
+    [sockd]
+    backlog = 1024
+
+    [echo]
+    listen = tcp:0:interface=127.0.0.1
+    listen_udp = {udp}
+    mode = {mode}
+    max_connections = 30000
+    max_connections_per_ip = 30000
+    idle_timeout = 3600
+    line_timeout = 3600
+    udp_rate = 1000000000
+    udp_burst = 1000000000
+    udp_total_rate = 1000000000
+"""
+
+#: run in the daemon before twistd: echo through plain transport.write
+NO_EAGER = (
+    "import sockd.echo as e\n"
+    "if hasattr(e, 'eager_write'):\n"
+    "    e.eager_write = lambda transport, data: transport.write(data)"
+)
+
+
+def sockd_echo(name: str, mode: str, prelude: str = "", udp: bool = True) -> Server:
+    listen_udp = "udp:0:interface=127.0.0.1" if udp else ""
+    ini = SOCKD_INI.format(mode=mode, udp=listen_udp)
+    return sockd_daemon(name, "sockd-echo", ini, prelude)
+
+
+def uvloop_available() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+SERVERS: dict[str, Callable[[], Server]] = {
+    "sockd line": lambda: sockd_echo("sockd line", "line"),
+    "sockd line, no eager write": lambda: sockd_echo(
+        "sockd line, no eager write", "line", NO_EAGER, udp=False
+    ),
+    "sockd raw": lambda: sockd_echo("sockd raw", "raw", udp=False),
+    "asyncio line": lambda: python_server("asyncio line", "bench.ref_echo_asyncio"),
+    "asyncio raw": lambda: python_server(
+        "asyncio raw", "bench.ref_echo_asyncio", "--raw"
+    ),
+    "uvloop line": lambda: python_server("uvloop line", "bench.ref_echo_uvloop"),
+    "asyncio udp": lambda: python_server("asyncio udp", "bench.ref_udp_asyncio"),
+    "uvloop udp": lambda: python_server(
+        "uvloop udp", "bench.ref_udp_asyncio", "--uvloop"
+    ),
+    "C epoll": lambda: Server(
+        "C epoll", [str(__import__("bench").BIN / "ref_echo_epoll"), "0", "0"], "tcp="
+    ),
+}
+
+
+class Pool:
+    """Servers started on first use and kept for the whole benchmark."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, Server] = {}
+
+    def get(self, name: str) -> Server:
+        if name not in self.running:
+            self.running[name] = SERVERS[name]().start()
+        return self.running[name]
+
+    def close(self) -> None:
+        for server in self.running.values():
+            server.stop()
+        self.running.clear()
+
+
+def measured(
+    server: Server, cpu: dict[str, list[float]], run: Callable[[], dict[str, float]]
+) -> float:
+    """Run once; note the load generator's and the server's CPU share."""
+    before, started = server.cpu(), time.monotonic()
+    values = run()
+    wall = time.monotonic() - started
+    cpu.setdefault("loadgen", []).append(values.get("cpu", 0.0))
+    cpu.setdefault(server.name, []).append((server.cpu() - before) / wall)
+    if values.get("errors"):
+        print(f"  {server.name}: {values['errors']:.0f} errors", file=sys.stderr)
+    return values["rate"]
+
+
+def cpu_note(cpu: dict[str, list[float]]) -> str:
+    parts = [f"{name} {statistics.median(v):.2f}" for name, v in cpu.items()]
+    return "CPU (cores, median): " + ", ".join(parts)
+
+
+def throughput(
+    pool: Pool,
+    scenario: str,
+    contenders: dict[str, str],
+    kind: str,
+    conns: int,
+    depth: int,
+    opts: argparse.Namespace,
+    goals: dict[str, float] | None = None,
+) -> Result:
+    """
+    C{contenders}: label -> server name, the first labelled "sockd".  Each
+    run drives one server for C{opts.seconds}.
+    """
+    cpu: dict[str, list[float]] = {}
+    runs: dict[str, Callable[[], float]] = {}
+    for label, name in contenders.items():
+        server = pool.get(name)
+        port = server.ports[kind]
+
+        def run(server: Server = server, port: int = port) -> float:
+            return measured(
+                server,
+                cpu,
+                lambda: loadgen(
+                    kind, port, conns, SIZE, depth, opts.seconds, opts.warmup
+                ),
+            )
+
+        runs[label] = run
+    samples = alternate(opts.rounds, runs)
+    unit = "datagrams/s" if kind == "udp" else "lines/s"
+    return Result(
+        "echo",
+        scenario,
+        unit,
+        samples,
+        paired_ratios(samples),
+        goals=goals or {},
+        note=cpu_note(cpu),
+    )
+
+
+@contextlib.contextmanager
+def fresh(name: str) -> Iterator[Server]:
+    server = SERVERS[name]().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def idle(
+    contenders: dict[str, str], count: int, opts: argparse.Namespace
+) -> list[Result]:
+    """
+    C{count} connections at once against a fresh server each round: seconds
+    until every one was answered once, and server memory per connection
+    while they stay open.
+    """
+    import subprocess
+
+    from bench import BIN
+
+    seconds: dict[str, list[float]] = {label: [] for label in contenders}
+    memory: dict[str, list[float]] = {label: [] for label in contenders}
+    for _ in range(opts.idle_rounds):
+        for label, name in contenders.items():
+            with fresh(name) as server:
+                # Let start-up allocations settle before the baseline.
+                time.sleep(0.3)
+                base = server.rss()
+                argv = [str(BIN / "loadgen"), "idle", "127.0.0.1"]
+                argv += [str(server.ports["tcp"]), str(count), str(SIZE), "1", "60"]
+                gen = subprocess.Popen(
+                    argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+                )
+                assert gen.stdout is not None and gen.stdin is not None
+                line = gen.stdout.readline()
+                # Every connection has been answered once: all accepted.
+                time.sleep(0.2)
+                rss = server.rss()
+                gen.stdin.close()
+                gen.wait(30)
+                took = float(line.split("seconds=")[1].split()[0]) if line else -1.0
+                seconds[label].append(took if took >= 0 else float("inf"))
+                memory[label].append((rss - base) / count)
+    note = f"{count} connections at once, one 64-byte line each; fresh server per run"
+    return [
+        Result(
+            "echo",
+            f"idle {count}: accept all",
+            "s",
+            seconds,
+            paired_ratios(seconds),
+            higher_is_better=False,
+            note=note + "; goal: within 1 s",
+        ),
+        Result(
+            "echo",
+            f"idle {count}: memory/conn",
+            "B",
+            memory,
+            paired_ratios(memory),
+            higher_is_better=False,
+            note="server RSS growth / connections; goal: at most 2 KiB",
+        ),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short runs")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--only", default="", help="scenarios containing WORD")
+    opts = parser.parse_args()
+    opts.rounds = opts.rounds or (3 if opts.quick else 5)
+    opts.seconds = opts.seconds or (0.8 if opts.quick else 1.5)
+    opts.warmup = 0.3 if opts.quick else 0.5
+    opts.idle_rounds = 1 if opts.quick else 3
+
+    build_tools()
+    limit = raise_nofile()
+    idle_count = min(10_000, limit - 200)
+    if idle_count < 10_000:
+        print(f"bench: descriptor limit {limit}: idle test uses {idle_count}")
+
+    uv = uvloop_available()
+    if not uv:
+        print("bench: uvloop is not installed (pip install -e '.[bench]'): skipped")
+
+    line = {"sockd": "sockd line", "asyncio": "asyncio line", "C epoll": "C epoll"}
+    if uv:
+        line["uvloop"] = "uvloop line"
+    line_goals = {"asyncio": 1.0, "C epoll": 0.5}
+    line_eager = {**line, "sockd, no eager write": "sockd line, no eager write"}
+    raw = {"sockd": "sockd raw", "asyncio": "asyncio raw", "C epoll": "C epoll"}
+    udp = {"sockd": "sockd line", "asyncio": "asyncio udp", "C epoll": "C epoll"}
+    if uv:
+        udp["uvloop"] = "uvloop udp"
+    udp_goals = {"uvloop": 1.0} if uv else {}
+
+    scenarios: list[tuple[str, Callable[[], list[Result]]]] = []
+    for conns in (1, 100, 1000):
+        who = line_eager if conns == 100 else line
+        for depth, what in ((1, "request/response"), (DEPTH, f"pipelined {DEPTH}")):
+            name = f"line {what}, {conns} conn{'s' if conns > 1 else ''}"
+            scenarios.append(
+                (
+                    name,
+                    lambda name=name, who=who, conns=conns, depth=depth: [
+                        throughput(
+                            pool, name, who, "tcp", conns, depth, opts, line_goals
+                        )
+                    ],
+                )
+            )
+    scenarios.append(
+        (
+            f"raw pipelined {DEPTH}, 100 conns",
+            lambda: [
+                throughput(
+                    pool,
+                    f"raw pipelined {DEPTH}, 100 conns",
+                    raw,
+                    "tcp",
+                    100,
+                    DEPTH,
+                    opts,
+                )
+            ],
+        )
+    )
+    scenarios.append(
+        (
+            "udp 64 B, 32 sockets x 32",
+            lambda: [
+                throughput(
+                    pool,
+                    "udp 64 B, 32 sockets x 32",
+                    udp,
+                    "udp",
+                    32,
+                    32,
+                    opts,
+                    udp_goals,
+                )
+            ],
+        )
+    )
+    idle_who = {"sockd": "sockd line", "asyncio": "asyncio line", "C epoll": "C epoll"}
+    scenarios.append((f"idle {idle_count}", lambda: idle(idle_who, idle_count, opts)))
+
+    pool = Pool()
+    failed = 0
+    try:
+        for name, run in scenarios:
+            if opts.only and opts.only not in name:
+                continue
+            print(f"bench echo: {name} ...", flush=True)
+            try:
+                for result in run():
+                    emit(result)
+            except Exception as e:  # one broken scenario should not stop the rest
+                failed += 1
+                print(f"bench echo: {name} failed: {e}", file=sys.stderr)
+    finally:
+        pool.close()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+/*
+ * loadgen: a small single-threaded epoll load generator for echo servers.
+ *
+ *   loadgen tcp  HOST PORT CONNS SIZE DEPTH SECONDS [WARMUP]
+ *       CONNS connections each keep DEPTH lines of SIZE bytes (newline
+ *       included) in flight; DEPTH 1 is request/response.  Every answer is
+ *       checked to be the upper-cased request.
+ *   loadgen udp  HOST PORT SOCKETS SIZE DEPTH SECONDS [WARMUP]
+ *       The same with datagrams; lost ones are re-sent after a quiet 20 ms.
+ *   loadgen idle HOST PORT CONNS SIZE 1 SECONDS
+ *       Opens CONNS connections at once, sends one line on each, and reports
+ *       how long until every one was answered; then holds them open until
+ *       standard input closes (or SECONDS pass) and exits.
+ *
+ * Prints one line of key=value pairs: rate (answers a second), answers,
+ * seconds, errors (bad bytes or failed connections), cpu (the share of one
+ * core this process used: well under 1 means it was not the bottleneck).
+ * Bounded in time.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+struct conn {
+    int fd;
+    int connected;
+    uint64_t sent;      /* bytes sent */
+    uint64_t received;  /* bytes received */
+    uint64_t owed;      /* bytes due to be sent */
+    double last;        /* last receive (udp) */
+};
+
+static char *request;   /* DEPTH+1 lines of SIZE bytes */
+static char *expected;  /* the same, upper-cased */
+static size_t size, depth;
+static uint64_t errors;
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void die(const char *what)
+{
+    perror(what);
+    exit(2);
+}
+
+static void make_lines(void)
+{
+    size_t n = (depth + 1) * size;
+    request = malloc(n);
+    expected = malloc(n);
+    if (!request || !expected)
+        die("malloc");
+    for (size_t i = 0; i < n; i++) {
+        size_t k = i % size;
+        char c = k == size - 1 ? '\n' : (char)('a' + k % 26);
+        request[i] = c;
+        expected[i] = c == '\n' ? c : (char)(c - 'a' + 'A');
+    }
+}
+
+/* Send what is owed, from the right offset of the repeated lines. */
+static void pump(struct conn *c, int datagram)
+{
+    while (c->owed) {
+        size_t off = c->sent % size;
+        size_t len = datagram ? size : c->owed;
+        if (!datagram && len > depth * size)
+            len = depth * size;
+        ssize_t n = send(c->fd, request + off, len, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ENOBUFS
+                && errno != ECONNREFUSED)
+                errors++;
+            return;
+        }
+        c->sent += n;
+        c->owed -= n;
+    }
+}
+
+static void check(struct conn *c, const char *buf, size_t n)
+{
+    /* The answer stream is the upper-cased request stream. */
+    size_t off = c->received % size;
+    while (n) {
+        size_t len = n < depth * size ? n : depth * size;
+        if (memcmp(buf, expected + off, len) != 0)
+            errors++;
+        buf += len;
+        n -= len;
+        off = (off + len) % size;
+    }
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 8) {
+        fprintf(stderr,
+                "usage: loadgen tcp|udp|idle HOST PORT CONNS SIZE DEPTH "
+                "SECONDS [WARMUP]\n");
+        return 2;
+    }
+    const char *mode = argv[1];
+    int udp = strcmp(mode, "udp") == 0, idle = strcmp(mode, "idle") == 0;
+    size_t nconn = strtoul(argv[4], NULL, 10);
+    size = strtoul(argv[5], NULL, 10);
+    depth = strtoul(argv[6], NULL, 10);
+    double seconds = atof(argv[7]);
+    double warmup = argc > 8 ? atof(argv[8]) : 0.5;
+    if (idle)
+        warmup = 0;
+    if (size < 2 || depth < 1 || nconn < 1)
+        return 2;
+    make_lines();
+
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+
+    struct sockaddr_in sa = {.sin_family = AF_INET};
+    sa.sin_port = htons((uint16_t)atoi(argv[3]));
+    if (inet_pton(AF_INET, argv[2], &sa.sin_addr) != 1)
+        die("address");
+
+    int ep = epoll_create1(0);
+    struct conn *conns = calloc(nconn, sizeof *conns);
+    if (ep < 0 || !conns)
+        die("setup");
+    double start = now();
+    for (size_t i = 0; i < nconn; i++) {
+        struct conn *c = &conns[i];
+        c->fd = socket(AF_INET, (udp ? SOCK_DGRAM : SOCK_STREAM) | SOCK_NONBLOCK, 0);
+        if (c->fd < 0)
+            die("socket");
+        if (!udp) {
+            int one = 1;
+            setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        }
+        if (connect(c->fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS)
+            die("connect");
+        struct epoll_event ev = {.events = EPOLLIN | (udp ? 0 : EPOLLOUT), .data.ptr = c};
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev) < 0)
+            die("epoll_ctl");
+        c->owed = depth * size;
+        c->last = start;
+        if (udp) {
+            c->connected = 1;
+            for (size_t k = 0; k < depth; k++) {
+                c->owed = size;
+                pump(c, 1);
+            }
+            c->owed = 0;
+        }
+    }
+    if (idle) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+        epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev);
+    }
+
+    size_t maxbuf = depth * size > 65536 ? depth * size : 65536;
+    char *buf = malloc(maxbuf);
+    struct epoll_event *events = malloc(sizeof *events * 1024);
+    if (!buf || !events)
+        die("malloc");
+    double measure_from = start + warmup, end = start + warmup + seconds;
+    uint64_t answers = 0, answered_conns = 0;
+    double all_answered = 0;
+    int counting = warmup == 0;
+    double next_tick = start + 0.01;
+
+    for (;;) {
+        double t = now();
+        if (t >= end)
+            break;
+        if (!counting && t >= measure_from) {
+            counting = 1;
+            answers = 0;
+        }
+        int timeout = (int)((next_tick - t) * 1000) + 1;
+        int n = epoll_wait(ep, events, 1024, timeout < 1 ? 1 : timeout);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            die("epoll_wait");
+        }
+        for (int e = 0; e < n; e++) {
+            struct conn *c = events[e].data.ptr;
+            if (c == NULL) { /* stdin: readable means EOF or a line: stop */
+                goto done;
+            }
+            uint32_t what = events[e].events;
+            if (!udp && (what & (EPOLLERR | EPOLLHUP)) && !(what & EPOLLIN)) {
+                errors++;
+                epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+                close(c->fd);
+                continue;
+            }
+            if (!udp && !c->connected && (what & EPOLLOUT)) {
+                c->connected = 1;
+                if (idle)
+                    c->owed = size;
+                struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+                epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+                pump(c, 0);
+                if (c->owed) {
+                    ev.events = EPOLLIN | EPOLLOUT;
+                    epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+                }
+                continue;
+            }
+            if (what & EPOLLIN) {
+                for (int rounds = 0; rounds < 16; rounds++) {
+                    ssize_t got = recv(c->fd, buf, udp ? size + 1 : maxbuf, 0);
+                    if (got < 0) {
+                        if (errno == EINTR)
+                            continue;
+                        if (errno != EAGAIN && errno != ECONNREFUSED)
+                            errors++;
+                        break;
+                    }
+                    if (got == 0) {
+                        errors++; /* server closed on us */
+                        epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+                        break;
+                    }
+                    if (udp) {
+                        if ((size_t)got != size || memcmp(buf, expected, size))
+                            errors++;
+                        c->last = t;
+                        if (counting)
+                            answers++;
+                        c->owed = size;
+                        c->sent = 0;
+                        pump(c, 1);
+                        c->owed = 0;
+                        continue;
+                    }
+                    check(c, buf, (size_t)got);
+                    uint64_t before = c->received / size;
+                    c->received += got;
+                    uint64_t lines = c->received / size - before;
+                    if (counting)
+                        answers += lines;
+                    if (idle) {
+                        if (lines && ++answered_conns == nconn) {
+                            all_answered = now();
+                            printf("accepted=%zu seconds=%.4f errors=%llu\n", nconn,
+                                   all_answered - start, (unsigned long long)errors);
+                            fflush(stdout);
+                        }
+                        continue;
+                    }
+                    if (lines) {
+                        int was_idle = c->owed == 0;
+                        c->owed += lines * size;
+                        pump(c, 0);
+                        if (c->owed && was_idle) {
+                            struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT,
+                                                     .data.ptr = c};
+                            epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+                        }
+                    }
+                    if ((size_t)got < maxbuf)
+                        break;
+                }
+            }
+            if (!udp && c->connected && (what & EPOLLOUT)) {
+                pump(c, 0);
+                if (!c->owed) {
+                    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+                    epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+                }
+            }
+        }
+        if (udp && now() >= next_tick) {
+            /* Re-prime sockets whose datagrams were all lost. */
+            double t2 = now();
+            for (size_t i = 0; i < nconn; i++) {
+                struct conn *c = &conns[i];
+                if (t2 - c->last > 0.02) {
+                    c->last = t2;
+                    for (size_t k = 0; k < depth; k++) {
+                        c->owed = size;
+                        c->sent = 0;
+                        pump(c, 1);
+                    }
+                    c->owed = 0;
+                }
+            }
+        }
+        if (now() >= next_tick)
+            next_tick = now() + 0.01;
+    }
+done:;
+    double elapsed = now() - (warmup ? measure_from : start);
+    if (idle) {
+        if (!all_answered)
+            printf("accepted=%llu seconds=-1 errors=%llu\n",
+                   (unsigned long long)answered_conns, (unsigned long long)errors);
+        return answered_conns == nconn ? 0 : 1;
+    }
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double cpu = ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec
+                 + ru.ru_stime.tv_usec / 1e6;
+    printf("rate=%.1f answers=%llu seconds=%.3f errors=%llu cpu=%.2f\n",
+           answers / elapsed, (unsigned long long)answers, elapsed,
+           (unsigned long long)errors, cpu / (now() - start));
+    return errors ? 1 : 0;
+}
