@@ -36,7 +36,14 @@ unit: $(VENV)/.installed-test
 
 test: lint typecheck unit
 
-bench: $(VENV)/.installed-test
+# uvloop and py-spy: the benchmark skips the uvloop references without them.
+$(VENV)/.installed-bench: $(VENV)/.installed-test setup.cfg
+	$(BIN)/python -m pip install --quiet --config-settings editable_mode=compat -e '.[test,dev,bench]' \
+	  || echo "bench: the bench extra (uvloop, py-spy) did not install; uvloop references will be skipped"
+	touch $@
+
+# BENCH_ARGS=--quick for a short run; --only echo,chat for some modules.
+bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
