@@ -5,6 +5,7 @@ ephemeral ports, talked to with nc, socat and plain sockets.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import re
 import socket
@@ -37,6 +38,8 @@ def line_daemon() -> Iterator[Daemon]:
         max_connections_per_ip = 3
         line_timeout = 1
         udp_max_datagram = 1000
+        udp_rate = 5
+        udp_burst = 5
         """,
     ) as daemon:
         yield daemon
@@ -80,16 +83,23 @@ def test_overlong_line(line_daemon: Daemon) -> None:
 
 
 def test_per_ip_cap_and_other_source(line_daemon: Daemon) -> None:
+    # Sources of their own, so slots still being released after this test
+    # cannot refuse the next one.
     port = line_daemon.port("echo")
-    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    held = [
+        socket.create_connection(
+            ("127.0.0.1", port), timeout=5, source_address=("127.0.0.5", 0)
+        )
+        for _ in range(3)
+    ]
     try:
         # Make sure the server has accepted all three before the fourth.
         for s in held:
             s.sendall(b"a\n")
             assert s.recv(10) == b"A\n"
-        refused = tcp_exchange(port, b"x\n", shut=False)
+        refused = tcp_exchange(port, b"x\n", shut=False, source="127.0.0.5")
         assert refused == b"ERR too many connections from your address\r\n"
-        assert tcp_exchange(port, b"y\n", source="127.0.0.2") == b"Y\n"
+        assert tcp_exchange(port, b"y\n", source="127.0.0.6") == b"Y\n"
     finally:
         for s in held:
             s.close()
@@ -119,6 +129,31 @@ def test_udp_with_socat_and_oversize(line_daemon: Daemon) -> None:
         [socat, "-t", "2", "-T", "2", "-", f"UDP:127.0.0.1:{port}"], b"from socat\n"
     )
     assert result.stdout == b"FROM SOCAT\n", result.stderr
+
+
+def test_udp_flood_is_capped_per_source(line_daemon: Daemon) -> None:
+    port = line_daemon.port("echo", "UDP")
+    server = ("127.0.0.1", port)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other,
+    ):
+        flood.bind(("127.0.0.2", 0))
+        other.bind(("127.0.0.3", 0))
+        other.settimeout(5)
+        for i in range(200):
+            flood.sendto(b"f%d" % i, server)
+        # Datagrams are handled in order: once the other source's answer is
+        # back, every answer to the flood has been sent.
+        other.sendto(b"marker", server)
+        assert other.recvfrom(100)[0] == b"MARKER"
+        flood.setblocking(False)
+        answers = 0
+        with contextlib.suppress(BlockingIOError):
+            while answers < 1000:
+                flood.recvfrom(100)
+                answers += 1
+        assert 5 <= answers <= 7
 
 
 def test_udp_with_nc(line_daemon: Daemon) -> None:
