@@ -17,6 +17,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.endpoints import _SystemdParser
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 
@@ -71,6 +72,11 @@ class DatagramEndpoint:
 
 def inherited_fds() -> list[int]:
     """Descriptors systemd passed to this process (LISTEN_PID/LISTEN_FDS)."""
+    # Importing twisted.internet.endpoints reads these variables for its own
+    # systemd: endpoint and deletes them; its record is then the only one.
+    recorded: list[int] = _SystemdParser._sddaemon.inheritedDescriptors()
+    if recorded:
+        return recorded
     try:
         if int(os.environ.get("LISTEN_PID", "")) != os.getpid():
             return []
