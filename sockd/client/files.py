@@ -27,6 +27,7 @@ from sockd.client.fileproto import (
     ClientError,
     Connection,
     FileClient,
+    Pipeline,
     ServerError,
     VerifyFailed,
 )
@@ -380,7 +381,7 @@ def _install(part: str, target: str, force: bool) -> None:
 
 
 class _Sink:
-    """Receives the body: hash, write, count, progress."""
+    """Consumes the body: hash, write, count, progress."""
 
     def __init__(
         self, fd: int, hasher: hashlib._Hash, progress: Progress, done: int, path: str
@@ -436,7 +437,9 @@ def _get(args: argparse.Namespace) -> int:
                 if fd is None:
                     try:
                         fd = os.open(
-                            part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                            part,
+                            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                            0o666,
                         )
                     except OSError as e:
                         raise _local_error(part, e, "cannot create") from e
@@ -444,7 +447,9 @@ def _get(args: argparse.Namespace) -> int:
                 out = fd
             progress = _progress(args, _basename(remote), transfer.size, offset)
             sink = _Sink(out, hasher, progress, offset, part or "standard output")
-            connection.receive(transfer.length, sink)
+            with Pipeline(sink) as pipeline:
+                connection.receive(transfer.length, pipeline)
+                pipeline.close()
             progress.finish()
             digest, size, mtime = client.sum(remote)
         if (size, mtime) != (transfer.size, transfer.mtime):
