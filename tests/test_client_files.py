@@ -10,9 +10,13 @@ import hashlib
 import io
 import ipaddress
 import os
+import pty
+import select
 import socket
 import socketserver
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sockd.client import fileproto
+from sockd.client import fileproto, files
 from sockd.client.fileproto import quote, unquote
 from sockd.client.files import (
     Progress,
@@ -870,3 +874,109 @@ def test_tls_to_a_plain_server(serve: Any, capfd: Any, pki: dict[str, Any]) -> N
     )
     assert status == fileproto.EXIT_CONNECT
     assert "TLS handshake failed" in err
+
+
+# Pipeline and local failures ----------------------------------------------
+
+
+def test_pipeline_consumes_in_order() -> None:
+    got = bytearray()
+    with fileproto.Pipeline(got.extend, depth=2) as pipeline:
+        for i in range(50):
+            view = pipeline.take()
+            assert len(view) == fileproto.CHUNK
+            view[:3] = bytes((i, i, i))
+            pipeline.give(view[:3])
+        pipeline.close()
+    assert got == b"".join(bytes((i, i, i)) for i in range(50))
+
+
+def test_pipeline_reports_consumer_errors() -> None:
+    def consume(data: memoryview) -> None:
+        raise OSError(28, "No space left on device")
+
+    with fileproto.Pipeline(consume, depth=2) as pipeline:
+        pipeline.give(pipeline.take()[:1])
+        with pytest.raises(OSError, match="No space"):
+            # The failed chunk's buffer comes back, then the error with it.
+            for _ in range(3):
+                pipeline.give(pipeline.take()[:1])
+        with pytest.raises(OSError, match="No space"):
+            pipeline.close()
+
+
+def test_pipeline_exit_stops_the_worker_on_error() -> None:
+    pipeline = fileproto.Pipeline(lambda data: None)
+    with pytest.raises(RuntimeError), pipeline:
+        pipeline.give(pipeline.take()[:10])
+        raise RuntimeError("receive failed")
+    assert not pipeline._thread.is_alive()
+
+
+def test_get_local_write_failure(
+    serve: Any, here: Path, capfd: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = serve(FILES)
+
+    def full(fd: int, view: memoryview) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "_write_all", full)
+    status, _, err = sockd(capfd, "get", server.address, "blob.bin")
+    assert status == 1
+    assert "blob.bin.part: cannot write: No space left on device" in err
+    # The empty file this run created is gone; nothing else was touched.
+    assert os.listdir(here) == []
+
+
+def test_get_file_mode_follows_umask(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve(FILES)
+    old = os.umask(0o027)
+    try:
+        status, _, _ = sockd(capfd, "get", server.address, "hello.txt")
+    finally:
+        os.umask(old)
+    assert status == 0
+    assert (here / "hello.txt").stat().st_mode & 0o777 == 0o640
+
+
+def _with_tty_stderr(argv: list[str], cwd: Path) -> tuple[int, bytes]:
+    """Run the real command with a pseudo-terminal as stderr."""
+    master, slave = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sockd.client.main", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=slave,
+            cwd=cwd,
+        )
+        os.close(slave)
+        chunks = []
+        while True:
+            ready, _, _ = select.select([master], [], [], 20)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return process.wait(20), b"".join(chunks)
+    finally:
+        os.close(master)
+
+
+def test_progress_bar_on_a_terminal_only(serve: Any, here: Path) -> None:
+    server = serve(FILES)
+    status, text = _with_tty_stderr(["get", server.address, "blob.bin"], here)
+    assert status == 0
+    assert b"\rblob.bin [" in text and b"100% 3.0 MiB" in text
+    assert text.endswith(b"\r\n")
+    status, text = _with_tty_stderr(
+        ["get", "-q", server.address, "blob.bin", "-o", "copy"], here
+    )
+    assert (status, text) == (0, b"")
+    assert (here / "copy").read_bytes() == BLOB

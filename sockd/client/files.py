@@ -175,7 +175,9 @@ class Progress:
         try:
             width = self.width()
         except OSError:
-            width = 80
+            width = 0
+        if width <= 0:
+            width = 80  # a terminal that does not know its size says 0
         line = render_progress(
             self.label,
             self.done,
