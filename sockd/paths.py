@@ -160,7 +160,7 @@ def openat2_available() -> bool:
         if _libc is None:
             _libc = ctypes.CDLL(None, use_errno=True)
             _libc.syscall.restype = ctypes.c_long
-        fd = _openat2(-100, "/", _LOOK | os.O_DIRECTORY, _RESOLVE_BENEATH)
+        fd = _openat2(-100, ".", _LOOK | os.O_DIRECTORY, _RESOLVE_BENEATH)
     except (OSError, AttributeError):
         return False
     os.close(fd)

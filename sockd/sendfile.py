@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -160,7 +161,7 @@ class _Producer:
         """
         self.transport = transport
         if self.remaining <= 0:
-            self._finish(None)
+            self._finish(None, unregister=False)
         else:
             transport.registerProducer(self, False)
         return self.deferred
@@ -189,7 +190,7 @@ class _Producer:
         if self.progress is not None:
             self.progress(count)
 
-    def _finish(self, error: str | None) -> None:
+    def _finish(self, error: str | None, unregister: bool = True) -> None:
         if self.done:
             return
         self.done = True
@@ -198,7 +199,12 @@ class _Producer:
         self._wake = None
         os.close(self.fd)
         transport = self.transport
-        if transport is not None and getattr(transport, "producer", None) is self:
+        # A TCP transport shows its producer: leave it alone if that is no
+        # longer us.  A TLS wrapper does not (its attribute lookups fall
+        # through to the TCP transport below it).
+        if unregister and (
+            not isinstance(transport, FileDescriptor) or transport.producer is self
+        ):
             transport.unregisterProducer()
         if error is None:
             self.deferred.callback(self.sent)
@@ -213,7 +219,7 @@ class _Producer:
 
     def stopProducing(self) -> None:
         """The connection is gone."""
-        self._finish("connection lost")
+        self._finish("connection lost", unregister=False)
 
 
 class SendfileProducer(_Producer):
