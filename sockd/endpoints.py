@@ -59,6 +59,10 @@ class DatagramEndpoint:
                     )
             finally:
                 kind.close()
+            # Twisted requires it; systemd passes blocking sockets, and one
+            # blocking read in Port.doRead's drain loop hangs the reactor.
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
             port: IListeningPort = reactor.adoptDatagramPort(
                 fd, self.family, protocol, size
             )
