@@ -97,6 +97,8 @@ class Handler(socketserver.StreamRequestHandler):
                 self.answer(f"OK {len(body)} size={len(data)} mtime={srv.mtime}")
                 if srv.cut_after is not None:
                     self.wfile.write(body[: srv.cut_after])
+                    if srv.stall:
+                        srv.release.wait(10)
                     return
                 self.wfile.write(body)
                 srv.mtime += srv.mtime_step
@@ -156,6 +158,8 @@ class FakeServer(socketserver.ThreadingTCPServer):
         self.sum_override: str | None = None
         self.raw_answer: bytes | None = None
         self.greeting: bytes | None = None
+        self.stall = False
+        self.release = threading.Event()
         self.mtime = MTIME
         self.mtime_step = 0
         self.writable = False
@@ -201,6 +205,7 @@ def serve() -> Iterator[Callable[..., FakeServer]]:
 
     yield start
     for server in servers:
+        server.release.set()
         server.shutdown()
         server.server_close()
 
@@ -435,6 +440,32 @@ def test_cut_connection_keeps_part_then_continue_resumes(
     assert server.requests[-2:] == [b"GET blob.bin 1500000\r\n", b"SUM blob.bin\r\n"]
     assert (here / "blob.bin").read_bytes() == BLOB
     assert not (here / "blob.bin.part").exists()
+
+
+def test_server_stalling_mid_body_times_out(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve(FILES)
+    server.cut_after = 1000
+    server.stall = True
+    status, _, err = sockd(capfd, "get", "--timeout", "0.2", server.address, "blob.bin")
+    assert status == fileproto.EXIT_CONNECT
+    assert "receive failed: timed out" in err
+    assert (here / "blob.bin.part").read_bytes() == BLOB[:1000]
+
+
+def test_empty_file(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve({b"empty": b""})
+    status, _, err = sockd(capfd, "get", server.address, "empty")
+    assert status == 0, err
+    assert (here / "empty").read_bytes() == b""
+    assert not (here / "empty.part").exists()
+
+
+def test_output_directory_must_exist(serve: Any, here: Path, capfd: Any) -> None:
+    server = serve(FILES)
+    status, _, err = sockd(capfd, "get", server.address, "hello.txt", "-o", "no/")
+    assert status == fileproto.EXIT_USAGE
+    assert "no such directory" in err
+    assert server.requests == []
 
 
 def test_continue_without_part_downloads_everything(
@@ -980,3 +1011,14 @@ def test_progress_bar_on_a_terminal_only(serve: Any, here: Path) -> None:
     )
     assert (status, text) == (0, b"")
     assert (here / "copy").read_bytes() == BLOB
+
+
+def test_install_never_replaces_a_file_that_appeared(tmp_path: Path) -> None:
+    part, target = tmp_path / "f.part", tmp_path / "f"
+    part.write_bytes(b"new")
+    target.write_bytes(b"theirs")
+    with pytest.raises(fileproto.ClientError, match="appeared during the download"):
+        files._install(str(part), str(target), force=False)
+    assert (part.read_bytes(), target.read_bytes()) == (b"new", b"theirs")
+    files._install(str(part), str(target), force=True)
+    assert target.read_bytes() == b"new" and not part.exists()

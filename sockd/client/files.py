@@ -324,6 +324,8 @@ def _add_get(parser: argparse.ArgumentParser) -> None:
 
 def _target(remote: str, output: str | None) -> str:
     if output is not None and not os.path.isdir(output):
+        if output.endswith("/"):
+            raise UsageProblem(f"-o {output}: no such directory")
         return output
     name = _basename(remote)
     if name in ("", ".", ".."):
@@ -426,7 +428,7 @@ def _get(args: argparse.Namespace) -> int:
                 offset = _hash_prefix(fd, hasher, part)
         elif os.path.lexists(part):
             raise ClientError(f"{part} exists: resume it with --continue, or remove it")
-    created = False
+    created = verified = False
     progress = Progress(sys.stderr, "", 0, enabled=False)
     try:
         with _connect(args) as connection:
@@ -464,6 +466,7 @@ def _get(args: argparse.Namespace) -> int:
                 f"SHA-256 mismatch: received {hasher.hexdigest()}, "
                 f"the server has {digest}"
             )
+        verified = True
         if fd is not None:
             try:
                 os.fsync(fd)
@@ -477,7 +480,7 @@ def _get(args: argparse.Namespace) -> int:
         if fd is not None and created and os.fstat(fd).st_size == 0:
             # Only ever remove the empty file this run created.
             os.unlink(part)
-        elif fd is not None or (part and os.path.lexists(part)):
+        elif not verified and part and os.path.lexists(part):
             if isinstance(e, VerifyFailed):
                 e.add_note(f"data kept in {part}; remove it before trying again")
             elif isinstance(e, ServerError) and e.code == 416 and offset:
@@ -488,7 +491,7 @@ def _get(args: argparse.Namespace) -> int:
             elif isinstance(e, ClientError):
                 e.add_note(f"partial data kept in {part}: resume with --continue")
             else:
-                print(f"partial data kept in {part}", file=sys.stderr)
+                print(f"sockd get: partial data kept in {part}", file=sys.stderr)
         raise
     finally:
         if fd is not None:
