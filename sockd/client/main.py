@@ -18,6 +18,7 @@ __all__ = ["SUBCOMMANDS", "main"]
 #: name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "echo": ("sockd.client.echo", "send lines to an echo server, print answers"),
+    "chat": ("sockd.client.chat", "talk in the UDP chat (interactive or piped)"),
     "cert": ("sockd.client.cert", "write a self-signed TLS certificate and key"),
     "get": ("sockd.client.files", "download a file from a sockd-file server"),
     "ls": ("sockd.client.files", "list a directory on a sockd-file server"),
