@@ -81,4 +81,4 @@ def build(config: Config, reactor: Any) -> list[IService]:
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    return make_daemon_service(options.config, ["chat"], reactor)
+    return make_daemon_service(options.config, ["chat"], reactor, loader=options.load)

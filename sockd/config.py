@@ -250,6 +250,8 @@ class SockdSettings:
     backlog: int = 1024
     #: seconds a closing connection may take before it is aborted
     abort_grace: float = 5.0
+    #: seconds a stopping daemon lets work in flight finish (SIGTERM)
+    shutdown_grace: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -332,6 +334,7 @@ SCHEMA: dict[str, dict[str, Parser]] = {
     "sockd": {
         "backlog": integer(1, 65535),
         "abort_grace": seconds(0.1, 600),
+        "shutdown_grace": seconds(0, 3600),
     },
     "echo": {
         "enabled": boolean,

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from sockd.config import EchoSettings
+from sockd.config import EchoSettings, SockdSettings
 from sockd.eager import eager_write
 from sockd.limits import GuardedFactory, GuardedProtocol, RateLimiter, peer_key
 from sockd.logs import escape
@@ -267,10 +267,24 @@ class EchoFactory(GuardedFactory):
             request_timeout=settings.line_timeout,
             abort_grace=abort_grace,
         )
+        self._apply(settings)
+
+    def _apply(self, settings: EchoSettings) -> None:
         self.settings = settings
         self.protocol = LineEcho if settings.mode == "line" else RawEcho  # type: ignore[assignment]
         self.max_line_length = settings.max_line_length
         self.transform_lines, self.transform_bytes = TRANSFORMS[settings.transform]
+
+    def reconfigure(self, settings: EchoSettings, shared: SockdSettings) -> None:
+        """A reload: new connections get the new mode; limits apply now."""
+        self.set_limits(
+            max_connections=settings.max_connections,
+            max_connections_per_ip=settings.max_connections_per_ip,
+            idle_timeout=settings.idle_timeout,
+            request_timeout=settings.line_timeout,
+            abort_grace=shared.abort_grace,
+        )
+        self._apply(settings)
 
 
 class DatagramEcho(DatagramProtocol):
@@ -287,7 +301,7 @@ class DatagramEcho(DatagramProtocol):
         clock: IReactorTime,
         own_ports: Iterable[int] = (),
     ) -> None:
-        self.max_datagram = settings.udp_max_datagram
+        self.max_datagram = self.port_limit = settings.udp_max_datagram
         self.transform = upper_within if settings.transform == "upper" else identity
         self.limiter = RateLimiter(
             settings.udp_rate, settings.udp_burst, settings.udp_total_rate, clock
@@ -300,6 +314,17 @@ class DatagramEcho(DatagramProtocol):
             "rate": 0,
             "send_error": 0,
         }
+
+    def reconfigure(self, settings: EchoSettings, shared: SockdSettings) -> None:
+        """A reload: new rates and transform at once."""
+        # The port reads at most the size it was opened with (plus one), so a
+        # larger limit would need a restart; a smaller one applies now.
+        self.max_datagram = min(settings.udp_max_datagram, self.port_limit)
+        self.transform = upper_within if settings.transform == "upper" else identity
+        self.limiter.rate = settings.udp_rate
+        self.limiter.burst = settings.udp_burst
+        self.limiter.total.rate = settings.udp_total_rate
+        self.limiter.total.burst = max(settings.udp_total_rate, settings.udp_burst)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         host, port = addr[0], addr[1]

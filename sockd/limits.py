@@ -14,6 +14,7 @@ import ipaddress
 from collections import OrderedDict
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -185,12 +186,14 @@ class GuardedProtocol(Protocol):
     _abort: IDelayedCall | None = None
     _key: str | None = None
     _opened = 0.0
+    _lingering = False
     closing = False
 
     def connectionMade(self) -> None:
         transport = self.transport
         assert transport is not None
         self._opened = self.factory.clock.seconds()
+        self.factory.connections.add(self)
         # Stop reading from a peer that does not read our answers until the
         # write buffer drains; without this a sender that never reads grows
         # the buffer without bound.
@@ -253,23 +256,28 @@ class GuardedProtocol(Protocol):
         # open forever after its buffer drains.
         if getattr(transport, "producer", None) is not None:
             transport.unregisterProducer()  # type: ignore[attr-defined]
-        transport.loseConnection()
+        # Armed first: loseConnection may complete (and cancel it) at once.
         self._abort = self.factory.clock.callLater(
             self.factory.abort_grace,
             transport.abortConnection,  # type: ignore[attr-defined]
         )
+        transport.loseConnection()
 
     def inputEnded(self) -> None:
         """Hook: the peer will send nothing more."""
         self.close()
 
     def readConnectionLost(self) -> None:
-        self.inputEnded()
+        if self._lingering:
+            # Shutting down, and the peer has now sent everything.
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        else:
+            self.inputEnded()
 
     def writeConnectionLost(self) -> None:
-        # We never half-close ourselves; a peer resetting its read side
-        # means our answers cannot arrive.
-        if self.transport is not None:
+        # Only a lingering shutdown half-closes on purpose; otherwise a peer
+        # resetting its read side means our answers cannot arrive.
+        if not self._lingering and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -287,6 +295,32 @@ class GuardedProtocol(Protocol):
         if self._key is not None:
             self.factory.limiter.release(self._key)
             self._key = None
+        self.factory.connections.discard(self)
+        if self.factory.draining and not self.factory.connections:
+            self.factory.drained()
+
+    def shutdown(self) -> None:
+        """
+        Hook: the daemon is stopping.  By default, take no new requests,
+        flush the answers already written, then close.  A service with work
+        in flight (a file transfer) overrides this to finish it first.
+        """
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        if not hasattr(transport, "loseWriteConnection"):
+            self.close()
+            return
+        # A lingering close: closing while the peer's data sits unread would
+        # send a reset and destroy the answers in flight.  So: ignore input
+        # from now on but keep reading it, send FIN after the answers, and
+        # close when the peer does (the drain deadline bounds the wait).
+        self.closing = self._lingering = True
+        self.stopDeadline()
+        if getattr(transport, "producer", None) is transport:
+            transport.unregisterProducer()  # type: ignore[union-attr]
+            transport.resumeProducing()  # type: ignore[union-attr]
+        transport.loseWriteConnection()  # type: ignore[union-attr]
 
 
 class Refusal(Protocol):
@@ -340,6 +374,62 @@ class GuardedFactory(ServerFactory):
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
         self.abort_grace = abort_grace
+        self.connections: set[GuardedProtocol] = set()
+        self.draining = False
+        self._drained: list[Deferred[None]] = []
+
+    def set_limits(
+        self,
+        *,
+        max_connections: int,
+        max_connections_per_ip: int,
+        idle_timeout: float,
+        request_timeout: float,
+        abort_grace: float,
+    ) -> None:
+        """New limits (a reload): they apply to new connections and timers."""
+        self.limiter.max_total = max_connections
+        self.limiter.max_per_peer = max_connections_per_ip
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.abort_grace = abort_grace
+
+    def drain(self, deadline: float) -> Deferred[None]:
+        """
+        Ask every connection to finish (L{GuardedProtocol.shutdown}); fire
+        when all are gone, aborting whatever is left after C{deadline}
+        seconds.
+        """
+        self.draining = True
+        done: Deferred[None] = Deferred()
+        if not self.connections:
+            done.callback(None)
+            return done
+        self._drained.append(done)
+        for protocol in list(self.connections):
+            protocol.shutdown()
+        timer = self.clock.callLater(deadline, self._abort_all)
+        done.addBoth(lambda result: timer.cancel() if timer.active() else None)
+        return done
+
+    def _abort_all(self) -> None:
+        left = list(self.connections)
+        if left:
+            log.warn(
+                "{service}: aborting {count} connection(s) still open at the "
+                "shutdown deadline",
+                service=self.service_name,
+                count=len(left),
+            )
+        for protocol in left:
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()  # type: ignore[attr-defined]
+        self.drained()
+
+    def drained(self) -> None:
+        waiting, self._drained = self._drained, []
+        for d in waiting:
+            d.callback(None)
 
     def refusal(self, reason: str) -> bytes:
         """The line a refused client gets."""

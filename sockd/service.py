@@ -11,11 +11,13 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import signal
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import DatagramProtocol, Factory
@@ -26,6 +28,7 @@ from twisted.python.failure import Failure
 from sockd import config as _config
 from sockd.config import Config, ConfigError
 from sockd.endpoints import parse_datagram
+from sockd.logs import prefer_journal
 from sockd.notify import Notifier
 
 __all__ = [
@@ -62,11 +65,17 @@ class Listener(Service):
     port: IListeningPort | None = None
 
     def __init__(
-        self, service: str, description: str, listen: Callable[[], Any]
+        self,
+        service: str,
+        description: str,
+        listen: Callable[[], Any],
+        target: object = None,
     ) -> None:
         self.service = service
         self.description = description
         self._listen = listen
+        #: the factory or datagram protocol serving this endpoint
+        self.target = target
         self.setName(f"{service} {description}")
 
     def privilegedStartService(self) -> None:
@@ -138,7 +147,7 @@ def stream_listener(
     service: str, description: str, factory: Factory, reactor: Any, backlog: int
 ) -> Listener:
     endpoint = serverFromString(reactor, with_backlog(description, backlog))
-    return Listener(service, description, lambda: endpoint.listen(factory))
+    return Listener(service, description, lambda: endpoint.listen(factory), factory)
 
 
 def datagram_listener(
@@ -153,6 +162,7 @@ def datagram_listener(
         service,
         description,
         lambda: endpoint.listen(reactor, protocol, max_packet_size),
+        protocol,
     )
 
 
@@ -163,7 +173,10 @@ def builder(section: str) -> Builder:
 
 
 def make_daemon_service(
-    config: Config, sections: Sequence[str], reactor: Any = None
+    config: Config,
+    sections: Sequence[str],
+    reactor: Any = None,
+    loader: Callable[[], Config] | None = None,
 ) -> MultiService:
     """One service holding the listeners of each of C{sections}."""
     if reactor is None:
@@ -175,7 +188,100 @@ def make_daemon_service(
         for child in builder(section)(config, reactor):
             child.setServiceParent(top)
     Ready(sections, reactor).setServiceParent(top)
+    Lifecycle(config, sections, reactor, loader).setServiceParent(top)
     return top
+
+
+class Lifecycle(Service):
+    """
+    Graceful stop and reload for every service in the tree.
+
+     - Stopping (SIGTERM): each factory with a C{drain(deadline)} method is
+       asked to let work in flight finish, for up to C{shutdown_grace}.
+     - SIGHUP: C{loader} reads the configuration again; each factory or
+       datagram protocol with C{reconfigure(settings, shared)} gets its
+       section's new settings.  An invalid file is logged and ignored.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        sections: Sequence[str],
+        reactor: Any,
+        loader: Callable[[], Config] | None = None,
+    ) -> None:
+        self.config = config
+        self.sections = list(sections)
+        self.reactor = reactor
+        self.loader = loader
+        self._previous: Any = None
+        self.setName("lifecycle")
+
+    def targets(self) -> list[tuple[str, Any]]:
+        """(section, factory or protocol) for each listener, once each."""
+        seen: dict[int, tuple[str, Any]] = {}
+        for child in self.parent or ():
+            target = getattr(child, "target", None)
+            if isinstance(child, Listener) and target is not None:
+                seen.setdefault(id(target), (child.service, target))
+        return list(seen.values())
+
+    def startService(self) -> None:
+        super().startService()
+        if self.loader is not None and threading.current_thread() is (
+            threading.main_thread()
+        ):
+            self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        # Signal handlers run between bytecodes: hand over to the reactor.
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        """Read the configuration again and apply it; False if invalid."""
+        assert self.loader is not None
+        try:
+            new = self.loader()
+        except ConfigError as e:
+            log.error(
+                "sockd: reload refused, running settings kept: {error}", error=str(e)
+            )
+            return False
+        for section, target in self.targets():
+            old_settings = getattr(self.config, section)
+            new_settings = getattr(new, section)
+            for key in ("listen", "listen_udp", "enabled"):
+                if getattr(old_settings, key, None) != getattr(new_settings, key, None):
+                    log.warn(
+                        "sockd: [{section}] {key} changed; it applies at the "
+                        "next restart",
+                        section=section,
+                        key=key,
+                    )
+            reconfigure = getattr(target, "reconfigure", None)
+            if reconfigure is not None:
+                reconfigure(new_settings, new.sockd)
+        self.config = new
+        log.info("sockd: configuration reloaded from {source}", source=new.source)
+        return True
+
+    def stopService(self) -> Deferred[Any] | None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        waits = [
+            target.drain(self.config.sockd.shutdown_grace)
+            for _, target in self.targets()
+            if hasattr(target, "drain")
+        ]
+        if not waits:
+            return None
+        log.info(
+            "sockd: stopping; letting work in flight finish (up to {grace}s)",
+            grace=self.config.sockd.shutdown_grace,
+        )
+        return gatherResults(waits)
 
 
 class Ready(Service):
@@ -273,10 +379,18 @@ class DaemonOptions(usage.Options):
             raise usage.UsageError(f"--set expects SECTION.KEY=VALUE, not {key!r}")
         self.overrides.setdefault(section.lower(), {})[name.lower()] = value
 
+    def load(self) -> Config:
+        """Read the configuration these options name (again, on SIGHUP)."""
+        return _config.load(self["config"], self.overrides)
+
     def _add_list(self, key: str, value: str) -> None:
         self.lists.setdefault(key, []).append(value)
 
     def postOptions(self) -> None:
+        parent = getattr(self, "parent", None)
+        if parent is not None:
+            # Under systemd, journald stamps each line: twistd should not.
+            prefer_journal(parent, os.environ)
         for option, key in self.keyOptions.items():
             if self.get(option) is not None:
                 self.overrides.setdefault(self.section, {})[key] = str(self[option])
@@ -286,7 +400,7 @@ class DaemonOptions(usage.Options):
             # Running a single daemon means running it, whatever the file says.
             self.overrides.setdefault(self.section, {}).setdefault("enabled", "true")
         try:
-            self.config = _config.load(self["config"], self.overrides)
+            self.config = self.load()
         except ConfigError as e:
             # Not a usage error: say what is wrong without the options list.
             raise SystemExit(f"sockd: {e}") from None

@@ -34,4 +34,6 @@ class Options(DaemonOptions):
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    return make_daemon_service(options.config, options.enabled_sections(), reactor)
+    return make_daemon_service(
+        options.config, options.enabled_sections(), reactor, loader=options.load
+    )
