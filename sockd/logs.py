@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import IO, Any
 
 from twisted.logger import (
@@ -15,7 +15,7 @@ from twisted.logger import (
     jsonFileLogObserver,
 )
 
-__all__ = ["escape", "journal_observer", "json_observer"]
+__all__ = ["escape", "journal_observer", "json_observer", "prefer_journal"]
 
 _ESCAPES = {0x5C: "\\\\", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
 
@@ -98,3 +98,23 @@ def json_observer(out: IO[str] | None = None) -> ILogObserver:
     each event as one line of JSON with its structured fields.
     """
     return jsonFileLogObserver(sys.stdout if out is None else out, "")
+
+
+def prefer_journal(
+    twistd_options: MutableMapping[str, Any], environ: Mapping[str, str]
+) -> bool:
+    """
+    Under systemd (C{JOURNAL_STREAM} or C{INVOCATION_ID} set), make a
+    foreground C{twistd} that logs to standard output use
+    L{journal_observer}, so journald's timestamp is the only one.  An
+    explicit C{--logger} or C{--logfile FILE} wins.  True if it switched.
+    """
+    if twistd_options.get("logger") or not twistd_options.get("nodaemon"):
+        return False
+    if twistd_options.get("logfile") not in (None, "", "-"):
+        return False
+    if not (environ.get("JOURNAL_STREAM") or environ.get("INVOCATION_ID")):
+        return False
+    # twistd imports the name itself once every option is parsed.
+    twistd_options["logger"] = f"{__name__}.journal_observer"
+    return True

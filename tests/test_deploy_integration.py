@@ -68,8 +68,13 @@ def test_ready_watchdog_and_stopping_from_real_twistd(
         listen = tcp:0:interface=127.0.0.1
         listen_udp = udp:0:interface=127.0.0.1
         """
-    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
-    daemon = JournalDaemon("sockd-echo", ini, env=env)
+    # INVOCATION_ID, as systemd sets it, switches to the journal logger.
+    env = {
+        "NOTIFY_SOCKET": path,
+        "WATCHDOG_USEC": "400000",
+        "INVOCATION_ID": "5e0c6f1b4d2a4b7f9c3e8a1d2f4b6c8e",
+    }
+    daemon = Daemon("sockd-echo", ini, env=env)
     try:
         daemon.start()
         ready = message(sock)
@@ -112,7 +117,7 @@ def free_port_pair() -> int:
     raise AssertionError("no port free for both TCP and UDP")
 
 
-class ActivatedDaemon(Daemon):
+class ActivatedDaemon(JournalDaemon):
     """
     twistd under systemd-socket-activate, which binds the sockets and starts
     the daemon on the first connection.  One activator per socket type: the
@@ -172,6 +177,8 @@ def test_socket_activation_tcp_and_udp() -> None:
         # and an adopted blocking UDP socket once hung the reactor here.
         assert tcp_exchange(port, b"again\n") == b"AGAIN\n", daemon.log()
         assert not re.search(r"Traceback|Unhandled", daemon.log())
+        # As the units run it: --logger, no timestamps from twistd.
+        assert not any(re.match(r"\d{4}-\d\d-\d\dT", line) for line in daemon.lines)
     finally:
         daemon.stop()
 

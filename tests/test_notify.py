@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import tempfile
 
@@ -13,7 +14,7 @@ from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.logs import journal_observer, json_observer
+from sockd.logs import journal_observer, json_observer, prefer_journal
 from sockd.notify import Notifier, notify_address, watchdog_interval
 from sockd.service import Ready, make_daemon_service
 from tests.helpers import settings
@@ -276,3 +277,40 @@ class JournalObserverTests(SynchronousTestCase):
         first = json.loads(lines[0])
         self.assertEqual(first["where"], "TCP 127.0.0.1:7")
         self.assertEqual(first["log_namespace"], "sockd")
+
+
+class PreferJournalTests(SynchronousTestCase):
+    def test_under_systemd_in_the_foreground(self) -> None:
+        for env in ({"INVOCATION_ID": "0123abcd"}, {"JOURNAL_STREAM": "8:1234"}):
+            options = {"nodaemon": 1, "logfile": None, "logger": None}
+            self.assertTrue(prefer_journal(options, env))
+            self.assertEqual(options["logger"], "sockd.logs.journal_observer")
+
+    def test_left_alone(self) -> None:
+        env = {"INVOCATION_ID": "0123abcd"}
+        cases = [
+            ({"nodaemon": 1, "logfile": None, "logger": None}, {}),
+            ({"nodaemon": 0, "logfile": None, "logger": None}, env),
+            ({"nodaemon": 1, "logfile": "/var/log/x", "logger": None}, env),
+            ({"nodaemon": 1, "logfile": None, "logger": json_observer}, env),
+        ]
+        for options, environ in cases:
+            before = dict(options)
+            self.assertFalse(prefer_journal(options, environ))
+            self.assertEqual(options, before)
+
+    def test_through_twistd_options(self) -> None:
+        from twisted.scripts.twistd import ServerOptions
+
+        self.patch(os, "environ", {**os.environ, "INVOCATION_ID": "0123abcd"})
+        directory = tempfile.mkdtemp(prefix="sockd-logs-")
+        self.addCleanup(shutil.rmtree, directory)
+        ini = os.path.join(directory, "sockd.ini")
+        with open(ini, "w") as f:
+            f.write("[echo]\nlisten = tcp:0:interface=127.0.0.1\nlisten_udp =\n")
+        options = ServerOptions()
+        options.parseOptions(["--nodaemon", "sockd-echo", "--config", ini])
+        self.assertIs(options["logger"], journal_observer)
+        daemonized = ServerOptions()
+        daemonized.parseOptions(["sockd-echo", "--config", ini])
+        self.assertIsNone(daemonized["logger"])
