@@ -13,6 +13,7 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.python.reflect import namedAny
 
+from sockd.config import SockdSettings
 from tests.helpers import ROOT
 
 UNITS = ROOT / "etc" / "systemd"
@@ -84,6 +85,10 @@ def test_service_runs_twistd_in_the_foreground(name: str) -> None:
     # The logger named exists and builds an observer.
     observer = namedAny(command[command.index("--logger") + 1])()
     assert callable(observer)
+    # SIGHUP reloads; stopping waits longer than the daemon's own grace.
+    assert last(service, "ExecReload") == "/bin/kill -HUP $MAINPID"
+    stop = re.fullmatch(r"(\d+)s", last(service, "TimeoutStopSec") or "")
+    assert stop and int(stop.group(1)) > SockdSettings().shutdown_grace
 
 
 def test_tapnames_exist() -> None:
