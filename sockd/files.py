@@ -430,7 +430,8 @@ class FileProtocol(GuardedProtocol):
             # extend it.  A first line may also end with a pause (a client
             # that sends a name and no newline, as the classic tutorial's).
             self.startDeadline()
-            if not self.mode:
+            word, space, _ = self._buffer.partition(b" ")
+            if not self.mode and not (space and word in KEYWORDS):
                 self._startPause()
 
     def _tooLong(self) -> None:
@@ -574,6 +575,8 @@ class FileProtocol(GuardedProtocol):
             )
 
         def failed(failure: Failure) -> None:
+            if self._lost:
+                return  # cancelled: nobody to answer
             error = failure.value
             if not isinstance(error, PathError):
                 log.failure("file: SUM failed", failure)

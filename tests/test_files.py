@@ -1,0 +1,691 @@
+"""
+Tests for L{sockd.files}: the file protocol on in-memory transports (bare,
+Gopher, framed, uploads, limits), and aborted transfers over real loopback
+connections for the descriptor count.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from sockd import files
+from sockd.files import (
+    FileFactory,
+    FileState,
+    percent_decode,
+    percent_encode,
+)
+from sockd.paths import PathError
+from tests.helpers import connect, settings
+
+reactor: Any = _reactor
+CANARY = b"CANARY-never-served"
+BODY = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4, patterned
+
+
+def make_tree(base: Path) -> Path:
+    (base / "canary").write_bytes(CANARY)
+    root = base / "files"
+    root.mkdir()
+    (root / "notes.txt").write_bytes(b"hello notes\n")
+    (root / "big.bin").write_bytes(BODY)
+    (root / "empty").write_bytes(b"")
+    (root / "with space%.txt").write_bytes(b"spaced\n")
+    (root / ".hidden").write_bytes(b"hidden\n")
+    (root / "docs").mkdir()
+    (root / "docs" / "README.txt").write_bytes(b"readme\n")
+    os.symlink("../canary", root / "out")
+    os.mkfifo(root / "fifo")
+    return root
+
+
+class Base(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp())
+        self.base.mkdir()
+        self.root = make_tree(self.base)
+        self.clock = Clock()
+        self.factory = self.make()
+
+    def make(self, **keys: str) -> FileFactory:
+        config = settings(file={"root": str(self.root), "enabled": "true", **keys})
+        state = FileState(config.file, self.clock)
+        self.addCleanup(state.root.close)
+        return FileFactory(state, self.clock, abort_grace=5)
+
+    def connect(self, factory: FileFactory | None = None, port: int = 40000) -> Any:
+        protocol, transport = connect(factory or self.factory, port=port)
+        return protocol, transport
+
+    def pump(self, transport: Any, turns: int = 1000) -> None:
+        """Run the file sender (a pull producer) until it is done."""
+        for _ in range(turns):
+            producer = transport.producer
+            if producer is None or producer is transport:
+                return
+            producer.resumeProducing()
+        raise AssertionError("transfer did not finish")
+
+    def exchange(self, data: bytes, factory: FileFactory | None = None) -> bytes:
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(data)
+        self.pump(transport)
+        return bytes(transport.value())
+
+
+class BareTests(Base):
+    def test_line(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"notes.txt\n")
+        self.pump(transport)
+        self.assertEqual(transport.value(), b"hello notes\n")
+        self.assertFalse(transport.connected)  # closed after the file
+
+    def test_crlf_and_slash(self) -> None:
+        self.assertEqual(self.exchange(b"/notes.txt\r\n"), b"hello notes\n")
+
+    def test_big_file_whole(self) -> None:
+        self.assertEqual(self.exchange(b"big.bin\n"), BODY)
+
+    def test_empty_file(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"empty\n")
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.connected)
+
+    def test_byte_at_a_time(self) -> None:
+        protocol, transport = self.connect()
+        for byte in b"notes.txt\r\n":
+            protocol.dataReceived(bytes((byte,)))
+        self.pump(transport)
+        self.assertEqual(transport.value(), b"hello notes\n")
+
+    def test_no_newline_pause(self) -> None:
+        """The tutorial's client: the name, no newline, then it waits."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"notes")
+        self.clock.advance(0.2)
+        protocol.dataReceived(b".txt")
+        self.clock.advance(0.2)  # the pause restarts with each byte
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(0.11)
+        self.pump(transport)
+        self.assertEqual(transport.value(), b"hello notes\n")
+        self.assertFalse(transport.connected)
+
+    def test_no_newline_half_close(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"notes.txt")
+        protocol.readConnectionLost()
+        self.pump(transport)
+        self.assertEqual(transport.value(), b"hello notes\n")
+        self.assertFalse(transport.connected)
+
+    def test_half_close_after_line(self) -> None:
+        """nc -N: the request, then EOF, still gets the whole file."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"big.bin\n")
+        protocol.readConnectionLost()
+        self.pump(transport)
+        self.assertEqual(transport.value(), BODY)
+
+    def test_gopher_tab(self) -> None:
+        self.assertEqual(self.exchange(b"/notes.txt\t+\r\n"), b"hello notes\n")
+
+    def test_menu(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"\r\n")
+        self.assertFalse(transport.connected)
+        lines = transport.value().split(b"\r\n")
+        self.assertEqual(lines[-2:], [b".", b""])
+        self.assertEqual(
+            lines[:-2],
+            [
+                b"9big.bin\t/big.bin\t127.0.0.1\t9000",
+                b"1docs\t/docs\t127.0.0.1\t9000",
+                b"9empty\t/empty\t127.0.0.1\t9000",
+                b"0notes.txt\t/notes.txt\t127.0.0.1\t9000",
+                b"0with space%.txt\t/with space%.txt\t127.0.0.1\t9000",
+            ],
+        )  # no hidden file, no FIFO, no symlink leading out
+
+    def test_submenu(self) -> None:
+        value = self.exchange(b"/docs\r\n")
+        self.assertEqual(
+            value, b"0README.txt\t/docs/README.txt\t127.0.0.1\t9000\r\n.\r\n"
+        )
+
+    def test_errors_close_silently(self) -> None:
+        for request in (b"missing\n", b"../canary\n", b"out\n", b"fifo\n", b"a\\b\n"):
+            protocol, transport = self.connect()
+            protocol.dataReceived(request)
+            self.assertEqual(transport.value(), b"", request)
+            self.assertFalse(transport.connected)
+
+    def test_errors_as_lines(self) -> None:
+        factory = self.make(bare_errors="line")
+        cases = {
+            b"missing\n": b"ERR 404 not found\r\n",
+            b"../canary\n": b"ERR 403 path segments . and .. are not allowed\r\n",
+            b"fifo\n": b"ERR 405 not a regular file\r\n",
+            b"out\n": b"ERR 403 leads outside the root\r\n",
+        }
+        for request, answer in cases.items():
+            self.assertEqual(self.exchange(request, factory), answer)
+
+    def test_keyword_needs_space(self) -> None:
+        """GETx is a bare selector, not a command."""
+        (self.root / "GETx").write_bytes(b"odd name\n")
+        self.assertEqual(self.exchange(b"GETx\n"), b"odd name\n")
+
+    def test_refusal_logged_escaped(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.exchange(b"../\x1b[31mx\r\n")
+        texts = [e.get("path") for e in events if e.get("code") == 400]
+        self.assertEqual(texts, ["../\\x1b[31mx"])
+
+
+class FramedTests(Base):
+    def test_get(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET notes.txt\r\n")
+        self.pump(transport)
+        mtime = int((self.root / "notes.txt").stat().st_mtime)
+        self.assertEqual(
+            transport.value(), b"OK 12 size=12 mtime=%d\r\nhello notes\n" % mtime
+        )
+        self.assertTrue(transport.connected)  # framed: stays open
+
+    def test_pipelined(self) -> None:
+        """Several requests in one read are answered in order."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET big.bin\nGET notes.txt 6\nSTAT docs\nQUIT\n")
+        self.pump(transport)
+        self.pump(transport)
+        value = transport.value()
+        header, _, rest = value.partition(b"\r\n")
+        self.assertTrue(header.startswith(b"OK %d size=%d " % (len(BODY), len(BODY))))
+        self.assertEqual(rest[: len(BODY)], BODY)
+        rest = rest[len(BODY) :]
+        self.assertTrue(rest.startswith(b"OK 6 size=12 "))
+        self.assertIn(b"\r\nnotes\nOK type=dir size=", rest)
+        self.assertTrue(rest.endswith(b"OK bye\r\n"))
+        self.assertFalse(transport.connected)
+
+    def test_reading_paused_during_transfer(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET big.bin\n")
+        self.assertEqual(transport.producerState, "paused")
+        self.pump(transport)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertIs(transport.producer, transport)  # backpressure restored
+
+    def test_ranges(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET big.bin 1000 10\n")
+        self.pump(transport)
+        self.assertTrue(transport.value().startswith(b"OK 10 size=%d " % len(BODY)))
+        self.assertTrue(transport.value().endswith(b"\r\n" + BODY[1000:1010]))
+        transport.clear()
+        protocol.dataReceived(b"GET big.bin %d\n" % (len(BODY) - 2))
+        self.pump(transport)
+        self.assertTrue(transport.value().endswith(b"\r\nil"))
+        transport.clear()
+        protocol.dataReceived(b"GET notes.txt 12\n")
+        self.assertTrue(transport.value().startswith(b"OK 0 size=12 "))
+        transport.clear()
+        protocol.dataReceived(b"GET notes.txt 13\n")
+        self.assertEqual(
+            transport.value(),
+            b"ERR 416 offset 13 is beyond the end (12 bytes)\r\n",
+        )
+        transport.clear()
+        protocol.dataReceived(b"GET notes.txt -1\nGET notes.txt 1 x\n")
+        self.assertEqual(transport.value().count(b"ERR 400 expected a whole number"), 2)
+        self.assertTrue(transport.connected)
+
+    def test_errors_keep_connection(self) -> None:
+        protocol, transport = self.connect()
+        cases = [
+            (b"GET missing", b"ERR 404 not found"),
+            (b"GET docs", b"ERR 405 is a directory, not a regular file"),
+            (b"GET fifo", b"ERR 405 not a regular file"),
+            (b"GET ../canary", b"ERR 403 path segments . and .. are not allowed"),
+            (b"GET %2e%2e/canary", b"ERR 403 path segments . and .. are not allowed"),
+            (b"GET out", b"ERR 403 leads outside the root"),
+            (b"GET .hidden", b"ERR 403 hidden files are not served"),
+            (b"GET a%00b", b"ERR 400 NUL byte in path"),
+            (b"GET a%zz", b"ERR 400 bad %XX escape in path"),
+            (b"GET %ff", b"ERR 400 path is not valid UTF-8"),
+            (b"GET " + b"x" * 256, b"ERR 414 path component longer than 255 bytes"),
+            (b"GET " + b"a/" * 2049, b"ERR 414 path longer than 4096 bytes"),
+            (b"GET  notes.txt", b"ERR 400 arguments are separated by single spaces"),
+            (b"GET", b"ERR 400 usage: GET <path> [<offset> [<length>]]"),
+            (b"FETCH x", b"ERR 400 unknown command; send HELP for the list"),
+            (b"SUM docs", b"ERR 405 is a directory, not a regular file"),
+            (b"LIST notes.txt", b"ERR 405 not a directory"),
+            (b"PUT x 1", b"ERR 403 this server does not accept uploads"),
+        ]
+        for request, answer in cases:
+            protocol.dataReceived(b"HELP\n" if not protocol.mode else b"")
+            transport.clear()
+            protocol.dataReceived(request + b"\r\n")
+            self.assertEqual(transport.value(), answer + b"\r\n", request)
+        self.assertFalse(transport.connected)  # the refused PUT closes
+
+    def test_percent_encoded_path(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET with%20space%25.txt\n")
+        self.pump(transport)
+        self.assertTrue(transport.value().endswith(b"\r\nspaced\n"))
+
+    def test_stat(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"STAT notes.txt\nSTAT /\n")
+        info = (self.root / "notes.txt").stat()
+        lines = transport.value().split(b"\r\n")
+        self.assertEqual(lines[0], b"OK type=file size=12 mtime=%d" % info.st_mtime)
+        self.assertTrue(lines[1].startswith(b"OK type=dir size="))
+
+    def test_list(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"LIST\n")
+        lines = transport.value().split(b"\r\n")
+        mtime = int((self.root / "notes.txt").stat().st_mtime)
+        self.assertEqual(lines[0], b"OK")
+        self.assertEqual(lines[-2:], [b".", b""])
+        names = [line.split(b" ", 3)[3] for line in lines[1:-2]]
+        self.assertEqual(
+            names, [b"big.bin", b"docs", b"empty", b"notes.txt", b"with%20space%25.txt"]
+        )
+        self.assertIn(b"f 12 %d notes.txt" % mtime, lines)
+        self.assertTrue(lines[2].startswith(b"d "))
+        transport.clear()
+        protocol.dataReceived(b"LIST docs\n")
+        self.assertEqual(transport.value().count(b"README.txt"), 1)
+
+    def test_help_and_quit(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HELP\n")
+        value = transport.value()
+        self.assertTrue(value.startswith(b"OK\r\n"))
+        self.assertTrue(value.endswith(b"\r\n.\r\n"))
+        self.assertIn(b"GET <path>", value)
+        transport.clear()
+        protocol.dataReceived(b"QUIT\n")
+        self.assertEqual(transport.value(), b"OK bye\r\n")
+        self.assertFalse(transport.connected)
+
+    def test_line_too_long(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET " + b"x" * files.MAX_LINE)
+        self.assertEqual(
+            transport.value(),
+            b"ERR 414 request line longer than %d bytes\r\n" % files.MAX_LINE,
+        )
+        self.assertFalse(transport.connected)
+
+    def test_half_close_pipelined(self) -> None:
+        """Requests then EOF: every answer, including one with no newline."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"STAT notes.txt\nGET notes.txt")
+        protocol.readConnectionLost()
+        self.pump(transport)
+        self.assertTrue(transport.value().endswith(b"\r\nhello notes\n"))
+        self.assertFalse(transport.connected)
+
+    def test_file_shrinks(self) -> None:
+        """Truncated mid-send: the connection closes, short of the header."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET big.bin\n")
+        transport.producer.resumeProducing()
+        os.truncate(self.root / "big.bin", 300 * 1024)
+        self.pump(transport)
+        header, _, body = transport.value().partition(b"\r\n")
+        self.assertTrue(header.startswith(b"OK %d " % len(BODY)))
+        self.assertEqual(body, BODY[: 300 * 1024])
+        self.assertFalse(transport.connected)
+
+    def test_client_gone_closes_file(self) -> None:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(100):
+            protocol, transport = self.connect()
+            protocol.dataReceived(b"GET big.bin\n")
+            transport.producer.resumeProducing()
+            transport.loseConnection()
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+        self.assertEqual(self.factory.limiter.total, 0)
+
+
+class SumTests(Base):
+    def test_sum_and_cache(self) -> None:
+        """Hashed in bounded steps, one per reactor turn, then remembered."""
+        self.patch(files, "HASH_STEP", 64 * 1024)
+        reads: list[int] = []
+        real = os.pread
+
+        def pread(fd: int, size: int, offset: int) -> bytes:
+            reads.append(size)
+            return real(fd, size, offset)
+
+        self.patch(files.os, "pread", pread)
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"SUM big.bin\nSTAT notes.txt\n")
+        self.assertEqual(transport.value(), b"")  # hashing, STAT waits
+        self.clock.advance(0)
+        self.assertEqual(reads, [64 * 1024] * 18)  # 1 MiB + 4, then the end
+        digest = hashlib.sha256(BODY).hexdigest().encode()
+        lines = transport.value().split(b"\r\n")
+        self.assertTrue(
+            lines[0].startswith(b"OK sha256=%s size=%d " % (digest, len(BODY)))
+        )
+        self.assertTrue(lines[1].startswith(b"OK type=file"))
+        transport.clear()
+        protocol.dataReceived(b"SUM big.bin\n")  # cached: at once
+        self.assertTrue(transport.value().startswith(b"OK sha256=%s " % digest))
+
+    def test_changed_file_rehashed(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"SUM notes.txt\n")
+        self.clock.advance(0)
+        self.clock.advance(0)
+        first = transport.value()
+        self.assertIn(hashlib.sha256(b"hello notes\n").hexdigest().encode(), first)
+        path = self.root / "notes.txt"
+        info = path.stat()
+        path.write_bytes(b"HELLO NOTES\n")  # same size
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+        transport.clear()
+        protocol.dataReceived(b"SUM notes.txt\n")
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertIn(
+            hashlib.sha256(b"HELLO NOTES\n").hexdigest().encode(), transport.value()
+        )
+
+    def test_lost_while_hashing(self) -> None:
+        before = len(os.listdir("/proc/self/fd"))
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"SUM big.bin\n")
+        transport.loseConnection()
+        self.clock.advance(0)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class LimitTests(Base):
+    def test_slowloris(self) -> None:
+        """A byte a second keeps the idle timer alive, not the request."""
+        factory = self.make(request_timeout="10", idle_timeout="300")
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(b"GET ")
+        for _ in range(9):
+            self.clock.advance(1)
+            protocol.dataReceived(b"x")
+        self.assertTrue(transport.connected)
+        self.clock.advance(1.01)
+        self.assertFalse(transport.connected)
+
+    def test_idle(self) -> None:
+        factory = self.make(idle_timeout="60")
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(b"STAT notes.txt\n")
+        self.clock.advance(59)
+        self.assertTrue(transport.connected)
+        self.clock.advance(2)
+        self.assertFalse(transport.connected)
+
+    def test_caps(self) -> None:
+        factory = self.make(max_connections="3", max_connections_per_ip="2")
+        kept = [self.connect(factory, port=40000 + i) for i in range(2)]
+        _, third = connect(factory, host="127.0.0.1", port=40100)
+        self.assertEqual(
+            third.value(), b"ERR 429 too many connections from your address\r\n"
+        )
+        _, other = connect(factory, host="127.0.0.2", port=40101)
+        self.assertEqual(other.value(), b"")  # another source is served
+        _, fourth = connect(factory, host="127.0.0.3", port=40102)
+        self.assertEqual(
+            fourth.value(), b"ERR 429 too many connections to this server\r\n"
+        )
+        self.assertEqual(len(kept), 2)
+
+    def test_rate_limit(self) -> None:
+        factory = self.make(rate_limit="256K")
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(b"big.bin\n")
+        for _ in range(10):
+            transport.producer.resumeProducing()
+        self.assertEqual(len(transport.value()), 256 * 1024)
+        for _ in range(50):
+            self.clock.advance(0.1)
+            if transport.producer is not None:
+                transport.producer.resumeProducing()
+        self.assertEqual(transport.value(), BODY)
+        self.assertGreater(self.clock.seconds(), 2.9)
+
+
+class UploadTests(Base):
+    def setUp(self) -> None:
+        super().setUp()
+        self.factory = self.make(writable="true", max_upload="2M")
+
+    def leftovers(self, directory: Path | None = None) -> list[str]:
+        return [n for n in os.listdir(directory or self.root) if ".sockd-upload" in n]
+
+    def test_put(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"PUT new.bin %d\n" % len(BODY) + BODY[:1000])
+        self.assertEqual(transport.value(), b"OK ready\r\n")
+        self.assertFalse((self.root / "new.bin").exists())
+        protocol.dataReceived(BODY[1000:] + b"STAT new.bin\n")
+        digest = hashlib.sha256(BODY).hexdigest().encode()
+        lines = transport.value().split(b"\r\n")
+        self.assertEqual(lines[1], b"OK stored %d sha256=%s" % (len(BODY), digest))
+        self.assertTrue(lines[2].startswith(b"OK type=file size=%d " % len(BODY)))
+        self.assertEqual((self.root / "new.bin").read_bytes(), BODY)
+        self.assertEqual(self.leftovers(), [])
+
+    def test_put_empty_and_subdir(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"PUT docs/e%20mpty 0\nLIST docs\n")
+        self.assertIn(b"OK stored 0 sha256=", transport.value())
+        self.assertIn(b" e%20mpty\r\n", transport.value())
+        self.assertEqual((self.root / "docs" / "e mpty").read_bytes(), b"")
+
+    def test_no_overwrite(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"PUT notes.txt 3\nabc")
+        self.assertEqual(
+            transport.value(), b"ERR 409 file exists and overwrite is off\r\n"
+        )
+        self.assertFalse(transport.connected)
+        self.assertEqual((self.root / "notes.txt").read_bytes(), b"hello notes\n")
+
+    def test_created_meanwhile(self) -> None:
+        """A file appearing during the upload is not replaced either."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"PUT late.txt 3\n")
+        (self.root / "late.txt").write_bytes(b"first")
+        protocol.dataReceived(b"abc")
+        self.assertEqual(transport.value(), b"OK ready\r\nERR 409 file exists\r\n")
+        self.assertEqual((self.root / "late.txt").read_bytes(), b"first")
+        self.assertEqual(self.leftovers(), [])
+
+    def test_overwrite(self) -> None:
+        factory = self.make(writable="true", overwrite="true")
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(b"PUT notes.txt 3\nabc")
+        self.assertIn(b"OK stored 3 ", transport.value())
+        self.assertEqual((self.root / "notes.txt").read_bytes(), b"abc")
+
+    def test_refusals(self) -> None:
+        cases = [
+            (b"PUT big 3000000", b"ERR 413 upload larger than 2097152 bytes"),
+            (b"PUT ../x 1", b"ERR 403 path segments . and .. are not allowed"),
+            (b"PUT .x 1", b"ERR 403 hidden files are not served"),
+            (b"PUT docs 1", b"ERR 405 target exists and is not a regular file"),
+            (b"PUT fifo 1", b"ERR 405 target exists and is not a regular file"),
+            (b"PUT out/x 1", b"ERR 403 leads outside the root"),
+            (b"PUT nodir/x 1", b"ERR 404 not found"),
+            (b"PUT / 1", b"ERR 400 PUT needs a file name"),
+            (b"PUT x", b"ERR 400 usage: PUT <path> <length>"),
+        ]
+        for request, answer in cases:
+            protocol, transport = self.connect()
+            protocol.dataReceived(request + b"\n")
+            self.assertEqual(transport.value(), answer + b"\r\n", request)
+            self.assertFalse(transport.connected)
+        self.assertEqual(self.leftovers(), [])
+
+    def test_free_space(self) -> None:
+        real = os.fstatvfs
+
+        def tiny(fd: int) -> Any:
+            result = real(fd)
+            return os.statvfs_result((*result[:4], 1, *result[5:]))
+
+        self.patch(files.os, "fstatvfs", tiny)
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"PUT x.bin 1000000\n")
+        self.assertEqual(transport.value(), b"ERR 413 not enough free space\r\n")
+
+    def test_cut_midway(self) -> None:
+        """A dropped connection leaves neither the file nor a temporary."""
+        for cut in ("lost", "eof"):
+            protocol, transport = self.connect()
+            protocol.dataReceived(b"PUT cut.bin %d\n" % len(BODY) + BODY[:5000])
+            self.assertEqual(len(self.leftovers()), 1)
+            if cut == "lost":
+                transport.loseConnection()
+            else:
+                protocol.readConnectionLost()
+            self.assertFalse((self.root / "cut.bin").exists())
+            self.assertEqual(self.leftovers(), [])
+            self.assertFalse(transport.connected)
+
+    def test_disk_full(self) -> None:
+        real = os.write
+        written = []
+
+        def full(fd: int, data: Any) -> int:
+            if written:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            written.append(len(data))
+            return real(fd, data)
+
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"PUT full.bin %d\n" % len(BODY))
+        self.patch(files.os, "write", full)
+        protocol.dataReceived(BODY[:1000])
+        protocol.dataReceived(BODY[1000:2000])
+        self.assertEqual(
+            transport.value(),
+            b"OK ready\r\nERR 413 cannot write: No space left on device\r\n",
+        )
+        self.assertFalse((self.root / "full.bin").exists())
+        self.assertEqual(self.leftovers(), [])
+
+    def test_reserved_name(self) -> None:
+        protocol, transport = self.connect(self.make(writable="true", hidden="true"))
+        protocol.dataReceived(b"PUT .sockd-upload.x 1\n")
+        self.assertEqual(transport.value(), b"ERR 403 reserved name\r\n")
+
+
+class HelpersTests(SynchronousTestCase):
+    def test_percent(self) -> None:
+        name = "a b%c\u00e9\t.txt".encode()
+        encoded = percent_encode(name)
+        self.assertEqual(encoded, b"a%20b%25c%C3%A9%09.txt")
+        self.assertEqual(percent_decode(encoded), name)
+        self.assertEqual(percent_decode(b"%2f"), b"/")
+        self.assertRaises(PathError, percent_decode, b"%2")
+        self.assertRaises(PathError, percent_decode, b"%g0")
+
+
+class Reader(Protocol):
+    def __init__(self) -> None:
+        self.received = 0
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > 100 * 1024 and self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.callback(None)
+
+
+class RealAbortTests(TestCase):
+    """100 transfers aborted by the client over loopback, real reactor."""
+
+    timeout = 30
+
+    async def test_descriptors_back_to_baseline(self) -> None:
+        base = Path(self.mktemp())
+        base.mkdir()
+        root = make_tree(base)
+        (root / "large.bin").write_bytes(BODY * 8)
+        config = settings(file={"root": str(root), "enabled": "true"})
+        state = FileState(config.file, reactor)
+        self.addCleanup(state.root.close)
+        factory = FileFactory(state, reactor, abort_grace=5)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+
+        async def one(request: bytes) -> None:
+            reader = Reader()
+            await connectProtocol(endpoint, reader)
+            reader.transport.write(request)  # type: ignore[union-attr]
+            await reader.lost
+
+        async def settled() -> None:
+            # The server notices each abort on its next turn.
+            for _ in range(200):
+                if factory.limiter.total == 0:
+                    return
+                wait: Deferred[None] = Deferred()
+                reactor.callLater(0.01, wait.callback, None)
+                await wait
+            raise AssertionError("server connections did not close")
+
+        await one(b"large.bin\n")
+        await settled()
+        before = len(os.listdir("/proc/self/fd"))
+        for i in range(100):
+            await one(b"large.bin\n" if i % 2 else b"GET large.bin\n")
+        await settled()
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+        # Still serving.
+        collector = Collector()
+        await connectProtocol(endpoint, collector)
+        collector.transport.write(b"notes.txt\n")  # type: ignore[union-attr]
+        self.assertEqual(await collector.lost, b"hello notes\n")
+
+
+class Collector(Protocol):
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.lost: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.callback(b"".join(self.chunks))
