@@ -30,6 +30,7 @@ __all__ = [
     "ConfigError",
     "EchoSettings",
     "FileSettings",
+    "MetricsSettings",
     "SockdSettings",
     "find_config",
     "load",
@@ -317,6 +318,14 @@ class FileSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """C{[metrics]}: Prometheus metrics over HTTP."""
+
+    enabled: bool = False
+    listen: tuple[str, ...] = ("tcp:9102:interface=127.0.0.1",)
+
+
+@dataclass(frozen=True)
 class Config:
     """Every section's settings, and the file they came from."""
 
@@ -325,6 +334,7 @@ class Config:
     echo: EchoSettings = field(default_factory=EchoSettings)
     chat: ChatSettings = field(default_factory=ChatSettings)
     file: FileSettings = field(default_factory=FileSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 _SECONDS_DAY = 86400.0
@@ -390,11 +400,17 @@ SCHEMA: dict[str, dict[str, Parser]] = {
     },
 }
 
+SCHEMA["metrics"] = {
+    "enabled": boolean,
+    "listen": stream_endpoints,
+}
+
 _SECTION_TYPES: dict[str, type[Any]] = {
     "sockd": SockdSettings,
     "echo": EchoSettings,
     "chat": ChatSettings,
     "file": FileSettings,
+    "metrics": MetricsSettings,
 }
 
 
@@ -510,6 +526,8 @@ def _check(config: Config) -> None:
             f"{config.echo.max_connections_per_ip} is larger than "
             f"max_connections = {config.echo.max_connections}"
         )
+    if config.metrics.enabled and not config.metrics.listen:
+        raise ConfigError(f"{src}: [metrics] is enabled but listen is empty")
     if config.chat.enabled and not config.chat.listen:
         raise ConfigError(f"{src}: [chat] is enabled but listen is empty")
     if config.file.enabled:

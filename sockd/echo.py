@@ -21,7 +21,13 @@ from twisted.logger import Logger
 
 from sockd.config import EchoSettings, SockdSettings
 from sockd.eager import eager_write
-from sockd.limits import GuardedFactory, GuardedProtocol, RateLimiter, peer_key
+from sockd.limits import (
+    GuardedFactory,
+    GuardedProtocol,
+    RateLimiter,
+    Sample,
+    peer_key,
+)
 from sockd.logs import escape
 
 __all__ = [
@@ -325,6 +331,23 @@ class DatagramEcho(DatagramProtocol):
         self.limiter.burst = settings.udp_burst
         self.limiter.total.rate = settings.udp_total_rate
         self.limiter.total.burst = max(settings.udp_total_rate, settings.udp_burst)
+
+    def metrics(self) -> list[Sample]:
+        """What the UDP echo has counted, for L{sockd.metrics}."""
+        service = {"service": "echo"}
+        samples: list[Sample] = [
+            ("datagrams_answered_total", "counter", service, self.answered)
+        ]
+        for reason, count in self.dropped.items():
+            samples.append(
+                (
+                    "datagrams_dropped_total",
+                    "counter",
+                    {**service, "reason": reason},
+                    count,
+                )
+            )
+        return samples
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         host, port = addr[0], addr[1]

@@ -38,6 +38,9 @@ __all__ = [
 
 log = Logger(namespace="sockd")
 
+#: one metric sample: (name, "counter" or "gauge", labels, value)
+Sample = tuple[str, str, dict[str, str], float]
+
 
 def peer_key(host: str) -> str:
     """
@@ -76,15 +79,18 @@ class ConnectionLimiter:
         self.total = 0
         self.per_peer: dict[str, int] = {}
         self.refused = 0
+        self.refused_by: dict[str, int] = {"total": 0, "per_ip": 0}
 
     def acquire(self, key: str) -> str | None:
         """Take a slot for C{key}; on refusal return the reason instead."""
         if self.total >= self.max_total:
             self.refused += 1
+            self.refused_by["total"] += 1
             return "too many connections to this server"
         count = self.per_peer.get(key, 0)
         if count >= self.max_per_peer:
             self.refused += 1
+            self.refused_by["per_ip"] += 1
             return "too many connections from your address"
         self.per_peer[key] = count + 1
         self.total += 1
@@ -227,6 +233,8 @@ class GuardedProtocol(Protocol):
         self._deadline = None
 
     def _timedOut(self, which: str) -> None:
+        timeouts = self.factory.timeouts
+        timeouts[which] = timeouts.get(which, 0) + 1
         log.info(
             "{service}: closing {peer}: {which} timeout",
             service=self.factory.service_name,
@@ -375,6 +383,8 @@ class GuardedFactory(ServerFactory):
         self.request_timeout = request_timeout
         self.abort_grace = abort_grace
         self.connections: set[GuardedProtocol] = set()
+        self.accepted = 0
+        self.timeouts: dict[str, int] = {}
         self.draining = False
         self._drained: list[Deferred[None]] = []
 
@@ -451,4 +461,22 @@ class GuardedFactory(ServerFactory):
         protocol = super().buildProtocol(addr)
         assert isinstance(protocol, GuardedProtocol)
         protocol._key = key
+        self.accepted += 1
         return protocol
+
+    def metrics(self) -> list[Sample]:
+        """What this factory has counted, for L{sockd.metrics}."""
+        service = {"service": self.service_name}
+        samples: list[Sample] = [
+            ("connections_open", "gauge", service, len(self.connections)),
+            ("connections_total", "counter", service, self.accepted),
+        ]
+        for reason, count in self.limiter.refused_by.items():
+            samples.append(
+                ("refused_total", "counter", {**service, "reason": reason}, count)
+            )
+        for which, count in self.timeouts.items():
+            samples.append(
+                ("timeouts_total", "counter", {**service, "timer": which}, count)
+            )
+        return samples

@@ -187,8 +187,27 @@ def make_daemon_service(
     for section in sections:
         for child in builder(section)(config, reactor):
             child.setServiceParent(top)
+    lifecycle = Lifecycle(config, sections, reactor, loader)
+    if config.metrics.enabled:
+        from twisted.web.server import Site
+
+        from sockd import metrics
+
+        collector = metrics.SockdCollector(
+            lambda: [target for _, target in lifecycle.targets()], reactor
+        )
+        site = Site(metrics.resource(collector))
+        site.noisy = False
+        for description in config.metrics.listen:
+            stream_listener(
+                "metrics",
+                description,
+                site,  # type: ignore[arg-type]
+                reactor,
+                config.sockd.backlog,
+            ).setServiceParent(top)
     Ready(sections, reactor).setServiceParent(top)
-    Lifecycle(config, sections, reactor, loader).setServiceParent(top)
+    lifecycle.setServiceParent(top)
     return top
 
 
