@@ -117,6 +117,17 @@ def free_port_pair() -> int:
     raise AssertionError("no port free for both TCP and UDP")
 
 
+def private_network() -> list[str]:
+    """C{unshare --net}, where this machine permits it."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return []
+    probe = subprocess.run(
+        [unshare, "--net", "true"], capture_output=True, timeout=10, check=False
+    )
+    return [unshare, "--net"] if probe.returncode == 0 else []
+
+
 class ActivatedDaemon(JournalDaemon):
     """
     twistd under systemd-socket-activate, which binds the sockets and starts
@@ -132,6 +143,10 @@ class ActivatedDaemon(JournalDaemon):
         # Twisted's systemd: endpoint wants LISTEN_FDNAMES, which systemd
         # always sets and this tool only with --fdname.
         wrapper += [activate, "--datagram", "--fdname=echo", "-l", address, "--"]
+        # As with PrivateNetwork=yes: a network namespace of its own, where
+        # it could bind nothing that a client could reach.
+        self.private_network = private_network()
+        wrapper += self.private_network
         super().__init__("sockd-echo", ini, wrapper=wrapper)
         self.listen_port = port
 

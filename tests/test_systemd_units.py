@@ -64,7 +64,9 @@ def last(section: list[tuple[str, str]], key: str) -> str | None:
 def test_every_unit_is_shipped() -> None:
     names = sorted(p.name for p in UNITS.iterdir())
     expected = sorted(
-        [f"{n}.service" for n in SERVICES] + [f"{n}.socket" for n in SERVICES]
+        [f"{n}.service" for n in SERVICES]
+        + [f"{n}.socket" for n in SERVICES]
+        + ["private-network.conf"]
     )
     assert names == expected
 
@@ -172,7 +174,7 @@ def runnable_units(tmp_path_factory: pytest.TempPathFactory) -> Path:
     C{verify} checks exists (the shipped path is /opt/sockd/bin/twistd)."""
     directory = tmp_path_factory.mktemp("units")
     twistd = Path(sys.executable).parent / "twistd"
-    for unit in UNITS.iterdir():
+    for unit in UNITS.glob("*.s*"):
         text = unit.read_text().replace("/opt/sockd/bin/twistd", str(twistd))
         (directory / unit.name).write_text(text)
     return directory
@@ -224,3 +226,28 @@ def test_security_exposure(name: str) -> None:
     match = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_private_network_drop_in(name: str, tmp_path: Path) -> None:
+    """With every socket passed in, the unit can go without a network."""
+    tool = analyze()
+    shutil.copy(UNITS / f"{name}.service", tmp_path)
+    drop_ins = tmp_path / f"{name}.service.d"
+    drop_ins.mkdir()
+    shutil.copy(UNITS / "private-network.conf", drop_ins)
+    service = directives(drop_ins / "private-network.conf")["Service"]
+    assert last(service, "PrivateNetwork") == "yes"
+    assert last(service, "RestrictAddressFamilies") == "AF_UNIX"
+    result = subprocess.run(
+        [tool, "security", "--offline=true", str(tmp_path / f"{name}.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
+    if match is None and "--offline" in result.stderr:
+        pytest.skip("this systemd-analyze cannot rate unit files offline")
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 0.6, result.stdout
