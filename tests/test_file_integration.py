@@ -1,0 +1,224 @@
+"""
+Integration tests: a real C{twistd -n sockd-file} on 127.0.0.1 with an
+ephemeral port and a temporary root, talked to with nc, curl, and plain
+sockets as the classic tutorial's client does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Daemon, need, run_tool, running, tcp_exchange
+
+pytestmark = pytest.mark.integration
+
+CANARY = b"CANARY-never-served"
+BIG = 24 * 1024 * 1024 + 13
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("files")
+    (base / "canary").write_bytes(CANARY)
+    (base / "files-secret").mkdir()
+    (base / "files-secret" / "x").write_bytes(CANARY)
+    root = base / "files"
+    root.mkdir()
+    (root / "notes.txt").write_bytes(b"hello notes\n")
+    (root / "big.bin").write_bytes(os.urandom(BIG))
+    (root / "real").mkdir()
+    (root / "real" / "x").write_bytes(b"inside\n")
+    os.mkfifo(root / "fifo")
+    return root
+
+
+@pytest.fixture(scope="module")
+def daemon(tree: Path) -> Iterator[Daemon]:
+    with running(
+        "sockd-file",
+        f"""
+        [echo]
+        enabled = false
+        [file]
+        listen = tcp:0:interface=127.0.0.1
+        root = {tree}
+        max_connections_per_ip = 4
+        """,
+    ) as d:
+        yield d
+
+
+def fetch(port: int, request: bytes, timeout: float = 10.0) -> bytes:
+    return tcp_exchange(port, request, timeout=timeout)
+
+
+def test_nc_half_close(daemon: Daemon, tree: Path) -> None:
+    nc = need("nc")
+    port = daemon.port("file")
+    result = run_tool([nc, "-N", "127.0.0.1", str(port)], b"notes.txt\n")
+    assert result.stdout == b"hello notes\n"
+    result = run_tool([nc, "-N", "127.0.0.1", str(port)], b"big.bin\n", timeout=20)
+    assert result.stdout == (tree / "big.bin").read_bytes()
+
+
+def test_tutorial_client(daemon: Daemon) -> None:
+    """The name with no line ending, no half-close: then it waits for bytes."""
+    with socket.create_connection(("127.0.0.1", daemon.port("file")), 5) as s:
+        s.sendall(b"notes.txt")
+        data = b""
+        while chunk := s.recv(1024):
+            data += chunk
+    assert data == b"hello notes\n"
+
+
+def test_curl_gopher(daemon: Daemon, tree: Path) -> None:
+    curl = need("curl")
+    base = f"gopher://127.0.0.1:{daemon.port('file')}"
+    result = run_tool([curl, "-s", f"{base}/9/big.bin"], timeout=20)
+    assert result.returncode == 0
+    assert result.stdout == (tree / "big.bin").read_bytes()
+    menu = run_tool([curl, "-s", f"{base}/"]).stdout
+    assert menu.endswith(b"\r\n.\r\n")
+    assert b"0notes.txt\t/notes.txt\t127.0.0.1\t" in menu
+    assert b"1real\t/real\t127.0.0.1\t" in menu
+    assert b"fifo" not in menu
+
+
+def test_big_file_framed(daemon: Daemon, tree: Path) -> None:
+    """GET and SUM of a 24 MiB file, byte for byte, on one connection."""
+    expected = (tree / "big.bin").read_bytes()
+    data = fetch(daemon.port("file"), b"SUM big.bin\nGET big.bin\nQUIT\n", 20)
+    digest = hashlib.sha256(expected).hexdigest().encode()
+    line, _, rest = data.partition(b"\r\n")
+    assert line.startswith(b"OK sha256=%s size=%d " % (digest, BIG))
+    header, _, rest = rest.partition(b"\r\n")
+    assert header.startswith(b"OK %d size=%d " % (BIG, BIG))
+    assert rest[:BIG] == expected
+    assert rest[BIG:] == b"OK bye\r\n"
+
+
+def test_fifo_refused_while_others_served(daemon: Daemon) -> None:
+    port = daemon.port("file")
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), 5) as fifo_client:
+        fifo_client.sendall(b"fifo\n")
+        assert fetch(port, b"notes.txt\n") == b"hello notes\n"
+        fifo_client.settimeout(1)
+        assert fifo_client.recv(100) == b""  # closed, nothing sent
+    assert time.monotonic() - started < 1.5
+
+
+def test_connection_cap(daemon: Daemon) -> None:
+    port = daemon.port("file")
+    held = [socket.create_connection(("127.0.0.1", port), 5) for _ in range(4)]
+    try:
+        with socket.create_connection(("127.0.0.1", port), 5) as extra:
+            extra.settimeout(5)
+            assert (
+                extra.recv(200) == b"ERR 429 too many connections from your address\r\n"
+            )
+        # Another source address is still served.
+        assert (
+            tcp_exchange(port, b"notes.txt\n", source="127.0.0.2") == b"hello notes\n"
+        )
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_symlink_swap_loop(daemon: Daemon, tree: Path) -> None:
+    """300 requests on real sockets while a link flips in and out."""
+    port = daemon.port("file")
+    link, temp = tree / "flip", tree / "flip.tmp"
+    targets = ["real/x", "../canary", "../files-secret/x"]
+    os.symlink(targets[0], link)
+    stop = threading.Event()
+
+    def swap() -> None:
+        n = 0
+        while not stop.is_set() and n < 1_000_000:
+            os.symlink(targets[n % 3], temp)
+            os.replace(temp, link)
+            n += 1
+
+    thread = threading.Thread(target=swap, daemon=True)
+    thread.start()
+    answers = set()
+    try:
+        for _ in range(300):
+            answers.add(fetch(port, b"flip\n"))
+    finally:
+        stop.set()
+        thread.join(5)
+        link.unlink()
+    assert answers <= {b"inside\n", b""}
+    assert CANARY not in b"".join(answers)
+
+
+@pytest.fixture
+def writable(tmp_path: Path) -> Iterator[tuple[Daemon, Path]]:
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("prlimit is not installed")
+    root = tmp_path / "up"
+    root.mkdir()
+    # The daemon may not write files larger than 4 MiB: a full disk, to it.
+    with running(
+        "sockd-file",
+        f"""
+        [echo]
+        enabled = false
+        [file]
+        listen = tcp:0:interface=127.0.0.1
+        root = {root}
+        writable = true
+        """,
+        wrapper=[prlimit, f"--fsize={4 * 1024 * 1024}", "--"],
+    ) as d:
+        yield d, root
+
+
+def test_uploads_full_disk_and_kill(writable: tuple[Daemon, Path]) -> None:
+    daemon, root = writable
+    port = daemon.port("file")
+    body = os.urandom(1024 * 1024)
+    answer = fetch(port, b"PUT one.bin %d\n" % len(body) + body + b"QUIT\n")
+    digest = hashlib.sha256(body).hexdigest().encode()
+    assert answer == b"OK ready\r\nOK stored %d sha256=%s\r\nOK bye\r\n" % (
+        len(body),
+        digest,
+    )
+    assert (root / "one.bin").read_bytes() == body
+
+    # RLIMIT_FSIZE: the write fails with EFBIG; nothing under the real name.
+    big = os.urandom(6 * 1024 * 1024)
+    answer = fetch(port, b"PUT big.bin %d\n" % len(big) + big)
+    assert answer.startswith(b"OK ready\r\nERR 413 cannot write: File too large")
+    assert sorted(os.listdir(root)) == ["one.bin"]
+
+    # SIGKILL in the middle of an upload: a temporary may stay, never a
+    # partial file under the real name.
+    with socket.create_connection(("127.0.0.1", port), 5) as s:
+        s.sendall(b"PUT cut.bin 1000000\n" + body[:300000])
+        s.settimeout(5)
+        assert s.recv(100) == b"OK ready\r\n"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            temps = [n for n in os.listdir(root) if n.startswith(".sockd-upload.")]
+            if temps and (root / temps[0]).stat().st_size >= 300000:
+                break
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGKILL)
+        daemon.process.wait(5)
+    assert not (root / "cut.bin").exists()
+    assert (root / "one.bin").read_bytes() == body
