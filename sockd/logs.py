@@ -12,8 +12,10 @@ from twisted.logger import (
     ILogObserver,
     LogLevel,
     eventAsText,
+    formatEvent,
     jsonFileLogObserver,
 )
+from zope.interface import implementer
 
 __all__ = ["escape", "journal_observer", "json_observer", "prefer_journal"]
 
@@ -95,9 +97,21 @@ def journal_observer(
 def json_observer(out: IO[str] | None = None) -> ILogObserver:
     """
     Log observer factory for C{twistd --logger sockd.logs.json_observer}:
-    each event as one line of JSON with its structured fields.
+    each event as one line of JSON with its structured fields, plus
+    C{text}, the formatted message, so readers need not format it again.
     """
-    return jsonFileLogObserver(sys.stdout if out is None else out, "")
+    return _WithText(jsonFileLogObserver(sys.stdout if out is None else out, ""))
+
+
+@implementer(ILogObserver)
+class _WithText:
+    """Adds the formatted message to each event before passing it on."""
+
+    def __init__(self, inner: ILogObserver) -> None:
+        self.inner = inner
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.inner({**event, "text": formatEvent(event)})
 
 
 def prefer_journal(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TWISTD, Daemon, need, tcp_exchange
+from tests.helpers import ROOT, TWISTD, Daemon, need, tcp_exchange
 
 pytestmark = pytest.mark.integration
 
@@ -167,12 +167,8 @@ class ActivatedDaemon(JournalDaemon):
 
 def test_socket_activation_tcp_and_udp() -> None:
     port = free_port_pair()
-    # No port in the file: the daemon binds nothing itself.
-    ini = """
-        [echo]
-        listen = systemd:domain=INET:index=0
-        listen_udp = systemd:domain=INET:index=1
-        """
+    # The shipped example: no port in it, the daemon binds nothing itself.
+    ini = (ROOT / "etc" / "sockd-socket-activated.ini").read_text()
     daemon = ActivatedDaemon(port, ini)
     try:
         daemon.launch()

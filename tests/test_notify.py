@@ -276,6 +276,10 @@ class JournalObserverTests(SynchronousTestCase):
         self.assertEqual(len(lines), 2)
         first = json.loads(lines[0])
         self.assertEqual(first["where"], "TCP 127.0.0.1:7")
+        self.assertEqual(first["text"], "echo: listening on TCP 127.0.0.1:7")
+        self.assertEqual(
+            json.loads(lines[1])["text"], "echo: listening on UDP 127.0.0.1:7"
+        )
         self.assertEqual(first["log_namespace"], "sockd")
 
 
