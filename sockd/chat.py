@@ -17,10 +17,12 @@ no room traffic at all.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
 import re
+import socket
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -317,7 +319,7 @@ class ChatState:
     def _stranger(self, out: Sender, addr: Address, size: int, text: str) -> None:
         if not self._stranger_allowed(addr, size):
             return
-        first = text.strip().split("\n", 1)[0]
+        first, _, rest = text.strip().partition("\n")
         command, _, argument = first.partition(" ")
         if not self.validation:
             member = self._admit(out, addr)
@@ -325,7 +327,8 @@ class ChatState:
                 self.receive(out, addr, size, text)
             return
         if command.lower() == "/v" and self.check_token(addr, argument.strip()):
-            self._admit(out, addr)
+            if self._admit(out, addr) is not None and rest:
+                self.receive(out, addr, 0, rest)  # "/v TOKEN\n/nick NAME"
             return
         if len(self.members) >= self.settings.max_members:
             self._to_stranger(out, addr, [b"*** error: the chat is full; try later\n"])
@@ -690,12 +693,24 @@ class ChatProtocol(DatagramProtocol):
     """
 
     noisy = False
+    #: kernel buffer sizes asked for (the kernel caps them at
+    #: net.core.rmem_max and wmem_max): a burst of datagrams, spoofed or
+    #: not, or a fan-out to a large room should not overflow them
+    socket_buffer = 4 * 1024 * 1024
 
     def __init__(self, state: ChatState) -> None:
         self.state = state
         # A message may end in CRLF on top of the limit.
         self.max_datagram = state.max_message + 2
         self.send_errors = 0
+
+    def startProtocol(self) -> None:
+        sock = getattr(self.transport, "socket", None)
+        if sock is None:
+            return
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):  # else keep the default
+                sock.setsockopt(socket.SOL_SOCKET, option, self.socket_buffer)
 
     def datagramReceived(self, data: bytes, addr: Address) -> None:
         size = len(data)

@@ -265,26 +265,24 @@ class ChatClient:
 class _Datagrams(DatagramProtocol):
     noisy = False
 
-    def __init__(self, client: ChatClient, host: str, port: int) -> None:
+    # Not a connected socket: Twisted closes a connected UDP port on some
+    # ICMP errors, and the server may not be up yet.
+    def __init__(self, client: ChatClient, server: tuple[str, int]) -> None:
         self.client = client
-        self.host = host
-        self.port = port
-        self.refused = False
+        self.server = server
+        self.failed = False
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self.refused = False
-        self.client.received(data)
-
-    def connectionRefused(self) -> None:
-        if not self.refused:
-            self.refused = True
-            self.client.notice(f"no server at {self.host}:{self.port} (yet)")
+        if (addr[0], addr[1]) == self.server:
+            self.client.received(data)
 
     def write(self, data: bytes) -> None:
         try:
-            self.transport.write(data)  # type: ignore[union-attr,call-arg]
+            self.transport.write(data, self.server)  # type: ignore[union-attr]
         except OSError as e:
-            self.client.notice(f"send failed: {e.strerror or e}")
+            if not self.failed:
+                self.failed = True
+                self.client.notice(f"send failed: {e.strerror or e}")
 
 
 @implementer(IHalfCloseableProtocol)
@@ -352,9 +350,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         host, port = split_address(args.address, DEFAULT_PORT)
-        family, _, _, _, sockaddr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_DGRAM
-        )[0]
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        # IPv4 first: "localhost" often lists ::1 first, daemons listen on
+        # 127.0.0.1 by default.
+        found.sort(key=lambda info: info[0] != socket.AF_INET)
+        family, _, _, _, sockaddr = found[0]
     except (ValueError, OSError) as e:
         print(f"sockd chat: {e}", file=sys.stderr)
         return 2
@@ -395,11 +395,10 @@ def run(args: argparse.Namespace) -> int:
         timestamps=not args.no_timestamps,
         notice=notice,
     )
-    datagrams = _Datagrams(client, host, port)
-    udp = reactor.listenUDP(  # type: ignore[attr-defined]
+    datagrams = _Datagrams(client, (str(sockaddr[0]), int(sockaddr[1])))
+    reactor.listenUDP(  # type: ignore[attr-defined]
         0, datagrams, interface="::" if family == socket.AF_INET6 else ""
     )
-    udp.connect(sockaddr[0], sockaddr[1])
     screen.append(stdio.StandardIO(_Keyboard(client)))
 
     def farewell() -> None:
