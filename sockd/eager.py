@@ -9,6 +9,10 @@ and hands only what the kernel did not take to C{transport.write}, so
 ordering, producers (backpressure), C{loseConnection} and half-close keep
 working through Twisted's own write path.
 
+L{send_datagram} is the UDP counterpart: a reply to the address a datagram
+came from goes straight to C{sendto}, skipping C{udp.Port.write}'s textual
+re-validation of an address the kernel has just given us.
+
 Anything it does not recognise exactly (TLS, UNIX sockets, test transports,
 other reactors' transports) simply gets C{transport.write}, and so does a
 connection with a pull producer or a paused one.
@@ -18,9 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import tcp, udp
 
-__all__ = ["can_write_eagerly", "eager_write"]
+__all__ = ["can_write_eagerly", "eager_write", "send_datagram"]
 
 # Exactly these classes: a subclass may override write() (TLS wrappers do).
 _PLAIN_TCP = frozenset({tcp.Server, tcp.Client})
@@ -67,3 +71,18 @@ def eager_write(transport: Any, data: bytes) -> None:
         if sent:
             data = data[sent:]
     transport.write(data)
+
+
+def send_datagram(transport: Any, data: bytes, addr: Any) -> None:
+    """
+    Send C{data} to C{addr}, an address C{transport} received a datagram
+    from.  Errors are those of C{transport.write(data, addr)}: any failure
+    is retried through it, so it raises exactly what Twisted would.
+    """
+    if type(transport) is udp.Port and transport._connectedAddr is None:
+        try:
+            transport.socket.sendto(data, addr)
+            return
+        except OSError:
+            pass
+    transport.write(data, addr)

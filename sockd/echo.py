@@ -20,7 +20,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from sockd.config import EchoSettings, SockdSettings
-from sockd.eager import eager_write
+from sockd.eager import eager_write, send_datagram
 from sockd.limits import (
     GuardedFactory,
     GuardedProtocol,
@@ -363,7 +363,7 @@ class DatagramEcho(DatagramProtocol):
             self.dropped["rate"] += 1
             return
         try:
-            self.transport.write(self.transform(data), addr)  # type: ignore[union-attr]
+            send_datagram(self.transport, self.transform(data), addr)
         except OSError as e:
             # ENOBUFS, EAGAIN, EHOSTUNREACH...: count and go on serving.
             self.dropped["send_error"] += 1

@@ -10,6 +10,7 @@ never completes against a peer that does not read; hence this module.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 from typing import Any
@@ -42,6 +43,9 @@ log = Logger(namespace="sockd")
 Sample = tuple[str, str, dict[str, str], float]
 
 
+# Cached: parsing an address costs microseconds, and UDP services key every
+# datagram by its source.  Bounded, so spoofed sources cannot grow it.
+@functools.lru_cache(maxsize=4096)
 def peer_key(host: str) -> str:
     """
     The key a client address is counted under: an IPv4 address as itself

@@ -14,13 +14,18 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import (
+    DatagramProtocol,
+    Factory,
+    Protocol,
+    connectionDone,
+)
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from sockd.eager import can_write_eagerly, eager_write
+from sockd.eager import can_write_eagerly, eager_write, send_datagram
 
 reactor: Any = _reactor
 
@@ -297,3 +302,51 @@ class RealSocketTests(TestCase):
         self.assertFalse(transport.disconnected)  # not yet: the reactor finds it
         reason = await server.lost
         self.assertIsInstance(reason, ConnectionLost)
+
+
+class Recorder:
+    """A datagram transport that records what it is asked to send."""
+
+    def __init__(self) -> None:
+        self.written: list[tuple[bytes, Any]] = []
+
+    def write(self, data: bytes, addr: Any = None) -> None:
+        self.written.append((data, addr))
+
+
+class DatagramTests(TestCase):
+    """L{send_datagram} over a real UDP port, and its fallback."""
+
+    timeout = 10
+
+    def test_fallback(self) -> None:
+        transport = Recorder()
+        send_datagram(transport, b"x", ("127.0.0.1", 5))
+        self.assertEqual(transport.written, [(b"x", ("127.0.0.1", 5))])
+
+    async def test_reply(self) -> None:
+        """A reply reaches the sender, and errors are Twisted's own."""
+        received: Deferred[tuple[bytes, Any]] = Deferred()
+        errors: list[BaseException] = []
+
+        class Echo(DatagramProtocol):
+            def datagramReceived(self, data: bytes, addr: Any) -> None:
+                send_datagram(self.transport, data.upper(), addr)
+                try:
+                    # Port 0 cannot be sent to: the error comes from
+                    # transport.write, as it would without send_datagram.
+                    send_datagram(self.transport, b"x", (addr[0], 0))
+                except OSError as e:
+                    errors.append(e)
+                received.callback((data, addr))
+
+        port = reactor.listenUDP(0, Echo(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(client.close)
+        client.settimeout(5)
+        client.sendto(b"ping", ("127.0.0.1", port.getHost().port))
+        data, addr = await received
+        self.assertEqual(data, b"ping")
+        self.assertEqual(client.recv(100), b"PING")
+        self.assertEqual(len(errors), 1)
