@@ -764,7 +764,7 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-def _ca(common: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def make_ca(common: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (
@@ -798,11 +798,12 @@ def _ca(common: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     return key, cert
 
 
-def _server_context(
-    tmp: Path,
+def server_pem(
+    pem: Path,
     ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate],
     names: list[x509.GeneralName],
-) -> ssl.SSLContext:
+) -> Path:
+    """Write a key and a certificate for C{names}, signed by C{ca}, to C{pem}."""
     ca_key, ca_cert = ca
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -825,7 +826,6 @@ def _server_context(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    pem = tmp / "server.pem"
     pem.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -834,14 +834,22 @@ def _server_context(
         )
         + cert.public_bytes(serialization.Encoding.PEM)
     )
+    return pem
+
+
+def _server_context(
+    tmp: Path,
+    ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate],
+    names: list[x509.GeneralName],
+) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(pem)
+    context.load_cert_chain(server_pem(tmp / "server.pem", ca, names))
     return context
 
 
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, Any]:
-    ca = _ca("sockd test CA")
+    ca = make_ca("sockd test CA")
     cafile = tmp_path / "ca.pem"
     cafile.write_bytes(ca[1].public_bytes(serialization.Encoding.PEM))
     local = [
@@ -852,7 +860,7 @@ def pki(tmp_path: Path) -> dict[str, Any]:
         "cafile": str(cafile),
         "good": _server_context(tmp_path, ca, local),
         "wrong_name": _server_context(tmp_path, ca, [x509.DNSName("files.example")]),
-        "other_ca": _server_context(tmp_path, _ca("someone else"), local),
+        "other_ca": _server_context(tmp_path, make_ca("someone else"), local),
     }
 
 

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from sockd.client.main import main
 from tests.helpers import Daemon, running
+from tests.test_client_files import make_ca, server_pem
 
 pytestmark = pytest.mark.integration
 
@@ -113,6 +116,43 @@ def test_put_round_trip_and_no_overwrite(
     status, _, err = sockd(capfd, "put", address(server), str(local), "sub/")
     assert status == 7
     assert "409" in err
+
+
+def test_tls_against_the_daemon(tmp_path: Path, capfd: Any) -> None:
+    ca = make_ca("sockd integration CA")
+    cafile = tmp_path / "ca.pem"
+    cafile.write_bytes(ca[1].public_bytes(serialization.Encoding.PEM))
+    pem = server_pem(tmp_path / "server.pem", ca, [x509.DNSName("localhost")])
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "t.txt").write_bytes(b"over TLS\n")
+    ini = f"""
+        [file]
+        enabled = true
+        listen = ssl:0:interface=127.0.0.1:privateKey={pem}
+        root = {root}
+        """
+    with running("sockd-file", ini) as daemon:
+        port = daemon.port("file")
+        out = tmp_path / "t.txt"
+        status, _, err = sockd(
+            capfd,
+            "get",
+            "--cafile",
+            str(cafile),
+            f"localhost:{port}",
+            "t.txt",
+            "-o",
+            str(out),
+        )
+        assert (status, err) == (0, "")
+        assert out.read_bytes() == b"over TLS\n"
+        # The certificate names localhost, not 127.0.0.1.
+        status, _, err = sockd(
+            capfd, "ls", "--cafile", str(cafile), f"127.0.0.1:{port}"
+        )
+        assert status == 6
+        assert "certificate not accepted" in err
 
 
 def test_console_script_exit_status(server: tuple[Daemon, Path]) -> None:
