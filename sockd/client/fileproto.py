@@ -263,14 +263,16 @@ class Connection:
             view = sink.take()
             want = min(len(view), length - done)
             got = 0
-            while got < want:
-                n = self._recv_into(view[got:want])
-                if n == 0:
-                    if got:
-                        sink.give(view[:got])
-                    raise Truncated(done + got, length)
-                got += n
-            sink.give(view[:got])
+            try:
+                while got < want:
+                    n = self._recv_into(view[got:want])
+                    if n == 0:
+                        raise Truncated(done + got, length)
+                    got += n
+            finally:
+                # What arrived is kept even if the rest never does (resume).
+                if got:
+                    sink.give(view[:got])
             done += got
 
     def send(self, data: memoryview | bytes) -> None:
