@@ -12,6 +12,7 @@ import ipaddress
 import os
 import pty
 import select
+import signal
 import socket
 import socketserver
 import ssl
@@ -980,8 +981,13 @@ def test_get_file_mode_follows_umask(serve: Any, here: Path, capfd: Any) -> None
     assert (here / "hello.txt").stat().st_mode & 0o777 == 0o640
 
 
-def _with_tty_stderr(argv: list[str], cwd: Path) -> tuple[int, bytes]:
-    """Run the real command with a pseudo-terminal as stderr."""
+def _with_tty_stderr(
+    argv: list[str], cwd: Path, interrupt_after: bytes | None = None
+) -> tuple[int, bytes]:
+    """
+    Run the real command with a pseudo-terminal as stderr; send it SIGINT
+    once that shows C{interrupt_after}.
+    """
     master, slave = pty.openpty()
     try:
         process = subprocess.Popen(
@@ -1004,6 +1010,9 @@ def _with_tty_stderr(argv: list[str], cwd: Path) -> tuple[int, bytes]:
             if not chunk:
                 break
             chunks.append(chunk)
+            if interrupt_after is not None and interrupt_after in b"".join(chunks):
+                process.send_signal(signal.SIGINT)
+                interrupt_after = None
         return process.wait(20), b"".join(chunks)
     finally:
         os.close(master)
@@ -1031,3 +1040,21 @@ def test_install_never_replaces_a_file_that_appeared(tmp_path: Path) -> None:
     assert (part.read_bytes(), target.read_bytes()) == (b"new", b"theirs")
     files._install(str(part), str(target), force=True)
     assert target.read_bytes() == b"new" and not part.exists()
+
+
+def test_interrupt_keeps_the_part_file(serve: Any, here: Path) -> None:
+    server = serve(FILES)
+    server.cut_after = 1_500_000
+    server.stall = True
+    # The bar is drawn once the first MiB is on disk; then the server stalls.
+    status, text = _with_tty_stderr(
+        ["get", server.address, "blob.bin"], here, interrupt_after=b"\r"
+    )
+    assert status == fileproto.EXIT_INTERRUPTED
+    assert text.endswith(
+        b"\r\nsockd get: interrupted\r\n"
+        b"sockd get: partial data kept in blob.bin.part: resume with --continue\r\n"
+    )
+    assert BLOB.startswith((here / "blob.bin.part").read_bytes())
+    assert (here / "blob.bin.part").stat().st_size >= fileproto.CHUNK
+    assert not (here / "blob.bin").exists()

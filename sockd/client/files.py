@@ -488,10 +488,8 @@ def _get(args: argparse.Namespace) -> int:
                     f"{part} ({offset} bytes) is longer than the remote file; "
                     "remove it before trying again"
                 )
-            elif isinstance(e, ClientError):
-                e.add_note(f"partial data kept in {part}: resume with --continue")
             else:
-                print(f"sockd get: partial data kept in {part}", file=sys.stderr)
+                e.add_note(f"partial data kept in {part}: resume with --continue")
         raise
     finally:
         if fd is not None:
@@ -667,11 +665,9 @@ def run(args: argparse.Namespace) -> int:
     name: str = args._file_command
     try:
         return _COMMANDS[name][1](args)
-    except ClientError as e:
-        print(f"sockd {name}: {e}", file=sys.stderr)
+    except (ClientError, KeyboardInterrupt) as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        print(f"sockd {name}: {'interrupted' if interrupted else e}", file=sys.stderr)
         for note in getattr(e, "__notes__", ()):
             print(f"sockd {name}: {note}", file=sys.stderr)
-        return e.status
-    except KeyboardInterrupt:
-        print(f"sockd {name}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED if interrupted else getattr(e, "status", 1)
