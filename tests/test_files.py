@@ -12,17 +12,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.testing import EventLoggingObserver, MemoryReactor
 from twisted.logger import globalLogPublisher
+from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
-from sockd import files
+from sockd import config, file_tap, files, tap
 from sockd.files import (
     FileFactory,
     FileState,
@@ -631,52 +633,52 @@ class Reader(Protocol):
         self.lost.callback(None)
 
 
-class RealAbortTests(TestCase):
-    """100 transfers aborted by the client over loopback, real reactor."""
+@pytest_twisted.ensureDeferred
+async def test_descriptors_back_to_baseline(tmp_path: Path) -> None:
+    """
+    100 transfers aborted by the client over loopback, real reactor (under
+    pytest-twisted): every descriptor is closed, every slot released.
+    """
+    root = make_tree(tmp_path)
+    (root / "large.bin").write_bytes(BODY * 8)
+    config_ = settings(file={"root": str(root), "enabled": "true"})
+    state = FileState(config_.file, reactor)
+    factory = FileFactory(state, reactor, abort_grace=5)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
 
-    timeout = 30
+    async def one(request: bytes) -> None:
+        reader = Reader()
+        await connectProtocol(endpoint, reader).addTimeout(10, reactor)
+        reader.transport.write(request)  # type: ignore[union-attr]
+        await reader.lost.addTimeout(10, reactor)
 
-    async def test_descriptors_back_to_baseline(self) -> None:
-        base = Path(self.mktemp())
-        base.mkdir()
-        root = make_tree(base)
-        (root / "large.bin").write_bytes(BODY * 8)
-        config = settings(file={"root": str(root), "enabled": "true"})
-        state = FileState(config.file, reactor)
-        self.addCleanup(state.root.close)
-        factory = FileFactory(state, reactor, abort_grace=5)
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    async def settled() -> None:
+        # The server notices each abort on one of its next turns.
+        for _ in range(500):
+            if factory.limiter.total == 0:
+                return
+            wait: Deferred[None] = Deferred()
+            reactor.callLater(0.01, wait.callback, None)
+            await wait
+        raise AssertionError("server connections did not close")
 
-        async def one(request: bytes) -> None:
-            reader = Reader()
-            await connectProtocol(endpoint, reader)
-            reader.transport.write(request)  # type: ignore[union-attr]
-            await reader.lost
-
-        async def settled() -> None:
-            # The server notices each abort on its next turn.
-            for _ in range(200):
-                if factory.limiter.total == 0:
-                    return
-                wait: Deferred[None] = Deferred()
-                reactor.callLater(0.01, wait.callback, None)
-                await wait
-            raise AssertionError("server connections did not close")
-
+    try:
         await one(b"large.bin\n")
         await settled()
         before = len(os.listdir("/proc/self/fd"))
         for i in range(100):
             await one(b"large.bin\n" if i % 2 else b"GET large.bin\n")
         await settled()
-        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+        assert len(os.listdir("/proc/self/fd")) == before
         # Still serving.
         collector = Collector()
         await connectProtocol(endpoint, collector)
         collector.transport.write(b"notes.txt\n")  # type: ignore[union-attr]
-        self.assertEqual(await collector.lost, b"hello notes\n")
+        assert await collector.lost.addTimeout(10, reactor) == b"hello notes\n"
+    finally:
+        await port.stopListening()
+        state.root.close()
 
 
 class Collector(Protocol):
@@ -689,3 +691,89 @@ class Collector(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost.callback(b"".join(self.chunks))
+
+
+class TapTests(SynchronousTestCase):
+    """C{twistd sockd-file} options, and the [file] part of C{twistd sockd}."""
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).resolve()
+        self.base.mkdir()
+        self.root = make_tree(self.base)
+        self.ini = self.base / "sockd.ini"
+        self.ini.write_text("[echo]\nenabled = false\n[file]\nroot = files\n")
+
+    def test_options_map_to_keys(self) -> None:
+        options = file_tap.Options()
+        options.parseOptions(
+            [
+                "--config",
+                str(self.ini),
+                "--listen",
+                "tcp:8123:interface=127.0.0.1",
+                "--listen",
+                "tcp:8124:interface=127.0.0.1",
+                "--writable",
+                "--hidden",
+                "--symlinks",
+                "refuse",
+                "--max-upload",
+                "1M",
+                "--rate-limit",
+                "64K",
+            ]
+        )
+        settings_ = options.config.file
+        self.assertTrue(settings_.enabled)
+        self.assertEqual(settings_.root, self.root)  # relative to the INI file
+        self.assertEqual(len(settings_.listen), 2)
+        self.assertEqual(
+            (settings_.writable, settings_.hidden, settings_.overwrite),
+            (True, True, False),
+        )
+        self.assertEqual(settings_.symlinks, "refuse")
+        self.assertEqual(settings_.max_upload, 1024 * 1024)
+        self.assertEqual(settings_.rate_limit, 64 * 1024)
+        reactor = MemoryReactor()
+        service = file_tap.makeService(options, reactor=reactor)
+        service.privilegedStartService()
+        service.startService()
+        ports = [(p[0], p[3]) for p in reactor.tcpServers]
+        self.assertEqual(ports, [(8123, "127.0.0.1"), (8124, "127.0.0.1")])
+        factory = reactor.tcpServers[0][1]
+        self.assertIsInstance(factory, FileFactory)
+        self.assertEqual(factory.refusal("busy"), b"ERR 429 busy\r\n")
+        service.stopService()
+        factory.state.root.close()
+
+    def test_missing_root_names_the_key(self) -> None:
+        options = file_tap.Options()
+        with self.assertRaises((usage.UsageError, SystemExit)) as caught:
+            options.parseOptions(
+                ["--config", str(self.ini), "--root", str(self.base / "nope")]
+            )
+        error = caught.exception
+        message = str(error.code if isinstance(error, SystemExit) else error)
+        self.assertIn("[file] root", message)
+        self.assertIn("is not an existing directory", message)
+
+    def test_all_in_one(self) -> None:
+        self.ini.write_text(
+            "[echo]\nenabled = false\n[file]\nenabled = true\nroot = files\n"
+            "listen = tcp:8125:interface=127.0.0.1\n"
+        )
+        options = tap.Options()
+        options.parseOptions(["--config", str(self.ini)])
+        self.assertEqual(options.enabled_sections(), ["file"])
+        reactor = MemoryReactor()
+        service = tap.makeService(options, reactor=reactor)
+        service.privilegedStartService()
+        self.assertEqual(reactor.tcpServers[0][0], 8125)
+        reactor.tcpServers[0][1].state.root.close()
+
+    def test_packaged_default_serves_sample_files(self) -> None:
+        default = config.load(str(config.packaged_default()))
+        self.assertTrue(default.file.enabled)
+        assert default.file.root is not None
+        self.assertTrue((default.file.root / "hello.txt").is_file())
+        self.assertEqual(default.file.listen, ("tcp:8898:interface=127.0.0.1",))

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -18,12 +20,16 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from sockd import sendfile
 from sockd.sendfile import (
@@ -149,196 +155,217 @@ def split_header(data: bytes) -> tuple[bytes, bytes]:
     return header, body
 
 
-class RealConnectionTests(TestCase):
-    timeout = 30
+# Real-reactor tests run under pytest-twisted (the reactor in a greenlet):
+# trial's TestCase cannot spin the reactor once pytest-twisted has started it.
+TIMEOUT = 20
 
-    def setUp(self) -> None:
-        self.dir = Path(self.mktemp())
-        self.dir.mkdir()
 
-    def file(self, size: int, name: str = "f.bin") -> Path:
-        path = self.dir / name
-        path.write_bytes(pattern(size))
-        return path
+def make_file(directory: Path, size: int, name: str = "f.bin") -> Path:
+    path = directory / name
+    path.write_bytes(pattern(size))
+    return path
 
-    async def baseline(self) -> int:
-        """The descriptor count once the reactor has made its own (a first
-        run opens a few) and one small transfer has come and gone."""
-        await self.exchange(Server(self.file(10, "warm.bin")))
-        return open_fds()
 
-    async def exchange(
-        self, server: Server, client: Client | None = None
-    ) -> tuple[bytes, Any, Client]:
-        factory = Factory.forProtocol(lambda: server)
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+def timed(d: Deferred[Any]) -> Deferred[Any]:
+    return d.addTimeout(TIMEOUT, reactor)
+
+
+async def exchange(
+    server: Server, client: Client | None = None
+) -> tuple[bytes, Any, Client]:
+    """Serve one connection; return what the client got and the result."""
+    factory = Factory.forProtocol(lambda: server)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
         client = client or Client()
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        await connectProtocol(endpoint, client)
-        data = await client.lost
+        await timed(connectProtocol(endpoint, client))
+        data = await timed(client.lost)
         try:
-            result = await server.done
+            result = await timed(server.done)
         except TransferError as e:
             result = e
-        await server.closed
+        await timed(server.closed)
+    finally:
         await port.stopListening()
-        return data, result, client
+    return data, result, client
 
-    async def test_sendfile_whole(self) -> None:
-        """A 20 MiB file, header first, byte for byte, fd closed after."""
-        path = self.file(20 * 1024 * 1024 + 7)
-        before = await self.baseline()
-        server = Server(path)
-        data, result, _ = await self.exchange(server)
-        self.assertIsInstance(server.producer, SendfileProducer)
-        header, body = split_header(data)
-        self.assertEqual(header, b"HEADER %d" % (20 * 1024 * 1024 + 7))
-        self.assertEqual(body, path.read_bytes())
-        self.assertEqual(result, len(body))
-        self.assertIsNone(server.producer_at_close)  # unregistered first
-        self.assertEqual(open_fds(), before)
 
-    async def test_sendfile_range(self) -> None:
-        path = self.file(3 * 1024 * 1024)
-        server = Server(path, offset=1_000_001, length=1_500_000)
-        data, result, _ = await self.exchange(server)
-        _, body = split_header(data)
-        self.assertEqual(body, pattern(3 * 1024 * 1024)[1_000_001:2_500_001])
-        self.assertEqual(result, 1_500_000)
+async def baseline(directory: Path) -> int:
+    """The descriptor count once the reactor has made its own (a first run
+    opens a few) and one small transfer has come and gone."""
+    await exchange(Server(make_file(directory, 10, "warm.bin")))
+    return open_fds()
 
-    async def test_small_budget_many_turns(self) -> None:
-        """With a tiny per-turn budget the transfer still completes."""
-        self.patch(sendfile, "TURN_BUDGET", 64 * 1024)
-        path = self.file(2 * 1024 * 1024)
-        calls = []
-        server = Server(path, progress=lambda s, n: calls.append(n))
-        data, _, _ = await self.exchange(server)
-        self.assertEqual(split_header(data)[1], path.read_bytes())
-        self.assertGreaterEqual(len(calls), 32)
-        self.assertLessEqual(max(calls), 64 * 1024)
 
-    async def test_fallback_whole(self) -> None:
-        path = self.file(5 * 1024 * 1024 + 3)
-        before = await self.baseline()
-        server = Server(path, use_sendfile=False)
-        data, result, _ = await self.exchange(server)
-        self.assertIsInstance(server.producer, ChunkProducer)
-        self.assertEqual(split_header(data)[1], path.read_bytes())
-        self.assertEqual(result, 5 * 1024 * 1024 + 3)
-        self.assertEqual(open_fds(), before)
+@pytest_twisted.ensureDeferred
+async def test_sendfile_whole(tmp_path: Path) -> None:
+    """A 20 MiB file, header first, byte for byte, fd closed after."""
+    size = 20 * 1024 * 1024 + 7
+    path = make_file(tmp_path, size)
+    before = await baseline(tmp_path)
+    server = Server(path)
+    data, result, _ = await exchange(server)
+    assert isinstance(server.producer, SendfileProducer)
+    header, body = split_header(data)
+    assert header == b"HEADER %d" % size
+    assert body == path.read_bytes()
+    assert result == size
+    assert server.producer_at_close is None  # unregistered first
+    assert open_fds() == before
 
-    async def _truncated(self, use_sendfile: bool) -> None:
-        size = 16 * 1024 * 1024
-        path = self.file(size)
 
-        def shrink(server: Server, count: int) -> None:
-            if server.sent >= 1024 * 1024 and path.stat().st_size == size:
-                os.truncate(path, 2 * 1024 * 1024)
+@pytest_twisted.ensureDeferred
+async def test_sendfile_range(tmp_path: Path) -> None:
+    path = make_file(tmp_path, 3 * 1024 * 1024)
+    server = Server(path, offset=1_000_001, length=1_500_000)
+    data, result, _ = await exchange(server)
+    assert split_header(data)[1] == pattern(3 * 1024 * 1024)[1_000_001:2_500_001]
+    assert result == 1_500_000
 
-        server = Server(path, use_sendfile=use_sendfile, progress=shrink)
-        data, result, _ = await self.exchange(server)
-        self.assertIsInstance(result, TransferError)
-        self.assertIn("shrank", result.reason)
-        header, body = split_header(data)
-        self.assertEqual(header, b"HEADER %d" % size)
-        # Detectably short, and what came is the file's real content.
-        self.assertLess(len(body), size)
-        self.assertEqual(body, pattern(size)[: len(body)])
 
-    async def test_truncated_sendfile(self) -> None:
-        await self._truncated(True)
+@pytest_twisted.ensureDeferred
+async def test_small_budget_many_turns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a tiny per-turn budget the transfer still completes."""
+    monkeypatch.setattr(sendfile, "TURN_BUDGET", 64 * 1024)
+    path = make_file(tmp_path, 2 * 1024 * 1024)
+    calls: list[int] = []
+    server = Server(path, progress=lambda s, n: calls.append(n))
+    data, _, _ = await exchange(server)
+    assert split_header(data)[1] == path.read_bytes()
+    assert len(calls) >= 32
+    assert max(calls) <= 64 * 1024
 
-    async def test_truncated_fallback(self) -> None:
-        await self._truncated(False)
 
-    async def _grown(self, use_sendfile: bool) -> None:
-        size = 4 * 1024 * 1024
-        path = self.file(size)
+@pytest_twisted.ensureDeferred
+async def test_fallback_whole(tmp_path: Path) -> None:
+    size = 5 * 1024 * 1024 + 3
+    path = make_file(tmp_path, size)
+    before = await baseline(tmp_path)
+    server = Server(path, use_sendfile=False)
+    data, result, _ = await exchange(server)
+    assert isinstance(server.producer, ChunkProducer)
+    assert split_header(data)[1] == path.read_bytes()
+    assert result == size
+    assert open_fds() == before
 
-        def grow(server: Server, count: int) -> None:
-            if path.stat().st_size == size:
-                with path.open("ab") as f:
-                    f.write(b"appended" * 100000)
 
-        server = Server(path, use_sendfile=use_sendfile, progress=grow)
-        data, result, _ = await self.exchange(server)
-        self.assertEqual(result, size)
-        self.assertEqual(split_header(data)[1], pattern(size))
+@pytest.mark.parametrize("use_sendfile", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_truncated(tmp_path: Path, use_sendfile: bool) -> None:
+    """The file shrinks mid-send: detectably short, never a stall."""
+    size = 16 * 1024 * 1024
+    path = make_file(tmp_path, size)
 
-    async def test_grown_sendfile(self) -> None:
-        await self._grown(True)
+    def shrink(server: Server, count: int) -> None:
+        if server.sent >= 1024 * 1024 and path.stat().st_size == size:
+            os.truncate(path, 2 * 1024 * 1024)
 
-    async def test_grown_fallback(self) -> None:
-        await self._grown(False)
+    server = Server(path, use_sendfile=use_sendfile, progress=shrink)
+    data, result, _ = await exchange(server)
+    assert isinstance(result, TransferError)
+    assert "shrank" in result.reason
+    header, body = split_header(data)
+    assert header == b"HEADER %d" % size
+    assert len(body) < size
+    assert body == pattern(size)[: len(body)]  # what came is the real content
 
-    async def test_client_gone(self) -> None:
-        """The peer aborts mid-transfer: an error result, the fd closed."""
-        path = self.file(32 * 1024 * 1024)
-        before = await self.baseline()
-        for use_sendfile in (True, False):
-            client = Client()
 
-            def abort(c: Client) -> None:
-                if c.received > 256 * 1024:
-                    c.transport.abortConnection()  # type: ignore[union-attr]
-                    c.on_data = None
+@pytest.mark.parametrize("use_sendfile", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_grown(tmp_path: Path, use_sendfile: bool) -> None:
+    """The file grows mid-send: only the announced bytes go out."""
+    size = 4 * 1024 * 1024
+    path = make_file(tmp_path, size)
 
-            client.on_data = abort
-            server = Server(path, use_sendfile=use_sendfile)
-            data, result, _ = await self.exchange(server, client)
-            self.assertIsInstance(result, TransferError)
-            self.assertLess(result.sent, 32 * 1024 * 1024)
-        self.assertEqual(open_fds(), before)
+    def grow(server: Server, count: int) -> None:
+        if path.stat().st_size == size:
+            with path.open("ab") as f:
+                f.write(b"appended" * 100000)
 
-    async def test_slow_reader_memory_flat(self) -> None:
-        """
-        A reader that pauses: sendfile waits for the socket (EAGAIN) without
-        queueing anything in the transport, then finishes when it reads.
-        """
-        path = self.file(16 * 1024 * 1024)
+    server = Server(path, use_sendfile=use_sendfile, progress=grow)
+    data, result, _ = await exchange(server)
+    assert result == size
+    assert split_header(data)[1] == pattern(size)
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_gone(tmp_path: Path) -> None:
+    """The peer aborts mid-transfer: an error result, the fd closed."""
+    path = make_file(tmp_path, 32 * 1024 * 1024)
+    before = await baseline(tmp_path)
+    for use_sendfile in (True, False):
         client = Client()
-        server = Server(path)
-        checked: list[int] = []
 
-        def pause_then_resume(c: Client) -> None:
-            if c.received > 1024 * 1024 and not checked:
-                c.transport.pauseProducing()  # type: ignore[union-attr]
-                checked.append(c.received)
-                reactor.callLater(0.2, check_and_resume, c)
+        def abort(c: Client) -> None:
+            if c.received > 256 * 1024:
+                c.transport.abortConnection()  # type: ignore[union-attr]
+                c.on_data = None
 
-        def check_and_resume(c: Client) -> None:
-            transport: Any = server.transport
-            queued = len(transport.dataBuffer) - transport.offset
-            checked.append(queued + transport._tempDataLen)
-            self.assertLess(server.sent, 16 * 1024 * 1024)
-            c.transport.resumeProducing()  # type: ignore[union-attr]
+        client.on_data = abort
+        server = Server(path, use_sendfile=use_sendfile)
+        _, result, _ = await exchange(server, client)
+        assert isinstance(result, TransferError)
+        assert result.sent < 32 * 1024 * 1024
+    assert open_fds() == before
 
-        client.on_data = pause_then_resume
-        data, result, _ = await self.exchange(server, client)
-        self.assertEqual(result, 16 * 1024 * 1024)
-        self.assertEqual(checked[1], 0)  # nothing buffered in user space
-        self.assertEqual(split_header(data)[1], path.read_bytes())
 
-    async def test_tls_uses_fallback(self) -> None:
-        path = self.file(3 * 1024 * 1024 + 11)
-        certificate = ssl.PrivateCertificate.loadPEM(self_signed_pem())
-        server = Server(path)
-        factory = Factory.forProtocol(lambda: server)
-        port = reactor.listenSSL(
-            0, factory, certificate.options(), interface="127.0.0.1"
-        )
-        self.addCleanup(port.stopListening)
+@pytest_twisted.ensureDeferred
+async def test_slow_reader_memory_flat(tmp_path: Path) -> None:
+    """
+    A reader that pauses: sendfile waits for the socket (EAGAIN) without
+    queueing anything in the transport, then finishes when it reads.
+    """
+    size = 16 * 1024 * 1024
+    path = make_file(tmp_path, size)
+    client = Client()
+    server = Server(path)
+    checked: list[int] = []
+
+    def pause_then_resume(c: Client) -> None:
+        if c.received > 1024 * 1024 and not checked:
+            c.transport.pauseProducing()  # type: ignore[union-attr]
+            checked.append(c.received)
+            reactor.callLater(0.2, check_and_resume, c)
+
+    def check_and_resume(c: Client) -> None:
+        transport: Any = server.transport
+        queued = len(transport.dataBuffer) - transport.offset
+        checked.append(queued + transport._tempDataLen)
+        checked.append(server.sent)
+        c.transport.resumeProducing()  # type: ignore[union-attr]
+
+    client.on_data = pause_then_resume
+    data, result, _ = await exchange(server, client)
+    assert result == size
+    assert checked[1] == 0  # nothing buffered in user space
+    assert checked[2] < size  # it did wait for the reader
+    assert split_header(data)[1] == path.read_bytes()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_uses_fallback(tmp_path: Path) -> None:
+    size = 3 * 1024 * 1024 + 11
+    path = make_file(tmp_path, size)
+    certificate = ssl.PrivateCertificate.loadPEM(self_signed_pem())
+    server = Server(path)
+    factory = Factory.forProtocol(lambda: server)
+    port = reactor.listenSSL(0, factory, certificate.options(), interface="127.0.0.1")
+    try:
         client = Client()
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        from twisted.internet.endpoints import wrapClientTLS
-
         tls = wrapClientTLS(ssl.CertificateOptions(verify=False), endpoint)
-        await connectProtocol(tls, client)
-        data = await client.lost
-        result = await server.done
-        self.assertIsInstance(server.producer, ChunkProducer)
-        self.assertEqual(result, 3 * 1024 * 1024 + 11)
-        self.assertEqual(split_header(data)[1], path.read_bytes())
+        await timed(connectProtocol(tls, client))
+        data = await timed(client.lost)
+        result = await timed(server.done)
+        await timed(server.closed)
+    finally:
+        await port.stopListening()
+    assert isinstance(server.producer, ChunkProducer)
+    assert result == size
+    assert split_header(data)[1] == path.read_bytes()
 
 
 class MemoryTests(SynchronousTestCase):
