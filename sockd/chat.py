@@ -703,11 +703,16 @@ class ChatProtocol(DatagramProtocol):
         # A message may end in CRLF on top of the limit.
         self.max_datagram = state.max_message + 2
         self.send_errors = 0
+        self._sendto: Callable[[bytes, Address], object] | None = None
 
     def startProtocol(self) -> None:
         sock = getattr(self.transport, "socket", None)
         if sock is None:
             return
+        # Port.write checks the address's syntax (three parses) on every
+        # datagram; ours come from recvfrom, so send straight away: this
+        # nearly doubles fan-out.  Errors are the same OSErrors.
+        self._sendto = sock.sendto
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):  # else keep the default
                 sock.setsockopt(socket.SOL_SOCKET, option, self.socket_buffer)
@@ -733,9 +738,15 @@ class ChatProtocol(DatagramProtocol):
             return
         self.state.receive(self, addr, size, clean(text))
 
+    def stopProtocol(self) -> None:
+        self._sendto = None
+
     def send(self, data: bytes, addr: Address) -> None:
         try:
-            self.transport.write(data, addr)  # type: ignore[union-attr]
+            if self._sendto is not None:
+                self._sendto(data, addr)
+            else:
+                self.transport.write(data, addr)  # type: ignore[union-attr]
         except (OSError, MessageLengthError) as e:
             # ENOBUFS, EAGAIN, EHOSTUNREACH...: count it, serve the others.
             self.send_errors += 1
