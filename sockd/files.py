@@ -16,6 +16,7 @@ bandwidth caps).  File bodies go out through L{sockd.sendfile}.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
@@ -31,8 +32,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sockd.config import FileSettings
-from sockd.limits import GuardedFactory, GuardedProtocol
+from sockd.config import FileSettings, SockdSettings
+from sockd.limits import GuardedFactory, GuardedProtocol, Sample
 from sockd.logs import escape
 from sockd.paths import Opened, PathError, Root
 from sockd.sendfile import Bucket, Pacer, TransferError, send_file
@@ -216,6 +217,25 @@ class FileState:
         self.bytes_sent = 0
         self.refused = 0
 
+    def reconfigure(self, settings: FileSettings) -> None:
+        """A reload: new rules at once, except what the open root fixes."""
+        old = self.settings
+        for key in ("root", "symlinks", "hidden"):
+            if getattr(old, key) != getattr(settings, key):
+                log.warn(
+                    "file: [file] {key} changed; it applies at the next restart",
+                    key=key,
+                )
+        self.settings = dataclasses.replace(
+            settings, root=old.root, symlinks=old.symlinks, hidden=old.hidden
+        )
+        if settings.total_rate_limit != old.total_rate_limit:
+            self.total_bucket = (
+                Bucket(settings.total_rate_limit, self.clock)
+                if settings.total_rate_limit
+                else None
+            )
+
     # --- reading --------------------------------------------------------
 
     def open(self, raw: bytes, want: str = "any") -> tuple[tuple[str, ...], Opened]:
@@ -381,6 +401,7 @@ class FileProtocol(GuardedProtocol):
     _buffer = b""
     _busy = False
     _ended = False
+    _draining = False
     _lost = False
     _pause: IDelayedCall | None = None
     _upload: Upload | None = None
@@ -746,8 +767,24 @@ class FileProtocol(GuardedProtocol):
             self._next()
 
     def _next(self) -> None:
+        if self._draining:
+            # Stopping: the work in flight is done; take no more requests.
+            self.close(b"ERR 503 shutting down\r\n")
+            return
         self._setBusy(False)
         self._process()
+
+    def shutdown(self) -> None:
+        """The daemon is stopping: finish a transfer or upload in flight."""
+        if self.closing or self.transport is None:
+            return
+        self._draining = True
+        self._cancelPause()
+        if self._busy or self._upload is not None:
+            return  # _next (or the upload's end) closes afterwards
+        if self.mode == "framed":
+            self.transport.write(b"ERR 503 shutting down\r\n")
+        super().shutdown()
 
     # --- answers --------------------------------------------------------
 
@@ -819,3 +856,25 @@ class FileFactory(GuardedFactory):
 
     def refusal(self, reason: str) -> bytes:
         return f"ERR 429 {reason}\r\n".encode()
+
+    def reconfigure(self, settings: FileSettings, shared: SockdSettings) -> None:
+        """A reload: limits and rules apply now (root and policies at restart)."""
+        self.set_limits(
+            max_connections=settings.max_connections,
+            max_connections_per_ip=settings.max_connections_per_ip,
+            idle_timeout=settings.idle_timeout,
+            request_timeout=settings.request_timeout,
+            abort_grace=shared.abort_grace,
+        )
+        self.state.reconfigure(settings)
+
+    def metrics(self) -> list[Sample]:
+        """Connection counters, plus files served and bytes sent."""
+        service = {"service": self.service_name}
+        state = self.state
+        return [
+            *super().metrics(),
+            ("files_served_total", "counter", service, state.served),
+            ("file_bytes_sent_total", "counter", service, state.bytes_sent),
+            ("file_requests_refused_total", "counter", service, state.refused),
+        ]

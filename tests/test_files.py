@@ -57,7 +57,7 @@ def make_tree(base: Path) -> Path:
 
 class Base(SynchronousTestCase):
     def setUp(self) -> None:
-        self.base = Path(self.mktemp())
+        self.base = Path(self.mktemp()).resolve()
         self.base.mkdir()
         self.root = make_tree(self.base)
         self.clock = Clock()
@@ -479,6 +479,79 @@ class LimitTests(Base):
                 transport.producer.resumeProducing()
         self.assertEqual(transport.value(), BODY)
         self.assertGreater(self.clock.seconds(), 2.9)
+
+
+class LifecycleTests(Base):
+    def test_drain_finishes_transfer(self) -> None:
+        """Stopping lets a transfer in flight end, then closes."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET big.bin\nSTAT notes.txt\n")
+        transport.producer.resumeProducing()
+        done = self.factory.drain(30)
+        self.assertTrue(transport.connected)
+        self.pump(transport)
+        value = transport.value()
+        self.assertTrue(value.endswith(BODY + b"ERR 503 shutting down\r\n"))
+        self.assertNotIn(b"OK type=", value)  # the queued STAT is not served
+        self.assertFalse(transport.connected)
+        self.successResultOf(done)
+
+    def test_drain_idle_framed(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"STAT notes.txt\n")
+        transport.clear()
+        self.factory.drain(30)
+        self.assertEqual(transport.value(), b"ERR 503 shutting down\r\n")
+
+    def test_drain_finishes_upload(self) -> None:
+        factory = self.make(writable="true")
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(b"PUT d.bin 6\nabc")
+        factory.drain(30)
+        protocol.dataReceived(b"def")
+        self.assertEqual((self.root / "d.bin").read_bytes(), b"abcdef")
+        self.assertTrue(transport.value().endswith(b"\r\nERR 503 shutting down\r\n"))
+        self.assertIn(b"OK stored 6 ", transport.value())
+        self.assertFalse(transport.connected)
+
+    def test_drain_deadline_aborts_and_cleans(self) -> None:
+        factory = self.make(writable="true")
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(b"PUT slow.bin 100\nabc")
+        done = factory.drain(30)
+        self.clock.advance(31)
+        self.successResultOf(done)
+        protocol.connectionLost(Failure(Exception("aborted")))
+        self.assertEqual(
+            [n for n in os.listdir(self.root) if "slow" in n or "upload" in n], []
+        )
+
+    def test_reconfigure(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        new = settings(
+            file={
+                "root": str(self.base),
+                "enabled": "true",
+                "bare_errors": "line",
+                "max_connections": "7",
+                "total_rate_limit": "1M",
+            }
+        )
+        self.factory.reconfigure(new.file, new.sockd)
+        self.assertEqual(self.factory.limiter.max_total, 7)
+        self.assertEqual(self.factory.state.settings.root, self.root)  # kept
+        self.assertIsNotNone(self.factory.state.total_bucket)
+        self.assertEqual(self.exchange(b"missing\n"), b"ERR 404 not found\r\n")
+        self.assertEqual([e.get("key") for e in events if e.get("key")], ["root"])
+
+    def test_metrics(self) -> None:
+        self.exchange(b"notes.txt\n")
+        self.exchange(b"missing\n")
+        samples = {name: value for name, _, _, value in self.factory.metrics()}
+        self.assertEqual(samples["files_served_total"], 1)
+        self.assertEqual(samples["file_bytes_sent_total"], 12)
+        self.assertEqual(samples["file_requests_refused_total"], 1)
+        self.assertEqual(samples["connections_total"], 2)
 
 
 class UploadTests(Base):
