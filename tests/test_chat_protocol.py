@@ -133,6 +133,37 @@ class DatagramTests(SynchronousTestCase):
         self.assertEqual(len(transport.written), 1)
         self.assertEqual(protocol.send_errors, 4)
 
+    def test_socket_path_sends_direct_and_counts_errors(self) -> None:
+        sent: list[tuple[bytes, Any]] = []
+
+        class Socket:
+            options: list[tuple[int, int, int]] = []
+
+            def setsockopt(self, level: int, option: int, value: int) -> None:
+                self.options.append((level, option, value))
+
+            def sendto(self, data: bytes, addr: Any) -> int:
+                if addr == B:
+                    raise BlockingIOError(errno.EAGAIN, "try again")
+                sent.append((data, addr))
+                return len(data)
+
+        transport = FakeDatagramTransport()
+        transport.socket = Socket()  # type: ignore[attr-defined]
+        protocol, _, _ = make(transport, validation="false")  # startProtocol
+        self.assertEqual(len(Socket.options), 2)
+        protocol.datagramReceived(b"/nick ann\n", A)
+        protocol.datagramReceived(b"/nick bob\n", B)
+        protocol.datagramReceived(b"hi\n", A)
+        protocol.datagramReceived(b"/who\n", B)
+        self.assertEqual(transport.written, [])  # all through the socket
+        self.assertIn((b"*** bob joined #lobby\n", A), sent)
+        self.assertFalse([d for d, a in sent if a == B])
+        self.assertGreaterEqual(protocol.send_errors, 4)
+        protocol.stopProtocol()
+        protocol.datagramReceived(b"/ping\n", A)
+        self.assertEqual(transport.written, [(b"*** pong\n", A)])
+
     def test_spoofed_flood_bytes_bounded(self) -> None:
         protocol, transport, clock = make(rate="100000", burst="100000")
         join(protocol, transport, A)
