@@ -157,7 +157,7 @@ class DatagramTests(SynchronousTestCase):
         protocol.datagramReceived(b"hi\n", A)
         protocol.datagramReceived(b"/who\n", B)
         self.assertEqual(transport.written, [])  # all through the socket
-        self.assertIn((b"*** bob joined #lobby\n", A), sent)
+        self.assertIn((b"*** guest-2 is now known as bob\n", A), sent)
         self.assertFalse([d for d, a in sent if a == B])
         self.assertGreaterEqual(protocol.send_errors, 4)
         protocol.stopProtocol()
