@@ -109,6 +109,7 @@ class Daemon:
         self.ports: dict[tuple[str, str], list[tuple[str, int]]] = {}
         self.process: subprocess.Popen[str] | None = None
         self._changed = threading.Condition()
+        self._eof = False
 
     def command(self) -> list[str]:
         return [
@@ -150,6 +151,7 @@ class Daemon:
                 self.lines.append(line.rstrip("\n"))
                 self._changed.notify_all()
         with self._changed:
+            self._eof = True
             self._changed.notify_all()
 
     def wait_for(self, pattern: re.Pattern[str] | str, timeout: float = 10.0) -> str:
@@ -164,14 +166,16 @@ class Daemon:
                         return line
                 seen = len(self.lines)
                 assert self.process is not None
-                if self.process.poll() is not None and seen == len(self.lines):
-                    # Give the drain thread one more chance to deliver.
-                    if not self._changed.wait(0.5):
-                        raise AssertionError(
-                            f"twistd exited ({self.process.returncode}) before "
-                            f"{regex.pattern!r}:\n" + self.log()
-                        )
-                    continue
+                if self._eof:
+                    # Its output has ended, so it has exited or soon will.
+                    try:
+                        code = self.process.wait(10)
+                    except subprocess.TimeoutExpired:
+                        code = None
+                    raise AssertionError(
+                        f"twistd exited ({code}) before {regex.pattern!r}:\n"
+                        + self.log()
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(
