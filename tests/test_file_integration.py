@@ -136,6 +136,35 @@ def test_connection_cap(daemon: Daemon) -> None:
             s.close()
 
 
+HOSTILE = [
+    b"../canary",
+    b"a/../../canary",
+    b"..\\..\\canary",
+    "\uff0e\uff0e/canary".encode(),
+    b"....//canary",
+    b".",
+    b"\x00",
+    b"x" * 256,
+    b"a/" * 2048 + b"x",
+    b"\xff\xfe",
+    b"../files-secret/x",
+    b"/../files-secret/x",
+    b"GET ../canary",
+    b"GET %2e%2e/canary",
+    b"GET ..%2fcanary",
+    b"GET ../files-secret/x",
+]
+
+
+def test_hostile_paths_on_the_wire(daemon: Daemon) -> None:
+    """Every hostile request, bare and framed: no canary byte ever comes back."""
+    port = daemon.port("file")
+    for request in HOSTILE:
+        answer = fetch(port, request + b"\r\n")
+        assert CANARY not in answer, request
+        assert answer == b"" or answer.startswith(b"ERR 4"), (request, answer)
+
+
 def test_symlink_swap_loop(daemon: Daemon, tree: Path) -> None:
     """300 requests on real sockets while a link flips in and out."""
     port = daemon.port("file")
