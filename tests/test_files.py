@@ -14,8 +14,13 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor as _reactor
+from twisted.internet import ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactor
@@ -850,3 +855,34 @@ class TapTests(SynchronousTestCase):
         assert default.file.root is not None
         self.assertTrue((default.file.root / "hello.txt").is_file())
         self.assertEqual(default.file.listen, ("tcp:8898:interface=127.0.0.1",))
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_pipelined(tmp_path: Path) -> None:
+    """Under TLS (the chunk fallback): two GETs and a QUIT on one connection."""
+    from tests.test_sendfile import self_signed_pem
+
+    root = make_tree(tmp_path)
+    config_ = settings(file={"root": str(root), "enabled": "true"})
+    state = FileState(config_.file, reactor)
+    factory = FileFactory(state, reactor, abort_grace=5)
+    certificate = ssl.PrivateCertificate.loadPEM(self_signed_pem())
+    port = reactor.listenSSL(0, factory, certificate.options(), interface="127.0.0.1")
+    try:
+        endpoint = wrapClientTLS(
+            ssl.CertificateOptions(verify=False),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+        )
+        collector = Collector()
+        await connectProtocol(endpoint, collector).addTimeout(10, reactor)
+        collector.transport.write(  # type: ignore[union-attr]
+            b"GET big.bin\nGET notes.txt\nQUIT\n"
+        )
+        data = await collector.lost.addTimeout(10, reactor)
+    finally:
+        await port.stopListening()
+        state.root.close()
+    header, _, rest = data.partition(b"\r\n")
+    assert header.startswith(b"OK %d " % len(BODY))
+    assert rest[: len(BODY)] == BODY
+    assert rest[len(BODY) :].endswith(b"\r\nhello notes\nOK bye\r\n")

@@ -97,6 +97,7 @@ class Server(Protocol):
         self.closed: Deferred[None] = Deferred()
         self.producer: Any = None
         self.producer_at_close: object = "unset"
+        self.pacer: Pacer | None = None
         self.sent = 0
 
     def connectionMade(self) -> None:
@@ -112,6 +113,7 @@ class Server(Protocol):
             self.offset,
             length,
             reactor,
+            pacer=self.pacer,
             progress=self._progress,
             use_sendfile=self.use_sendfile,
         )
@@ -459,3 +461,18 @@ class MemoryTests(SynchronousTestCase):
         self.assertAlmostEqual(bucket.wait(500), 0.5)
         clock.advance(10)
         self.assertEqual(bucket.available(), 1000)  # at most one second saved
+
+
+@pytest_twisted.ensureDeferred
+async def test_sendfile_paced(tmp_path: Path) -> None:
+    """A 512 KiB/s cap on sendfile: 1 MiB takes about a second."""
+    size = 2 * 512 * 1024
+    path = make_file(tmp_path, size)
+    server = Server(path)
+    server.pacer = Pacer(Bucket(512 * 1024, reactor))
+    started = reactor.seconds()
+    data, result, _ = await exchange(server)
+    assert isinstance(server.producer, SendfileProducer)
+    assert result == size
+    assert split_header(data)[1] == path.read_bytes()
+    assert reactor.seconds() - started >= 0.9
