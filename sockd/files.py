@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import itertools
 import os
 import stat
 from collections import OrderedDict
@@ -53,8 +54,9 @@ log = Logger(namespace="sockd.file")
 KEYWORDS = frozenset({b"GET", b"STAT", b"SUM", b"LIST", b"HELP", b"QUIT", b"PUT"})
 #: longest request line; room for a 4096-byte path written with %XX escapes
 MAX_LINE = 16384
-#: entries listed from one directory at most
+#: entries listed from one directory at most, and names read to find them
 MAX_LISTING = 10000
+MAX_SCAN = 10 * MAX_LISTING
 #: bytes hashed per reactor turn
 HASH_STEP = 1024 * 1024
 #: checksums remembered
@@ -254,7 +256,10 @@ class FileState:
     ) -> list[tuple[str, str, os.stat_result]]:
         """(kind f or d, name, stat) for each servable entry, sorted by name."""
         try:
-            names = sorted(os.listdir(opened.fd))
+            # Bounded: a directory of millions of names costs no more than
+            # reading MAX_SCAN of them.
+            with os.scandir(opened.fd) as entries_:
+                names = sorted(itertools.islice((e.name for e in entries_), MAX_SCAN))
         finally:
             opened.close()
         entries: list[tuple[str, str, os.stat_result]] = []
@@ -402,6 +407,7 @@ class FileProtocol(GuardedProtocol):
     _busy = False
     _ended = False
     _draining = False
+    _processing = False
     _lost = False
     _pause: IDelayedCall | None = None
     _upload: Upload | None = None
@@ -426,6 +432,18 @@ class FileProtocol(GuardedProtocol):
         self._process()
 
     def _process(self) -> None:
+        # An answer that completes at once (a cached SUM, an empty file)
+        # comes back here through _next: let the outer loop carry on rather
+        # than recurse once per pipelined request.
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._processLines()
+        finally:
+            self._processing = False
+
+    def _processLines(self) -> None:
         while not (self._busy or self.closing or self._upload is not None):
             end = self._buffer.find(b"\n")
             if end < 0:
@@ -671,7 +689,10 @@ class FileProtocol(GuardedProtocol):
 
     def _commit(self, upload: Upload) -> None:
         self._setBusy(True)
-        work = self._work = self.factory.state.blocking(upload.commit)
+        # Not kept in _work: a commit running in a thread is never cancelled
+        # (the file is complete; it goes under its name even if the client
+        # has gone).
+        work = self.factory.state.blocking(upload.commit)
 
         def done(_: None) -> None:
             self.transport.write(  # type: ignore[union-attr]

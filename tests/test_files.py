@@ -233,6 +233,18 @@ class FramedTests(Base):
         self.assertTrue(rest.endswith(b"OK bye\r\n"))
         self.assertFalse(transport.connected)
 
+    def test_many_pipelined_instant_answers(self) -> None:
+        """Thousands of requests answered at once in one read: no recursion."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET empty\nSUM notes.txt\n")
+        self.clock.advance(0)  # the checksum is now cached
+        transport.clear()
+        protocol.dataReceived(b"GET empty\nSUM notes.txt\n" * 3000)
+        value = transport.value()
+        self.assertEqual(value.count(b"OK 0 size=0 "), 3000)
+        self.assertEqual(value.count(b"OK sha256="), 3000)
+        self.assertTrue(transport.connected)
+
     def test_reading_paused_during_transfer(self) -> None:
         protocol, transport = self.connect()
         protocol.dataReceived(b"GET big.bin\n")
