@@ -242,6 +242,8 @@ class FileState:
 
     def open(self, raw: bytes, want: str = "any") -> tuple[tuple[str, ...], Opened]:
         parts = self.root.parse(raw)
+        if any(part.startswith(_UPLOAD_PREFIX) for part in parts):
+            raise PathError(404, "not found")  # an upload in progress
         return parts, self.root.open(parts, want)
 
     def pacer(self) -> Pacer | None:
@@ -272,6 +274,8 @@ class FileState:
                 if self.root.parse(os.fsencode(name)) != (name,):
                     continue
             except PathError:
+                continue
+            if name.startswith(_UPLOAD_PREFIX):
                 continue
             try:
                 child = self.root.open((*parts, name), "any")

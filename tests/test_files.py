@@ -692,6 +692,17 @@ class UploadTests(Base):
         self.assertFalse((self.root / "full.bin").exists())
         self.assertEqual(self.leftovers(), [])
 
+    def test_upload_in_progress_invisible(self) -> None:
+        """Even with hidden files served, a temporary upload is not."""
+        factory = self.make(writable="true", hidden="true")
+        uploader, _ = self.connect(factory)
+        uploader.dataReceived(b"PUT p.bin 10\nabc")
+        (temp,) = self.leftovers()
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(b"GET %s\nLIST\n" % temp.encode())
+        self.assertTrue(transport.value().startswith(b"ERR 404 not found\r\nOK\r\n"))
+        self.assertNotIn(b"sockd-upload", transport.value())
+
     def test_reserved_name(self) -> None:
         protocol, transport = self.connect(self.make(writable="true", hidden="true"))
         protocol.dataReceived(b"PUT .sockd-upload.x 1\n")
