@@ -319,6 +319,11 @@ class ChatState:
     def _stranger(self, out: Sender, addr: Address, size: int, text: str) -> None:
         if not self._stranger_allowed(addr, size):
             return
+        if text.startswith("***"):
+            # Our own notice coming back: an echo service at a spoofed
+            # address.  Answering would keep a loop going.
+            self.stats["stranger_dropped"] += 1
+            return
         first, _, rest = text.strip().partition("\n")
         command, _, argument = first.partition(" ")
         if not self.validation:

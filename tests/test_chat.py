@@ -188,6 +188,21 @@ class ValidationTests(SynchronousTestCase):
             say(state, out, ("127.0.0.1", port), "hello, is anyone there?\n")
         self.assertEqual(out.sent, [])
 
+    def test_echo_service_at_spoofed_address_gets_no_loop(self) -> None:
+        # Someone spoofs a datagram "from" an echo service on an unusual
+        # port: it echoes each welcome back; the relay must not answer that.
+        state, out, _ = make(rate="1000", burst="1000")
+        echo = ("127.0.0.7", 9001)
+        say(state, out, echo, "hello, is anyone there? I would like to chat\n")
+        for _ in range(10):
+            if not out.sent:
+                break
+            data, addr = out.sent.pop()
+            self.assertEqual(addr, echo)
+            say(state, out, echo, data.decode())  # the echo
+        self.assertEqual(out.sent, [])
+        self.assertNotIn(echo, state.members)
+
     def test_validation_off_joins_at_once_and_says(self) -> None:
         state, out, _ = make(validation="false")
         join_a = "hello"
