@@ -43,9 +43,8 @@ class Result:
     """
     One scenario: samples per contender ("sockd" first), in C{unit}.
     C{goals} maps a reference to the least (or, when C{higher_is_better} is
-    false, the most) ratio sockd/reference wanted against it; C{limits} maps
-    a label to (sockd median, bound) for absolute goals such as bytes per
-    connection.
+    false, the most) ratio sockd/reference wanted against it; C{bound} is
+    an absolute goal for sockd's median (seconds, bytes per connection).
     """
 
     bench: str
@@ -56,6 +55,7 @@ class Result:
     higher_is_better: bool = True
     goals: dict[str, float] = field(default_factory=dict)
     note: str = ""
+    bound: float | None = None
 
     def median(self, name: str) -> float:
         return statistics.median(self.samples[name])
@@ -64,6 +64,13 @@ class Result:
         if self.ratios.get(name):
             return statistics.median(self.ratios[name])
         return self.median("sockd") / self.median(name)
+
+    def bound_met(self) -> bool | None:
+        if self.bound is None:
+            return None
+        if self.higher_is_better:
+            return self.median("sockd") >= self.bound
+        return self.median("sockd") <= self.bound
 
     def goal_met(self, name: str) -> bool | None:
         if name not in self.goals:

@@ -69,7 +69,13 @@ def table(results: list[Result]) -> list[list[str]]:
             if name in r.goals:
                 sign = ">=" if r.higher_is_better else "<="
                 met = r.goal_met(name)
-                goal = f"{sign}{r.goals[name]:g} {'ok' if met else 'MISSED'}"
+                goal = f"{sign}{r.goals[name]:g}x {'ok' if met else 'MISSED'}"
+            elif first and r.bound is not None:
+                sign = ">=" if r.higher_is_better else "<="
+                met = r.bound_met()
+                goal = (
+                    f"sockd {sign}{fmt(r.bound)} {r.unit} {'ok' if met else 'MISSED'}"
+                )
             rows.append(
                 [
                     r.bench if first else "",

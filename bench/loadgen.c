@@ -8,9 +8,12 @@
  *   loadgen udp  HOST PORT SOCKETS SIZE DEPTH SECONDS [WARMUP]
  *       The same with datagrams; lost ones are re-sent after a quiet 20 ms.
  *   loadgen idle HOST PORT CONNS SIZE 1 SECONDS
- *       Opens CONNS connections at once, sends one line on each, and reports
- *       how long until every one was answered; then holds them open until
- *       standard input closes (or SECONDS pass) and exits.
+ *       Opens CONNS connections at once, sends one empty line on each (so
+ *       that a handshake completed by a SYN cookie reaches the server even
+ *       when its accept queue overflowed) and never reads; reports how long
+ *       until every one was connected (the server counts the ones it
+ *       accepted itself); then holds them open until standard input closes
+ *       (or SECONDS pass) and exits.
  *
  * Prints one line of key=value pairs: rate (answers a second), answers,
  * seconds, errors (bad bytes or failed connections), cpu (the share of one
@@ -218,8 +221,18 @@ int main(int argc, char **argv)
             }
             if (!udp && !c->connected && (what & EPOLLOUT)) {
                 c->connected = 1;
-                if (idle)
-                    c->owed = size;
+                if (idle) {
+                    epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+                    if (send(c->fd, "\n", 1, MSG_NOSIGNAL) != 1)
+                        errors++;
+                    if (++answered_conns == nconn) {
+                        all_answered = now();
+                        printf("connected=%zu seconds=%.4f errors=%llu\n", nconn,
+                               all_answered - start, (unsigned long long)errors);
+                        fflush(stdout);
+                    }
+                    continue;
+                }
                 struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
                 epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
                 pump(c, 0);
@@ -262,15 +275,6 @@ int main(int argc, char **argv)
                     uint64_t lines = c->received / size - before;
                     if (counting)
                         answers += lines;
-                    if (idle) {
-                        if (lines && ++answered_conns == nconn) {
-                            all_answered = now();
-                            printf("accepted=%zu seconds=%.4f errors=%llu\n", nconn,
-                                   all_answered - start, (unsigned long long)errors);
-                            fflush(stdout);
-                        }
-                        continue;
-                    }
                     if (lines) {
                         int was_idle = c->owed == 0;
                         c->owed += lines * size;
@@ -316,7 +320,7 @@ done:;
     double elapsed = now() - (warmup ? measure_from : start);
     if (idle) {
         if (!all_answered)
-            printf("accepted=%llu seconds=-1 errors=%llu\n",
+            printf("connected=%llu seconds=-1 errors=%llu\n",
                    (unsigned long long)answered_conns, (unsigned long long)errors);
         return answered_conns == nconn ? 0 : 1;
     }

@@ -45,7 +45,8 @@ static int listener(int type, int port)
         perror("bind");
         exit(2);
     }
-    if (type == SOCK_STREAM && listen(fd, 4096) < 0) {
+    /* the same listen queue as sockd's default backlog */
+    if (type == SOCK_STREAM && listen(fd, 1024) < 0) {
         perror("listen");
         exit(2);
     }
