@@ -47,12 +47,15 @@ def daemon(tree: Path) -> Iterator[Daemon]:
     with running(
         "sockd-file",
         f"""
+        [sockd]
+        abort_grace = 0.5
         [echo]
         enabled = false
         [file]
         listen = tcp:0:interface=127.0.0.1
         root = {tree}
         max_connections_per_ip = 4
+        idle_timeout = 2
         """,
     ) as d:
         yield d
@@ -105,6 +108,23 @@ def test_big_file_framed(daemon: Daemon, tree: Path) -> None:
     assert header.startswith(b"OK %d size=%d " % (BIG, BIG))
     assert rest[:BIG] == expected
     assert rest[BIG:] == b"OK bye\r\n"
+
+
+def test_reader_that_never_reads(daemon: Daemon) -> None:
+    """
+    A client asks for 24 MiB and reads nothing: the transfer stalls with no
+    progress, the idle timeout closes it, and the abort follows the grace.
+    """
+    port = daemon.port("file")
+    with socket.create_connection(("127.0.0.1", port), 5) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"big.bin\n")
+        daemon.wait_for(r"file: closing 127\.0\.0\.1: idle timeout", 10)
+        # Every other connection here lasts well under the 2 s idle timeout.
+        line = daemon.wait_for(r"file: 127\.0\.0\.1 disconnected after [2-9]\.\d+s", 5)
+        duration = float(line.split("disconnected after ")[1].split("s")[0])
+        assert 2.0 <= duration < 2.0 + 0.5 + 2.0  # idle, then at most the grace
+    assert fetch(port, b"notes.txt\n") == b"hello notes\n"
 
 
 def test_fifo_refused_while_others_served(daemon: Daemon) -> None:
