@@ -206,6 +206,8 @@ class ChatState:
             clock,
         )
         self._guests = 0
+        #: the protocol that reports the shared counters (one per state)
+        self.reporter: object | None = None
         self.stats: dict[str, int] = dict.fromkeys(
             (
                 "relayed",
@@ -221,6 +223,30 @@ class ChatState:
             ),
             0,
         )
+
+    def reconfigure(self, settings: ChatSettings, max_message: int) -> None:
+        """
+        A reload: new limits, rules and default room apply at once (members
+        keep their names and rooms); C{max_message} is capped by the caller
+        at what its ports read.
+        """
+        self.settings = settings
+        self.validation = settings.validation
+        self.rate = settings.rate
+        self.burst = float(settings.burst)
+        self.idle_timeout = settings.idle_timeout
+        self.max_message = max_message
+        self.strangers.rate = settings.rate
+        self.strangers.burst = settings.burst
+        self.output.rate = settings.total_output_rate
+        self.output.burst = max(settings.total_output_rate, settings.max_room_members)
+        default = _ROOM.fullmatch(settings.default_room)
+        assert default is not None
+        if self._room(default.group(1)) is not None:
+            self.default_room = default.group(1)
+        for room in self.rooms.values():
+            if room.history.maxlen != settings.history:
+                room.history = deque(room.history, maxlen=settings.history)
 
     # --- datagrams in ----------------------------------------------------
 
@@ -707,7 +733,12 @@ class ChatProtocol(DatagramProtocol):
         self.state = state
         # A message may end in CRLF on top of the limit.
         self.max_datagram = state.max_message + 2
+        #: what the port reads is fixed when it opens: a reload may lower
+        #: the message limit, not raise it past this
+        self.port_limit = state.max_message
         self.send_errors = 0
+        if state.reporter is None:
+            state.reporter = self
         self._sendto: Callable[[bytes, Address], object] | None = None
 
     def startProtocol(self) -> None:
@@ -745,6 +776,52 @@ class ChatProtocol(DatagramProtocol):
 
     def stopProtocol(self) -> None:
         self._sendto = None
+
+    def reconfigure(self, settings: ChatSettings, shared: object) -> None:
+        """A reload (SIGHUP): the shared state takes the new settings."""
+        max_message = min(settings.max_message, self.port_limit)
+        self.max_datagram = max_message + 2
+        if self.state.settings is not settings:
+            self.state.reconfigure(settings, max_message)
+
+    def metrics(self) -> list[tuple[str, str, dict[str, str], float]]:
+        """Counters for L{sockd.metrics}; the shared state's only once."""
+        chat = {"service": "chat"}
+        samples: list[tuple[str, str, dict[str, str], float]] = [
+            (
+                "datagrams_dropped_total",
+                "counter",
+                {**chat, "reason": "send_error"},
+                self.send_errors,
+            )
+        ]
+        state = self.state
+        if state.reporter is not self:
+            return samples
+        stats = state.stats
+        samples += [
+            ("chat_members", "gauge", chat, len(state.members)),
+            ("chat_rooms", "gauge", chat, len(state.rooms)),
+            ("chat_relayed_total", "counter", chat, stats["relayed"]),
+            ("chat_joined_total", "counter", chat, stats["joined"]),
+            ("chat_timed_out_total", "counter", chat, stats["timed_out"]),
+        ]
+        for reason in (
+            "rate_limited",
+            "output_dropped",
+            "oversized",
+            "invalid",
+            "stranger_dropped",
+        ):
+            samples.append(
+                (
+                    "datagrams_dropped_total",
+                    "counter",
+                    {**chat, "reason": reason},
+                    stats[reason],
+                )
+            )
+        return samples
 
     def send(self, data: bytes, addr: Address) -> None:
         try:

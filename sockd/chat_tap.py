@@ -68,7 +68,7 @@ def build(config: Config, reactor: Any) -> list[IService]:
     state = ChatState(settings, reactor, own_ports=own)
     # Read more than the largest datagram accepted, so a larger one is seen
     # as such rather than silently truncated.
-    size = ChatProtocol(state).max_datagram + 1
+    size = settings.max_message + 3  # the line ending, then one byte over
     # One protocol per port (a protocol has one transport), one state.
     services: list[IService] = [
         datagram_listener("chat", description, ChatProtocol(state), reactor, size)

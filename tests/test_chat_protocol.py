@@ -253,6 +253,64 @@ class ServiceTests(SynchronousTestCase):
         service.stopService()
         self.assertEqual(reactor.udp, [])
 
+    def test_sighup_reload_applies_to_running_state(self) -> None:
+        path = tempdir(self) / "sockd.ini"
+        base = (
+            "[echo]\nenabled = false\n[chat]\nlisten = udp:8104:interface=127.0.0.1\n"
+        )
+        path.write_text(base + "max_message = 200\nrate = 5\nhistory = 5\n")
+        options = chat_tap.Options()
+        options.parseOptions(["--config", str(path)])
+        reactor = UDPMemoryReactor()
+        service = chat_tap.makeService(options, reactor=reactor)
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        protocol = reactor.udp[0][1]
+        protocol.makeConnection(FakeDatagramTransport())
+        state = protocol.state
+        state.validation = False
+        protocol.datagramReceived(b"/nick ann\n", A)
+        path.write_text(
+            base + "max_message = 5000\nrate = 50\nhistory = 2\n"
+            "default_room = hall\nvalidation = false\nnick_max_length = 3\n"
+        )
+        lifecycle = service.getServiceNamed("lifecycle")
+        self.assertTrue(lifecycle.reload())  # type: ignore[attr-defined]
+        self.assertEqual(state.rate, 50.0)
+        self.assertEqual(state.max_message, 200)  # the port reads no more
+        self.assertEqual(state.rooms["lobby"].history.maxlen, 2)
+        self.assertEqual(state.members[A].nick, "ann")  # members stay
+        protocol.datagramReceived(b"/nick anne\n", A)
+        self.assertIn(b"1 to 3 letters", protocol.transport.written[-1][0])
+        protocol.datagramReceived(b"hello\n", B)
+        self.assertEqual(state.members[B].room.name, "hall")  # type: ignore[union-attr]
+
+    def test_metrics_count_shared_state_once(self) -> None:
+        options = self.options(
+            "[chat]\nvalidation = false\n",
+            "--listen",
+            "udp:8105:interface=127.0.0.1",
+            "--listen",
+            "udp:8106:interface=127.0.0.1",
+        )
+        reactor = UDPMemoryReactor()
+        service = chat_tap.makeService(options, reactor=reactor)
+        service.privilegedStartService()
+        one, two = reactor.udp[0][1], reactor.udp[1][1]
+        one.makeConnection(FakeDatagramTransport())
+        one.datagramReceived(b"hi\n", A)
+        one.datagramReceived(b"\xff\n", A)
+        samples = one.metrics() + two.metrics()
+        members = [v for n, _, _, v in samples if n == "chat_members"]
+        self.assertEqual(members, [1])
+        invalid = [
+            v
+            for n, _, labels, v in samples
+            if n == "datagrams_dropped_total" and labels.get("reason") == "invalid"
+        ]
+        self.assertEqual(invalid, [1])
+
     def test_bad_option_is_usage_error(self) -> None:
         with self.assertRaises((usage.UsageError, SystemExit)) as caught:
             self.options("", "--rate", "fast")
