@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sockd.config import FileSettings, SockdSettings
+from sockd.eager import eager_write
 from sockd.limits import GuardedFactory, GuardedProtocol, Sample
 from sockd.logs import escape
 from sockd.paths import Opened, PathError, Root
@@ -57,6 +58,8 @@ MAX_LINE = 16384
 #: entries listed from one directory at most, and names read to find them
 MAX_LISTING = 10000
 MAX_SCAN = 10 * MAX_LISTING
+#: pipelined requests answered for one connection in one reactor turn
+REQUESTS_PER_TURN = 64
 #: bytes hashed per reactor turn
 HASH_STEP = 1024 * 1024
 #: checksums remembered
@@ -412,6 +415,7 @@ class FileProtocol(GuardedProtocol):
     _ended = False
     _draining = False
     _processing = False
+    _yield: IDelayedCall | None = None
     _lost = False
     _pause: IDelayedCall | None = None
     _upload: Upload | None = None
@@ -448,10 +452,18 @@ class FileProtocol(GuardedProtocol):
             self._processing = False
 
     def _processLines(self) -> None:
+        answered = 0
         while not (self._busy or self.closing or self._upload is not None):
             end = self._buffer.find(b"\n")
             if end < 0:
                 break
+            if answered >= REQUESTS_PER_TURN:
+                # Many pipelined requests answered at once: give the other
+                # connections their turn, and continue on the next one.
+                self._setBusy(True)
+                self._yield = self.factory.clock.callLater(0, self._continue)
+                return
+            answered += 1
             if end > MAX_LINE:
                 self._tooLong()
                 return
@@ -476,6 +488,10 @@ class FileProtocol(GuardedProtocol):
             word, space, _ = self._buffer.partition(b" ")
             if not self.mode and not (space and word in KEYWORDS):
                 self._startPause()
+
+    def _continue(self) -> None:
+        self._yield = None
+        self._next()
 
     def _tooLong(self) -> None:
         self._buffer = b""
@@ -586,7 +602,7 @@ class FileProtocol(GuardedProtocol):
             raise PathError(416, f"offset {offset} is beyond the end ({size} bytes)")
         count = size - offset if length is None else min(size - offset, length)
         mtime = int(opened.stat.st_mtime)
-        self.transport.write(_line(f"OK {count} size={size} mtime={mtime}"))  # type: ignore[union-attr]
+        self._write(_line(f"OK {count} size={size} mtime={mtime}"))
         self._log("GET", args[0], count)
         self._send(opened, offset, count, self._next)
 
@@ -597,7 +613,7 @@ class FileProtocol(GuardedProtocol):
         opened.close()
         info = opened.stat
         kind = "dir" if opened.is_dir else "file"
-        self.transport.write(  # type: ignore[union-attr]
+        self._write(
             _line(f"OK type={kind} size={info.st_size} mtime={int(info.st_mtime)}")
         )
 
@@ -610,7 +626,7 @@ class FileProtocol(GuardedProtocol):
         work = self._work = self.factory.state.checksum(opened)
 
         def done(hexdigest: str) -> None:
-            self.transport.write(  # type: ignore[union-attr]
+            self._write(
                 _line(
                     f"OK sha256={hexdigest} size={info.st_size} "
                     f"mtime={int(info.st_mtime)}"
@@ -642,11 +658,11 @@ class FileProtocol(GuardedProtocol):
                 % (kind.encode(), info.st_size, int(info.st_mtime), encoded)
             )
         out.append(b".\r\n")
-        self.transport.write(b"".join(out))  # type: ignore[union-attr]
+        self._write(b"".join(out))
 
     def _help(self, args: list[bytes]) -> None:
         body = b"".join(line + b"\r\n" for line in HELP.splitlines())
-        self.transport.write(b"OK\r\n" + body + b".\r\n")  # type: ignore[union-attr]
+        self._write(b"OK\r\n" + body + b".\r\n")
 
     def _quit(self, args: list[bytes]) -> None:
         self.close(b"OK bye\r\n")
@@ -658,7 +674,7 @@ class FileProtocol(GuardedProtocol):
         upload = self.factory.state.begin_upload(percent_decode(args[0]), length)
         self._upload = upload
         self._log("PUT", args[0], length)
-        self.transport.write(b"OK ready\r\n")  # type: ignore[union-attr]
+        self._write(b"OK ready\r\n")
         data, self._buffer = self._buffer, b""
         if length == 0 or data:
             self._buffer = self._uploadData(data)
@@ -699,7 +715,7 @@ class FileProtocol(GuardedProtocol):
         work = self.factory.state.blocking(upload.commit)
 
         def done(_: None) -> None:
-            self.transport.write(  # type: ignore[union-attr]
+            self._write(
                 _line(f"OK stored {upload.length} sha256={upload.hash.hexdigest()}")
             )
 
@@ -836,7 +852,12 @@ class FileProtocol(GuardedProtocol):
         if close or self.mode == "bare":
             self.close(line)
         elif line:
-            self.transport.write(line)  # type: ignore[union-attr]
+            self._write(line)
+
+    def _write(self, data: bytes) -> None:
+        # At once when nothing is queued: the file body that often follows
+        # can then start in the same reactor turn.
+        eager_write(self.transport, data)
 
     def _log(self, command: str, path: bytes, count: int) -> None:
         log.info(
@@ -850,6 +871,8 @@ class FileProtocol(GuardedProtocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._cancelPause()
+        if self._yield is not None and self._yield.active():
+            self._yield.cancel()
         if self._sender is not None and not self._sender.done:
             self._sender.stopProducing()
         self._sender = None

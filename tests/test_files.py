@@ -240,6 +240,11 @@ class FramedTests(Base):
         self.clock.advance(0)  # the checksum is now cached
         transport.clear()
         protocol.dataReceived(b"GET empty\nSUM notes.txt\n" * 3000)
+        # At most REQUESTS_PER_TURN answers per reactor turn: others get theirs.
+        self.assertEqual(transport.value().count(b"\r\n"), files.REQUESTS_PER_TURN)
+        self.assertEqual(transport.producerState, "paused")
+        for _ in range(6000 // files.REQUESTS_PER_TURN + 1):
+            self.clock.advance(0)
         value = transport.value()
         self.assertEqual(value.count(b"OK 0 size=0 "), 3000)
         self.assertEqual(value.count(b"OK sha256="), 3000)
