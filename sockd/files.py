@@ -557,6 +557,10 @@ class FileProtocol(GuardedProtocol):
             handler(self, args)
         except PathError as e:
             self._error(e.code, e.reason, word, path, close=word == b"PUT")
+        except OSError as e:
+            # Descriptor exhaustion (EMFILE), I/O errors: this request fails,
+            # the daemon goes on.
+            self._error(500, f"internal error: {e.strerror}", word, path, close=True)
 
     def _bare(self, line: bytes) -> None:
         # Gopher clients may add a tab and more after the selector.
@@ -564,11 +568,14 @@ class FileProtocol(GuardedProtocol):
         state = self.factory.state
         try:
             parts, opened = state.open(selector)
+            if opened.is_dir:
+                self.close(self._menu(parts, opened))
+                return
         except PathError as e:
             self._error(e.code, e.reason, b"", selector, close=True)
             return
-        if opened.is_dir:
-            self.close(self._menu(parts, opened))
+        except OSError as e:
+            self._error(500, f"internal error: {e.strerror}", b"", selector)
             return
         self._log("bare", selector, opened.stat.st_size)
         self._send(opened, 0, opened.stat.st_size, self.close)

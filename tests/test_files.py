@@ -311,6 +311,24 @@ class FramedTests(Base):
             self.assertEqual(transport.value(), answer + b"\r\n", request)
         self.assertFalse(transport.connected)  # the refused PUT closes
 
+    def test_out_of_descriptors(self) -> None:
+        """EMFILE while listing: one request fails with 500, nothing crashes."""
+
+        def exhausted(fd: int) -> Any:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+        self.patch(files.os, "scandir", exhausted)
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"LIST\n")
+        self.assertEqual(
+            transport.value(), b"ERR 500 internal error: Too many open files\r\n"
+        )
+        protocol, transport = self.connect(self.make(bare_errors="line"))
+        protocol.dataReceived(b"/\r\n")
+        self.assertEqual(
+            transport.value(), b"ERR 500 internal error: Too many open files\r\n"
+        )
+
     def test_percent_encoded_path(self) -> None:
         protocol, transport = self.connect()
         protocol.dataReceived(b"GET with%20space%25.txt\n")
