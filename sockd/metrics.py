@@ -34,6 +34,14 @@ HELP = {
     "timeouts_total": "connections closed by a timer, by timer",
     "datagrams_answered_total": "datagrams answered",
     "datagrams_dropped_total": "datagrams dropped, by reason",
+    "chat_members": "chat members present now",
+    "chat_rooms": "chat rooms open now",
+    "chat_relayed_total": "chat datagrams relayed to members",
+    "chat_joined_total": "chat members joined",
+    "chat_timed_out_total": "chat members dropped for silence",
+    "files_served_total": "file transfers completed",
+    "file_bytes_sent_total": "file body bytes sent",
+    "file_requests_refused_total": "file requests refused with an error",
 }
 
 
@@ -60,16 +68,22 @@ class SockdCollector:
             samples = self.snapshot()
         else:
             samples = blockingCallFromThread(self.reactor, self.snapshot)
-        families: dict[str, Metric] = {}
+        # Several sources (one protocol per UDP port, say) may report the
+        # same series: a series appears once, with the sum.
+        totals: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
         for name, kind, labels, value in samples:
+            key = (name, kind, tuple(sorted(labels.items())))
+            totals[key] = totals.get(key, 0.0) + value
+        families: dict[str, Metric] = {}
+        for (name, kind, labels), value in totals.items():
             family = families.get(name)
             if family is None:
                 full = PREFIX + (name[: -len("_total")] if kind == "counter" else name)
                 cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
                 family = families[name] = cls(
-                    full, HELP.get(name, name), labels=sorted(labels)
+                    full, HELP.get(name, name), labels=[k for k, _ in labels]
                 )
-            family.add_metric([labels[k] for k in sorted(labels)], value)  # type: ignore[attr-defined]
+            family.add_metric([v for _, v in labels], value)  # type: ignore[attr-defined]
         yield from families.values()
 
 

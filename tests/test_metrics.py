@@ -44,6 +44,17 @@ class CollectorTests(SynchronousTestCase):
         ]:
             self.assertIn(line, text)
 
+    def test_same_series_from_two_sources_is_summed(self) -> None:
+        class Source:
+            def metrics(self) -> list[tuple[str, str, dict[str, str], float]]:
+                return [("datagrams_answered_total", "counter", {"service": "x"}, 2)]
+
+        text = generate_latest(
+            registry_for(SockdCollector(lambda: [Source(), Source()]))
+        ).decode()
+        self.assertIn('sockd_datagrams_answered_total{service="x"} 4.0', text)
+        self.assertEqual(text.count('sockd_datagrams_answered_total{service="x"}'), 1)
+
 
 @pytest.mark.integration
 def test_scrape_after_traffic() -> None:
