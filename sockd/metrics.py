@@ -75,15 +75,17 @@ class SockdCollector:
             key = (name, kind, tuple(sorted(labels.items())))
             totals[key] = totals.get(key, 0.0) + value
         families: dict[str, Metric] = {}
-        for (name, kind, labels), value in totals.items():
-            family = families.get(name)
+        for (series, kind, pairs), value in totals.items():
+            family = families.get(series)
             if family is None:
-                full = PREFIX + (name[: -len("_total")] if kind == "counter" else name)
-                cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-                family = families[name] = cls(
-                    full, HELP.get(name, name), labels=[k for k, _ in labels]
+                full = PREFIX + (
+                    series[: -len("_total")] if kind == "counter" else series
                 )
-            family.add_metric([v for _, v in labels], value)  # type: ignore[attr-defined]
+                cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                family = families[series] = cls(
+                    full, HELP.get(series, series), labels=[k for k, _ in pairs]
+                )
+            family.add_metric([v for _, v in pairs], value)  # type: ignore[attr-defined]
         yield from families.values()
 
 
