@@ -98,9 +98,8 @@ def size(low: int, high: int) -> Parser:
     return parse
 
 
-def seconds(low: float, high: float) -> Parser:
+def _number(low: float, high: float, allowed: str) -> Parser:
     def parse(text: str, base: Path) -> float:
-        allowed = f"expected a number of seconds from {low:g} to {high:g}"
         try:
             value = float(text.strip())
         except ValueError:
@@ -112,18 +111,12 @@ def seconds(low: float, high: float) -> Parser:
     return parse
 
 
-def rate(low: float, high: float) -> Parser:
-    def parse(text: str, base: Path) -> float:
-        allowed = f"expected a rate from {low:g} to {high:g} per second"
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise ValueError(allowed) from None
-        if value != value or not low <= value <= high:
-            raise ValueError(allowed)
-        return value
+def seconds(low: float, high: float) -> Parser:
+    return _number(low, high, f"expected a number of seconds from {low:g} to {high:g}")
 
-    return parse
+
+def rate(low: float, high: float) -> Parser:
+    return _number(low, high, f"expected a rate from {low:g} to {high:g} per second")
 
 
 def choice(*options: str) -> Parser:

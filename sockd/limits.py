@@ -383,9 +383,13 @@ class GuardedFactory(ServerFactory):
     ) -> None:
         self.clock = clock
         self.limiter = ConnectionLimiter(max_connections, max_connections_per_ip)
-        self.idle_timeout = idle_timeout
-        self.request_timeout = request_timeout
-        self.abort_grace = abort_grace
+        self.set_limits(
+            max_connections=max_connections,
+            max_connections_per_ip=max_connections_per_ip,
+            idle_timeout=idle_timeout,
+            request_timeout=request_timeout,
+            abort_grace=abort_grace,
+        )
         self.connections: set[GuardedProtocol] = set()
         self.accepted = 0
         self.timeouts: dict[str, int] = {}

@@ -106,13 +106,7 @@ class Listener(Service):
                 raise SystemExit(self._failed(outcome[0].value or Exception()))
             result = outcome[0]
         self.port = result
-        address = result.getHost()
-        kind = getattr(address, "type", "UNIX")
-        where = (
-            f"{address.host}:{address.port}"
-            if hasattr(address, "port")
-            else str(getattr(address, "name", address))
-        )
+        kind, where = self.where()
         log.info(
             "{service}: listening on {kind} {where}",
             service=self.service,
@@ -120,6 +114,15 @@ class Listener(Service):
             where=where,
             description=self.description,
         )
+
+    def where(self) -> tuple[str, str]:
+        """(C{TCP}/C{UDP}/C{UNIX}, address) of the bound port."""
+        assert self.port is not None
+        address: Any = self.port.getHost()
+        kind = getattr(address, "type", "UNIX")
+        if hasattr(address, "port"):
+            return kind, f"{address.host}:{address.port}"
+        return kind, str(getattr(address, "name", address))
 
     def _failed(self, error: BaseException) -> str:
         return f"sockd: {self.service} cannot listen on {self.description}: {error}"
@@ -336,15 +339,8 @@ class Ready(Service):
         """One line: each service and where it listens."""
         where: dict[str, list[str]] = {s: [] for s in self.sections}
         for child in self.parent or ():
-            port = getattr(child, "port", None)
-            if isinstance(child, Listener) and port is not None:
-                address = port.getHost()
-                kind = getattr(address, "type", "UNIX")
-                spot = (
-                    f"{address.host}:{address.port}"
-                    if hasattr(address, "port")
-                    else str(getattr(address, "name", address))
-                )
+            if isinstance(child, Listener) and child.port is not None:
+                kind, spot = child.where()
                 where.setdefault(child.service, []).append(f"{kind} {spot}")
         return "; ".join(
             f"{service}: {', '.join(spots) or 'no listener'}"
