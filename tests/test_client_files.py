@@ -1046,7 +1046,8 @@ def test_interrupt_keeps_the_part_file(serve: Any, here: Path) -> None:
     server = serve(FILES)
     server.cut_after = 1_500_000
     server.stall = True
-    # The bar is drawn once the first MiB is on disk; then the server stalls.
+    # The bar is drawn after the first read (its size depends on the
+    # kernel); then the server stalls and the client is interrupted.
     status, text = _with_tty_stderr(
         ["get", server.address, "blob.bin"], here, interrupt_after=b"\r"
     )
@@ -1055,6 +1056,6 @@ def test_interrupt_keeps_the_part_file(serve: Any, here: Path) -> None:
         b"\r\nsockd get: interrupted\r\n"
         b"sockd get: partial data kept in blob.bin.part: resume with --continue\r\n"
     )
-    assert BLOB.startswith((here / "blob.bin.part").read_bytes())
-    assert (here / "blob.bin.part").stat().st_size >= fileproto.CHUNK
+    kept = (here / "blob.bin.part").read_bytes()
+    assert kept and BLOB.startswith(kept)
     assert not (here / "blob.bin").exists()
