@@ -46,6 +46,11 @@ $(VENV)/.installed-bench: $(VENV)/.installed-test setup.cfg
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+# One echo daemon under repeated mixed load: descriptors and memory must stay
+# flat.  SOAK_ARGS=--minutes 10 for longer.
+soak: $(VENV)/.installed-test
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp* .mypy_cache .ruff_cache
 	find . -name dropin.cache -delete -o -name __pycache__ -prune -exec rm -rf {} +
