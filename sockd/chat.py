@@ -401,7 +401,8 @@ class ChatState:
         return base64.b32encode(digest[:5]).decode("ascii").lower()
 
     def check_token(self, addr: Address, token: str) -> bool:
-        if len(token) != TOKEN_LENGTH:
+        # compare_digest raises TypeError on non-ASCII str: refuse those here.
+        if len(token) != TOKEN_LENGTH or not token.isascii():
             return False
         token = token.lower()
         epoch = int(self.clock.seconds() // EPOCH)
