@@ -14,6 +14,10 @@
  *       until every one was connected (the server counts the ones it
  *       accepted itself); then holds them open until standard input closes
  *       (or SECONDS pass) and exits.
+ *   loadgen fetch HOST PORT CONNS REQUEST SECONDS [WARMUP]
+ *       CONNS connections each send REQUEST (with \n and \r written as
+ *       such), read until the server closes, and start over: a file
+ *       download loop.  rate is bytes a second, answers whole downloads.
  *
  * Prints one line of key=value pairs: rate (answers a second), answers,
  * seconds, errors (bad bytes or failed connections), cpu (the share of one
@@ -114,8 +118,113 @@ static void check(struct conn *c, const char *buf, size_t n)
     }
 }
 
+static int fetch_connect(int ep, struct sockaddr_in *sa, struct conn *c)
+{
+    c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (c->fd < 0)
+        return -1;
+    c->connected = 0;
+    if (connect(c->fd, (struct sockaddr *)sa, sizeof *sa) < 0 && errno != EINPROGRESS)
+        return -1;
+    struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = c};
+    return epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
+}
+
+/* Download loop: see the header comment. */
+static int fetch_main(int argc, char **argv)
+{
+    size_t nconn = strtoul(argv[4], NULL, 10);
+    double seconds = atof(argv[6]);
+    double warmup = argc > 7 ? atof(argv[7]) : 0.5;
+    char req[4096];
+    size_t rlen = 0;
+    for (const char *p = argv[5]; *p && rlen < sizeof req - 1; p++) {
+        if (p[0] == '\\' && (p[1] == 'n' || p[1] == 'r')) {
+            req[rlen++] = p[1] == 'n' ? '\n' : '\r';
+            p++;
+        } else {
+            req[rlen++] = *p;
+        }
+    }
+    struct sockaddr_in sa = {.sin_family = AF_INET};
+    sa.sin_port = htons((uint16_t)atoi(argv[3]));
+    if (inet_pton(AF_INET, argv[2], &sa.sin_addr) != 1)
+        die("address");
+    int ep = epoll_create1(0);
+    struct conn *conns = calloc(nconn, sizeof *conns);
+    size_t bufsize = 1 << 20;
+    char *buf = malloc(bufsize);
+    if (ep < 0 || !conns || !buf)
+        die("setup");
+    for (size_t i = 0; i < nconn; i++)
+        if (fetch_connect(ep, &sa, &conns[i]) < 0)
+            die("connect");
+    double start = now(), measure_from = start + warmup, end = measure_from + seconds;
+    uint64_t bytes = 0, done = 0;
+    int counting = 0;
+    struct epoll_event events[256];
+    for (;;) {
+        double t = now();
+        if (t >= end)
+            break;
+        if (!counting && t >= measure_from) {
+            counting = 1;
+            bytes = done = 0;
+        }
+        int n = epoll_wait(ep, events, 256, 10);
+        for (int e = 0; e < n; e++) {
+            struct conn *c = events[e].data.ptr;
+            if (!c->connected) {
+                if (events[e].events & (EPOLLERR | EPOLLHUP)) {
+                    errors++;
+                    goto again;
+                }
+                c->connected = 1;
+                if (send(c->fd, req, rlen, MSG_NOSIGNAL) != (ssize_t)rlen)
+                    errors++;
+                struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+                epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+                continue;
+            }
+            for (int rounds = 0; rounds < 8; rounds++) {
+                /* MSG_TRUNC: the kernel discards the bytes, no copy. */
+                ssize_t got = recv(c->fd, buf, bufsize, MSG_TRUNC);
+                if (got > 0) {
+                    if (counting)
+                        bytes += got;
+                    continue;
+                }
+                if (got < 0 && (errno == EAGAIN || errno == EINTR))
+                    break;
+                if (got < 0)
+                    errors++;
+                else if (counting)
+                    done++;
+                goto again;
+            }
+            continue;
+        again:
+            epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+            close(c->fd);
+            if (fetch_connect(ep, &sa, c) < 0)
+                errors++;
+        }
+    }
+    double elapsed = now() - measure_from;
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double cpu = ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec
+                 + ru.ru_stime.tv_usec / 1e6;
+    printf("rate=%.1f answers=%llu seconds=%.3f errors=%llu cpu=%.2f\n",
+           bytes / elapsed, (unsigned long long)done, elapsed,
+           (unsigned long long)errors, cpu / (now() - start));
+    return errors ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc >= 7 && strcmp(argv[1], "fetch") == 0)
+        return fetch_main(argc, argv);
     if (argc < 8) {
         fprintf(stderr,
                 "usage: loadgen tcp|udp|idle HOST PORT CONNS SIZE DEPTH "

@@ -1,0 +1,206 @@
+"""
+File benchmark: C{twistd sockd-file} (bare requests: a path, the bytes, the
+close) against nginx serving the same file over HTTP/1.0, both with
+sendfile, one worker process each, driven by the C load generator's
+download loop.
+
+    python -m bench.files [--quick] [--rounds N] [--seconds S]
+
+Skipped, saying so, when nginx is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from bench import (
+    BIN,
+    Result,
+    Server,
+    alternate,
+    build_tools,
+    emit,
+    paired_ratios,
+    raise_nofile,
+    sockd_daemon,
+)
+
+FILE_SIZE = 64 * 1024 * 1024
+
+NGINX_CONF = """\
+    daemon off;
+    worker_processes 1;
+    pid {dir}/nginx.pid;
+    error_log stderr warn;
+    events {{ worker_connections 4096; }}
+    http {{
+        access_log off;
+        sendfile on;
+        tcp_nopush on;
+        client_body_temp_path {dir}/body;
+        proxy_temp_path {dir}/proxy;
+        fastcgi_temp_path {dir}/fastcgi;
+        uwsgi_temp_path {dir}/uwsgi;
+        scgi_temp_path {dir}/scgi;
+        server {{
+            listen 127.0.0.1:{port} backlog=1024;
+            root {root};
+        }}
+    }}
+"""
+
+
+class Nginx(Server):
+    """nginx on a free loopback port; ready once it accepts a connection."""
+
+    def __init__(self, root: Path) -> None:
+        directory = Path(tempfile.mkdtemp(prefix="sockd-bench-nginx-"))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        conf = directory / "nginx.conf"
+        conf.write_text(
+            textwrap.dedent(NGINX_CONF).format(dir=directory, port=port, root=root)
+        )
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        argv = [nginx, "-p", str(directory), "-c", str(conf), "-e", "stderr"]
+        super().__init__("nginx", argv, r"^$", directory)
+        self.ports["tcp"] = port
+
+    def start(self, timeout: float = 15.0) -> Server:
+        self.process = subprocess.Popen(
+            self.argv, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", self.ports["tcp"]), 1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)  # nginx says nothing when ready: poll
+        self.stop()
+        raise RuntimeError("nginx did not start")
+
+    def cpu(self) -> float:
+        # The worker does the serving; the master, counted too, idles.
+        total = 0.0
+        for pid in [self.pid, *children(self.pid)]:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def make_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="sockd-bench-files-"))
+    with open(root / "big.bin", "wb") as out:
+        for _ in range(FILE_SIZE // (1 << 20)):
+            out.write(os.urandom(1 << 20))
+    # nginx's worker runs as nobody.
+    root.chmod(0o755)
+    (root / "big.bin").chmod(0o644)
+    return root
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--seconds", type=float, default=None)
+    opts = parser.parse_args()
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        print("bench files: nginx is not installed (apt-get install nginx-light)")
+        print("bench files: skipped")
+        return 0
+    rounds = opts.rounds or (3 if opts.quick else 5)
+    seconds = opts.seconds or (1.0 if opts.quick else 2.0)
+    build_tools()
+    raise_nofile()
+    root = make_root()
+    ini = f"""\
+        [file]
+        listen = tcp:0:interface=127.0.0.1
+        root = {root}
+        max_connections = 1000
+        max_connections_per_ip = 1000
+    """
+    sockd = sockd_daemon("sockd file", "sockd-file", ini).start()
+    nginx = Nginx(root).start()
+    requests = {sockd: "big.bin\\n", nginx: "GET /big.bin HTTP/1.0\\r\\n\\r\\n"}
+    try:
+        for conns in (1, 16):
+            cpu: dict[str, list[float]] = {}
+
+            def run(
+                server: Server,
+                conns: int = conns,
+                cpu: dict[str, list[float]] = cpu,
+            ) -> float:
+                before, started = server.cpu(), time.monotonic()
+                values = loadgen_fetch(server, requests[server], conns, seconds)
+                wall = time.monotonic() - started
+                cpu.setdefault(server.name, []).append((server.cpu() - before) / wall)
+                cpu.setdefault("loadgen", []).append(values.get("cpu", 0.0))
+                return values["rate"] / 1e6
+
+            samples = alternate(
+                rounds, {"sockd": lambda: run(sockd), "nginx": lambda: run(nginx)}
+            )
+            note = "CPU (cores, median): " + ", ".join(
+                f"{k} {statistics.median(v):.2f}" for k, v in cpu.items()
+            )
+            emit(
+                Result(
+                    "files",
+                    f"64 MiB file, {conns} stream{'s' if conns > 1 else ''}",
+                    "MB/s",
+                    samples,
+                    paired_ratios(samples),
+                    note=note,
+                )
+            )
+    finally:
+        sockd.stop()
+        nginx.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def loadgen_fetch(
+    server: Server, request: str, conns: int, seconds: float
+) -> dict[str, float]:
+    port = str(server.ports["tcp"])
+    args = ["fetch", "127.0.0.1", port, str(conns), request, str(seconds), "0.5"]
+    return loadgen_raw(args, seconds + 30)
+
+
+def loadgen_raw(args: list[str], timeout: float) -> dict[str, float]:
+    done = subprocess.run(
+        [str(BIN / "loadgen"), *args], capture_output=True, text=True, timeout=timeout
+    )
+    values = dict(re.findall(r"(\w+)=(-?[\d.]+)", done.stdout))
+    if "rate" not in values:
+        raise RuntimeError(f"loadgen failed: {done.stdout} {done.stderr}")
+    return {k: float(v) for k, v in values.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
