@@ -293,7 +293,7 @@ class ChatMachine(RuleBasedStateMachine):
 
 
 ChatMachine.TestCase.settings = settings(
-    max_examples=150,
+    max_examples=250,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
@@ -320,7 +320,7 @@ class DatagramFuzzTests(SynchronousTestCase):
         ),
         validation=st.booleans(),
     )
-    @settings(max_examples=150, deadline=None)
+    @settings(max_examples=300, deadline=None)
     def test_arbitrary_datagrams(
         self, datagrams: list[tuple[Any, bytes]], validation: bool
     ) -> None:
