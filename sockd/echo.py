@@ -208,7 +208,8 @@ class LineEcho(GuardedProtocol):
         else:
             self._buffer = data
             self.startDeadline()
-        if len(self._buffer) > factory.max_line_length:
+        # A trailing CR may be the first half of a CRLF, which does not count.
+        if len(self._buffer) - self._buffer.endswith(b"\r") > factory.max_line_length:
             self._refuseLine()
 
     def _tooLong(self, block: bytes, limit: int) -> bool:
