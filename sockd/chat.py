@@ -38,8 +38,10 @@ from sockd.logs import escape
 
 __all__ = [
     "AMPLIFICATION",
+    "Backend",
     "ChatProtocol",
     "ChatState",
+    "LocalBackend",
     "Member",
     "Room",
     "Sender",
@@ -115,6 +117,69 @@ class Sender(Protocol):
     def send(self, data: bytes, addr: Address) -> None: ...
 
 
+class Backend:
+    """
+    What L{ChatState} tells other nodes and asks them, and how it names
+    guests.  This one is the single-process chat: nothing to tell, nobody
+    else to ask.  L{sockd.chat_redis} federates nodes over Redis.
+    """
+
+    #: True when there are other nodes (the hot path checks it once)
+    federated = False
+
+    def guest_name(self, number: int) -> str:
+        return f"guest-{number}"
+
+    def joined(self, member: Member) -> None:
+        """C{member} was admitted (under a guest name)."""
+
+    def entered(self, member: Member, room: Room, fresh: bool) -> None:
+        """C{member} entered C{room}; C{fresh}: the room was just made here."""
+
+    def left(self, member: Member, room: Room, how: str) -> None:
+        """C{member} left C{room} (C{how}: left, quit, timed out from)."""
+
+    def removed(self, member: Member) -> None:
+        """C{member} is gone from this node."""
+
+    def said(self, member: Member, room: Room, kind: str, text: str) -> None:
+        """C{member} said (C{kind} C{say}) or did (C{me}) C{text} in C{room}."""
+
+    def renamed(self, member: Member, old: str) -> None:
+        """C{member}, formerly C{old}, has its new name."""
+
+    def topic(self, member: Member, room: Room) -> None:
+        """C{member} set C{room}'s topic."""
+
+    def claim(self, member: Member, nick: str) -> bool:
+        """
+        Ask for C{nick} on C{member}'s behalf; True if this backend will
+        answer later (through L{ChatState.claimed}), False to decide here.
+        """
+        return False
+
+    def direct(self, member: Member, nick: str, text: str) -> str | None:
+        """
+        Deliver a direct message to C{nick}, not a member here: its
+        canonical spelling, or None if no one has that name.
+        """
+        return None
+
+    def who(self, room: str) -> list[str]:
+        """Nicknames elsewhere in C{room} (lower-case name)."""
+        return []
+
+    def rooms(self) -> dict[str, tuple[str, int]]:
+        """Rooms elsewhere: lower-case name -> (name, members there)."""
+        return {}
+
+    def metrics(self) -> list[tuple[str, str, dict[str, str], float]]:
+        return []
+
+
+LocalBackend = Backend
+
+
 class Member:
     """A validated address in the chat."""
 
@@ -174,9 +239,12 @@ class ChatState:
         clock: IReactorTime,
         key: bytes | None = None,
         own_ports: frozenset[int] = frozenset(),
+        backend: Backend | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
+        self.backend = backend if backend is not None else Backend()
+        self._federated = self.backend.federated
         self.key = key if key is not None else os.urandom(32)
         self.validation = settings.validation
         self.rate = settings.rate
@@ -422,11 +490,12 @@ class ChatState:
         self.pending.pop(addr, None)
         now = self.clock.seconds()
         self._guests += 1
-        member = Member(addr, f"guest-{self._guests}", out, now)
+        member = Member(addr, self.backend.guest_name(self._guests), out, now)
         member.tokens = self.burst
         self.members[addr] = member
         self.nicks[member.key] = member
         self.stats["joined"] += 1
+        self.backend.joined(member)
         log.info(
             "chat: {peer} joined as {nick}",
             peer=escape(f"{addr[0]}:{addr[1]}"),
@@ -458,8 +527,10 @@ class ChatState:
             return
         self._leave(member, "left")
         self._fanout(room, f"*** {member.nick} joined #{room.name}\n".encode(), None)
+        fresh = not room.members and not room.history and not room.topic
         room.members[member.addr] = member
         member.room = room
+        self.backend.entered(member, room, fresh)
         count = len(room.members)
         self._tell(
             member,
@@ -483,6 +554,7 @@ class ChatState:
         member.room = None
         del room.members[member.addr]
         self._fanout(room, f"*** {member.nick} {how} #{room.name}\n".encode(), None)
+        self.backend.left(member, room, how)
         if not room.members and room.name.lower() != self.default_room.lower():
             del self.rooms[room.name.lower()]
 
@@ -491,6 +563,7 @@ class ChatState:
         del self.members[member.addr]
         if self.nicks.get(member.key) is member:
             del self.nicks[member.key]
+        self.backend.removed(member)
         log.info(
             "chat: {nick} {how}",
             nick=member.nick,
@@ -510,6 +583,60 @@ class ChatState:
             )
             self._remove(member, "timed out from")
         return len(silent)
+
+    # --- from other nodes (see Backend) --------------------------------------
+
+    def relay(self, room_key: str, line: bytes, keep: bool) -> None:
+        """A line from another node for the members here of C{room_key}."""
+        room = self.rooms.get(room_key)
+        if room is not None and self._fanout(room, line, None) and keep:
+            room.history.append(line)
+
+    def relay_direct(self, key: str, line: bytes) -> bool:
+        """A direct message from another node for the member called C{key}."""
+        target = self.nicks.get(key)
+        if target is None:
+            return False
+        self._tell(target, line)
+        return True
+
+    def relay_topic(self, room_key: str, topic: str, line: bytes) -> None:
+        room = self.rooms.get(room_key)
+        if room is not None:
+            room.topic = topic
+            self._fanout(room, line, None)
+
+    def seed(self, member: Member, room: Room, topic: str, lines: list[bytes]) -> None:
+        """The cluster's topic and history for a room just made here."""
+        if member.room is not room or self.members.get(member.addr) is not member:
+            return
+        if topic and not room.topic:
+            room.topic = topic
+            self._tell(member, f"*** topic: {topic}\n".encode())
+        if lines and not room.history:
+            room.history.extend(lines)
+            self._tell(
+                member,
+                f"*** last {len(room.history)} messages in #{room.name}:\n".encode(),
+            )
+            for line in room.history:
+                self._tell(member, line)
+
+    def unclaimed(self, member: Member) -> None:
+        """C{member}'s nickname went to someone else (this node was cut off)."""
+        if self.members.get(member.addr) is not member:
+            return
+        self._guests += 1
+        old = member.nick
+        self._tell(
+            member,
+            f"*** {old} was taken on another node while this one was cut "
+            "off; /nick NAME to pick another\n".encode(),
+        )
+        if self.nicks.get(member.key) is member:
+            del self.nicks[member.key]
+        member.key = ""  # so the rename does not release the other's claim
+        self._rename(member, self.backend.guest_name(self._guests))
 
     # --- output ------------------------------------------------------------
 
@@ -541,6 +668,8 @@ class ChatState:
         line = f"<{member.nick}> {text}\n".encode()
         if self._fanout(room, line, member):
             room.history.append(line)
+            if self._federated:
+                self.backend.said(member, room, "say", text)
         else:
             self._tell(member, b"*** error: the server is busy; not delivered\n")
 
@@ -569,6 +698,23 @@ class ChatState:
         if holder is not None and holder is not member:
             self._tell(member, f"*** error: {argument} is taken\n".encode())
             return
+        if holder is None and self.backend.claim(member, argument):
+            return  # the backend answers through claimed()
+        self._rename(member, argument)
+
+    def claimed(self, member: Member, nick: str, problem: str | None) -> None:
+        """The backend's answer to L{Backend.claim}: rename, or say why not."""
+        if self.members.get(member.addr) is not member:
+            return  # gone meanwhile; the backend releases the claim
+        if problem is None and self.nicks.get(nick.lower()) not in (None, member):
+            problem = f"{nick} is taken"
+        if problem is not None:
+            self._tell(member, f"*** error: {problem}\n".encode())
+            return
+        self._rename(member, nick)
+
+    def _rename(self, member: Member, argument: str) -> None:
+        key = argument.lower()
         old = member.nick
         if self.nicks.get(member.key) is member:
             del self.nicks[member.key]
@@ -579,6 +725,7 @@ class ChatState:
             self._fanout(
                 member.room, f"*** {old} is now known as {argument}\n".encode(), member
             )
+        self.backend.renamed(member, old)
 
     def do_join(self, member: Member, argument: str) -> None:
         match = _ROOM.fullmatch(argument)
@@ -621,6 +768,10 @@ class ChatState:
             return
         target = self.nicks.get(nick.lower())
         if target is None:
+            name = self.backend.direct(member, nick, text)
+            if name is not None:
+                self._tell(member, f"[msg -> {name}] {text}\n".encode())
+                return
             self._tell(member, f"*** error: no one is called {clip(nick)}\n".encode())
             return
         self._tell(target, f"[msg] <{member.nick}> {text}\n".encode())
@@ -637,6 +788,8 @@ class ChatState:
         line = f"* {member.nick} {argument}\n".encode()
         if self._fanout(room, line, member):
             room.history.append(line)
+            if self._federated:
+                self.backend.said(member, room, "me", argument)
 
     def do_who(self, member: Member, argument: str) -> None:
         room = member.room
@@ -644,12 +797,23 @@ class ChatState:
             self._tell(member, b"*** error: you are in no room\n")
             return
         nicks = [m.nick for m in room.members.values()]
+        if self._federated:
+            nicks += self.backend.who(room.name.lower())
         self._tell(
             member,
             listing(f"*** #{room.name} ({len(nicks)}): ", nicks).encode(),
         )
 
     def do_rooms(self, member: Member, argument: str) -> None:
+        if self._federated:
+            counts = self.backend.rooms()
+            for key, room in self.rooms.items():
+                _, count = counts.get(key, (room.name, 0))
+                counts[key] = (room.name, count + len(room.members))
+            ordered = sorted(counts.values(), key=lambda r: -r[1])
+            items = [f"#{name} ({count})" for name, count in ordered]
+            self._tell(member, listing(f"*** {len(items)} rooms: ", items).encode())
+            return
         rooms = sorted(self.rooms.values(), key=lambda r: -len(r.members))
         items = [f"#{r.name} ({len(r.members)})" for r in rooms]
         self._tell(member, listing(f"*** {len(items)} rooms: ", items).encode())
@@ -669,6 +833,7 @@ class ChatState:
             f"*** {member.nick} set the topic of #{room.name}: {argument}\n".encode(),
             None,
         )
+        self.backend.topic(member, room)
 
     def do_ping(self, member: Member, argument: str) -> None:
         self._tell(member, b"*** pong\n")
@@ -799,6 +964,7 @@ class ChatProtocol(DatagramProtocol):
         state = self.state
         if state.reporter is not self:
             return samples
+        samples += state.backend.metrics()
         stats = state.stats
         samples += [
             ("chat_members", "gauge", chat, len(state.members)),

@@ -66,6 +66,11 @@ def build(config: Config, reactor: Any) -> list[IService]:
     settings = config.chat
     own = frozenset(p for p in (parse_datagram(d).port for d in settings.listen) if p)
     state = ChatState(settings, reactor, own_ports=own)
+    federation: list[IService] = []
+    if settings.backend == "redis":
+        from sockd import chat_redis
+
+        federation.append(chat_redis.federate(state, settings, reactor))
     # Read more than the largest datagram accepted, so a larger one is seen
     # as such rather than silently truncated.
     size = settings.max_message + 3  # the line ending, then one byte over
@@ -77,7 +82,8 @@ def build(config: Config, reactor: Any) -> list[IService]:
     sweeper = TimerService(sweep_interval(settings.idle_timeout), state.expire)
     sweeper.clock = reactor
     services.append(sweeper)
-    return services
+    # First, so Redis is checked before anything is bound.
+    return federation + services
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:

@@ -17,6 +17,7 @@ import configparser
 import dataclasses
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -153,6 +154,24 @@ def text(max_length: int) -> Parser:
     return parse
 
 
+def redis_url(value: str, base: Path) -> str:
+    """C{redis://[:PASSWORD@]HOST[:PORT][/DB]}, or empty."""
+    value = value.strip()
+    if not value:
+        return value
+    allowed = "expected redis://[:PASSWORD@]HOST[:PORT][/DB]"
+    try:
+        url = urllib.parse.urlsplit(value)
+        port, path = url.port, url.path.strip("/")
+    except ValueError:
+        raise ValueError(allowed) from None
+    if url.scheme != "redis" or not url.hostname or url.query or url.fragment:
+        raise ValueError(allowed)
+    if port == 0 or (path and not (path.isdigit() and int(path) < 1000)):
+        raise ValueError(allowed)
+    return value
+
+
 def directory(value: str, base: Path) -> Path:
     """An existing, readable directory; relative to the config file."""
     raw = value.strip()
@@ -286,6 +305,11 @@ class ChatSettings:
     burst: int = 10
     total_output_rate: float = 200000.0
     validation: bool = True
+    backend: str = "local"
+    redis_url: str = ""
+    node_name: str = ""
+    redis_prefix: str = "sockd:chat:"
+    presence_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -372,6 +396,17 @@ SCHEMA: dict[str, dict[str, Parser]] = {
         "burst": integer(1, 1_000_000),
         "total_output_rate": rate(1, 1e9),
         "validation": boolean,
+        "backend": choice("local", "redis"),
+        "redis_url": redis_url,
+        "node_name": name(
+            r"[A-Za-z0-9_.-]{0,64}",
+            "a node name of up to 64 letters, digits, '.', '_' or '-'",
+        ),
+        "redis_prefix": name(
+            r"[A-Za-z0-9_.:-]{1,64}",
+            "a key prefix of 1-64 letters, digits, ':', '.', '_' or '-'",
+        ),
+        "presence_timeout": seconds(3, 3600),
     },
     "file": {
         "enabled": boolean,
@@ -523,6 +558,11 @@ def _check(config: Config) -> None:
         raise ConfigError(f"{src}: [metrics] is enabled but listen is empty")
     if config.chat.enabled and not config.chat.listen:
         raise ConfigError(f"{src}: [chat] is enabled but listen is empty")
+    if config.chat.backend == "redis" and not config.chat.redis_url:
+        raise ConfigError(
+            f"{src}: [chat] backend = redis but redis_url is not set; expected "
+            "redis://HOST:PORT[/DB]"
+        )
     if config.file.enabled:
         if not config.file.listen:
             raise ConfigError(f"{src}: [file] is enabled but listen is empty")
