@@ -488,6 +488,9 @@ class FileProtocol(GuardedProtocol):
             word, space, _ = self._buffer.partition(b" ")
             if not self.mode and not (space and word in KEYWORDS):
                 self._startPause()
+            elif not self.mode:
+                # A pause started by bytes before the space no longer applies.
+                self._cancelPause()
 
     def _continue(self) -> None:
         self._yield = None
