@@ -530,7 +530,6 @@ class ChatState:
         fresh = not room.members and not room.history and not room.topic
         room.members[member.addr] = member
         member.room = room
-        self.backend.entered(member, room, fresh)
         count = len(room.members)
         self._tell(
             member,
@@ -546,6 +545,7 @@ class ChatState:
             )
             for line in room.history:
                 self._tell(member, line)
+        self.backend.entered(member, room, fresh)
 
     def _leave(self, member: Member, how: str) -> None:
         room = member.room
