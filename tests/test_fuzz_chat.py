@@ -7,6 +7,8 @@ and clock advances, and checks the relay's invariants after every step.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from typing import Any
 
@@ -112,8 +114,12 @@ class RecordingTransport(FakeDatagramTransport):
         super().__init__()
         self.state = state
         self.log: list[tuple[bytes, Any, bool]] = []
+        #: addresses whose sendto fails, and how
+        self.failing: dict[Any, int] = {}
 
     def write(self, data: bytes, addr: Any = None) -> None:
+        if addr in self.failing:
+            raise OSError(self.failing[addr], os.strerror(self.failing[addr]))
         super().write(data, addr)
         self.log.append((data, addr, addr in self.state.members))
 
@@ -211,6 +217,17 @@ class ChatMachine(RuleBasedStateMachine):
             if found is not None:
                 return found.group(1)
         return None
+
+    @rule(
+        addr=st.sampled_from(HONEST),
+        error=st.sampled_from([None, errno.ENOBUFS, errno.EAGAIN, errno.EHOSTUNREACH]),
+    )
+    def sendto_fails(self, addr: Any, error: int | None) -> None:
+        """The kernel refuses datagrams to one address (or stops refusing)."""
+        if error is None:
+            self.transport.failing.pop(addr, None)
+        else:
+            self.transport.failing[addr] = error
 
     @rule(seconds=st.sampled_from([0.0, 0.05, 0.3, 1.0, 5.0, 31.0, 125.0, 400.0]))
     def advance(self, seconds: float) -> None:
