@@ -220,7 +220,7 @@ def idle(
                 took, per_conn = hold_idle(server, count)
             seconds[label].append(took)
             memory[label].append(per_conn)
-    note = f"{count} connections at once, no data; fresh server per run"
+    note = f"{count} connections at once, one empty line each; fresh server per run"
     return [
         Result(
             "echo",
