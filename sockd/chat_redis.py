@@ -118,7 +118,7 @@ def check(url: RedisURL, prefix: str, timeout: float = 3.0) -> int:
 class Store(Protocol):
     """What the federation asks of Redis; every answer is a Deferred."""
 
-    def publish(self, payload: str) -> None: ...
+    def publish(self, payload: str) -> bool: ...
     def member(self, key: str, value: str | None) -> None: ...
     def claim(self, key: str, value: str, ttl: float) -> Deferred[bool]: ...
     def release(self, key: str, value: str) -> None: ...
@@ -485,8 +485,10 @@ class Federation(Backend, Service):
             return None
         event["n"] = self.node
         payload = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        if not self.store.publish(payload):
+            self.stats["unsent"] += 1
+            return None
         self.stats["published"] += 1
-        self.store.publish(payload)
         return payload
 
     def _event(self, payload: Any) -> dict[str, str] | None:
@@ -670,6 +672,8 @@ class RedisStore(Service):
     reply_timeout = 5.0
     connect_timeout = 3.0
     max_delay = 5.0
+    #: commands sent and not yet answered before room traffic is shed
+    max_in_flight = 5000
 
     def __init__(
         self,
@@ -686,6 +690,7 @@ class RedisStore(Service):
         self.reactor = reactor
         self.channel = prefix + "events"
         self._up = {"commands": False, "events": False}
+        self.in_flight = 0
         self._commands: Any = None
         self._events: Any = None
         self.setName("chat redis")
@@ -805,6 +810,11 @@ class RedisStore(Service):
     def _run(self, what: str, *words: Any) -> Deferred[Any]:
         assert self._commands is not None
         result: Deferred[Any] = self._commands.handler.execute_command(*words)
+        self.in_flight += 1
+        return result.addBoth(self._answered)
+
+    def _answered(self, result: Any) -> Any:
+        self.in_flight -= 1
         return result
 
     def _fire(self, *words: Any) -> None:
@@ -814,8 +824,11 @@ class RedisStore(Service):
 
     # --- Store ---------------------------------------------------------------
 
-    def publish(self, payload: str) -> None:
+    def publish(self, payload: str) -> bool:
+        if self.in_flight >= self.max_in_flight:
+            return False  # Redis or the link is behind: shed, do not queue
         self._fire("PUBLISH", self.channel, payload)
+        return True
 
     def member(self, key: str, value: str | None) -> None:
         node = f"{self.prefix}node:{self.node}"

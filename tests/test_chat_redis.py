@@ -34,6 +34,7 @@ class FakeRedis:
         self.data: dict[str, tuple[Any, float | None]] = {}
         self.queue: list[str] = []
         self.subscribers: list[Federation] = []
+        self.full = False
 
     def get(self, key: str) -> Any:
         value, deadline = self.data.get(key, (None, None))
@@ -70,8 +71,11 @@ class FakeStore:
         self.redis = redis
         self.node = node
 
-    def publish(self, payload: str) -> None:
+    def publish(self, payload: str) -> bool:
+        if self.redis.full:
+            return False
         self.redis.queue.append(payload)
+        return True
 
     def member(self, key: str, value: str | None) -> None:
         members = self.redis.get(f"node:{self.node}") or {}
@@ -346,6 +350,15 @@ class DegradedTests(Cluster):
         self.assertIn(("chat_redis_connected", 0.0), samples)
         self.assertIn(("chat_redis_outages_total", 1), samples)
         self.assertIn(("chat_redis_unsent_total", 1), samples)
+
+    def test_room_traffic_is_shed_when_redis_falls_behind(self) -> None:
+        self.redis.full = True
+        self.a.say(A1, "too much")
+        self.assertEqual(self.b.take(B1), [])
+        self.assertEqual(self.a.federation.stats["unsent"], 1)
+        self.redis.full = False
+        self.a.say(A1, "again")
+        self.assertEqual(self.b.take(B1), ["<ann> again\n"])
 
     def test_resync_takes_back_presence_and_renames_a_lost_nickname(self) -> None:
         self.a.federation.down("test")
