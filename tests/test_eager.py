@@ -350,3 +350,53 @@ class DatagramTests(TestCase):
         self.assertEqual(data, b"ping")
         self.assertEqual(client.recv(100), b"PING")
         self.assertEqual(len(errors), 1)
+
+
+class EchoUsesEagerWrites(TestCase):
+    """The echo protocols answer through the eager path, not the queue."""
+
+    timeout = 10
+
+    async def check(self, mode: str, request: bytes, answer: bytes) -> None:
+        from sockd.echo import EchoFactory
+        from tests.helpers import settings
+
+        accepted: Deferred[Any] = Deferred()
+
+        class Recording(EchoFactory):
+            def buildProtocol(self, addr: Any) -> Any:
+                protocol = super().buildProtocol(addr)
+                # Connected (transport set) once this call has returned.
+                reactor.callLater(0, accepted.callback, protocol)
+                return protocol
+
+        factory = Recording(settings(echo={"mode": mode}).echo, reactor)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        client = await connectProtocol(endpoint, Peer())
+        assert isinstance(client, Peer)
+        server = await accepted
+        transport: Any = server.transport
+        self.addCleanup(self._abort, client, transport)
+        queued: list[bytes] = []
+        plain_write = transport.write
+
+        def write(data: bytes) -> None:
+            queued.append(data)
+            plain_write(data)
+
+        transport.write = write
+        client.transport.write(request)  # type: ignore[union-attr]
+        self.assertEqual(await client.receive(len(answer)), answer)
+        self.assertEqual(queued, [])
+
+    async def _abort(self, client: Peer, transport: Any) -> None:
+        transport.abortConnection()
+        await client.lost
+
+    async def test_line(self) -> None:
+        await self.check("line", b"one\ntwo\r\n", b"ONE\nTWO\r\n")
+
+    async def test_raw(self) -> None:
+        await self.check("raw", b"abc", b"ABC")
