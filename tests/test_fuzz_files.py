@@ -147,11 +147,15 @@ STREAM = st.one_of(
         st.sampled_from([b"GET " + b"x" * files.MAX_LINE, b"x" * (files.MAX_LINE + 1)]),
     ),
 )
-#: how the client ends: half-close, a long pause, or just stops
-ENDING = st.sampled_from(["half-close", "pause", "wait"])
+#: how the exchange ends: the client half-closes, pauses, stops, or is too
+#: slow for the request timeout; or the daemon shuts down
+ENDING = st.sampled_from(["half-close", "pause", "wait", "timeout", "shutdown"])
 
 # --- answers ----------------------------------------------------------------
 
+SHUTTING_DOWN = b"ERR 503 shutting down\r\n"
+#: endings during which the bare-request pause runs out
+PAUSED = ("pause", "timeout")
 GET_HEADER = re.compile(rb"OK (\d+) size=(\d+) mtime=\d+")
 LINE_ANSWER = {
     b"STAT": re.compile(rb"OK type=(file|dir) size=\d+ mtime=\d+"),
@@ -250,6 +254,10 @@ class ProtocolFuzzTests(SynchronousTestCase):
                 protocol.readConnectionLost()
             elif ending == "pause":
                 clock.advance(state.settings.bare_pause + 0.01)
+            elif ending == "timeout":
+                clock.advance(state.settings.request_timeout + 0.01)
+            elif ending == "shutdown":
+                protocol.shutdown()
             for _ in range(500):
                 producer = transport.producer
                 if producer is not None and producer is not transport:
@@ -342,7 +350,7 @@ class ProtocolFuzzTests(SynchronousTestCase):
             end = stream.find(b"\n", pos)
             if end >= 0:
                 request, pos = stream[pos:end].removesuffix(b"\r"), end + 1
-            elif ending == "half-close" or (ending == "pause" and pos == 0):
+            elif ending == "half-close" or (ending in PAUSED and pos == 0):
                 # The last bytes, or a first line ended by the pause (a
                 # keyword alone: framed, as at the end of a line).
                 request, pos = stream[pos:].rstrip(b"\r"), len(stream)
@@ -353,12 +361,17 @@ class ProtocolFuzzTests(SynchronousTestCase):
                 break  # the server closed after this answer
             if request.startswith(b"PUT "):
                 pos += int(request.split(b" ")[2])  # the body, stored
-        self.assertTrue(answers.done(), ("answers left over", out[answers.pos :]))
+        rest = out[answers.pos :]
+        if ending == "shutdown" and rest == SHUTTING_DOWN:
+            return
+        self.assertTrue(answers.done(), ("answers left over", rest))
 
     def answer(self, request: bytes, answers: Scanner, contents: list[bytes]) -> bool:
         """Check the answer to one request; True if the server then closed."""
         word = request.split(b" ", 1)[0]
         line = answers.line()
+        if line + b"\r\n" == SHUTTING_DOWN:
+            return True  # the daemon stopping, once the request in flight ended
         if line.startswith(b"ERR "):
             self.assertRegex(line, ERR)
             return word == b"PUT" or line.startswith((b"ERR 414", b"ERR 500"))
@@ -420,9 +433,12 @@ class ResolverFuzzTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.path = make_tree(tempdir(self))
         self.real = os.path.realpath(self.path)
-        self.roots = [Root(self.path, use_openat2=False)]
-        if openat2_available():
-            self.roots.append(Root(self.path, use_openat2=True))
+        resolvers = [False, True] if openat2_available() else [False]
+        self.roots = [
+            Root(self.path, symlinks, use_openat2=use_openat2)
+            for use_openat2 in resolvers
+            for symlinks in ("inside", "refuse")
+        ]
         for root in self.roots:
             self.addCleanup(root.close)
 
