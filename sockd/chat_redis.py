@@ -59,6 +59,8 @@ _NODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HOW = frozenset({"left", "quit", "timed out from"})
 #: longest nickname accepted from another node (its limit may differ)
 NICK_LIMIT = 64
+#: other nodes kept in the view; more are not believed
+MAX_NODES = 256
 Sample = tuple[str, str, dict[str, str], float]
 
 
@@ -156,6 +158,8 @@ class Federation(Backend, Service):
         self.history = settings.history
         #: longest event accepted from Redis, in characters
         self.max_event = 4 * settings.max_message + 1024
+        #: members believed per other node (their limit may differ a bit)
+        self.max_remote = 2 * settings.max_members
         self.state: ChatState | None = None
         self.store: Store | None = None
         self.connected = False
@@ -451,8 +455,10 @@ class Federation(Backend, Service):
         for node, members in nodes.items():
             if node == self.node or not _NODE.fullmatch(node) or node in view:
                 continue
+            if len(view) >= MAX_NODES:
+                break
             entries = view[node] = {}
-            for key, value in members.items():
+            for key, value in list(members.items())[: self.max_remote]:
                 nick, _, where = value.partition("\t")
                 if self._nick(nick) and key == nick.lower() and self._room(where, ""):
                     entries[key] = (nick, where)
@@ -564,7 +570,17 @@ class Federation(Backend, Service):
         nick = event.get("f", "")
         if not self._nick(nick):
             return False
-        members = self.view.setdefault(node, {})
+        members = self.view.get(node)
+        if members is None:
+            if len(self.view) >= MAX_NODES:
+                return False
+            members = self.view[node] = {}
+        if (
+            len(members) >= self.max_remote
+            and kind in ("enter", "nick", "say", "me")
+            and nick.lower() not in members
+        ):
+            return False  # more than a node can hold: not believed
         if kind == "msg":
             text = self._text(event.get("x", ""))
             if text is None:
@@ -888,6 +904,8 @@ class RedisStore(Service):
             def combine(hashes: list[Any]) -> dict[str, dict[str, str]]:
                 found: dict[str, dict[str, str]] = {}
                 for node, fields in zip(nodes, hashes, strict=True):
+                    if not fields:  # expired: a node that died unheard of
+                        self._fire("SREM", f"{self.prefix}nodes", node)
                     if isinstance(fields, list) and fields:
                         pairs = zip(fields[::2], fields[1::2], strict=False)
                         found[node] = {

@@ -422,6 +422,14 @@ class UntrustedRedisTests(Cluster):
             self.assertEqual(self.deliver(payload), [], payload)
         self.assertEqual(self.a.federation.stats["invalid"], len(bad))
 
+    def test_the_view_of_another_node_is_bounded(self) -> None:
+        federation = self.a.federation
+        federation.max_remote = 3  # bob and two more
+        for name in ("cy", "di", "ed"):
+            self.deliver(self.event(k="enter", f=name))
+        self.assertEqual(sorted(federation.view["b"]), ["bob", "cy", "di"])
+        self.assertEqual(federation.stats["invalid"], 1)
+
     def test_own_events_are_ignored(self) -> None:
         self.assertEqual(self.deliver(self.event(n="a", x="echo")), [])
 
