@@ -507,7 +507,7 @@ class ChatState:
             f"/help for commands; silent members leave after "
             f"{self.idle_timeout:g}s (/ping keeps you here)\n".encode(),
         )
-        self._enter(member, self.rooms[self.default_room])
+        self._enter(member, self.rooms[self.default_room.lower()])
         return member
 
     # --- rooms and members -----------------------------------------------

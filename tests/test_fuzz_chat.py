@@ -25,6 +25,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockd.chat import AMPLIFICATION, ChatProtocol, ChatState
+from sockd.config import ChatSettings
 from tests.helpers import FakeDatagramTransport
 from tests.helpers import settings as parse_settings
 
@@ -61,6 +62,13 @@ CONFIGS = [
     {"validation": "false", "max_members": "3", "nick_max_length": "4"},
 ]
 
+BASE = {"max_message": str(MAX_MESSAGE), "idle_timeout": "30"}
+#: only on reload: another default room, shorter history and names
+RELOADS = [
+    {"default_room": "hall", "history": "1", "nick_max_length": "3"},
+    {"default_room": "Dev", "max_members": "1", "max_room_members": "1"},
+]
+NICK_SYNTAX = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 NASTY = st.sampled_from(
     [
         *("\x1b[2J", "\u202e", "\u2066", "\u2069", "\x9b", "\r", "\x00", "\x7f"),
@@ -137,6 +145,10 @@ class ChatMachine(RuleBasedStateMachine):
         self.validated: set[Any] = set()
         self.checked = 0
         self.problems: list[str] = []
+        self.caps: dict[str, int] = {}
+        self.defaults: set[str] = set()
+        #: validation was off at some point: any address may be a member
+        self.trusting = False
         globalLogPublisher.addObserver(self.observe)
 
     def teardown(self) -> None:
@@ -155,14 +167,21 @@ class ChatMachine(RuleBasedStateMachine):
     def start(self, config: dict[str, str]) -> None:
         self.clock = Clock()
         self.clock.advance(1_000_000)
-        chat = parse_settings(
-            chat={"max_message": str(MAX_MESSAGE), "idle_timeout": "30", **config}
-        ).chat
-        self.settings = chat
-        self.state = ChatState(chat, self.clock, key=b"fuzz" * 8)
+        config = parse_settings(chat={**BASE, **config})
+        self.state = ChatState(config.chat, self.clock, key=b"fuzz" * 8)
         self.protocol = ChatProtocol(self.state)
         self.transport = RecordingTransport(self.state)
         self.protocol.makeConnection(self.transport)  # type: ignore[arg-type]
+        self.applied(config.chat)
+
+    def applied(self, chat: ChatSettings) -> None:
+        """Remember what was in force: members and rooms may outlive a
+        reload that lowers a cap, and a former default room its members."""
+        self.settings = chat
+        for key in ("max_members", "max_rooms", "max_room_members", "nick_max_length"):
+            self.caps[key] = max(self.caps.get(key, 0), getattr(chat, key))
+        self.defaults.add(chat.default_room.lower())
+        self.trusting = self.trusting or not chat.validation
 
     def deliver(self, data: bytes, addr: Any) -> None:
         self.received[addr] = self.received.get(addr, 0) + len(data)
@@ -229,6 +248,13 @@ class ChatMachine(RuleBasedStateMachine):
         else:
             self.transport.failing[addr] = error
 
+    @rule(config=st.sampled_from(CONFIGS + RELOADS))
+    def reload(self, config: dict[str, str]) -> None:
+        """SIGHUP: new limits, rules and default room at once."""
+        settings = parse_settings(chat={**BASE, **config})
+        self.protocol.reconfigure(settings.chat, settings.sockd)
+        self.applied(settings.chat)
+
     @rule(seconds=st.sampled_from([0.0, 0.05, 0.3, 1.0, 5.0, 31.0, 125.0, 400.0]))
     def advance(self, seconds: float) -> None:
         assert self.state is not None
@@ -247,16 +273,17 @@ class ChatMachine(RuleBasedStateMachine):
         if state is None:
             return
         self.validated.update(state.members)
-        assert len(state.members) <= self.settings.max_members
-        assert len(state.rooms) <= self.settings.max_rooms
+        assert len(state.members) <= self.caps["max_members"]
+        assert len(state.rooms) <= self.caps["max_rooms"]
         # Nicknames: one table entry per member, unique ignoring case.
         assert len(state.nicks) == len(state.members)
         for key, member in state.nicks.items():
             assert state.members.get(member.addr) is member
             assert key == member.nick.lower() == member.key
-            assert state.nick_problem(member.nick) is None or member.nick.startswith(
-                "guest-"
-            )
+            if not member.nick.startswith("guest-"):
+                assert NICK_SYNTAX.fullmatch(member.nick), member.nick
+                assert len(member.nick) <= self.caps["nick_max_length"]
+                assert not member.nick.lower().startswith("guest")
         assert len({m.nick.lower() for m in state.members.values()}) == len(
             state.members
         )
@@ -265,9 +292,9 @@ class ChatMachine(RuleBasedStateMachine):
         seen: set[Any] = set()
         for key, room in state.rooms.items():
             assert key == room.name.lower()
-            assert len(room.members) <= self.settings.max_room_members
+            assert len(room.members) <= self.caps["max_room_members"]
             assert room.history.maxlen == self.settings.history
-            assert room.members or key == state.default_room.lower()
+            assert room.members or key in self.defaults
             for addr, member in room.members.items():
                 assert state.members.get(addr) is member
                 assert member.room is room
@@ -278,7 +305,7 @@ class ChatMachine(RuleBasedStateMachine):
             assert (member.room is None) == (addr not in seen)
             if member.room is not None:
                 assert state.rooms[member.room.name.lower()] is member.room
-        if state.validation:
+        if not self.trusting:
             # A spoofed source never becomes a member.
             assert not set(state.members) & set(SPOOFED)
 
@@ -300,13 +327,12 @@ class ChatMachine(RuleBasedStateMachine):
                 assert STRANGER_REPLY.fullmatch(text), (addr, data)
             self.sent[addr] = self.sent.get(addr, 0) + len(data)
         self.checked = len(log)
-        if self.state.validation:
-            for addr, count in self.sent.items():
-                if addr not in self.validated:
-                    assert count <= AMPLIFICATION * self.received.get(addr, 0), addr
-            for addr in SPOOFED:
-                if addr[1] in (0, 7, 53):
-                    assert addr not in self.sent, addr
+        for addr, count in self.sent.items():
+            if addr not in self.validated:
+                assert count <= AMPLIFICATION * self.received.get(addr, 0), addr
+        for addr in SPOOFED:
+            if addr[1] in (0, 7, 53):
+                assert addr not in self.sent, addr
 
 
 ChatMachine.TestCase.settings = settings(
@@ -375,3 +401,23 @@ class DatagramFuzzTests(SynchronousTestCase):
         self.assertNotIn(HONEST[0], state.members)
         (welcome, *_) = [d for d, a in transport.written if a == HONEST[0]]
         self.assertRegex(welcome, TOKEN)
+
+    def test_default_room_with_capitals(self) -> None:
+        """Found by the state machine: a default room written with capitals
+        (in the file, or by a reload) made every admission raise KeyError."""
+        clock = Clock()
+        config = parse_settings(chat={"default_room": "Lobby", "validation": "false"})
+        state = ChatState(config.chat, clock, key=b"k" * 32)
+        protocol = ChatProtocol(state)
+        transport = FakeDatagramTransport()
+        protocol.makeConnection(transport)  # type: ignore[arg-type]
+        protocol.datagramReceived(b"hello\n", HONEST[0])
+        member = state.members[HONEST[0]]
+        assert member.room is not None
+        self.assertEqual(member.room.name, "Lobby")
+        reload = parse_settings(chat={"default_room": "#Dev", "validation": "false"})
+        protocol.reconfigure(reload.chat, reload.sockd)
+        protocol.datagramReceived(b"hello\n", HONEST[1])
+        member = state.members[HONEST[1]]
+        assert member.room is not None
+        self.assertEqual(member.room.name, "Dev")
