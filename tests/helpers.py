@@ -5,6 +5,8 @@ C{twistd} runner for integration tests (loopback only, ephemeral ports).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import re
 import shutil
@@ -22,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransportWithDisconnection
 
 from sockd import config
@@ -251,3 +255,70 @@ def tempdir(case: Any) -> Path:
     path = Path(tempfile.mkdtemp(prefix="sockd-test-"))
     case.addCleanup(shutil.rmtree, path, True)
     return path
+
+
+def reactor_test(timeout: float = 10.0) -> Any:
+    """
+    Run an C{async def} test on the real reactor through pytest-twisted,
+    failing it after C{timeout} seconds.  (trial's C{TestCase} cannot drive
+    the reactor once pytest-twisted has started it in its greenlet.)
+    """
+
+    def decorate(test: Any) -> Any:
+        @functools.wraps(test)
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            from twisted.internet import reactor
+
+            d = Deferred.fromCoroutine(test(*args, **kwargs))
+            d.addTimeout(timeout, reactor)
+            return await d
+
+        return pytest_twisted.ensureDeferred(run)
+
+    return decorate
+
+
+class ReactorTest:
+    """
+    A base for real-reactor test classes run by pytest-twisted, with the
+    C{addCleanup} and C{assert*} methods of trial's test cases.  Cleanups
+    may return Deferreds or coroutines; they run after the test, last first.
+    """
+
+    _cleanups: list[tuple[Any, tuple[Any, ...]]]
+
+    @pytest.fixture(autouse=True)
+    def _run_cleanups(self) -> Iterator[None]:
+        self._cleanups = []
+        yield
+        while self._cleanups:
+            function, args = self._cleanups.pop()
+            result = function(*args)
+            if inspect.iscoroutine(result):
+                result = Deferred.fromCoroutine(result)
+            if isinstance(result, Deferred):
+                pytest_twisted.blockon(result)
+
+    def addCleanup(self, function: Any, *args: Any) -> None:
+        self._cleanups.append((function, args))
+
+    def assertEqual(self, first: Any, second: Any) -> None:
+        assert first == second
+
+    def assertTrue(self, value: Any) -> None:
+        assert value
+
+    def assertFalse(self, value: Any) -> None:
+        assert not value
+
+    def assertIsInstance(self, value: Any, kind: Any) -> None:
+        assert isinstance(value, kind), value
+
+    def assertGreater(self, first: Any, second: Any) -> None:
+        assert first > second
+
+    def assertLess(self, first: Any, second: Any) -> None:
+        assert first < second
+
+    def assertLessEqual(self, first: Any, second: Any) -> None:
+        assert first <= second

@@ -22,10 +22,11 @@ from twisted.internet.protocol import (
 )
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from sockd.eager import can_write_eagerly, eager_write, send_datagram
+from tests.helpers import ReactorTest, reactor_test
 
 reactor: Any = _reactor
 
@@ -110,10 +111,8 @@ class HalfClosePeer(Peer):
         pass
 
 
-class RealSocketTests(TestCase):
+class RealSocketTests(ReactorTest):
     """A server and a client protocol over loopback, real reactor."""
-
-    timeout = 10
 
     async def connect(self, server_class: type[Peer] = Peer) -> tuple[Peer, Peer]:
         servers: list[Peer] = []
@@ -170,6 +169,7 @@ class RealSocketTests(TestCase):
     def queued(transport: Any) -> int:
         return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
+    @reactor_test()
     async def test_sent_at_once(self) -> None:
         """An idle connection's write leaves nothing queued: it went out."""
         server, client = await self.connect()
@@ -179,6 +179,7 @@ class RealSocketTests(TestCase):
         self.assertEqual(self.queued(transport), 0)
         self.assertEqual(await client.receive(6), b"hello\n")
 
+    @reactor_test()
     async def test_order_with_queued_writes(self) -> None:
         """Data already queued by transport.write is never overtaken."""
         server, client = await self.connect()
@@ -195,6 +196,7 @@ class RealSocketTests(TestCase):
         self.assertEqual(self.queued(transport), 0)
         self.assertEqual(await client.receive(18), b"first second third")
 
+    @reactor_test()
     async def test_large_write_partly_sent(self) -> None:
         """What the kernel does not take is queued, then delivered whole."""
         server, client = await self.connect()
@@ -210,6 +212,7 @@ class RealSocketTests(TestCase):
         received = await client.receive(len(data) + 4)
         self.assertEqual(received, data + b"tail")
 
+    @reactor_test()
     async def test_backpressure(self) -> None:
         """
         With the transport registered as a streaming producer on itself (as
@@ -233,6 +236,7 @@ class RealSocketTests(TestCase):
         eager_write(transport, b"y")
         self.assertEqual(self.queued(transport), sent_before + 1)
 
+    @reactor_test()
     async def test_lose_connection_delivers_everything(self) -> None:
         """loseConnection after eager and queued writes sends all, then closes."""
         server, client = await self.connect()
@@ -251,6 +255,7 @@ class RealSocketTests(TestCase):
             bytes(client.received), b"start\n" + big + b"end\nafter close\n"
         )
 
+    @reactor_test()
     async def test_half_close(self) -> None:
         """A client that shuts its sending side still gets every answer."""
         server, client = await self.connect(HalfClosePeer)
@@ -260,6 +265,7 @@ class RealSocketTests(TestCase):
         self.assertIsInstance(reason, ConnectionDone)
         self.assertEqual(bytes(client.received), b"ABC\n" * 1000)
 
+    @reactor_test()
     async def test_own_write_side_closed(self) -> None:
         """After loseWriteConnection nothing is sent eagerly."""
         server, client = await self.connect()
@@ -267,6 +273,7 @@ class RealSocketTests(TestCase):
         transport.loseWriteConnection()
         self.assertFalse(can_write_eagerly(transport))
 
+    @reactor_test()
     async def test_pull_producer_is_left_to_the_queue(self) -> None:
         """A pull producer is only asked for more when a queued write drains."""
         server, client = await self.connect()
@@ -291,6 +298,7 @@ class RealSocketTests(TestCase):
         received = await client.receive(3000)
         self.assertEqual(received, b"a" * 1000 + b"b" * 1000 + b"c" * 1000)
 
+    @reactor_test()
     async def test_peer_reset(self) -> None:
         """A send error is left to the transport: connection lost, no raise."""
         server, client = await self.connect_raw()
@@ -314,16 +322,15 @@ class Recorder:
         self.written.append((data, addr))
 
 
-class DatagramTests(TestCase):
+class DatagramTests(ReactorTest):
     """L{send_datagram} over a real UDP port, and its fallback."""
-
-    timeout = 10
 
     def test_fallback(self) -> None:
         transport = Recorder()
         send_datagram(transport, b"x", ("127.0.0.1", 5))
         self.assertEqual(transport.written, [(b"x", ("127.0.0.1", 5))])
 
+    @reactor_test()
     async def test_reply(self) -> None:
         """A reply reaches the sender, and errors are Twisted's own."""
         received: Deferred[tuple[bytes, Any]] = Deferred()
@@ -352,10 +359,8 @@ class DatagramTests(TestCase):
         self.assertEqual(len(errors), 1)
 
 
-class EchoUsesEagerWrites(TestCase):
+class EchoUsesEagerWritesTests(ReactorTest):
     """The echo protocols answer through the eager path, not the queue."""
-
-    timeout = 10
 
     async def check(self, mode: str, request: bytes, answer: bytes) -> None:
         from sockd.echo import EchoFactory
@@ -395,8 +400,10 @@ class EchoUsesEagerWrites(TestCase):
         transport.abortConnection()
         await client.lost
 
+    @reactor_test()
     async def test_line(self) -> None:
         await self.check("line", b"one\ntwo\r\n", b"ONE\nTWO\r\n")
 
+    @reactor_test()
     async def test_raw(self) -> None:
         await self.check("raw", b"abc", b"ABC")
