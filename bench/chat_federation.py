@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import re
 import selectors
+import shutil
 import socket
 import statistics
 import sys
@@ -216,6 +217,7 @@ def main() -> int:
             if server is not None:
                 server.stop()
         redis.stop()
+        shutil.rmtree(redis.directory, ignore_errors=True)
     return 0
 
 

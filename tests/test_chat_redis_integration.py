@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +39,19 @@ redis_url = {url}
 node_name = {node}
 redis_prefix = test:
 presence_timeout = 3
+[metrics]
+enabled = true
+listen = tcp:0:interface=127.0.0.1
 """
+
+
+def connected_gauge(daemon: Daemon) -> str:
+    """The node's sockd_chat_redis_connected line from its metrics page."""
+    url = f"http://127.0.0.1:{daemon.port('metrics')}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as page:
+        text: str = page.read().decode()
+    (line,) = [x for x in text.splitlines() if x.startswith("sockd_chat_redis_conn")]
+    return line
 
 
 def need_redis() -> str:
@@ -188,6 +201,7 @@ def redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+        shutil.rmtree(server.directory, ignore_errors=True)
 
 
 def test_two_nodes_are_one_chat(redis: RedisServer) -> None:
@@ -282,6 +296,7 @@ def test_redis_lost_and_back_under_load(redis: RedisServer) -> None:
         redis.stop()
         a.wait_for("lost Redis .* degraded")
         b.wait_for("lost Redis .* degraded")
+        assert connected_gauge(a) == 'sockd_chat_redis_connected{service="chat"} 0.0'
         # Local delivery goes on; what cannot reach the cluster is refused
         # plainly, never half-done.
         for i in range(50):
@@ -297,6 +312,7 @@ def test_redis_lost_and_back_under_load(redis: RedisServer) -> None:
         # Presence was resynced: nicknames are claimed again, members are
         # seen across nodes and messages cross again.
         assert redis.command("GET", "test:nick:ann").startswith(b"$")
+        assert connected_gauge(a) == 'sockd_chat_redis_connected{service="chat"} 1.0'
         bob.send("/nick ann")
         assert bob.expect("error") == "*** error: ann is taken"
         bob.send("we are back")
