@@ -260,7 +260,7 @@ class SockdSettings:
     """C{[sockd]}: settings shared by every service."""
 
     #: listen queue length for TCP listeners that do not name one
-    backlog: int = 1024
+    backlog: int = 4096
     #: seconds a closing connection may take before it is aborted
     abort_grace: float = 5.0
     #: seconds a stopping daemon lets work in flight finish (SIGTERM)

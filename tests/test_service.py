@@ -144,7 +144,7 @@ class MakeServiceTests(SynchronousTestCase):
         service.privilegedStartService()
         service.startService()
         ports = [(p[0], p[2], p[3]) for p in reactor.tcpServers]
-        self.assertEqual(ports, [(7007, 1024, "127.0.0.1"), (7008, 5, "127.0.0.1")])
+        self.assertEqual(ports, [(7007, 4096, "127.0.0.1"), (7008, 5, "127.0.0.1")])
         self.assertIsInstance(reactor.tcpServers[0][1], EchoFactory)
         (udp,) = reactor.udp
         self.assertEqual((udp[0], udp[2], udp[3]), (7009, "127.0.0.1", 1001))
