@@ -154,12 +154,7 @@ class Federation(Backend, Service):
         self.tag = tag
         self.clock = clock
         self.ttl = settings.presence_timeout
-        self.max_message = settings.max_message
-        self.history = settings.history
-        #: longest event accepted from Redis, in characters
-        self.max_event = 4 * settings.max_message + 1024
-        #: members believed per other node (their limit may differ a bit)
-        self.max_remote = 2 * settings.max_members
+        self.settings = settings
         self.state: ChatState | None = None
         self.store: Store | None = None
         self.connected = False
@@ -175,11 +170,38 @@ class Federation(Backend, Service):
         self._beat: LoopingCall | None = None
         self._lost_at: float | None = None
         self._resyncing = False
+        self._max_remote: int | None = None
         self.stats: dict[str, int] = dict.fromkeys(
             ("published", "received", "invalid", "unsent", "lost_claims", "outages"),
             0,
         )
         self.setName("chat federation")
+
+    # Limits follow the state's settings, so a reload (SIGHUP) applies here.
+
+    @property
+    def history(self) -> int:
+        return (self.state.settings if self.state else self.settings).history
+
+    @property
+    def max_message(self) -> int:
+        return self.state.max_message if self.state else self.settings.max_message
+
+    @property
+    def max_event(self) -> int:
+        """Longest event accepted from Redis, in characters."""
+        return 4 * self.max_message + 1024
+
+    @property
+    def max_remote(self) -> int:
+        """Members believed per other node (their limit may differ a bit)."""
+        if self._max_remote is not None:
+            return self._max_remote
+        return 2 * (self.state.settings if self.state else self.settings).max_members
+
+    @max_remote.setter
+    def max_remote(self, value: int) -> None:
+        self._max_remote = value
 
     def attach(self, state: ChatState, store: Store) -> None:
         self.state = state

@@ -430,6 +430,11 @@ class UntrustedRedisTests(Cluster):
         self.assertEqual(sorted(federation.view["b"]), ["bob", "cy", "di"])
         self.assertEqual(federation.stats["invalid"], 1)
 
+    def test_a_reload_applies_to_what_is_accepted(self) -> None:
+        self.a.state.reconfigure(chat_settings(max_message="32"), 32)
+        self.assertEqual(self.deliver(self.event(x="y" * 33)), [])
+        self.assertEqual(self.deliver(self.event(x="y" * 32)), [f"<bob> {'y' * 32}\n"])
+
     def test_own_events_are_ignored(self) -> None:
         self.assertEqual(self.deliver(self.event(n="a", x="echo")), [])
 
