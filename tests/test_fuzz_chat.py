@@ -1,8 +1,9 @@
 """
 Property-based fuzzing of the chat relay: a hypothesis state machine drives
 L{sockd.chat.ChatProtocol} and its L{sockd.chat.ChatState} with datagrams
-from validated and spoofed addresses, commands, arbitrary text and bytes
-and clock advances, and checks the relay's invariants after every step.
+from validated and spoofed addresses, commands, arbitrary text and bytes,
+clock advances, reloads and failing sends, and checks the relay's
+invariants after every step.
 """
 
 from __future__ import annotations
@@ -167,12 +168,12 @@ class ChatMachine(RuleBasedStateMachine):
     def start(self, config: dict[str, str]) -> None:
         self.clock = Clock()
         self.clock.advance(1_000_000)
-        config = parse_settings(chat={**BASE, **config})
-        self.state = ChatState(config.chat, self.clock, key=b"fuzz" * 8)
+        chat = parse_settings(chat={**BASE, **config}).chat
+        self.state = ChatState(chat, self.clock, key=b"fuzz" * 8)
         self.protocol = ChatProtocol(self.state)
         self.transport = RecordingTransport(self.state)
         self.protocol.makeConnection(self.transport)  # type: ignore[arg-type]
-        self.applied(config.chat)
+        self.applied(chat)
 
     def applied(self, chat: ChatSettings) -> None:
         """Remember what was in force: members and rooms may outlive a

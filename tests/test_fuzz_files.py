@@ -1,8 +1,9 @@
 """
-Property-based fuzzing of the file server: arbitrary request streams, split
-at arbitrary points, through L{sockd.files.FileProtocol} on an in-memory
-transport; and arbitrary paths through L{sockd.paths.Root}.  Canary files
-sit beside and above the root: no byte of theirs may ever come back.
+Property-based fuzzing of the file server: arbitrary request streams
+(uploads included), split at arbitrary points, through
+L{sockd.files.FileProtocol} on an in-memory transport; and arbitrary paths
+through L{sockd.paths.Root}.  Canary files sit beside and above the root:
+no byte of theirs may ever come back, and nothing outside the root changes.
 """
 
 from __future__ import annotations
