@@ -120,7 +120,7 @@ def check(url: RedisURL, prefix: str, timeout: float = 3.0) -> int:
 class Store(Protocol):
     """What the federation asks of Redis; every answer is a Deferred."""
 
-    def publish(self, payload: str) -> bool: ...
+    def publish(self, payload: str, room: str = "", keep: int = 0) -> bool: ...
     def member(self, key: str, value: str | None) -> None: ...
     def claim(self, key: str, value: str, ttl: float) -> Deferred[bool]: ...
     def release(self, key: str, value: str) -> None: ...
@@ -129,7 +129,6 @@ class Store(Protocol):
     ) -> Deferred[list[int]]: ...
     def snapshot(self) -> Deferred[dict[str, dict[str, str]]]: ...
     def forget(self, node: str) -> None: ...
-    def remember(self, room: str, payload: str, keep: int) -> None: ...
     def set_topic(self, room: str, topic: str) -> None: ...
     def recall(self, room: str, keep: int) -> Deferred[tuple[str, list[str]]]: ...
 
@@ -317,9 +316,7 @@ class Federation(Backend, Service):
             self.stats["unsent"] += 1
             return
         event = {"k": kind, "r": room.name, "f": member.nick, "x": text}
-        payload = self._publish(event)
-        if payload is not None and self.history:
-            self.store.remember(room.name.lower(), payload, self.history)
+        self._publish(event, room.name.lower())
 
     def renamed(self, member: Member, old: str) -> None:
         old_key = old.lower()
@@ -507,17 +504,18 @@ class Federation(Backend, Service):
 
     # --- events ------------------------------------------------------------
 
-    def _publish(self, event: dict[str, str]) -> str | None:
+    def _publish(self, event: dict[str, str], history: str = "") -> None:
+        """Publish C{event}; kept in C{history}'s room history too if given."""
         if self.store is None or not self.connected:
             self.stats["unsent"] += 1
-            return None
+            return
         event["n"] = self.node
         payload = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-        if not self.store.publish(payload):
+        keep = self.history if history else 0
+        if not self.store.publish(payload, history, keep):
             self.stats["unsent"] += 1
-            return None
+            return
         self.stats["published"] += 1
-        return payload
 
     def _event(self, payload: Any) -> dict[str, str] | None:
         """An event from Redis, if it has the right size and form."""
@@ -686,6 +684,15 @@ for i = 3, #KEYS do
   end
 end
 return lost
+"""
+
+#: publish a room message and keep it in the room's history
+_SAY = """
+redis.call('publish', ARGV[1], ARGV[2])
+redis.call('rpush', KEYS[1], ARGV[2])
+redis.call('ltrim', KEYS[1], -tonumber(ARGV[3]), -1)
+redis.call('pexpire', KEYS[1], ARGV[4])
+return 1
 """
 
 _RELEASE = """
@@ -862,10 +869,15 @@ class RedisStore(Service):
 
     # --- Store ---------------------------------------------------------------
 
-    def publish(self, payload: str) -> bool:
+    def publish(self, payload: str, room: str = "", keep: int = 0) -> bool:
         if self.in_flight >= self.max_in_flight:
             return False  # Redis or the link is behind: shed, do not queue
-        self._fire("PUBLISH", self.channel, payload)
+        if room and keep:
+            # One round trip for the event and the room's history.
+            key = f"{self.prefix}hist:{room}"
+            self._fire("EVAL", _SAY, 1, key, self.channel, payload, keep, ROOM_TTL)
+        else:
+            self._fire("PUBLISH", self.channel, payload)
         return True
 
     def member(self, key: str, value: str | None) -> None:
@@ -946,12 +958,6 @@ class RedisStore(Service):
     def forget(self, node: str) -> None:
         self._fire("DEL", f"{self.prefix}node:{node}")
         self._fire("SREM", f"{self.prefix}nodes", node)
-
-    def remember(self, room: str, payload: str, keep: int) -> None:
-        key = f"{self.prefix}hist:{room}"
-        self._fire("RPUSH", key, payload)
-        self._fire("LTRIM", key, -keep, -1)
-        self._fire("PEXPIRE", key, ROOM_TTL)
 
     def set_topic(self, room: str, topic: str) -> None:
         self._fire("SET", f"{self.prefix}topic:{room}", topic, "PX", ROOM_TTL)

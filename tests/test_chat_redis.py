@@ -71,10 +71,13 @@ class FakeStore:
         self.redis = redis
         self.node = node
 
-    def publish(self, payload: str) -> bool:
+    def publish(self, payload: str, room: str = "", keep: int = 0) -> bool:
         if self.redis.full:
             return False
         self.redis.queue.append(payload)
+        if room and keep:
+            lines = (self.redis.get(f"hist:{room}") or []) + [payload]
+            self.redis.set(f"hist:{room}", lines[-keep:])
         return True
 
     def member(self, key: str, value: str | None) -> None:
@@ -121,10 +124,6 @@ class FakeStore:
     def forget(self, node: str) -> None:
         self.redis.data.pop(f"node:{node}", None)
         self.redis.set("nodes", (self.redis.get("nodes") or set()) - {node})
-
-    def remember(self, room: str, payload: str, keep: int) -> None:
-        lines = (self.redis.get(f"hist:{room}") or []) + [payload]
-        self.redis.set(f"hist:{room}", lines[-keep:])
 
     def set_topic(self, room: str, topic: str) -> None:
         self.redis.set(f"topic:{room}", topic)

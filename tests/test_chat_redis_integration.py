@@ -6,6 +6,7 @@ redis-server is not installed.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -212,6 +213,11 @@ def test_two_nodes_are_one_chat(redis: RedisServer) -> None:
         bob = member(b, "bob")
         clients += [ann, bob]
         ann.expect("is now known as bob")  # joined as guest-N-M
+        # Junk in Redis (a forged notice, a bogus node) reaches no one.
+        forged = {"n": "x", "k": "say", "r": "lobby", "f": "*** root", "x": "pwned"}
+        redis.command("PUBLISH", "test:events", json.dumps(forged))
+        redis.command("HSET", "test:node:zz", "eve", "no good\tlobby")
+        redis.command("SADD", "test:nodes", "zz")
         ann.send("hello from a")
         assert bob.expect("hello from a") == "<ann> hello from a"
         bob.send("/me waves")
@@ -223,6 +229,7 @@ def test_two_nodes_are_one_chat(redis: RedisServer) -> None:
         # The whole cluster in /who and /rooms.
         bob.send("/join dev")
         bob.expect("you joined #dev")
+        bob.send("early bird")
         ann.expect("bob left #lobby")
         # A direct message follows the "entered #dev" event on the same
         # channel: once it is in, node a knows where bob is.
@@ -236,6 +243,9 @@ def test_two_nodes_are_one_chat(redis: RedisServer) -> None:
         ), rooms
         ann.send("/join dev")
         bob.expect("ann joined #dev")
+        # #dev is new on node a: its history comes from Redis.
+        ann.expect("last 1 messages in #dev")
+        assert ann.expect("early bird") == "<bob> early bird"
         ann.send("/who")
         who = ann.expect("*** #dev (2)")
         assert "ann" in who and "bob" in who, who
@@ -250,6 +260,7 @@ def test_two_nodes_are_one_chat(redis: RedisServer) -> None:
         # Terminal safety holds across nodes: ESC never arrives raw.
         ann.send("\x1b[31mred")
         assert bob.expect("red") == "<ann> \ufffd[31mred"
+        assert not [line for line in ann.seen + bob.seen if "pwned" in line]
     finally:
         for client in clients:
             client.close()
