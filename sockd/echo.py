@@ -268,9 +268,7 @@ class EchoFactory(GuardedFactory):
     ) -> None:
         super().__init__(
             clock,
-            max_connections=settings.max_connections,
-            max_connections_per_ip=settings.max_connections_per_ip,
-            idle_timeout=settings.idle_timeout,
+            settings,
             request_timeout=settings.line_timeout,
             abort_grace=abort_grace,
         )
@@ -284,13 +282,7 @@ class EchoFactory(GuardedFactory):
 
     def reconfigure(self, settings: EchoSettings, shared: SockdSettings) -> None:
         """A reload: new connections get the new mode; limits apply now."""
-        self.set_limits(
-            max_connections=settings.max_connections,
-            max_connections_per_ip=settings.max_connections_per_ip,
-            idle_timeout=settings.idle_timeout,
-            request_timeout=settings.line_timeout,
-            abort_grace=shared.abort_grace,
-        )
+        self.set_limits(settings, settings.line_timeout, shared.abort_grace)
         self._apply(settings)
 
 

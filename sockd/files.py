@@ -904,9 +904,7 @@ class FileFactory(GuardedFactory):
         settings = state.settings
         super().__init__(
             clock,
-            max_connections=settings.max_connections,
-            max_connections_per_ip=settings.max_connections_per_ip,
-            idle_timeout=settings.idle_timeout,
+            settings,
             request_timeout=settings.request_timeout,
             abort_grace=abort_grace,
         )
@@ -917,13 +915,7 @@ class FileFactory(GuardedFactory):
 
     def reconfigure(self, settings: FileSettings, shared: SockdSettings) -> None:
         """A reload: limits and rules apply now (root and policies at restart)."""
-        self.set_limits(
-            max_connections=settings.max_connections,
-            max_connections_per_ip=settings.max_connections_per_ip,
-            idle_timeout=settings.idle_timeout,
-            request_timeout=settings.request_timeout,
-            abort_grace=shared.abort_grace,
-        )
+        self.set_limits(settings, settings.request_timeout, shared.abort_grace)
         self.state.reconfigure(settings)
 
     def metrics(self) -> list[Sample]:

@@ -374,22 +374,16 @@ class GuardedFactory(ServerFactory):
     def __init__(
         self,
         clock: IReactorTime,
+        settings: Any,
         *,
-        max_connections: int,
-        max_connections_per_ip: int,
-        idle_timeout: float,
         request_timeout: float,
         abort_grace: float,
     ) -> None:
         self.clock = clock
-        self.limiter = ConnectionLimiter(max_connections, max_connections_per_ip)
-        self.set_limits(
-            max_connections=max_connections,
-            max_connections_per_ip=max_connections_per_ip,
-            idle_timeout=idle_timeout,
-            request_timeout=request_timeout,
-            abort_grace=abort_grace,
+        self.limiter = ConnectionLimiter(
+            settings.max_connections, settings.max_connections_per_ip
         )
+        self.set_limits(settings, request_timeout, abort_grace)
         self.connections: set[GuardedProtocol] = set()
         self.accepted = 0
         self.timeouts: dict[str, int] = {}
@@ -397,18 +391,16 @@ class GuardedFactory(ServerFactory):
         self._drained: list[Deferred[None]] = []
 
     def set_limits(
-        self,
-        *,
-        max_connections: int,
-        max_connections_per_ip: int,
-        idle_timeout: float,
-        request_timeout: float,
-        abort_grace: float,
+        self, settings: Any, request_timeout: float, abort_grace: float
     ) -> None:
-        """New limits (a reload): they apply to new connections and timers."""
-        self.limiter.max_total = max_connections
-        self.limiter.max_per_peer = max_connections_per_ip
-        self.idle_timeout = idle_timeout
+        """
+        Take C{max_connections}, C{max_connections_per_ip} and
+        C{idle_timeout} from a service's settings (at start, and on a reload:
+        they apply to new connections and timers).
+        """
+        self.limiter.max_total = settings.max_connections
+        self.limiter.max_per_peer = settings.max_connections_per_ip
+        self.idle_timeout = settings.idle_timeout
         self.request_timeout = request_timeout
         self.abort_grace = abort_grace
 
