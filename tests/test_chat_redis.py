@@ -315,6 +315,16 @@ class NodeLossTests(Cluster):
         self.assertEqual(self.a.take(A2), ["*** you are now bob\n"])
         self.assertNotIn("b", self.redis.get("nodes"))
 
+    def test_a_silent_member_times_out_everywhere(self) -> None:
+        self.b.state.idle_timeout = 2.0
+        self.a.state.idle_timeout = 60.0
+        self.tick(3)  # node b keeps beating; bob says nothing
+        self.b.state.expire()
+        self.redis.flush()
+        self.assertEqual(self.a.take(A1), ["*** bob timed out from #lobby\n"])
+        self.assertIsNone(self.redis.get("nick:bob"))
+        self.assertEqual(self.a.federation.who("lobby"), [])
+
     def test_a_node_that_stops_says_so_at_once(self) -> None:
         self.b.federation.stopService()
         self.redis.flush()
