@@ -129,6 +129,12 @@ class Daemon:
         ]
 
     def start(self, timeout: float = 20.0) -> Daemon:
+        self.launch()
+        self.wait_for(self.READY, timeout)
+        return self
+
+    def launch(self) -> None:
+        """Start the process and collect its log; do not wait for anything."""
         self.process = subprocess.Popen(
             self.command(),
             stdout=subprocess.PIPE,
@@ -140,8 +146,6 @@ class Daemon:
             cwd=self.directory,
         )
         threading.Thread(target=self._drain, daemon=True).start()
-        self.wait_for(self.READY, timeout)
-        return self
 
     def _drain(self) -> None:
         assert self.process is not None and self.process.stdout is not None

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,17 +150,8 @@ class ActivatedDaemon(JournalDaemon):
         self.listen_port = port
 
     def launch(self) -> None:
-        self.process = subprocess.Popen(
-            self.command(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            errors="replace",
-            env=self.env,
-            cwd=self.directory,
-        )
-        threading.Thread(target=self._drain, daemon=True).start()
+        # The daemon starts on the first connection: wait for the tool only.
+        super().launch()
         self.wait_for(f"Listening on 127.0.0.1:{self.listen_port} as 3")
 
 
