@@ -359,13 +359,13 @@ class Ready(Service):
 class DaemonOptions(usage.Options):
     """
     Options every daemon shares: which INI file, and C{--set} overrides.
-    Subclasses name their C{section} and map their own options to keys in
-    C{keyOptions} (option name -> key); C{listOptions} accumulate.
+    Subclasses name their C{section}, map their own options to keys in
+    C{keyOptions} (option name -> key), and collect repeatable ones (such
+    as C{--listen}) with L{_add_list}.
     """
 
     section = ""
     keyOptions: dict[str, str] = {}
-    listOptions: dict[str, str] = {}
 
     optParameters: list[list[Any]] = [
         [
