@@ -101,8 +101,10 @@ def check(url: RedisURL, prefix: str, timeout: float = 3.0) -> int:
     number unique to this start (guest names are made with it).  Raises
     L{OSError} or L{ValueError} saying what failed.
     """
-    with socket.create_connection((url.host, url.port), timeout=timeout) as sock:
-        reader = sock.makefile("rb")
+    with (
+        socket.create_connection((url.host, url.port), timeout=timeout) as sock,
+        sock.makefile("rb") as reader,
+    ):
         words: list[tuple[str | int, ...]] = []
         if url.password is not None:
             words.append(("AUTH", url.password))

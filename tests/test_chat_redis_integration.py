@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from sockd.chat_redis import check, parse_url
 from tests.helpers import Daemon
 
 pytestmark = pytest.mark.integration
@@ -72,7 +73,8 @@ def free_port() -> int:
 class RedisServer:
     """redis-server on 127.0.0.1, no persistence, in a temporary directory."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *extra: str) -> None:
+        self.extra = list(extra)
         self.binary = need_redis()
         self.port = port or free_port()
         self.directory = Path(tempfile.mkdtemp(prefix="sockd-redis-"))
@@ -98,6 +100,7 @@ class RedisServer:
                 str(self.directory),
                 "--loglevel",
                 "notice",
+                *self.extra,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -140,7 +143,8 @@ class RedisServer:
                 raw = word.encode()
                 data += b"$%d\r\n%s\r\n" % (len(raw), raw)
             sock.sendall(data)
-            return sock.makefile("rb").readline()
+            with sock.makefile("rb") as reader:
+                return reader.readline()
 
 
 class ChatClient:
@@ -353,3 +357,19 @@ def test_no_redis_at_start_is_a_clear_error() -> None:
     assert code == 1
     assert f"chat cannot use Redis at {url}/0 ([chat] redis_url)" in message
     assert "Connection refused" in message
+
+
+def test_the_start_up_probe_authenticates_and_selects() -> None:
+    server = RedisServer(None, "--requirepass", "s3cret").start()
+    try:
+        good = parse_url(f"redis://:s3cret@127.0.0.1:{server.port}/3")
+        first = check(good, "test:")
+        assert check(good, "test:") == first + 1  # a new number each start
+        bad = parse_url(f"redis://:wrong@127.0.0.1:{server.port}/3")
+        with pytest.raises(ValueError, match="AUTH refused"):
+            check(bad, "test:")
+        with pytest.raises(ValueError, match="INCR refused: NOAUTH"):
+            check(parse_url(f"redis://127.0.0.1:{server.port}"), "test:")
+    finally:
+        server.stop()
+        shutil.rmtree(server.directory, ignore_errors=True)
