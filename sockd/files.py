@@ -223,17 +223,36 @@ class FileState:
         self.refused = 0
 
     def reconfigure(self, settings: FileSettings) -> None:
-        """A reload: new rules at once, except what the open root fixes."""
+        """
+        A reload: new rules at once; a new root (or symlink or hidden-file
+        policy) for requests from now on.  Transfers under way keep the files
+        they opened.  If the new root cannot be opened, the old one stays.
+        """
         old = self.settings
-        for key in ("root", "symlinks", "hidden"):
-            if getattr(old, key) != getattr(settings, key):
-                log.warn(
-                    "file: [file] {key} changed; it applies at the next restart",
-                    key=key,
+        if (settings.root, settings.symlinks, settings.hidden) != (
+            old.root,
+            old.symlinks,
+            old.hidden,
+        ):
+            try:
+                if settings.root is None:
+                    raise OSError("[file] root is not set")
+                root = Root(settings.root, settings.symlinks, settings.hidden)
+            except OSError as e:
+                log.error(
+                    "file: reload keeps serving {old}: cannot open {new}: {error}",
+                    old=str(old.root),
+                    new=str(settings.root),
+                    error=str(e),
                 )
-        self.settings = dataclasses.replace(
-            settings, root=old.root, symlinks=old.symlinks, hidden=old.hidden
-        )
+                settings = dataclasses.replace(
+                    settings, root=old.root, symlinks=old.symlinks, hidden=old.hidden
+                )
+            else:
+                previous, self.root = self.root, root
+                previous.close()
+                log.info("file: now serving {root}", root=str(settings.root))
+        self.settings = settings
         if settings.total_rate_limit != old.total_rate_limit:
             self.total_bucket = (
                 Bucket(settings.total_rate_limit, self.clock)
@@ -914,7 +933,7 @@ class FileFactory(GuardedFactory):
         return f"ERR 429 {reason}\r\n".encode()
 
     def reconfigure(self, settings: FileSettings, shared: SockdSettings) -> None:
-        """A reload: limits and rules apply now (root and policies at restart)."""
+        """A reload: limits, rules and the root apply to what comes next."""
         self.set_limits(settings, settings.request_timeout, shared.abort_grace)
         self.state.reconfigure(settings)
 

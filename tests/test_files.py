@@ -6,6 +6,7 @@ connections for the descriptor count.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -567,10 +568,12 @@ class LifecycleTests(Base):
         )
 
     def test_reconfigure(self) -> None:
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        second = self.base / "second"
+        second.mkdir()
+        (second / "fresh.txt").write_bytes(b"fresh\n")
         new = settings(
             file={
-                "root": str(self.base),
+                "root": str(second),
                 "enabled": "true",
                 "bare_errors": "line",
                 "max_connections": "7",
@@ -578,11 +581,22 @@ class LifecycleTests(Base):
             }
         )
         self.factory.reconfigure(new.file, new.sockd)
+        self.addCleanup(self.factory.state.root.close)
         self.assertEqual(self.factory.limiter.max_total, 7)
-        self.assertEqual(self.factory.state.settings.root, self.root)  # kept
+        self.assertEqual(self.factory.state.settings.root, second)
         self.assertIsNotNone(self.factory.state.total_bucket)
-        self.assertEqual(self.exchange(b"missing\n"), b"ERR 404 not found\r\n")
-        self.assertEqual([e.get("key") for e in events if e.get("key")], ["root"])
+        self.assertEqual(self.exchange(b"fresh.txt\n"), b"fresh\n")
+        self.assertEqual(self.exchange(b"notes.txt\n"), b"ERR 404 not found\r\n")
+
+    def test_reconfigure_keeps_a_root_it_cannot_open(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        gone = dataclasses.replace(
+            self.factory.state.settings, root=self.base / "gone", bare_errors="line"
+        )
+        self.factory.state.reconfigure(gone)
+        self.assertEqual(self.factory.state.settings.root, self.root)
+        self.assertEqual(self.exchange(b"notes.txt\n"), b"hello notes\n")
+        self.assertTrue(any("reload keeps serving" in e["log_format"] for e in events))
 
     def test_metrics(self) -> None:
         self.exchange(b"notes.txt\n")
