@@ -271,3 +271,44 @@ def test_uploads_full_disk_and_kill(writable: tuple[Daemon, Path]) -> None:
         daemon.process.wait(5)
     assert not (root / "cut.bin").exists()
     assert (root / "one.bin").read_bytes() == body
+
+
+def test_sigterm_during_a_transfer(tree: Path, tmp_path: Path) -> None:
+    """
+    SIGTERM while a client is part-way through 24 MiB: the listener closes,
+    the transfer finishes whole, then the daemon exits.
+    """
+    expected = (tree / "big.bin").read_bytes()
+    ini = f"""
+        [sockd]
+        shutdown_grace = 20
+        [file]
+        listen = tcp:0:interface=127.0.0.1
+        root = {tree}
+        """
+    with running("sockd-file", ini, directory=tmp_path) as d:
+        assert d.process is not None
+        port = d.port("file")
+        with socket.create_connection(("127.0.0.1", port), 10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.sendall(b"GET big.bin\n")
+            received = bytearray(s.recv(65536))
+            d.process.send_signal(signal.SIGTERM)
+            d.wait_for("letting work in flight finish")
+            # The listener closes (within a reactor turn or two) while this
+            # transfer goes on.
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), 1).close()
+                except OSError:
+                    break
+            else:
+                raise AssertionError("still accepting after SIGTERM")
+            while chunk := s.recv(1 << 20):
+                received += chunk
+        header, _, body = bytes(received).partition(b"\r\n")
+        assert header.startswith(b"OK %d size=%d " % (BIG, BIG))
+        # Then, being framed, it is told why the connection ends.
+        assert body == expected + b"ERR 503 shutting down\r\n"
+        assert d.process.wait(20) in (0, -signal.SIGTERM)
