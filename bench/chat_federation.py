@@ -26,6 +26,7 @@ import sys
 import time
 
 from bench import Server, raise_nofile, sockd_daemon
+from bench.chat import drain
 from tests.test_chat_redis_integration import RedisServer
 
 NODE_INI = """\
@@ -75,28 +76,6 @@ def member(port: int) -> socket.socket:
         if s.recv(4096).startswith(b"*** welcome, you are"):
             return s
     raise RuntimeError("no welcome")
-
-
-def drain(sockets: list[socket.socket], quiet: float = 0.5) -> None:
-    selector = selectors.DefaultSelector()
-    for s in sockets:
-        s.setblocking(False)
-        selector.register(s, selectors.EVENT_READ)
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            ready = selector.select(quiet)
-            if not ready:
-                return
-            for key, _ in ready:
-                sock: socket.socket = key.fileobj  # type: ignore[assignment]
-                try:
-                    while True:
-                        sock.recv(4096)
-                except BlockingIOError:
-                    pass
-    finally:
-        selector.close()
 
 
 def run(
@@ -200,7 +179,7 @@ def main() -> int:
         same = [member(a.ports["udp"]) for _ in range(half - 1)]
         cross = [member(b.ports["udp"]) for _ in range(opts.members - half)]
         sockets = [sender, *same, *cross]
-        drain(sockets)
+        drain(sockets, 0.5)
         groups = {"same-node": same, "cross-node": cross}
         sizes = {name: len(group) for name, group in groups.items()}
         for rate in (float(r) for r in opts.rates.split(",")):
@@ -209,7 +188,7 @@ def main() -> int:
                 run(sender, groups, rate, opts.seconds),
                 sizes,
             )
-            drain(sockets)
+            drain(sockets, 0.5)
     finally:
         for s in sockets:
             s.close()
