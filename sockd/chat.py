@@ -661,15 +661,22 @@ class ChatState:
         return True
 
     def _say(self, member: Member, text: str) -> None:
+        self._relay(member, "say", text)
+
+    def _relay(self, member: Member, kind: str, text: str) -> None:
+        """Say C{text} (plain, or a C{/me} action) to the member's room."""
         room = member.room
         if room is None:
             self._tell(member, b"*** error: you are in no room; /join ROOM\n")
             return
-        line = f"<{member.nick}> {text}\n".encode()
+        if kind == "me":
+            line = f"* {member.nick} {text}\n".encode()
+        else:
+            line = f"<{member.nick}> {text}\n".encode()
         if self._fanout(room, line, member):
             room.history.append(line)
             if self._federated:
-                self.backend.said(member, room, "say", text)
+                self.backend.said(member, room, kind, text)
         else:
             self._tell(member, b"*** error: the server is busy; not delivered\n")
 
@@ -781,15 +788,7 @@ class ChatState:
         if not argument:
             self._tell(member, b"*** error: usage: /me ACTION\n")
             return
-        room = member.room
-        if room is None:
-            self._tell(member, b"*** error: you are in no room; /join ROOM\n")
-            return
-        line = f"* {member.nick} {argument}\n".encode()
-        if self._fanout(room, line, member):
-            room.history.append(line)
-            if self._federated:
-                self.backend.said(member, room, "me", argument)
+        self._relay(member, "me", argument)
 
     def do_who(self, member: Member, argument: str) -> None:
         room = member.room

@@ -454,6 +454,21 @@ class LimitTests(SynchronousTestCase):
         self.assertLess(len(delivered), 10)
         self.assertGreater(state.stats["output_dropped"], 0)
 
+    def test_over_budget_is_told_for_text_and_actions(self) -> None:
+        state, out, clock = make(total_output_rate="5", max_room_members="3")
+        clock.advance(100)
+        for addr, nick in ((A, "alice"), (B, "bob"), (C, "carol")):
+            join(state, out, addr, nick)
+            clock.advance(100)
+        out.sent.clear()
+        busy = "*** error: the server is busy; not delivered\n"
+        for text in ("one more\n", "/me waves\n"):
+            # One token left: too few to relay to two, enough to say why.
+            state.output.tokens, state.output.stamp = 1.0, clock.seconds()
+            say(state, out, A, text)
+        self.assertEqual(out.to(A), [busy, busy])
+        self.assertEqual(out.to(B), [])
+
     def test_flooder_does_not_stop_others(self) -> None:
         state, out, clock = make(rate="5", burst="5")
         join(state, out, A, "alice")
