@@ -441,13 +441,18 @@ class LimitTests(SynchronousTestCase):
         say(state, out, A, "later\n")
         self.assertEqual(out.to(B)[-1], "<alice> later\n")
 
-    def test_global_output_budget(self) -> None:
+    def three_on_a_small_budget(self) -> tuple[ChatState, Recorder, Clock]:
+        """alice, bob and carol in one room; 5 datagrams/s for everyone."""
         state, out, clock = make(total_output_rate="5", max_room_members="3")
         clock.advance(100)
         for addr, nick in ((A, "alice"), (B, "bob"), (C, "carol")):
             join(state, out, addr, nick)
             clock.advance(100)
         out.sent.clear()
+        return state, out, clock
+
+    def test_global_output_budget(self) -> None:
+        state, out, clock = self.three_on_a_small_budget()
         for i in range(10):
             say(state, out, A, f"m{i}\n")
         delivered = [line for line in out.to(B) if line.startswith("<")]
@@ -455,12 +460,7 @@ class LimitTests(SynchronousTestCase):
         self.assertGreater(state.stats["output_dropped"], 0)
 
     def test_over_budget_is_told_for_text_and_actions(self) -> None:
-        state, out, clock = make(total_output_rate="5", max_room_members="3")
-        clock.advance(100)
-        for addr, nick in ((A, "alice"), (B, "bob"), (C, "carol")):
-            join(state, out, addr, nick)
-            clock.advance(100)
-        out.sent.clear()
+        state, out, clock = self.three_on_a_small_budget()
         busy = "*** error: the server is busy; not delivered\n"
         for text in ("one more\n", "/me waves\n"):
             # One token left: too few to relay to two, enough to say why.
