@@ -87,4 +87,10 @@ def build(config: Config, reactor: Any) -> list[IService]:
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    return make_daemon_service(options.config, ["chat"], reactor, loader=options.load)
+    return make_daemon_service(
+        options.config,
+        ["chat"],
+        reactor,
+        loader=options.load,
+        overrides=options.overrides,
+    )

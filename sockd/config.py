@@ -40,6 +40,8 @@ __all__ = [
 
 SYSTEM_CONFIG = "/etc/sockd/sockd.ini"
 ENV_VAR = "SOCKD_CONFIG"
+#: the most processes C{[sockd] workers} may ask for
+MAX_WORKERS = 256
 
 
 class ConfigError(Exception):
@@ -78,6 +80,18 @@ def integer(low: int, high: int) -> Parser:
         return value
 
     return parse
+
+
+def workers(text: str, base: Path) -> int:
+    """A process count, or C{auto}: one per CPU this process may run on."""
+    if text.strip().lower() == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    try:
+        return int(integer(1, MAX_WORKERS)(text, base))
+    except ValueError:
+        raise ValueError(
+            f"expected auto or a whole number from 1 to {MAX_WORKERS}"
+        ) from None
 
 
 def size(low: int, high: int) -> Parser:
@@ -265,6 +279,8 @@ class SockdSettings:
     abort_grace: float = 5.0
     #: seconds a stopping daemon lets work in flight finish (SIGTERM)
     shutdown_grace: float = 30.0
+    #: processes serving echo and file (this one included); see sockd.workers
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -362,6 +378,7 @@ SCHEMA: dict[str, dict[str, Parser]] = {
         "backlog": integer(1, 65535),
         "abort_grace": seconds(0.1, 600),
         "shutdown_grace": seconds(0, 3600),
+        "workers": workers,
     },
     "echo": {
         "enabled": boolean,

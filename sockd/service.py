@@ -12,6 +12,7 @@ import importlib
 import os
 import re
 import signal
+import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -21,7 +22,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import DatagramProtocol, Factory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -70,13 +71,36 @@ class Listener(Service):
         description: str,
         listen: Callable[[], Any],
         target: object = None,
+        adopt: Callable[[int, socket.AddressFamily], IListeningPort] | None = None,
     ) -> None:
         self.service = service
         self.description = description
         self._listen = listen
+        self._inherited = False
         #: the factory or datagram protocol serving this endpoint
         self.target = target
+        self._adopt = adopt
         self.setName(f"{service} {description}")
+
+    def inherit(self, fd: int) -> None:
+        """
+        Serve the socket at descriptor C{fd}, bound by another process (see
+        L{sockd.workers}), instead of binding.
+        """
+        adopt = self._adopt
+        if adopt is None:
+            raise ValueError(f"{self.service} {self.description} cannot be shared")
+
+        def listen() -> IListeningPort:
+            with socket.socket(fileno=os.dup(fd)) as probe:
+                family = probe.family
+            port = adopt(fd, family)
+            # Twisted serves a duplicate: the inherited descriptor can go.
+            os.close(fd)
+            return port
+
+        self._listen = listen
+        self._inherited = True
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -107,7 +131,9 @@ class Listener(Service):
             result = outcome[0]
         self.port = result
         kind, where = self.where()
-        log.info(
+        # A worker serving an inherited socket says so once, when ready.
+        log.emit(
+            LogLevel.debug if self._inherited else LogLevel.info,
             "{service}: listening on {kind} {where}",
             service=self.service,
             kind=kind,
@@ -150,7 +176,22 @@ def stream_listener(
     service: str, description: str, factory: Factory, reactor: Any, backlog: int
 ) -> Listener:
     endpoint = serverFromString(reactor, with_backlog(description, backlog))
-    return Listener(service, description, lambda: endpoint.listen(factory), factory)
+
+    def adopt(fd: int, family: socket.AddressFamily) -> IListeningPort:
+        served: Any = factory
+        # An ssl: endpoint wraps the factory as it listens; Twisted offers no
+        # public way to reach its TLS settings but this attribute.
+        context = getattr(endpoint, "_sslContextFactory", None)
+        if context is not None:
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            served = TLSMemoryBIOFactory(context, False, factory)
+        port: IListeningPort = reactor.adoptStreamPort(fd, family, served)
+        return port
+
+    return Listener(
+        service, description, lambda: endpoint.listen(factory), factory, adopt
+    )
 
 
 def datagram_listener(
@@ -161,11 +202,18 @@ def datagram_listener(
     max_packet_size: int,
 ) -> Listener:
     endpoint = parse_datagram(description)
+    size = endpoint.max_packet_size or max_packet_size
+
+    def adopt(fd: int, family: socket.AddressFamily) -> IListeningPort:
+        port: IListeningPort = reactor.adoptDatagramPort(fd, family, protocol, size)
+        return port
+
     return Listener(
         service,
         description,
         lambda: endpoint.listen(reactor, protocol, max_packet_size),
         protocol,
+        adopt,
     )
 
 
@@ -180,8 +228,19 @@ def make_daemon_service(
     sections: Sequence[str],
     reactor: Any = None,
     loader: Callable[[], Config] | None = None,
+    overrides: Mapping[str, Mapping[str, str]] | None = None,
+    *,
+    inherited: Mapping[tuple[str, str], int] | None = None,
 ) -> MultiService:
-    """One service holding the listeners of each of C{sections}."""
+    """
+    One service holding the listeners of each of C{sections}, and the
+    workers C{[sockd] workers} asks for (they load the same file with the
+    same C{overrides}).
+
+    In a worker, C{inherited} maps (section, description) to the descriptor
+    of the socket the main process bound: those are served; no metrics page,
+    no readiness notice and no further workers.
+    """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
@@ -189,15 +248,58 @@ def make_daemon_service(
     top = MultiService()
     for section in sections:
         for child in builder(section)(config, reactor):
+            if inherited is not None:
+                assert isinstance(child, Listener)
+                fd = inherited.get((child.service, child.description))
+                if fd is None:
+                    log.warn(
+                        "sockd: {service} {description} is not in the main "
+                        "process's listeners (the file changed?); not served "
+                        "here until a restart",
+                        service=child.service,
+                        description=child.description,
+                    )
+                    continue
+                child.inherit(fd)
             child.setServiceParent(top)
     lifecycle = Lifecycle(config, sections, reactor, loader)
+    if inherited is not None:
+        lifecycle.setServiceParent(top)
+        return top
+    sources: list[Callable[[], list[Any]]] = [
+        lambda: [target for _, target in lifecycle.targets()]
+    ]
+    if config.sockd.workers > 1:
+        from sockd import workers
+
+        shared = workers.shareable(sections)
+        if len(shared) < len(sections):
+            log.info(
+                "sockd: chat is served by the main process only: its members "
+                "and rooms live in one process{more}",
+                more="" if shared else "; no worker started",
+            )
+        if shared:
+            supervisor = workers.Workers(
+                config.sockd.workers - 1,
+                {
+                    "config": os.path.abspath(config.source),
+                    "overrides": {k: dict(v) for k, v in (overrides or {}).items()},
+                    "sections": shared,
+                    "metrics": config.metrics.enabled,
+                },
+                reactor,
+                grace=config.sockd.shutdown_grace + config.sockd.abort_grace + 5,
+            )
+            supervisor.setServiceParent(top)
+            sources.append(lambda: [supervisor])
     if config.metrics.enabled:
         from twisted.web.server import Site
 
         from sockd import metrics
 
         collector = metrics.SockdCollector(
-            lambda: [target for _, target in lifecycle.targets()], reactor
+            lambda: [source for each in sources for source in each()], reactor
         )
         site = Site(metrics.resource(collector))
         site.noisy = False
@@ -285,6 +387,10 @@ class Lifecycle(Service):
                 reconfigure(new_settings, new.sockd)
         self.config = new
         log.info("sockd: configuration reloaded from {source}", source=new.source)
+        for sibling in self.parent or ():
+            reloaded = getattr(sibling, "reloaded", None)
+            if reloaded is not None:
+                reloaded(new)
         return True
 
     def stopService(self) -> Deferred[Any] | None:

@@ -35,5 +35,9 @@ class Options(DaemonOptions):
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     return make_daemon_service(
-        options.config, options.enabled_sections(), reactor, loader=options.load
+        options.config,
+        options.enabled_sections(),
+        reactor,
+        loader=options.load,
+        overrides=options.overrides,
     )
