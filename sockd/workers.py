@@ -263,7 +263,12 @@ class Workers(Service):
             listeners.append(
                 {"section": section, "description": description, "fd": number}
             )
-        spec = {**self.spec, "index": index, "listeners": listeners}
+        spec = {
+            **self.spec,
+            "index": index,
+            "listeners": listeners,
+            "systemd": _systemd_record(),
+        }
         env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENVIRONMENT}
         env[SPEC_VARIABLE] = json.dumps(spec)
         # The worker must import this very sockd, wherever it was found.
@@ -371,6 +376,17 @@ class Workers(Service):
             done.callback(None)
 
 
+def _systemd_record() -> dict[str, Any] | None:
+    """How many sockets systemd passed this process, and their names."""
+    from twisted.internet.endpoints import _SystemdParser
+
+    record = _SystemdParser._sddaemon
+    count = len(record.inheritedDescriptors())
+    if not count:
+        return None
+    return {"count": count, "names": list(getattr(record, "_names", ()))}
+
+
 def _describe_exit(reason: Failure) -> str:
     if reason.check(ProcessDone):
         return "exited"
@@ -461,6 +477,17 @@ def main() -> None:
     observer = cast(ILogObserver, channel.log_event)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
+    systemd = spec.get("systemd")
+    if systemd:
+        from twisted.internet.endpoints import _SystemdParser
+        from twisted.python.systemd import ListenFDs
+
+        # systemd: descriptions must parse here as in the main process; the
+        # sockets themselves come from spec["listeners"], so these numbers
+        # are placeholders that no one may use.
+        _SystemdParser._sddaemon = ListenFDs(
+            [-1] * int(systemd["count"]), tuple(systemd["names"])
+        )
     overrides = spec.get("overrides") or {}
 
     def loader() -> _config.Config:

@@ -184,6 +184,35 @@ def test_socket_activation_tcp_and_udp() -> None:
         daemon.stop()
 
 
+def test_socket_activation_with_workers() -> None:
+    port = free_port_pair()
+    ini = (ROOT / "etc" / "sockd-socket-activated.ini").read_text()
+    daemon = ActivatedDaemon(port, ini + "\n[sockd]\nworkers = 2\n")
+    try:
+        daemon.launch()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as first:
+            first.sendall(b"activated\n")
+            daemon.wait_for(daemon.READY, 20)
+            assert first.recv(100) == b"ACTIVATED\n"
+        line = daemon.wait_for(r"sockd: worker 1 \(pid \d+\) serving echo TCP", 20)
+        worker = int(re.search(r"pid (\d+)", line).group(1))  # type: ignore[union-attr]
+        # The worker got systemd's sockets from the main process (its
+        # parent): with the main process stopped, it alone answers.
+        status = Path(f"/proc/{worker}/status").read_text()
+        main = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+        os.kill(main, signal.SIGSTOP)
+        try:
+            assert tcp_exchange(port, b"worker\n") == b"WORKER\n"
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.settimeout(5)
+                udp.sendto(b"datagram", ("127.0.0.1", port))
+                assert udp.recv(100) == b"DATAGRAM"
+        finally:
+            os.kill(main, signal.SIGCONT)
+    finally:
+        daemon.stop()
+
+
 def test_socket_activation_without_sockets_fails_clearly() -> None:
     ini = """
         [echo]
