@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import math
 from collections import OrderedDict
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "ConnectionLimiter",
     "GuardedFactory",
     "GuardedProtocol",
+    "IdleWheel",
     "RateLimiter",
     "Refusal",
     "TokenBucket",
@@ -178,6 +180,87 @@ class RateLimiter:
         return True
 
 
+def idle_granularity(timeout: float) -> float:
+    """
+    How coarsely L{IdleWheel} times an idle timeout of C{timeout} seconds:
+    to the second, or to a tenth of the timeout when that is shorter.
+    """
+    return min(1.0, timeout / 10)
+
+
+class IdleWheel:
+    """
+    The idle timers of one factory's connections, in coarse buckets: one
+    C{callLater} per bucket instead of a C{DelayedCall} per connection,
+    which costs memory for every idle connection and heap work on every
+    read.
+
+    A protocol is filed by its C{_due} (when it becomes idle-expired) in the
+    bucket checked at the first multiple of L{idle_granularity} at or after
+    it.  Data arriving only moves C{_due} (L{GuardedProtocol.touch}); when
+    the bucket is checked, a protocol due later is filed again, so each
+    connection is handled at most once per bucket, however busy it is.
+
+    Timing: an idle connection is closed no earlier than its idle timeout
+    after its last data and no later than the timeout plus one granularity.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        #: bucket time -> the protocols filed there, and its one timer; keyed
+        #: by time, not by a tick number, so buckets filed with the
+        #: granularities before and after a reload cannot be mixed up
+        self._buckets: dict[float, set[GuardedProtocol]] = {}
+        self._calls: dict[float, IDelayedCall] = {}
+
+    def add(self, protocol: GuardedProtocol, after: float = -math.inf) -> None:
+        """
+        File C{protocol} by its C{_due}, with the granularity of its
+        factory's idle timeout now, in a bucket later than C{after}.
+        """
+        granularity = protocol.factory.idle_granularity
+        slot = math.ceil(protocol._due / granularity) * granularity
+        if slot <= after:
+            # Rounding put it back in the bucket being checked: next one.
+            slot = after + granularity
+        members = self._buckets.get(slot)
+        if members is None:
+            members = self._buckets[slot] = set()
+            delay = max(0.0, slot - self.clock.seconds())
+            self._calls[slot] = self.clock.callLater(delay, self._check, slot)
+        members.add(protocol)
+        protocol._slot = slot
+
+    def remove(self, protocol: GuardedProtocol) -> None:
+        """Forget C{protocol}; a bucket left empty takes its timer along."""
+        slot = protocol._slot
+        if slot is None:
+            return
+        protocol._slot = None
+        members = self._buckets.get(slot)
+        if members is None:
+            return  # that bucket is being checked right now
+        members.discard(protocol)
+        if not members:
+            del self._buckets[slot]
+            self._calls.pop(slot).cancel()
+
+    def _check(self, slot: float) -> None:
+        members = self._buckets.pop(slot)
+        del self._calls[slot]
+        now = self.clock.seconds()
+        for protocol in members:
+            if protocol._slot != slot:
+                continue  # lost while another here was timed out
+            protocol._slot = None
+            if protocol.closing:
+                continue  # close() has its own timer, and idleness is moot
+            if protocol._due > now:
+                self.add(protocol, after=slot)  # touched since it was filed
+            else:
+                protocol._timedOut("idle")
+
+
 @implementer(IHalfCloseableProtocol)
 class GuardedProtocol(Protocol):
     """
@@ -191,7 +274,10 @@ class GuardedProtocol(Protocol):
     """
 
     factory: GuardedFactory
-    _idle: IDelayedCall | None = None
+    #: when the connection becomes idle-expired, and the time of the
+    #: L{IdleWheel} bucket it is filed in (None: not filed)
+    _due = 0.0
+    _slot: float | None = None
     _deadline: IDelayedCall | None = None
     _abort: IDelayedCall | None = None
     _key: str | None = None
@@ -208,14 +294,23 @@ class GuardedProtocol(Protocol):
         # write buffer drains; without this a sender that never reads grows
         # the buffer without bound.
         transport.registerProducer(transport, True)  # type: ignore[attr-defined]
-        self._idle = self.factory.clock.callLater(
-            self.factory.idle_timeout, self._timedOut, "idle"
-        )
+        self._due = self._opened + self.factory.idle_timeout
+        self.factory.idle_wheel.add(self)
 
     def touch(self) -> None:
-        """Data arrived: restart the idle timer."""
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(self.factory.idle_timeout)
+        """
+        Data arrived: restart the idle timer.  Cheap on purpose: it only
+        moves C{_due}, and the factory's L{IdleWheel} notices when it
+        checks the bucket.  A reloaded idle timeout applies from here on.
+        """
+        factory = self.factory
+        self._due = due = factory.clock.seconds() + factory.idle_timeout
+        slot = self._slot
+        # Filed too late for the new due only when a reload shortened the
+        # timeout: file it again, or it would outlive the new timeout.
+        if slot is not None and slot - due >= factory.idle_granularity:
+            factory.idle_wheel.remove(self)
+            factory.idle_wheel.add(self)
 
     def startDeadline(self) -> None:
         """A request has begun; it must complete within the request timeout."""
@@ -293,10 +388,11 @@ class GuardedProtocol(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        for call in (self._idle, self._deadline, self._abort):
+        self.factory.idle_wheel.remove(self)
+        for call in (self._deadline, self._abort):
             if call is not None and call.active():
                 call.cancel()
-        self._idle = self._deadline = self._abort = None
+        self._deadline = self._abort = None
         log.info(
             "{service}: {peer} disconnected after {duration:.3f}s: {outcome}",
             service=self.factory.service_name,
@@ -380,6 +476,8 @@ class GuardedFactory(ServerFactory):
         abort_grace: float,
     ) -> None:
         self.clock = clock
+        # Every connection's idle timer: a few timers, not one each.
+        self.idle_wheel = IdleWheel(clock)
         self.limiter = ConnectionLimiter(
             settings.max_connections, settings.max_connections_per_ip
         )
@@ -396,11 +494,14 @@ class GuardedFactory(ServerFactory):
         """
         Take C{max_connections}, C{max_connections_per_ip} and
         C{idle_timeout} from a service's settings (at start, and on a reload:
-        they apply to new connections and timers).
+        they apply to new connections and timers; a new idle timeout applies
+        to an open connection from the next data it sends).
         """
         self.limiter.max_total = settings.max_connections
         self.limiter.max_per_peer = settings.max_connections_per_ip
         self.idle_timeout = settings.idle_timeout
+        # Kept next to the timeout: touch() reads it on every read.
+        self.idle_granularity = idle_granularity(settings.idle_timeout)
         self.request_timeout = request_timeout
         self.abort_grace = abort_grace
 
