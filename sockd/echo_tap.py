@@ -70,7 +70,9 @@ def build(config: Config, reactor: Any) -> list[IService]:
         # rather than silently truncated to the limit.
         size = settings.udp_max_datagram + 1
         services += [
-            datagram_listener("echo", description, protocol, reactor, size)
+            datagram_listener(
+                "echo", description, protocol, reactor, size, config.sockd.workers > 1
+            )
             for description in settings.listen_udp
         ]
     return services

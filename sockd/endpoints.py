@@ -21,7 +21,7 @@ from twisted.internet.endpoints import _SystemdParser
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 
-__all__ = ["DatagramEndpoint", "inherited_fds", "parse_datagram"]
+__all__ = ["DatagramEndpoint", "bind_reusing_port", "inherited_fds", "parse_datagram"]
 
 #: systemd passes sockets from this descriptor on (sd_listen_fds(3))
 SD_LISTEN_FDS_START = 3
@@ -39,7 +39,11 @@ class DatagramEndpoint:
     max_packet_size: int | None = None
 
     def listen(
-        self, reactor: Any, protocol: DatagramProtocol, max_packet_size: int
+        self,
+        reactor: Any,
+        protocol: DatagramProtocol,
+        max_packet_size: int,
+        reuse_port: bool = False,
     ) -> IListeningPort:
         size = self.max_packet_size or max_packet_size
         if self.systemd_index is not None:
@@ -68,10 +72,43 @@ class DatagramEndpoint:
             )
             return port
         assert self.port is not None
+        if reuse_port:
+            host = self.interface or ("::" if self.family == socket.AF_INET6 else "")
+            return bind_reusing_port(
+                reactor, protocol, size, self.family, host, self.port
+            )
         udp: IListeningPort = reactor.listenUDP(
             self.port, protocol, interface=self.interface, maxPacketSize=size
         )
         return udp
+
+
+def bind_reusing_port(
+    reactor: Any,
+    protocol: DatagramProtocol,
+    max_packet_size: int,
+    family: socket.AddressFamily,
+    host: str,
+    port: int,
+) -> IListeningPort:
+    """
+    Bind a datagram socket with C{SO_REUSEPORT}: each process of this user
+    binding the same address so gets a socket of its own, and the kernel
+    gives each source address to one of them.  (One socket shared by several
+    processes would wake them all for every datagram.)
+    """
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setblocking(False)
+        sock.bind((host, port))
+        # Twisted serves a duplicate of the descriptor.
+        udp: IListeningPort = reactor.adoptDatagramPort(
+            sock.fileno(), family, protocol, max_packet_size
+        )
+        return udp
+    finally:
+        sock.close()
 
 
 def inherited_fds() -> list[int]:

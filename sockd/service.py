@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from sockd import config as _config
 from sockd.config import Config, ConfigError
-from sockd.endpoints import parse_datagram
+from sockd.endpoints import bind_reusing_port, parse_datagram
 from sockd.logs import prefer_journal
 from sockd.notify import Notifier
 
@@ -72,6 +72,7 @@ class Listener(Service):
         listen: Callable[[], Any],
         target: object = None,
         adopt: Callable[[int, socket.AddressFamily], IListeningPort] | None = None,
+        rebind: Callable[[str, int], IListeningPort] | None = None,
     ) -> None:
         self.service = service
         self.description = description
@@ -80,7 +81,26 @@ class Listener(Service):
         #: the factory or datagram protocol serving this endpoint
         self.target = target
         self._adopt = adopt
+        self._rebind = rebind
         self.setName(f"{service} {description}")
+
+    def rebind(self, host: str, port: int) -> None:
+        """
+        Bind a socket of our own beside the main process's, sharing its
+        address (C{SO_REUSEPORT}, see L{datagram_listener}).
+        """
+        bind = self._rebind
+        if bind is None:
+            raise ValueError(f"{self.service} {self.description} cannot be shared")
+        self._listen = lambda: bind(host, port)
+        self._inherited = True
+
+    def shared_address(self) -> tuple[str, int] | None:
+        """Where workers bind beside us, or None if they inherit the socket."""
+        if self._rebind is None or self.port is None:
+            return None
+        address: Any = self.port.getHost()
+        return str(address.host), int(address.port)
 
     def inherit(self, fd: int) -> None:
         """
@@ -200,7 +220,13 @@ def datagram_listener(
     protocol: DatagramProtocol,
     reactor: Any,
     max_packet_size: int,
+    reuse_port: bool = False,
 ) -> Listener:
+    """
+    With C{reuse_port} (C{[sockd] workers} > 1), a UDP port is bound with
+    C{SO_REUSEPORT} and each worker binds its own socket beside it; a socket
+    passed by systemd is shared as it is.
+    """
     endpoint = parse_datagram(description)
     size = endpoint.max_packet_size or max_packet_size
 
@@ -208,12 +234,17 @@ def datagram_listener(
         port: IListeningPort = reactor.adoptDatagramPort(fd, family, protocol, size)
         return port
 
+    def rebind(host: str, port: int) -> IListeningPort:
+        return bind_reusing_port(reactor, protocol, size, endpoint.family, host, port)
+
+    reusing = reuse_port and endpoint.systemd_index is None
     return Listener(
         service,
         description,
-        lambda: endpoint.listen(reactor, protocol, max_packet_size),
+        lambda: endpoint.listen(reactor, protocol, max_packet_size, reusing),
         protocol,
         adopt,
+        rebind if reusing else None,
     )
 
 
@@ -230,7 +261,7 @@ def make_daemon_service(
     loader: Callable[[], Config] | None = None,
     overrides: Mapping[str, Mapping[str, str]] | None = None,
     *,
-    inherited: Mapping[tuple[str, str], int] | None = None,
+    inherited: Mapping[tuple[str, str], int | tuple[str, int]] | None = None,
 ) -> MultiService:
     """
     One service holding the listeners of each of C{sections}, and the
@@ -238,8 +269,9 @@ def make_daemon_service(
     same C{overrides}).
 
     In a worker, C{inherited} maps (section, description) to the descriptor
-    of the socket the main process bound: those are served; no metrics page,
-    no readiness notice and no further workers.
+    of the socket the main process bound, or to the (host, port) to bind
+    beside it: those are served; no metrics page, no readiness notice and
+    no further workers.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -260,7 +292,10 @@ def make_daemon_service(
                         description=child.description,
                     )
                     continue
-                child.inherit(fd)
+                if isinstance(fd, int):
+                    child.inherit(fd)
+                else:
+                    child.rebind(*fd)
             child.setServiceParent(top)
     lifecycle = Lifecycle(config, sections, reactor, loader)
     if inherited is not None:

@@ -6,8 +6,13 @@ binds every listener as usual (or adopts what systemd passed), serves like a
 single-process daemon, and starts N-1 workers, C{python -m sockd.workers},
 each inheriting the echo and file listening sockets and adopting them: the
 kernel hands each new connection (or datagram) to whichever process accepts
-it first.  Chat and the metrics page stay in the main process (a chat
-room's members live in one process's memory).
+it first.  UDP ports are the exception: the main process binds them with
+C{SO_REUSEPORT} and each worker binds a socket of its own beside it, since
+one datagram socket read by several processes wakes them all for every
+datagram; the kernel gives each client address to one of the sockets.
+(A UDP socket passed by systemd is shared as it is.)  Chat and the metrics
+page stay in the main process (a chat room's members live in one process's
+memory).
 
 The main process supervises (L{Workers}):
 
@@ -225,19 +230,26 @@ class Workers(Service):
         self._kill: IDelayedCall | None = None
         self.setName("workers")
 
-    def inherited(self) -> list[tuple[str, str, int]]:
-        """(section, description, fd) of each listener the workers share."""
+    def inherited(self) -> list[tuple[str, str, int | tuple[str, int]]]:
+        """
+        (section, description, what) of each listener the workers share:
+        what is the descriptor they inherit, or the (host, port) they bind
+        beside ours (UDP, see L{sockd.service.datagram_listener}).
+        """
         from sockd.service import Listener
 
-        shared = []
+        shared: list[tuple[str, str, int | tuple[str, int]]] = []
         for child in self.parent or ():
             if (
                 isinstance(child, Listener)
                 and child.service in self.spec["sections"]
                 and child.port is not None
             ):
+                address = child.shared_address()
                 fileno: Any = getattr(child.port, "fileno", None)
-                if fileno is not None:
+                if address is not None:
+                    shared.append((child.service, child.description, address))
+                elif fileno is not None:
                     shared.append((child.service, child.description, fileno()))
         return shared
 
@@ -258,11 +270,16 @@ class Workers(Service):
         shared = self.inherited()
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         listeners = []
-        for number, (section, description, fd) in enumerate(shared, start=3):
-            child_fds[number] = fd
-            listeners.append(
-                {"section": section, "description": description, "fd": number}
-            )
+        number = 3
+        for section, description, what in shared:
+            entry: dict[str, Any] = {"section": section, "description": description}
+            if isinstance(what, int):
+                child_fds[number] = what
+                entry["fd"] = number
+                number += 1
+            else:
+                entry["address"] = list(what)
+            listeners.append(entry)
         spec = {
             **self.spec,
             "index": index,
@@ -497,8 +514,12 @@ def main() -> None:
         config = loader()
     except _config.ConfigError as e:
         raise SystemExit(f"sockd: {e}") from None
-    inherited = {
-        (entry["section"], entry["description"]): int(entry["fd"])
+    inherited: dict[tuple[str, str], int | tuple[str, int]] = {
+        (entry["section"], entry["description"]): (
+            int(entry["fd"])
+            if "fd" in entry
+            else (str(entry["address"][0]), int(entry["address"][1]))
+        )
         for entry in spec["listeners"]
     }
     top = make_daemon_service(

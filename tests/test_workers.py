@@ -7,6 +7,7 @@ import os
 import socket
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
@@ -24,7 +25,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from sockd import config, metrics, tap, workers
 from sockd.config import ConfigError
 from sockd.echo import EchoFactory
-from sockd.service import Listener, make_daemon_service, stream_listener
+from sockd.service import (
+    Listener,
+    datagram_listener,
+    make_daemon_service,
+    stream_listener,
+)
 from tests.helpers import settings, tempdir
 
 
@@ -85,6 +91,9 @@ class FakePort:
     def fileno(self) -> int:
         return self.fd
 
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", "127.0.0.1", 9001)
+
 
 def end(spawned: dict[str, Any], code: int | None = 0, signal: int = 0) -> None:
     spawned["process"].gone = True
@@ -95,8 +104,11 @@ def end(spawned: dict[str, Any], code: int | None = 0, signal: int = 0) -> None:
     spawned["protocol"].processEnded(reason)
 
 
-def listener(service: str, description: str, fd: int) -> Listener:
-    child = Listener(service, description, lambda: None)
+def listener(
+    service: str, description: str, fd: int, reuse_port: bool = False
+) -> Listener:
+    rebind = (lambda host, port: None) if reuse_port else None
+    child = Listener(service, description, lambda: None, rebind=rebind)  # type: ignore[arg-type,return-value]
     child.port = FakePort(fd)  # type: ignore[assignment]
     return child
 
@@ -148,8 +160,9 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.spawned), 2)
         first = self.reactor.spawned[0]
         self.assertEqual(first["args"], ["/usr/bin/python3", "-m", "sockd.workers"])
-        # Chat (fd 12) and metrics (fd 13) stay in the main process.
-        self.assertEqual(first["fds"], {0: "w", 1: "r", 2: "r", 3: 10, 4: 11, 5: 14})
+        # Chat (fd 12) and metrics (fd 13) stay in the main process; the UDP
+        # port is bound again beside ours, not inherited.
+        self.assertEqual(first["fds"], {0: "w", 1: "r", 2: "r", 3: 10, 4: 14})
         spec = json.loads(first["env"][workers.SPEC_VARIABLE])
         self.assertEqual(spec["index"], 1)
         self.assertEqual(spec["config"], "/etc/sockd/sockd.ini")
@@ -158,8 +171,12 @@ class SupervisorTests(SynchronousTestCase):
             spec["listeners"],
             [
                 {"section": "echo", "description": "tcp:9000", "fd": 3},
-                {"section": "echo", "description": "udp:9001", "fd": 4},
-                {"section": "file", "description": "tcp:8898", "fd": 5},
+                {
+                    "section": "echo",
+                    "description": "udp:9001",
+                    "address": ["127.0.0.1", 9001],
+                },
+                {"section": "file", "description": "tcp:8898", "fd": 4},
             ],
         )
         # systemd's notification socket speaks for the main process only.
@@ -310,7 +327,7 @@ def make_tree() -> Any:
     top = MultiService()
     for child in (
         listener("echo", "tcp:9000", 10),
-        listener("echo", "udp:9001", 11),
+        listener("echo", "udp:9001", 11, reuse_port=True),
         listener("chat", "udp:8001", 12),
         listener("metrics", "tcp:9102", 13),
         listener("file", "tcp:8898", 14),
@@ -391,6 +408,65 @@ class AdoptionTests(SynchronousTestCase):
         ((_, _, served),) = reactor.adoptedPorts
         self.assertIsInstance(served, TLSMemoryBIOFactory)
         self.assertIs(served.wrappedFactory, factory)
+
+
+class DupReactor(MemoryReactorClock):
+    """Adopts datagram sockets as the real reactor does: a duplicate."""
+
+    def adoptDatagramPort(self, fd: int, family: Any, *args: Any) -> Any:
+        kept = socket.socket(family, socket.SOCK_DGRAM, fileno=os.dup(fd))
+        self.kept.append(kept)
+
+        class Port:
+            def getHost(self) -> IPv4Address:
+                return IPv4Address("UDP", *kept.getsockname())
+
+        return Port()
+
+    kept: list[socket.socket]
+
+
+class ReusePortTests(SynchronousTestCase):
+    def test_workers_bind_udp_beside_the_main_process(self) -> None:
+        from sockd.echo import DatagramEcho
+
+        reactor = DupReactor()
+        reactor.kept = []
+        self.addCleanup(lambda: [s.close() for s in reactor.kept])
+        conf = settings(
+            "[sockd]\nworkers = 2\n",
+            echo={"listen": "", "listen_udp": "udp:0:interface=127.0.0.1"},
+        )
+        protocol = DatagramEcho(conf.echo, reactor)  # type: ignore[arg-type]
+        main = datagram_listener(
+            "echo", "udp:0:interface=127.0.0.1", protocol, reactor, 100, True
+        )
+        main.startService()
+        host, port = reactor.kept[0].getsockname()
+        # Without SO_REUSEPORT a second socket could not bind there.
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as plain,
+            self.assertRaises(OSError),
+        ):
+            plain.bind((host, port))
+        worker = datagram_listener(
+            "echo", "udp:0:interface=127.0.0.1", protocol, reactor, 100, True
+        )
+        worker.rebind(host, port)
+        worker.startService()
+        self.assertEqual(reactor.kept[1].getsockname(), (host, port))
+
+    def test_systemd_sockets_are_inherited_not_rebound(self) -> None:
+        reactor = MemoryReactorClock()
+        child = datagram_listener(
+            "echo",
+            "systemd:domain=INET:index=1",
+            object(),
+            reactor,
+            100,
+            True,  # type: ignore[arg-type]
+        )
+        self.assertIsNone(child._rebind)
 
 
 class TreeTests(SynchronousTestCase):

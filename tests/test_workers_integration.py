@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import signal
 import socket
 import ssl
@@ -100,13 +101,6 @@ def echo(daemon: Daemon, data: bytes) -> bytes:
     return tcp_exchange(daemon.port("echo"), data)
 
 
-def udp_echo(port: int, data: bytes) -> bytes:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(5)
-        s.sendto(data, ("127.0.0.1", port))
-        return s.recv(65536)
-
-
 def tls_echo(port: int, directory: Path) -> bytes:
     context = ssl.create_default_context(cafile=str(directory / "cert.pem"))
     with (
@@ -147,13 +141,27 @@ def test_workers_serve_the_shared_sockets(daemon: Daemon) -> None:
         for n in range(10):
             answer = echo(daemon, b"line %d\n" % n)
             assert answer == b"LINE %d\n" % n
-        assert udp_echo(daemon.port("echo", "UDP"), b"datagram") == b"DATAGRAM"
+        # UDP: a socket per process (SO_REUSEPORT), each client address
+        # given to one of them; of 16 clients some reach a worker at once.
+        clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(16)]
+        for n, client in enumerate(clients):
+            client.sendto(b"datagram %d" % n, ("127.0.0.1", daemon.port("echo", "UDP")))
+        early = select.select(clients, [], [], 5)[0]
+        assert early
         assert tls_echo(daemon.port("echo", "TCP", 1), daemon.directory) == (
             b"OVER TLS\n"
         )
         assert tcp_exchange(daemon.port("file"), b"hello.txt\r\n") == (
             b"hello from the root\n"
         )
+    # The rest were queued for the main process, which answers them now.
+    try:
+        for n, client in enumerate(clients):
+            client.settimeout(5)
+            assert client.recv(100) == b"DATAGRAM %d" % n
+    finally:
+        for client in clients:
+            client.close()
     # Chat is served by the main process alone, as before.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(5)
