@@ -14,6 +14,7 @@ All traffic stays on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -212,19 +213,42 @@ class Server:
         assert self.process is not None
         return self.process.pid
 
+    def pids(self) -> list[int]:
+        """The server's process and its children (sockd's workers)."""
+        found = [self.pid]
+        for pid in found:
+            with contextlib.suppress(OSError):
+                path = f"/proc/{pid}/task/{pid}/children"
+                found.extend(int(p) for p in Path(path).read_text().split())
+        return found
+
     def rss(self) -> int:
-        """Resident memory in bytes (VmRSS)."""
-        text = Path(f"/proc/{self.pid}/status").read_text()
-        match = re.search(r"VmRSS:\s+(\d+) kB", text)
-        return int(match.group(1)) * 1024 if match else 0
+        """Resident memory in bytes (VmRSS), summed over L{pids}."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                text = Path(f"/proc/{pid}/status").read_text()
+                match = re.search(r"VmRSS:\s+(\d+) kB", text)
+                total += int(match.group(1)) * 1024 if match else 0
+        return total
 
     def cpu(self) -> float:
-        """CPU seconds used so far (user + system)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
+        """CPU seconds used so far (user + system), summed over L{pids}."""
+        total = 0.0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                fields = stat.rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / TICKS
+        return total
 
     def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        """Open descriptors, summed over L{pids}."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                total += len(os.listdir(f"/proc/{pid}/fd"))
+        return total
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -242,7 +266,12 @@ def python_server(name: str, module: str, *args: str) -> Server:
 
 
 def sockd_daemon(
-    name: str, tapname: str, ini: str, prelude: str = "", services: int = 1
+    name: str,
+    tapname: str,
+    ini: str,
+    prelude: str = "",
+    services: int = 1,
+    ready: str = r"sockd: ready",
 ) -> Server:
     """
     A real C{twistd -n TAPNAME} with C{ini} as its configuration.  C{prelude}
@@ -257,7 +286,7 @@ def sockd_daemon(
     return Server(
         name,
         [*argv, tapname, "--config", str(config)],
-        r"sockd: ready",
+        ready,
         directory,
     )
 

@@ -39,6 +39,7 @@ DEPTH = 128
 SOCKD_INI = """\
     [sockd]
     backlog = 1024
+    workers = {workers}
 
     [echo]
     listen = tcp:0:interface=127.0.0.1
@@ -61,10 +62,18 @@ NO_EAGER = (
 )
 
 
-def sockd_echo(name: str, mode: str, prelude: str = "", udp: bool = True) -> Server:
+def sockd_echo(
+    name: str, mode: str, prelude: str = "", udp: bool = True, workers: int = 1
+) -> Server:
     listen_udp = "udp:0:interface=127.0.0.1" if udp else ""
-    ini = SOCKD_INI.format(mode=mode, udp=listen_udp)
-    return sockd_daemon(name, "sockd-echo", ini, prelude)
+    ini = SOCKD_INI.format(mode=mode, udp=listen_udp, workers=workers)
+    # With workers, ready once the last one serves.
+    ready = rf"worker {workers - 1} \(pid \d+\) serving" if workers > 1 else None
+    return sockd_daemon(name, "sockd-echo", ini, prelude, **_ready(ready))
+
+
+def _ready(pattern: str | None) -> dict[str, str]:
+    return {"ready": pattern} if pattern else {}
 
 
 def uvloop_available() -> bool:
@@ -81,6 +90,9 @@ SERVERS: dict[str, Callable[[], Server]] = {
         "sockd line, no eager write", "line", NO_EAGER, udp=False
     ),
     "sockd raw": lambda: sockd_echo("sockd raw", "raw", udp=False),
+    "sockd line, 2 workers": lambda: sockd_echo(
+        "sockd line, 2 workers", "line", workers=2
+    ),
     "asyncio line": lambda: python_server("asyncio line", "bench.ref_echo_asyncio"),
     "asyncio raw": lambda: python_server(
         "asyncio raw", "bench.ref_echo_asyncio", "--raw"
@@ -205,7 +217,7 @@ def fresh(name: str) -> Iterator[Server]:
 
 
 def idle(
-    contenders: dict[str, str], count: int, opts: argparse.Namespace
+    contenders: dict[str, str], count: int, opts: argparse.Namespace, suffix: str = ""
 ) -> list[Result]:
     """
     C{count} connections opened at once against a fresh server each round,
@@ -224,7 +236,7 @@ def idle(
     return [
         Result(
             "echo",
-            f"idle {count}: accept all",
+            f"idle {count}{suffix}: accept all",
             "s",
             seconds,
             paired_ratios(seconds),
@@ -234,7 +246,7 @@ def idle(
         ),
         Result(
             "echo",
-            f"idle {count}: memory/conn",
+            f"idle {count}{suffix}: memory/conn",
             "B",
             memory,
             paired_ratios(memory),
@@ -325,9 +337,32 @@ def main() -> int:
                 line_goals,
             )
     loads[f"raw pipelined {DEPTH}, 100 conns"] = (raw, "tcp", 100, DEPTH, {})
+    # [sockd] workers = 2 against one process: the gain from the second core
+    # (which the load generator shares on a 2-core machine).
+    two = {
+        "sockd": "sockd line, 2 workers",
+        "sockd, 1 process": "sockd line",
+        "asyncio": "asyncio line",
+    }
+    gain = {"sockd, 1 process": 1.1}
+    loads["line request/response, 100 conns, 2 workers"] = (two, "tcp", 100, 1, gain)
+    loads[f"line pipelined {DEPTH}, 100 conns, 2 workers"] = (
+        two,
+        "tcp",
+        100,
+        DEPTH,
+        gain,
+    )
     # 128 datagrams in flight: more overflows the receive buffers and the
     # run measures loss and re-sending instead.
     loads["udp 64 B, 16 sockets x 8"] = (udp, "udp", 16, 8, udp_goals)
+    udp_two = {
+        "sockd": "sockd line, 2 workers",
+        "sockd, 1 process": "sockd line",
+        **({"uvloop": "uvloop udp"} if uv else {}),
+    }
+    # No goal: on 2 cores the load generator takes most of the second one.
+    loads["udp 64 B, 16 sockets x 8, 2 workers"] = (udp_two, "udp", 16, 8, {})
 
     pool = Pool()
 
@@ -338,6 +373,13 @@ def main() -> int:
     scenarios = [(name, load(name)) for name in loads]
     idle_who = {"sockd": "sockd line", "asyncio": "asyncio line", "C epoll": "C epoll"}
     scenarios.append((f"idle {idle_count}", lambda: idle(idle_who, idle_count, opts)))
+    idle_two = {"sockd": "sockd line, 2 workers", "sockd, 1 process": "sockd line"}
+    scenarios.append(
+        (
+            f"idle {idle_count}, 2 workers",
+            lambda: idle(idle_two, idle_count, opts, " (2 workers)"),
+        )
+    )
 
     failed = 0
     try:
