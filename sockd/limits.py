@@ -10,6 +10,7 @@ never completes against a peer that does not read; hence this module.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import math
@@ -294,6 +295,13 @@ class GuardedProtocol(Protocol):
         # write buffer drains; without this a sender that never reads grows
         # the buffer without bound.
         transport.registerProducer(transport, True)  # type: ignore[attr-defined]
+        # Answers leave when written, as with asyncio: under Nagle's
+        # algorithm a reply written while an earlier one is unacknowledged
+        # waits for the client's (possibly delayed) ACK.
+        nodelay = getattr(transport, "setTcpNoDelay", None)
+        if nodelay is not None:
+            with contextlib.suppress(OSError):
+                nodelay(True)
         self._due = self._opened + self.factory.idle_timeout
         self.factory.idle_wheel.add(self)
 

@@ -282,3 +282,37 @@ class IdleWheelTests(SynchronousTestCase):
         self.assertEqual(len(clock.getDelayedCalls()), 1)  # the abort
         clock.advance(990)
         self.assertEqual(aborted, [True])
+
+
+class NoDelayTests(SynchronousTestCase):
+    def test_answers_are_not_held_back_by_nagle(self) -> None:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        class TCPTransport(StringTransport):
+            nodelay: list[bool]
+
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                self.nodelay.append(enabled)
+
+        factory = guarded(Clock(), 10)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        assert protocol is not None
+        transport = TCPTransport()
+        transport.nodelay = []
+        protocol.makeConnection(transport)
+        self.assertEqual(transport.nodelay, [True])
+
+    def test_a_transport_refusing_it_still_connects(self) -> None:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        class Refusing(StringTransport):
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                raise OSError(95, "Operation not supported")
+
+        factory = guarded(Clock(), 10)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        assert protocol is not None
+        protocol.makeConnection(Refusing())
+        self.assertIn(protocol, factory.connections)
