@@ -85,7 +85,10 @@ def integer(low: int, high: int) -> Parser:
 def workers(text: str, base: Path) -> int:
     """A process count, or C{auto}: one per CPU this process may run on."""
     if text.strip().lower() == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except OSError:  # a seccomp filter may refuse it
+            return os.cpu_count() or 1
     try:
         return int(integer(1, MAX_WORKERS)(text, base))
     except ValueError:
