@@ -427,6 +427,11 @@ def _write_code(error: OSError) -> int:
 class FileProtocol(GuardedProtocol):
     """One connection: a bare request, or framed requests one after another."""
 
+    # Bodies go out in sendfile() calls of 256 KiB: with TCP_NODELAY each
+    # call's tail leaves as a segment of its own (1 GiB: 0.77x nginx with
+    # it, 0.92x without, in one alternating run).
+    nodelay = False
+
     factory: FileFactory
     mode = ""  # "", then "bare" or "framed" from the first request
     _buffer = b""

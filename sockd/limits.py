@@ -285,6 +285,11 @@ class GuardedProtocol(Protocol):
     _opened = 0.0
     _lingering = False
     closing = False
+    #: set TCP_NODELAY: small answers leave when written, as with asyncio
+    #: (under Nagle's algorithm a reply written while an earlier one is
+    #: unacknowledged waits for the client's, possibly delayed, ACK); bulk
+    #: senders are faster without it
+    nodelay = True
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -295,10 +300,7 @@ class GuardedProtocol(Protocol):
         # write buffer drains; without this a sender that never reads grows
         # the buffer without bound.
         transport.registerProducer(transport, True)  # type: ignore[attr-defined]
-        # Answers leave when written, as with asyncio: under Nagle's
-        # algorithm a reply written while an earlier one is unacknowledged
-        # waits for the client's (possibly delayed) ACK.
-        nodelay = getattr(transport, "setTcpNoDelay", None)
+        nodelay = getattr(transport, "setTcpNoDelay", None) if self.nodelay else None
         if nodelay is not None:
             with contextlib.suppress(OSError):
                 nodelay(True)

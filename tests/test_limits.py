@@ -316,3 +316,22 @@ class NoDelayTests(SynchronousTestCase):
         assert protocol is not None
         protocol.makeConnection(Refusing())
         self.assertIn(protocol, factory.connections)
+
+    def test_bulk_senders_keep_nagle(self) -> None:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        from sockd.files import FileProtocol
+
+        class Bulk(Touchy):
+            nodelay = FileProtocol.nodelay
+
+        class TCPTransport(StringTransport):
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                raise AssertionError("TCP_NODELAY set on a bulk sender")
+
+        factory = guarded(Clock(), 10, Bulk)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        assert protocol is not None
+        protocol.makeConnection(TCPTransport())
+        self.assertIn(protocol, factory.connections)
