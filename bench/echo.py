@@ -38,7 +38,6 @@ DEPTH = 128
 
 SOCKD_INI = """\
     [sockd]
-    backlog = 1024
     workers = {workers}
 
     [echo]

@@ -64,7 +64,7 @@ NGINX_CONF = """\
         uwsgi_temp_path {dir}/uwsgi;
         scgi_temp_path {dir}/scgi;
         server {{
-            listen 127.0.0.1:{port} backlog=1024;
+            listen 127.0.0.1:{port} backlog=4096;
             root {root};
         }}
     }}

@@ -51,7 +51,7 @@ async def serve(raw: bool, port: int) -> None:
     loop = asyncio.get_running_loop()
     # The same listen queue as sockd's default backlog.
     server = await loop.create_server(
-        RawEcho if raw else LineEcho, "127.0.0.1", port, backlog=1024
+        RawEcho if raw else LineEcho, "127.0.0.1", port, backlog=4096
     )
     print(f"listening tcp={server.sockets[0].getsockname()[1]}", flush=True)
     await server.serve_forever()

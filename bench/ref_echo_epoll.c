@@ -46,7 +46,7 @@ static int listener(int type, int port)
         exit(2);
     }
     /* the same listen queue as sockd's default backlog */
-    if (type == SOCK_STREAM && listen(fd, 1024) < 0) {
+    if (type == SOCK_STREAM && listen(fd, 4096) < 0) {
         perror("listen");
         exit(2);
     }
