@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from sockd import config as _config
 from sockd.config import Config, ConfigError
 from sockd.endpoints import bind_reusing_port, parse_datagram
+from sockd.epoll import lean_dispatch
 from sockd.logs import prefer_journal
 from sockd.notify import Notifier
 
@@ -277,6 +278,7 @@ def make_daemon_service(
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    lean_dispatch(reactor)
     top = MultiService()
     for section in sections:
         for child in builder(section)(config, reactor):
