@@ -61,6 +61,10 @@ NO_EAGER = (
 )
 
 
+#: run in the daemon before twistd: Twisted's own per-event dispatch
+TWISTED_DISPATCH = "import sockd.epoll as d\nd.lean_dispatch = lambda reactor: False"
+
+
 def sockd_echo(
     name: str, mode: str, prelude: str = "", udp: bool = True, workers: int = 1
 ) -> Server:
@@ -89,6 +93,9 @@ SERVERS: dict[str, Callable[[], Server]] = {
         "sockd line, no eager write", "line", NO_EAGER, udp=False
     ),
     "sockd raw": lambda: sockd_echo("sockd raw", "raw", udp=False),
+    "sockd line, Twisted's dispatch": lambda: sockd_echo(
+        "sockd line, Twisted's dispatch", "line", TWISTED_DISPATCH, udp=False
+    ),
     "sockd line, 2 workers": lambda: sockd_echo(
         "sockd line, 2 workers", "line", workers=2
     ),
@@ -315,7 +322,11 @@ def main() -> int:
     if uv:
         line["uvloop"] = "uvloop line"
     line_goals = {"asyncio": 1.0, "C epoll": 0.5}
-    line_eager = {**line, "sockd, no eager write": "sockd line, no eager write"}
+    line_eager = {
+        **line,
+        "sockd, no eager write": "sockd line, no eager write",
+        "sockd, Twisted's dispatch": "sockd line, Twisted's dispatch",
+    }
     raw = {"sockd": "sockd raw", "asyncio": "asyncio raw", "C epoll": "C epoll"}
     udp = {"sockd": "sockd line", "asyncio": "asyncio udp", "C epoll": "C epoll"}
     if uv:
