@@ -295,13 +295,18 @@ class Workers(Service):
         )
         worker = Worker(self, index)
         self.alive[index] = worker
-        self.reactor.spawnProcess(
-            worker,
-            self.executable,
-            [self.executable, "-m", "sockd.workers"],
-            env=env,
-            childFDs=child_fds,
-        )
+        try:
+            self.reactor.spawnProcess(
+                worker,
+                self.executable,
+                [self.executable, "-m", "sockd.workers"],
+                env=env,
+                childFDs=child_fds,
+            )
+        except OSError as e:  # EAGAIN (process limit), ENOMEM, ...
+            del self.alive[index]
+            self._retry(index, f"could not start: {e}")
+            return
         log.info(
             "sockd: started worker {index} of {count} (pid {pid})",
             index=index,
@@ -326,20 +331,20 @@ class Workers(Service):
         now = self.reactor.seconds()
         if worker.ready and now - worker.started >= STEADY:
             self.failures[worker.index] = 0
-        failures = self.failures.get(worker.index, 0)
+        self._retry(worker.index, f"(pid {worker.pid}) {how}")
+
+    def _retry(self, index: int, what: str) -> None:
+        failures = self.failures.get(index, 0)
         delay = min(MAX_DELAY, FIRST_DELAY * 2**failures)
-        self.failures[worker.index] = failures + 1
+        self.failures[index] = failures + 1
         self.restarts += 1
         log.error(
-            "sockd: worker {index} (pid {pid}) {how}; restarting it in {delay}s",
-            index=worker.index,
-            pid=worker.pid,
-            how=how,
+            "sockd: worker {index} {what}; restarting it in {delay}s",
+            index=index,
+            what=what,
             delay=delay,
         )
-        self._pending[worker.index] = self.reactor.callLater(
-            delay, self.spawn, worker.index
-        )
+        self._pending[index] = self.reactor.callLater(delay, self.spawn, index)
 
     def reloaded(self, config: Any) -> None:
         """The main process re-read its file: each worker re-reads it too."""

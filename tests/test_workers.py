@@ -207,6 +207,26 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.spawned), 4)
         self.assertEqual(self.workers.restarts, 2)
 
+    def test_a_worker_that_cannot_start_is_tried_again(self) -> None:
+        spawn = self.reactor.spawnProcess
+        failures = [OSError(11, "Resource temporarily unavailable")]
+
+        def refusing(*args: Any, **kwargs: Any) -> FakeProcess:
+            if failures:
+                raise failures.pop()
+            return spawn(*args, **kwargs)
+
+        self.reactor.spawnProcess = refusing  # type: ignore[method-assign]
+        self.top.startService()
+        self.assertIn(
+            "sockd: worker 1 could not start: [Errno 11] Resource temporarily "
+            "unavailable; restarting it in 0.5s",
+            self.logged(),
+        )
+        self.assertEqual(sorted(self.workers.alive), [2])
+        self.reactor.advance(0.5)
+        self.assertEqual(sorted(self.workers.alive), [1, 2])
+
     def test_backoff_resets_after_steady_service(self) -> None:
         self.top.startService()
         end(self.reactor.spawned[0], 1)
