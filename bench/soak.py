@@ -2,13 +2,15 @@
 Soak: one C{twistd sockd-echo} under repeated cycles of mixed load, checking
 that it gives back what it takes.
 
-    python -m bench.soak [--minutes M]
+    python -m bench.soak [--minutes M] [--workers N]
 
 Each cycle: request/response and pipelined line echo at 100 connections,
 UDP echo, then 2,000 idle connections opened and closed.  After each cycle
 the daemon's descriptors must return to their baseline and every answer must
 have been right; at the end its memory must not have kept growing after the
-first cycle.  Exits 1 if any of that fails.  Bounded by --minutes.
+first cycle.  Exits 1 if any of that fails.  Bounded by --minutes.  With
+--workers N the daemon runs N processes (C{[sockd] workers}); descriptors
+and memory are then summed over them.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ def settle(server: Server, baseline: int, timeout: float = 15.0) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--minutes", type=float, default=2.0)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     build_tools()
     raise_nofile()
-    server = sockd_echo("sockd line", "line").start()
+    server = sockd_echo("sockd line", "line", workers=args.workers).start()
     problems: list[str] = []
     rss: list[int] = []
     try:
