@@ -134,10 +134,18 @@ class Worker(ProcessProtocol):
         elif "log" in message:
             self._relay(message["log"])
         elif "metrics" in message:
-            self.samples = [
-                (str(n), str(k), {str(a): str(b) for a, b in labels.items()}, float(v))
-                for n, k, labels, v in message["metrics"]
-            ]
+            try:
+                self.samples = [
+                    (
+                        str(n),
+                        str(k),
+                        {str(a): str(b) for a, b in labels.items()},
+                        float(v),
+                    )
+                    for n, k, labels, v in message["metrics"]
+                ]
+            except (TypeError, ValueError, AttributeError):
+                self._stderr(line)  # not what a worker sends: say so, keep going
         elif "ready" in message:
             self.ready = True
             log.info(
@@ -150,7 +158,10 @@ class Worker(ProcessProtocol):
     def _relay(self, text: str) -> None:
         try:
             event = eventFromJSON(text)
-        except ValueError:
+        except (TypeError, ValueError, AttributeError):
+            event = None
+        if not isinstance(event, dict):
+            self._stderr(str(text).encode())
             return
         # To the same observers as our own events, with a prefix saying which
         # process spoke; the fields stay for structured logs.
