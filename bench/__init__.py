@@ -222,33 +222,37 @@ class Server:
                 found.extend(int(p) for p in Path(path).read_text().split())
         return found
 
-    def rss(self) -> int:
-        """Resident memory in bytes (VmRSS), summed over L{pids}."""
-        total = 0
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                text = Path(f"/proc/{pid}/status").read_text()
-                match = re.search(r"VmRSS:\s+(\d+) kB", text)
-                total += int(match.group(1)) * 1024 if match else 0
-        return total
-
-    def cpu(self) -> float:
-        """CPU seconds used so far (user + system), summed over L{pids}."""
+    def _summed(self, read: Callable[[int], float]) -> float:
+        """C{read(pid)} added up over L{pids}; a process gone meanwhile adds 0."""
         total = 0.0
         for pid in self.pids():
             with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                fields = stat.rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / TICKS
+                total += read(pid)
         return total
+
+    def rss(self) -> int:
+        """Resident memory in bytes (VmRSS), summed over L{pids}."""
+
+        def one(pid: int) -> int:
+            text = Path(f"/proc/{pid}/status").read_text()
+            match = re.search(r"VmRSS:\s+(\d+) kB", text)
+            return int(match.group(1)) * 1024 if match else 0
+
+        return int(self._summed(one))
+
+    def cpu(self) -> float:
+        """CPU seconds used so far (user + system), summed over L{pids}."""
+
+        def one(pid: int) -> float:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / TICKS
+
+        return self._summed(one)
 
     def open_fds(self) -> int:
         """Open descriptors, summed over L{pids}."""
-        total = 0
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                total += len(os.listdir(f"/proc/{pid}/fd"))
-        return total
+        return int(self._summed(lambda pid: len(os.listdir(f"/proc/{pid}/fd"))))
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
