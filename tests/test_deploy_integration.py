@@ -154,6 +154,14 @@ class ActivatedDaemon(JournalDaemon):
         super().launch()
         self.wait_for(f"Listening on 127.0.0.1:{self.listen_port} as 3")
 
+    def activate(self) -> None:
+        """Launch; the first connection starts the daemon, then is served."""
+        self.launch()
+        with socket.create_connection(("127.0.0.1", self.listen_port), timeout=10) as s:
+            s.sendall(b"activated\n")
+            self.wait_for(self.READY, 20)
+            assert s.recv(100) == b"ACTIVATED\n"
+
 
 def test_socket_activation_tcp_and_udp() -> None:
     port = free_port_pair()
@@ -161,12 +169,7 @@ def test_socket_activation_tcp_and_udp() -> None:
     ini = (ROOT / "etc" / "sockd-socket-activated.ini").read_text()
     daemon = ActivatedDaemon(port, ini)
     try:
-        daemon.launch()
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as first:
-            # The first connection starts the daemon, then is served by it.
-            first.sendall(b"activated\n")
-            daemon.wait_for(daemon.READY, 20)
-            assert first.recv(100) == b"ACTIVATED\n"
+        daemon.activate()
         assert daemon.ports[("echo", "TCP")] == [("127.0.0.1", port)]
         assert daemon.ports[("echo", "UDP")] == [("127.0.0.1", port)]
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
@@ -189,11 +192,7 @@ def test_socket_activation_with_workers() -> None:
     ini = (ROOT / "etc" / "sockd-socket-activated.ini").read_text()
     daemon = ActivatedDaemon(port, ini + "\n[sockd]\nworkers = 2\n")
     try:
-        daemon.launch()
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as first:
-            first.sendall(b"activated\n")
-            daemon.wait_for(daemon.READY, 20)
-            assert first.recv(100) == b"ACTIVATED\n"
+        daemon.activate()
         line = daemon.wait_for(r"sockd: worker 1 \(pid \d+\) serving echo TCP", 20)
         worker = int(re.search(r"pid (\d+)", line).group(1))  # type: ignore[union-attr]
         # The worker got systemd's sockets from the main process (its
