@@ -10,7 +10,7 @@ from twisted.application.service import IService, MultiService
 from sockd.chat import ChatProtocol, ChatState
 from sockd.config import Config
 from sockd.endpoints import parse_datagram
-from sockd.service import DaemonOptions, datagram_listener, make_daemon_service
+from sockd.service import DaemonOptions, datagram_listener
 
 __all__ = ["Options", "build", "makeService", "sweep_interval"]
 
@@ -87,10 +87,4 @@ def build(config: Config, reactor: Any) -> list[IService]:
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    return make_daemon_service(
-        options.config,
-        ["chat"],
-        reactor,
-        loader=options.load,
-        overrides=options.overrides,
-    )
+    return options.make_service(["chat"], reactor)

@@ -12,7 +12,6 @@ from sockd.endpoints import parse_datagram
 from sockd.service import (
     DaemonOptions,
     datagram_listener,
-    make_daemon_service,
     stream_listener,
 )
 
@@ -79,10 +78,4 @@ def build(config: Config, reactor: Any) -> list[IService]:
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    return make_daemon_service(
-        options.config,
-        ["echo"],
-        reactor,
-        loader=options.load,
-        overrides=options.overrides,
-    )
+    return options.make_service(["echo"], reactor)

@@ -9,7 +9,7 @@ from twisted.application.service import IService, MultiService
 from sockd.config import Config
 from sockd.files import FileFactory, FileState
 from sockd.paths import Root
-from sockd.service import DaemonOptions, make_daemon_service, stream_listener
+from sockd.service import DaemonOptions, stream_listener
 
 __all__ = ["Options", "build", "makeService"]
 
@@ -89,10 +89,4 @@ def build(config: Config, reactor: Any) -> list[IService]:
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    return make_daemon_service(
-        options.config,
-        ["file"],
-        reactor,
-        loader=options.load,
-        overrides=options.overrides,
-    )
+    return options.make_service(["file"], reactor)

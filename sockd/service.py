@@ -303,9 +303,8 @@ def make_daemon_service(
     if inherited is not None:
         lifecycle.setServiceParent(top)
         return top
-    sources: list[Callable[[], list[Any]]] = [
-        lambda: [target for _, target in lifecycle.targets()]
-    ]
+    #: counted on the metrics page beside the listeners' targets
+    counted: list[Any] = []
     if config.sockd.workers > 1:
         from sockd import workers
 
@@ -329,14 +328,14 @@ def make_daemon_service(
                 grace=config.sockd.shutdown_grace + config.sockd.abort_grace + 5,
             )
             supervisor.setServiceParent(top)
-            sources.append(lambda: [supervisor])
+            counted.append(supervisor)
     if config.metrics.enabled:
         from twisted.web.server import Site
 
         from sockd import metrics
 
         collector = metrics.SockdCollector(
-            lambda: [source for each in sources for source in each()], reactor
+            lambda: [target for _, target in lifecycle.targets()] + counted, reactor
         )
         site = Site(metrics.resource(collector))
         site.noisy = False
@@ -540,6 +539,21 @@ class DaemonOptions(usage.Options):
     def load(self) -> Config:
         """Read the configuration these options name (again, on SIGHUP)."""
         return _config.load(self["config"], self.overrides)
+
+    def make_service(
+        self, sections: Sequence[str], reactor: Any = None
+    ) -> MultiService:
+        """
+        L{make_daemon_service} for these options: reloads and workers read
+        the same file with the same overrides.
+        """
+        return make_daemon_service(
+            self.config,
+            sections,
+            reactor,
+            loader=self.load,
+            overrides=self.overrides,
+        )
 
     def _add_list(self, key: str, value: str) -> None:
         self.lists.setdefault(key, []).append(value)

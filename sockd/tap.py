@@ -7,7 +7,7 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from sockd.service import DAEMONS, DaemonOptions, make_daemon_service
+from sockd.service import DAEMONS, DaemonOptions
 
 __all__ = ["Options", "makeService"]
 
@@ -34,10 +34,4 @@ class Options(DaemonOptions):
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    return make_daemon_service(
-        options.config,
-        options.enabled_sections(),
-        reactor,
-        loader=options.load,
-        overrides=options.overrides,
-    )
+    return options.make_service(options.enabled_sections(), reactor)

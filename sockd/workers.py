@@ -550,16 +550,12 @@ def main() -> None:
     lifecycle = top.getServiceNamed("lifecycle")
     assert isinstance(lifecycle, Lifecycle)
     if spec.get("metrics"):
+        from sockd.metrics import SockdCollector
 
-        def report() -> None:
-            samples: list[Sample] = []
-            for _, target in lifecycle.targets():
-                metrics = getattr(target, "metrics", None)
-                if metrics is not None:
-                    samples.extend(metrics())
-            channel.send({"metrics": samples})
-
-        task.LoopingCall(report).start(REPORT_INTERVAL)
+        counters = SockdCollector(lambda: [t for _, t in lifecycle.targets()])
+        task.LoopingCall(lambda: channel.send({"metrics": counters.snapshot()})).start(
+            REPORT_INTERVAL
+        )
     where = "; ".join(
         f"{child.service} {' '.join(child.where())}"
         for child in top
