@@ -10,7 +10,8 @@ C{docs/protocol-chat.md}, section "Federation".
    talks to Redis only through a L{Store}, so it is tested without one.
  - L{RedisStore} is that store over txredisapi: one connection for
    commands, one subscribed to the event channel, each reconnected with
-   backoff.
+   backoff; with Redis Sentinel (L{Sentinels}), both follow the master the
+   sentinels name, and an outage while they move is the same as any other.
  - L{check} is the blocking start-up probe: no Redis, no node.
 
 In Redis, under the key prefix: C{nick:NICK} (the node and spelling that
@@ -47,10 +48,13 @@ __all__ = [
     "Federation",
     "RedisStore",
     "RedisURL",
+    "Sentinels",
     "Store",
     "check",
     "federate",
+    "find_master",
     "parse_url",
+    "target",
 ]
 
 log = Logger(namespace="sockd.chat")
@@ -87,6 +91,38 @@ def parse_url(url: str) -> RedisURL:
     )
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class Sentinels:
+    """A master found through Redis Sentinel, and how to use it."""
+
+    addresses: tuple[tuple[str, int], ...]
+    master: str
+    password: str | None
+    db: int
+
+    def __str__(self) -> str:  # never the password
+        where = " ".join(_address(host, port) for host, port in self.addresses)
+        return f"master {self.master} via sentinels {where}"
+
+    def at(self, host: str, port: int) -> RedisURL:
+        """The master, once a sentinel said where it is."""
+        return RedisURL(host, port, self.password, self.db)
+
+
+def target(settings: ChatSettings) -> RedisURL | Sentinels:
+    """Where C{settings} say Redis is: one server, or a master via sentinels."""
+    url = parse_url(settings.redis_url)
+    if not settings.redis_sentinels:
+        return url
+    return Sentinels(
+        settings.redis_sentinels, settings.redis_master, url.password, url.db
+    )
+
+
 def _command(*words: str | int) -> bytes:
     out = [f"*{len(words)}\r\n".encode()]
     for word in words:
@@ -95,12 +131,74 @@ def _command(*words: str | int) -> bytes:
     return b"".join(out)
 
 
-def check(url: RedisURL, prefix: str, timeout: float = 3.0) -> int:
+def _line(reader: Any) -> str:
+    line: bytes = reader.readline(512)
+    if not line.endswith(b"\r\n"):
+        raise ValueError("the connection closed or sent a line too long")
+    return line[:-2].decode("utf-8", "replace")
+
+
+def _ask_sentinel(host: str, port: int, master: str, timeout: float) -> RedisURL:
+    """One sentinel's answer to C{SENTINEL GET-MASTER-ADDR-BY-NAME}."""
+    with (
+        socket.create_connection((host, port), timeout=timeout) as sock,
+        sock.makefile("rb") as reader,
+    ):
+        sock.sendall(_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", master))
+        head = _line(reader)
+        if head.startswith("-"):
+            raise ValueError(f"refused: {escape(head[1:])}")
+        if head in ("*-1", "_"):
+            raise ValueError(f"monitors no master called {master}")
+        if head != "*2":
+            raise ValueError(f"unexpected reply {escape(head[:40])}")
+        words = []
+        for _ in range(2):
+            size = _line(reader)
+            if not (
+                size.startswith("$") and size[1:].isdigit() and int(size[1:]) < 256
+            ):
+                raise ValueError(f"unexpected reply {escape(size[:40])}")
+            words.append(_line(reader))
+        found, number = words
+        if not (number.isdigit() and 0 < int(number) < 65536):
+            raise ValueError(f"unexpected port {escape(number[:40])}")
+        return RedisURL(found, int(number), None, 0)
+
+
+def find_master(sentinels: Sentinels, timeout: float = 3.0) -> RedisURL:
     """
-    Blocking, at start-up only: can Redis be reached and used?  Returns a
-    number unique to this start (guest names are made with it).  Raises
-    L{OSError} or L{ValueError} saying what failed.
+    Blocking: the master's address from the first sentinel that gives it.
+    Raises L{ValueError} naming every sentinel and why none did.
     """
+    failures = []
+    for host, port in sentinels.addresses:
+        try:
+            found = _ask_sentinel(host, port, sentinels.master, timeout)
+        except (OSError, ValueError) as e:
+            failures.append(f"{_address(host, port)}: {e}")
+            continue
+        return sentinels.at(found.host, found.port)
+    raise ValueError(
+        f"no sentinel gave the address of master {sentinels.master}: "
+        + "; ".join(failures)
+    )
+
+
+def check(url: RedisURL | Sentinels, prefix: str, timeout: float = 3.0) -> int:
+    """
+    Blocking, at start-up only: can Redis be reached and used (through the
+    sentinels: the master they name)?  Returns a number unique to this
+    start (guest names are made with it).  Raises L{OSError} or
+    L{ValueError} saying what failed.
+    """
+    if isinstance(url, Sentinels):
+        master = find_master(url, timeout)
+        try:
+            return check(master, prefix, timeout)
+        except (OSError, ValueError) as e:
+            where = _address(master.host, master.port)
+            raise ValueError(f"master {url.master} at {where}: {e}") from None
     with (
         socket.create_connection((url.host, url.port), timeout=timeout) as sock,
         sock.makefile("rb") as reader,
@@ -711,20 +809,24 @@ ROOM_TTL = 86_400_000
 class RedisStore(Service):
     """
     L{Store} over txredisapi: a command connection and a subscriber
-    connection, each reconnected with backoff (0.5 s doubling to 5 s).  The
-    federation is told L{Federation.up} when both work and L{Federation.down}
-    when either is lost.
+    connection, each reconnected with backoff (0.5 s doubling to 5 s; through
+    sentinels, at once then doubling to 1 s, asking them where the master is
+    before each attempt).  The federation is told L{Federation.up} when both
+    work and L{Federation.down} when either is lost.
     """
 
     reply_timeout = 5.0
     connect_timeout = 3.0
     max_delay = 5.0
+    #: through sentinels: the longest wait between two attempts to reach the
+    #: master (txredisapi uses it as the connect timeout too)
+    sentinel_max_delay = 1.0
     #: commands sent and not yet answered before room traffic is shed
     max_in_flight = 5000
 
     def __init__(
         self,
-        url: RedisURL,
+        url: RedisURL | Sentinels,
         prefix: str,
         node: str,
         federation: Federation,
@@ -737,9 +839,14 @@ class RedisStore(Service):
         self.reactor = reactor
         self.channel = prefix + "events"
         self._up = {"commands": False, "events": False}
+        #: the connection of each kind while it is open
+        self._open: dict[str, Any] = {}
+        #: where the master was last found (through sentinels)
+        self.master: str | None = None
         self.in_flight = 0
         self._commands: Any = None
         self._events: Any = None
+        self._sentinels: Any = None
         self.setName("chat redis")
 
     # --- connections ---------------------------------------------------------
@@ -747,61 +854,89 @@ class RedisStore(Service):
     def startService(self) -> None:
         super().startService()
         import txredisapi  # type: ignore[import-untyped]
-        from twisted.internet.endpoints import HostnameEndpoint
 
         store = self
-
-        def endpoint() -> Any:
-            return HostnameEndpoint(
-                self.reactor, self.url.host, self.url.port, self.connect_timeout
-            )
-
-        class Commands(txredisapi.RedisFactory):  # type: ignore[misc]
-            def buildProtocol(self, addr: Any) -> Any:
-                protocol = super().buildProtocol(addr)
-                protocol.whenConnected().addCallback(store._ready)
-                protocol.whenDisconnected().addCallback(
-                    lambda _: store._changed("commands", False)
-                )
-                return protocol
 
         class Events(txredisapi.SubscriberProtocol):  # type: ignore[misc]
             def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
                 store.federation.received(message)
 
-        class EventFactory(txredisapi.SubscriberFactory):  # type: ignore[misc]
-            protocol = Events
+        options: dict[str, Any] = {
+            "isLazy": True,
+            "password": self.url.password,
+            "convertNumbers": False,  # a topic "42" stays text
+        }
+        if isinstance(self.url, Sentinels):
 
-            def buildProtocol(self, addr: Any) -> Any:
-                protocol = super().buildProtocol(addr)
-                protocol.whenConnected().addCallback(store._subscribe)
-                protocol.whenDisconnected().addCallback(
-                    lambda _: store._changed("events", False)
-                )
-                return protocol
+            class MasterEvents(txredisapi.SentinelRedisProtocol, Events):  # type: ignore[misc]
+                """Subscribed on the master only (its role is checked first)."""
 
-        commands = Commands(
-            str(self.url),
-            self.url.db or None,
-            1,
-            isLazy=True,
-            password=self.url.password,
-            replyTimeout=self.reply_timeout,
-            convertNumbers=False,  # a topic "42" stays text
+            base = _watched(txredisapi.SentinelConnectionFactory, self)
+            self._sentinels = sentinel_manager(
+                self.url.addresses, self.reactor, self.connect_timeout
+            )
+            # master_for connects at once, so the backoff is set on the class.
+            base.maxDelay = self.sentinel_max_delay
+            base.factor = 2.0
+            commands = self._sentinels.master_for(
+                self.url.master,
+                factory_class=type("Commands", (base,), {"which": "commands"}),
+                dbid=self.url.db or None,
+                replyTimeout=self.reply_timeout,
+                **options,
+            )._factory
+            events = self._sentinels.master_for(
+                self.url.master,
+                factory_class=type(
+                    "EventFactory",
+                    (base,),
+                    {"which": "events", "protocol": MasterEvents},
+                ),
+                replyTimeout=None,
+                **options,
+            )._factory
+            self._commands, self._events = commands, events
+            return
+
+        from twisted.internet.endpoints import HostnameEndpoint
+
+        url = self.url
+        base = _watched(txredisapi.RedisFactory, self)
+        commands = type("Commands", (base,), {"which": "commands"})(
+            str(url), url.db or None, 1, replyTimeout=self.reply_timeout, **options
         )
-        events = EventFactory(isLazy=True)
-        events.password = self.url.password
-        events.replyTimeout = None
-        events.convertNumbers = False
+        events = type("EventFactory", (base,), {"which": "events", "protocol": Events})(
+            None, None, 1, replyTimeout=None, **options
+        )
         for factory in (commands, events):
             factory.maxDelay = self.max_delay
             factory.initialDelay = 0.5
             factory.factor = 2.0
             factory.reconnect = True
-            factory.startConnecting(endpoint())
+            factory.startConnecting(
+                HostnameEndpoint(self.reactor, url.host, url.port, self.connect_timeout)
+            )
         self._commands, self._events = commands, events
 
-    def _ready(self, protocol: Any) -> None:
+    def opened(self, which: str, protocol: Any) -> None:
+        """A connection is ready: subscribe, or note that commands can flow."""
+        self._open[which] = protocol
+        if isinstance(self.url, Sentinels):
+            peer = protocol.transport.getPeer()
+            where = _address(peer.host, peer.port)
+            if where != self.master:
+                log.info(
+                    "chat: redis: master {master} is at {where}{was}",
+                    master=self.url.master,
+                    where=where,
+                    was=f" (was {self.master})" if self.master else "",
+                )
+                self.master = where
+        if which == "events":
+            subscribed = protocol.subscribe([self.channel])
+            subscribed.addCallback(lambda _: self._changed("events", True))
+            subscribed.addErrback(self._failed, "subscribe")
+            return
         # Small commands one after another: Nagle would hold each back
         # until the previous one is acknowledged (up to 40 ms).
         nodelay = getattr(protocol.transport, "setTcpNoDelay", None)
@@ -809,10 +944,22 @@ class RedisStore(Service):
             nodelay(True)
         self._changed("commands", True)
 
-    def _subscribe(self, protocol: Any) -> None:
-        subscribed = protocol.subscribe([self.channel])
-        subscribed.addCallback(lambda _: self._changed("events", True))
-        subscribed.addErrback(self._failed, "subscribe")
+    def closed(self, which: str, protocol: Any) -> None:
+        """A connection is gone; through sentinels, the other one goes too."""
+        if self._open.get(which) is not protocol:
+            return  # never ready, or already replaced
+        del self._open[which]
+        self._changed(which, False)
+        if isinstance(self.url, Sentinels):
+            # Both ask the sentinels again, so they cannot end up on two
+            # different servers after a failover.
+            for other in list(self._open.values()):
+                other.transport.loseConnection()
+
+    def _where(self) -> str:
+        if isinstance(self.url, Sentinels):
+            return f"master {self.url.master} at {self.master or '?'}"
+        return str(self.url)
 
     def _changed(self, which: str, up: bool) -> None:
         was = all(self._up.values())
@@ -821,13 +968,15 @@ class RedisStore(Service):
         if now and not was:
             self.federation.up()
         elif was and not now:
-            self.federation.down(f"{which} connection to {self.url} closed")
+            self.federation.down(f"{which} connection to {self._where()} closed")
         elif not up and which == "commands" and not any(self._up.values()):
-            self.federation.down(f"cannot reach {self.url}")
+            self.federation.down(f"cannot reach {self._where()}")
 
     def stopService(self) -> Deferred[Any] | None:
         super().stopService()
-        factories = [f for f in (self._commands, self._events) if f is not None]
+        factories = [
+            f for f in (self._commands, self._events, self._sentinels) if f is not None
+        ]
         if not factories:
             return None
         from twisted.internet.defer import gatherResults
@@ -835,7 +984,7 @@ class RedisStore(Service):
         # The last commands (leaving the cluster) are answered first, so
         # they are not cut off; PING is answered after them.
         last = self._run("PING", "PING") if self._up["commands"] else _done(None)
-        self._commands = self._events = None
+        self._commands = self._events = self._sentinels = None
         last.addErrback(lambda _: None)
         last.addTimeout(self.reply_timeout, self.reactor)
         last.addErrback(lambda _: None)
@@ -988,6 +1137,106 @@ class RedisStore(Service):
         return gatherResults(reads, consumeErrors=True).addCallback(combine)
 
 
+def _watched(base: Any, store: RedisStore) -> Any:
+    """A txredisapi factory class telling C{store} of its connections."""
+
+    class Watched(base):  # type: ignore[misc,valid-type]
+        which = ""
+
+        def buildProtocol(self, addr: Any) -> Any:
+            protocol = super().buildProtocol(addr)
+            protocol.whenConnected().addCallback(
+                lambda _: store.opened(self.which, protocol)
+            )
+            protocol.whenDisconnected().addCallback(
+                lambda _: store.closed(self.which, protocol)
+            )
+            return protocol
+
+    return Watched
+
+
+def discover(
+    sentinels: list[Any],
+    master: str,
+    usable: Callable[[dict[str, Any]], bool],
+    clock: IReactorTime,
+    timeout: float,
+) -> Deferred[tuple[str, int]]:
+    """
+    The master's address from the first sentinel that names it usable
+    (C{SENTINEL MASTERS}); fails once every sentinel has answered without
+    one (as during a failover), or after C{timeout}.
+    """
+    from txredisapi import MasterNotFoundError
+
+    result: Deferred[tuple[str, int]] = Deferred()
+    asks = [sentinel.sentinel_masters() for sentinel in sentinels]
+    answers = 0
+
+    def answered(masters: Any) -> None:
+        nonlocal answers
+        answers += 1
+        if result.called:
+            return
+        state: Any = masters.get(master) if isinstance(masters, dict) else None
+        found = None
+        if isinstance(state, dict):
+            try:
+                if usable(state):
+                    found = (str(state["ip"]), int(state["port"]))
+            except (KeyError, TypeError, ValueError):
+                pass  # not the answer of a sentinel we understand
+        if found is not None:
+            result.callback(found)
+        elif answers == len(asks):
+            result.errback(
+                MasterNotFoundError(f"no sentinel names a usable master {master}")
+            )
+
+    def expired() -> None:
+        if not result.called:
+            result.errback(
+                MasterNotFoundError(f"no sentinel answered within {timeout:g}s")
+            )
+
+    timer = clock.callLater(timeout, expired)
+
+    def done(outcome: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        for ask in asks:
+            # One waiting for a sentinel that is down would be sent when
+            # it is back, for nothing.
+            ask.cancel()
+        return outcome
+
+    for ask in asks:
+        ask.addCallbacks(answered, lambda _: answered(None))
+    if not asks:
+        expired()
+    return result.addBoth(done)
+
+
+def sentinel_manager(
+    addresses: tuple[tuple[str, int], ...], clock: IReactorTime, timeout: float
+) -> Any:
+    """
+    txredisapi's L{Sentinel} over connections to C{addresses}, finding the
+    master with L{discover}: its own waits its whole timeout (10 s) when
+    every sentinel says the master is down, as they do while they fail over.
+    """
+    import txredisapi
+
+    class Sentinel(txredisapi.Sentinel):  # type: ignore[misc]
+        def discover_master(self, service_name: str) -> Deferred[tuple[str, int]]:
+            return discover(
+                self.sentinels, service_name, self.check_master_state, clock, timeout
+            )
+
+    return Sentinel(addresses, connectTimeout=timeout, replyTimeout=timeout)
+
+
 def _done(value: Any) -> Deferred[Any]:
     from twisted.internet.defer import succeed
 
@@ -1013,7 +1262,7 @@ class RedisLink(Service):
         settings: ChatSettings,
         federation: Federation,
         store: RedisStore,
-        probe: Callable[[RedisURL, str], int] = check,
+        probe: Callable[[RedisURL | Sentinels, str], int] = check,
     ) -> None:
         self.settings = settings
         self.federation = federation
@@ -1034,14 +1283,16 @@ class RedisLink(Service):
         try:
             number = self.probe(url, self.settings.redis_prefix)
         except (OSError, ValueError) as e:
-            raise SystemExit(
-                f"sockd: chat cannot use Redis at {url} ([chat] redis_url): {e}"
-            ) from None
+            if isinstance(url, Sentinels):
+                where = f"{url} ([chat] redis_sentinels, redis_master)"
+            else:
+                where = f"at {url} ([chat] redis_url)"
+            raise SystemExit(f"sockd: chat cannot use Redis {where}: {e}") from None
         self.federation.tag = _base36(number)
         log.info(
-            "chat: federation: node {node} on Redis at {url}",
+            "chat: federation: node {node} on Redis {where}",
             node=self.federation.node,
-            url=str(url),
+            where=str(url) if isinstance(url, Sentinels) else f"at {url}",
         )
 
     def startService(self) -> None:
@@ -1067,11 +1318,11 @@ def _base36(number: int) -> str:
 
 
 def federate(state: ChatState, settings: ChatSettings, reactor: Any) -> RedisLink:
-    """Make C{state} a node of the cluster on C{settings.redis_url}."""
+    """Make C{state} a node of the cluster on the Redis C{settings} name."""
     node = node_name(settings.node_name)
     federation = Federation(settings, node, "0", reactor)
     store = RedisStore(
-        parse_url(settings.redis_url), settings.redis_prefix, node, federation, reactor
+        target(settings), settings.redis_prefix, node, federation, reactor
     )
     federation.attach(state, store)
     return RedisLink(settings, federation, store)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import ipaddress
 import os
 import re
 import urllib.parse
@@ -172,7 +173,10 @@ def text(max_length: int) -> Parser:
 
 
 def redis_url(value: str, base: Path) -> str:
-    """C{redis://[:PASSWORD@]HOST[:PORT][/DB]}, or empty."""
+    """
+    C{redis://[:PASSWORD@]HOST[:PORT][/DB]}, or empty; with sentinels, no
+    HOST (checked with the other keys).
+    """
     value = value.strip()
     if not value:
         return value
@@ -182,11 +186,45 @@ def redis_url(value: str, base: Path) -> str:
         port, path = url.port, url.path.strip("/")
     except ValueError:
         raise ValueError(allowed) from None
-    if url.scheme != "redis" or not url.hostname or url.query or url.fragment:
+    if url.scheme != "redis" or url.query or url.fragment:
         raise ValueError(allowed)
+    if url.hostname is None and url.netloc.rpartition("@")[2]:
+        raise ValueError(allowed)  # a port or junk where the host goes
     if port == 0 or (path and not (path.isdigit() and int(path) < 1000)):
         raise ValueError(allowed)
     return value
+
+
+#: the most sentinels C{[chat] redis_sentinels} may list
+MAX_SENTINELS = 16
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
+def sentinel_addresses(value: str, base: Path) -> tuple[tuple[str, int], ...]:
+    """C{HOST:PORT} words (C{[ADDR]:PORT} for IPv6): Redis Sentinels."""
+    allowed = (
+        f"expected up to {MAX_SENTINELS} sentinel addresses HOST:PORT separated "
+        "by spaces, e.g. 10.0.0.1:26379 10.0.0.2:26379 [::1]:26379"
+    )
+    found: list[tuple[str, int]] = []
+    for word in value.split():
+        host, _, port = word.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"{word!r} is not HOST:PORT; {allowed}") from None
+        elif not _HOST.fullmatch(host):
+            raise ValueError(f"{word!r} is not HOST:PORT; {allowed}")
+        if not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"{word!r} has no port from 1 to 65535; {allowed}")
+        if (host, int(port)) in found:
+            raise ValueError(f"{word!r} is listed twice; {allowed}")
+        found.append((host, int(port)))
+    if len(found) > MAX_SENTINELS:
+        raise ValueError(allowed)
+    return tuple(found)
 
 
 def directory(value: str, base: Path) -> Path:
@@ -329,6 +367,8 @@ class ChatSettings:
     node_name: str = ""
     redis_prefix: str = "sockd:chat:"
     presence_timeout: float = 30.0
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_master: str = ""
 
 
 @dataclass(frozen=True)
@@ -427,6 +467,11 @@ SCHEMA: dict[str, dict[str, Parser]] = {
             "a key prefix of 1-64 letters, digits, ':', '.', '_' or '-'",
         ),
         "presence_timeout": seconds(3, 3600),
+        "redis_sentinels": sentinel_addresses,
+        "redis_master": name(
+            r"[A-Za-z0-9_.-]{0,64}",
+            "a master name of up to 64 letters, digits, '.', '_' or '-'",
+        ),
     },
     "file": {
         "enabled": boolean,
@@ -543,6 +588,7 @@ def parse(
         sections[section] = _SECTION_TYPES[section](**values)
     config = Config(source=source, **sections)
     _check(config)
+    _check_redis(config, lines)
     return config
 
 
@@ -578,11 +624,6 @@ def _check(config: Config) -> None:
         raise ConfigError(f"{src}: [metrics] is enabled but listen is empty")
     if config.chat.enabled and not config.chat.listen:
         raise ConfigError(f"{src}: [chat] is enabled but listen is empty")
-    if config.chat.backend == "redis" and not config.chat.redis_url:
-        raise ConfigError(
-            f"{src}: [chat] backend = redis but redis_url is not set; expected "
-            "redis://HOST:PORT[/DB]"
-        )
     if config.file.enabled:
         if not config.file.listen:
             raise ConfigError(f"{src}: [file] is enabled but listen is empty")
@@ -596,6 +637,47 @@ def _check(config: Config) -> None:
                 f"{src}: [file] writable = true but root {config.file.root} "
                 "is not writable by this user"
             )
+
+
+def _check_redis(config: Config, lines: Mapping[tuple[str, str], int]) -> None:
+    """Where the chat's Redis is: C{redis_url}, or sentinels and a master."""
+    chat = config.chat
+
+    def at(key: str) -> str:
+        line = lines.get(("chat", key))
+        return f"{config.source}, line {line}" if line else config.source
+
+    if chat.redis_sentinels:
+        if not chat.redis_master:
+            raise ConfigError(
+                f"{at('redis_sentinels')}: [chat] redis_sentinels is set but "
+                "redis_master is not; expected the name the sentinels monitor "
+                "the master by (sentinel monitor NAME ...)"
+            )
+        if chat.redis_url and urllib.parse.urlsplit(chat.redis_url).hostname:
+            raise ConfigError(
+                f"{at('redis_url')}: [chat] redis_url names a host but "
+                "redis_sentinels is set (the sentinels name the master); with "
+                "sentinels redis_url gives only the password and database: "
+                "expected redis://[:PASSWORD@]/DB, or nothing"
+            )
+        return
+    if chat.redis_master:
+        raise ConfigError(
+            f"{at('redis_master')}: [chat] redis_master is set but "
+            "redis_sentinels is not; expected redis_sentinels = HOST:PORT ..."
+        )
+    if chat.redis_url and not urllib.parse.urlsplit(chat.redis_url).hostname:
+        raise ConfigError(
+            f"{at('redis_url')}: [chat] redis_url has no host; expected "
+            "redis://[:PASSWORD@]HOST[:PORT][/DB] (a URL with no host is only "
+            "for redis_sentinels)"
+        )
+    if chat.backend == "redis" and not chat.redis_url:
+        raise ConfigError(
+            f"{at('backend')}: [chat] backend = redis but redis_url is not set; "
+            "expected redis://HOST:PORT[/DB], or redis_sentinels and redis_master"
+        )
 
 
 def packaged_default() -> Path:
