@@ -37,7 +37,7 @@ from sockd.config import FileSettings, SockdSettings
 from sockd.eager import eager_write
 from sockd.limits import GuardedFactory, GuardedProtocol, Sample
 from sockd.logs import escape
-from sockd.paths import Opened, PathError, Root
+from sockd.paths import RESERVED_PREFIX, Opened, PathError, Root
 from sockd.sendfile import Bucket, Pacer, TransferError, send_file
 
 __all__ = [
@@ -81,7 +81,7 @@ A line not starting with a command is a bare request: the file, then close.
 """
 _SAFE = frozenset(range(0x21, 0x7F)) - {ord("%")}
 _HEX = frozenset(b"0123456789abcdefABCDEF")
-_UPLOAD_PREFIX = ".sockd-upload."
+_UPLOAD_PREFIX = RESERVED_PREFIX
 
 
 def percent_encode(name: bytes) -> bytes:
@@ -189,6 +189,19 @@ class Upload:
             self.dir_fd = -1
 
 
+#: the [file] keys a L{Root} is made from: a reload changing one opens a new one
+_ROOT_KEYS = ("root", "symlinks", "hidden", "hardlinks")
+
+
+def open_root(settings: FileSettings) -> Root:
+    """The L{Root} C{settings} describe; OSError if it cannot be opened."""
+    if settings.root is None:
+        raise OSError("[file] root is not set")
+    return Root(
+        settings.root, settings.symlinks, settings.hidden, hardlinks=settings.hardlinks
+    )
+
+
 class FileState:
     """
     The file service's decisions and long-lived state: what may be served,
@@ -206,7 +219,7 @@ class FileState:
         if root is None:
             if settings.root is None:
                 raise ValueError("[file] root is not set")
-            root = Root(settings.root, settings.symlinks, settings.hidden)
+            root = open_root(settings)
         self.settings = settings
         self.clock = clock
         self.root = root
@@ -224,20 +237,15 @@ class FileState:
 
     def reconfigure(self, settings: FileSettings) -> None:
         """
-        A reload: new rules at once; a new root (or symlink or hidden-file
-        policy) for requests from now on.  Transfers under way keep the files
-        they opened.  If the new root cannot be opened, the old one stays.
+        A reload: new rules at once; a new root (or symlink, hidden-file or
+        hard-link policy) for requests from now on.  Transfers under way keep
+        the files they opened.  If the new root cannot be opened, the old one
+        stays.
         """
         old = self.settings
-        if (settings.root, settings.symlinks, settings.hidden) != (
-            old.root,
-            old.symlinks,
-            old.hidden,
-        ):
+        if any(getattr(settings, k) != getattr(old, k) for k in _ROOT_KEYS):
             try:
-                if settings.root is None:
-                    raise OSError("[file] root is not set")
-                root = Root(settings.root, settings.symlinks, settings.hidden)
+                root = open_root(settings)
             except OSError as e:
                 log.error(
                     "file: reload keeps serving {old}: cannot open {new}: {error}",
@@ -246,7 +254,7 @@ class FileState:
                     error=str(e),
                 )
                 settings = dataclasses.replace(
-                    settings, root=old.root, symlinks=old.symlinks, hidden=old.hidden
+                    settings, **{k: getattr(old, k) for k in _ROOT_KEYS}
                 )
             else:
                 previous, self.root = self.root, root
@@ -264,8 +272,6 @@ class FileState:
 
     def open(self, raw: bytes, want: str = "any") -> tuple[tuple[str, ...], Opened]:
         parts = self.root.parse(raw)
-        if any(part.startswith(_UPLOAD_PREFIX) for part in parts):
-            raise PathError(404, "not found")  # an upload in progress
         return parts, self.root.open(parts, want)
 
     def pacer(self) -> Pacer | None:
@@ -337,11 +343,11 @@ class FileState:
         parts = self.root.parse(raw)
         if not parts:
             raise PathError(400, "PUT needs a file name")
-        dir_fd = self.root.open_dir_for_writing(parts[:-1])
         name = parts[-1]
+        if name.startswith(_UPLOAD_PREFIX):
+            raise PathError(403, "reserved name")
+        dir_fd = self.root.open(parts[:-1], "dir").fd
         try:
-            if name.startswith(_UPLOAD_PREFIX):
-                raise PathError(403, "reserved name")
             try:
                 existing = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:

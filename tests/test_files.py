@@ -746,6 +746,127 @@ class UploadTests(Base):
         self.assertEqual(transport.value(), b"ERR 403 reserved name\r\n")
 
 
+class LinkPolicyTests(Base):
+    """
+    The hidden and reserved name rules hold for the names a symlink inside
+    the root leads through, on every command; and the hard-link policy.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        (self.root / ".git").mkdir()
+        (self.root / ".git" / "config").write_bytes(CANARY)
+        (self.root / ".hidden").write_bytes(CANARY)
+        (self.root / ".private").mkdir()
+        os.symlink(".hidden", self.root / "vis.txt")
+        os.symlink(".git", self.root / "gitlink")
+        os.symlink(".private", self.root / "pub")
+        os.symlink("notes.txt", self.root / "plain_link")
+
+    def test_every_command_refuses(self) -> None:
+        protocol, transport = self.connect()
+        hidden = b"ERR 403 hidden files are not served\r\n"
+        for request in (
+            b"GET vis.txt",
+            b"GET gitlink/config",
+            b"STAT vis.txt",
+            b"STAT gitlink",
+            b"STAT gitlink/config",
+            b"SUM vis.txt",
+            b"SUM gitlink/config",
+            b"LIST gitlink",
+        ):
+            transport.clear()
+            protocol.dataReceived(request + b"\n")
+            self.clock.advance(0)
+            self.assertEqual(transport.value(), hidden, request)
+        transport.clear()
+        protocol.dataReceived(b"GET plain_link\n")
+        self.pump(transport)
+        self.assertTrue(transport.value().endswith(b"\r\nhello notes\n"))
+
+    def test_bare_and_menu(self) -> None:
+        factory = self.make(bare_errors="line")
+        for request in (b"vis.txt\n", b"/gitlink/config\r\n", b"gitlink\n"):
+            self.assertEqual(
+                self.exchange(request, factory),
+                b"ERR 403 hidden files are not served\r\n",
+            )
+        menu = self.exchange(b"\r\n", factory)
+        self.assertIn(b"9plain_link\t/plain_link\t", menu)
+        self.assertNotIn(b"vis.txt", menu)
+        self.assertNotIn(b"gitlink", menu)
+        self.assertNotIn(CANARY, menu)
+
+    def test_listing_leaves_them_out(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"LIST\n")
+        names = [line.split(b" ")[-1] for line in transport.value().split(b"\r\n")]
+        self.assertIn(b"plain_link", names)
+        for name in (b"vis.txt", b"gitlink", b"pub"):
+            self.assertNotIn(name, names)
+
+    def test_served_when_hidden_names_are(self) -> None:
+        factory = self.make(hidden="true", bare_errors="line")
+        self.assertEqual(self.exchange(b"vis.txt\n", factory), CANARY)
+        self.assertEqual(self.exchange(b"gitlink/config\n", factory), CANARY)
+
+    def test_link_to_an_upload_in_progress(self) -> None:
+        """Never served, listed or uploaded through, even with hidden names on."""
+        for hidden in ("false", "true"):
+            factory = self.make(writable="true", hidden=hidden, bare_errors="line")
+            uploader, _ = self.connect(factory)
+            uploader.dataReceived(b"PUT p.bin 10\nabc")
+            (temp,) = [n for n in os.listdir(self.root) if ".sockd-upload." in n]
+            os.symlink(temp, self.root / "peek")
+            os.symlink(".", self.root / "here")
+            protocol, transport = self.connect(factory)
+            protocol.dataReceived(b"GET peek\nSTAT here/peek\nLIST\n")
+            value = transport.value()
+            self.assertTrue(
+                value.startswith(b"ERR 404 not found\r\nERR 404 not found\r\nOK\r\n"),
+                value,
+            )
+            self.assertNotIn(b"peek", value)
+            # A hidden name too, unless hidden names are served.
+            reason = b"reserved name" if hidden == "true" else b"hidden files are"
+            self.assertIn(
+                b"ERR 403 " + reason,
+                self.exchange(b"PUT here/%s 1\nx" % temp.encode(), factory),
+            )
+            self.assertEqual(
+                self.exchange(b"peek\n", factory), b"ERR 404 not found\r\n"
+            )
+            uploader.transport.loseConnection()  # type: ignore[union-attr]
+            os.unlink(self.root / "peek")
+            os.unlink(self.root / "here")
+
+    def test_put_through_a_link_to_a_hidden_directory(self) -> None:
+        factory = self.make(writable="true")
+        for request in (b"PUT pub/x.bin 3\nabc", b"PUT gitlink/hooks 3\nabc"):
+            self.assertEqual(
+                self.exchange(request, factory),
+                b"ERR 403 hidden files are not served\r\n",
+            )
+        self.assertEqual(os.listdir(self.root / ".private"), [])
+        self.assertEqual(os.listdir(self.root / ".git"), ["config"])
+
+    def test_hardlinks(self) -> None:
+        os.link(self.root / "notes.txt", self.root / "twin.txt")
+        refuse = self.make(hardlinks="refuse", bare_errors="line")
+        protocol, transport = self.connect(refuse)
+        protocol.dataReceived(b"GET twin.txt\nSTAT notes.txt\nSUM plain_link\nLIST\n")
+        lines = transport.value().split(b"\r\n")
+        refused = b"ERR 403 a file with more than one hard link is not served"
+        self.assertEqual(lines[:3], [refused] * 3)
+        self.assertNotIn(b"twin.txt", transport.value())
+        self.assertNotIn(b"notes.txt", transport.value())
+        self.assertIn(b"big.bin", transport.value())
+        self.assertEqual(self.exchange(b"twin.txt\n", refuse), refused + b"\r\n")
+        # allow, the default: served by either name
+        self.assertEqual(self.exchange(b"twin.txt\n"), b"hello notes\n")
+
+
 class HelpersTests(SynchronousTestCase):
     def test_percent(self) -> None:
         name = "a b%c\u00e9\t.txt".encode()
@@ -855,6 +976,8 @@ class TapTests(SynchronousTestCase):
                 "--hidden",
                 "--symlinks",
                 "refuse",
+                "--hardlinks",
+                "refuse",
                 "--max-upload",
                 "1M",
                 "--rate-limit",
@@ -870,6 +993,7 @@ class TapTests(SynchronousTestCase):
             (True, True, False),
         )
         self.assertEqual(settings_.symlinks, "refuse")
+        self.assertEqual(settings_.hardlinks, "refuse")
         self.assertEqual(settings_.max_upload, 1024 * 1024)
         self.assertEqual(settings_.rate_limit, 64 * 1024)
         reactor = MemoryReactor()
@@ -880,9 +1004,17 @@ class TapTests(SynchronousTestCase):
         self.assertEqual(ports, [(8123, "127.0.0.1"), (8124, "127.0.0.1")])
         factory = reactor.tcpServers[0][1]
         self.assertIsInstance(factory, FileFactory)
+        self.assertEqual(factory.state.root.hardlinks, "refuse")
         self.assertEqual(factory.refusal("busy"), b"ERR 429 busy\r\n")
         service.stopService()
         factory.state.root.close()
+
+    def test_hardlinks_key(self) -> None:
+        self.assertEqual(settings().file.hardlinks, "allow")
+        with self.assertRaises(config.ConfigError) as caught:
+            settings(file={"hardlinks": "sometimes"})
+        self.assertIn("hardlinks", str(caught.exception))
+        self.assertIn("allow, refuse", str(caught.exception))
 
     def test_missing_root_names_the_key(self) -> None:
         options = file_tap.Options()
