@@ -382,6 +382,7 @@ class FileSettings:
     bare_pause: float = 0.3
     symlinks: str = "inside"
     hidden: bool = False
+    hardlinks: str = "allow"
     writable: bool = False
     overwrite: bool = False
     max_upload: int = 100 * 1024**2
@@ -481,6 +482,7 @@ SCHEMA: dict[str, dict[str, Parser]] = {
         "bare_pause": seconds(0.01, 60),
         "symlinks": choice("refuse", "inside"),
         "hidden": boolean,
+        "hardlinks": choice("allow", "refuse"),
         "writable": boolean,
         "overwrite": boolean,
         "max_upload": size(0, 2**50),

@@ -7,8 +7,7 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 
 from sockd.config import Config
-from sockd.files import FileFactory, FileState
-from sockd.paths import Root
+from sockd.files import FileFactory, FileState, open_root
 from sockd.service import DaemonOptions, stream_listener
 
 __all__ = ["Options", "build", "makeService"]
@@ -29,6 +28,7 @@ class Options(DaemonOptions):
         *DaemonOptions.optParameters,
         ["root", "r", None, "directory served"],
         ["symlinks", None, None, "inside (follow those staying inside root) or refuse"],
+        ["hardlinks", None, None, "allow or refuse files with more than one link"],
         ["bare-errors", None, None, "bare requests that fail: close or line"],
         ["max-upload", None, None, "largest upload accepted, e.g. 100M"],
         ["max-connections", None, None, "connections in total"],
@@ -46,6 +46,7 @@ class Options(DaemonOptions):
     keyOptions = {
         "root": "root",
         "symlinks": "symlinks",
+        "hardlinks": "hardlinks",
         "bare-errors": "bare_errors",
         "max-upload": "max_upload",
         "max-connections": "max_connections",
@@ -75,7 +76,7 @@ def build(config: Config, reactor: Any) -> list[IService]:
     if settings.root is None:
         raise SystemExit(f"{config.source}: [file] root is not set")
     try:
-        root = Root(settings.root, settings.symlinks, settings.hidden)
+        root = open_root(settings)
     except OSError as e:
         raise SystemExit(
             f"{config.source}: [file] root = {settings.root}: cannot open: {e.strerror}"

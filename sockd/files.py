@@ -18,13 +18,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import itertools
 import os
+import re
 import stat
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
@@ -35,9 +37,9 @@ from twisted.python.failure import Failure
 
 from sockd.config import FileSettings, SockdSettings
 from sockd.eager import eager_write
-from sockd.limits import GuardedFactory, GuardedProtocol, Sample
+from sockd.limits import GuardedFactory, GuardedProtocol, Sample, idle_granularity
 from sockd.logs import escape
-from sockd.paths import Opened, PathError, Root
+from sockd.paths import RESERVED_PREFIX, Opened, PathError, Root
 from sockd.sendfile import Bucket, Pacer, TransferError, send_file
 
 __all__ = [
@@ -48,7 +50,10 @@ __all__ = [
     "FileState",
     "percent_decode",
     "percent_encode",
+    "sweep_uploads",
 ]
+
+T = TypeVar("T")
 
 log = Logger(namespace="sockd.file")
 
@@ -81,7 +86,9 @@ A line not starting with a command is a bare request: the file, then close.
 """
 _SAFE = frozenset(range(0x21, 0x7F)) - {ord("%")}
 _HEX = frozenset(b"0123456789abcdefABCDEF")
-_UPLOAD_PREFIX = ".sockd-upload."
+_UPLOAD_PREFIX = RESERVED_PREFIX
+#: the names of sockd's own temporary upload files (L{Upload}), and no other
+_TEMP_NAME = re.compile(re.escape(RESERVED_PREFIX) + "[0-9a-f]{16}")
 
 
 def percent_encode(name: bytes) -> bytes:
@@ -123,16 +130,27 @@ class Upload:
     """
     One PUT in progress: bytes go to a temporary file beside the target;
     only a complete, fsynced file is renamed (or linked) to the real name.
+
+    The temporary file is locked (C{flock}) until it has its real name or
+    is removed, which tells L{sweep_uploads} in any process that it is live.
     """
 
     def __init__(
-        self, dir_fd: int, name: str, length: int, overwrite: bool, token: str
+        self,
+        dir_fd: int,
+        name: str,
+        length: int,
+        overwrite: bool,
+        token: str,
+        device: int = 0,
     ) -> None:
         self.dir_fd = dir_fd
         self.name = name
         self.length = length
         self.remaining = length
         self.overwrite = overwrite
+        #: the filesystem written to, for reserving its free space
+        self.device = device
         self.temp = f"{_UPLOAD_PREFIX}{token}"
         self.hash = hashlib.sha256()
         self.fd = os.open(
@@ -141,6 +159,10 @@ class Upload:
             0o666,
             dir_fd=dir_fd,
         )
+        # Where locks are unsupported the upload goes on unlocked: a sweep
+        # that cannot lock a file leaves it alone.
+        with contextlib.suppress(OSError):
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def feed(self, data: bytes) -> bytes:
         """Write body bytes; return what follows the body (the next request)."""
@@ -154,45 +176,129 @@ class Upload:
         return rest
 
     def commit(self) -> None:
-        """Blocking: fsync, then put the file under its real name atomically."""
-        os.fsync(self.fd)
+        """
+        Blocking: fsync, then put the file under its real name atomically.
+        If that fails, the temporary file is removed before the error is
+        raised (the reactor may be stopping and never see it).
+        """
+        try:
+            os.fsync(self.fd)
+            if self.overwrite:
+                os.rename(
+                    self.temp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd
+                )
+            else:
+                # link() never replaces an existing name: the no-overwrite rule
+                # holds even against a file created since the PUT was accepted.
+                os.link(
+                    self.temp,
+                    self.name,
+                    src_dir_fd=self.dir_fd,
+                    dst_dir_fd=self.dir_fd,
+                    follow_symlinks=False,
+                )
+                os.unlink(self.temp, dir_fd=self.dir_fd)
+            os.fsync(self.dir_fd)
+        except BaseException:
+            self.abort()
+            raise
+        # Closed (and unlocked) only now that the temporary name is gone.
         os.close(self.fd)
         self.fd = -1
-        if self.overwrite:
-            os.rename(
-                self.temp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd
-            )
-        else:
-            # link() never replaces an existing name: the no-overwrite rule
-            # holds even against a file created since the PUT was accepted.
-            os.link(
-                self.temp,
-                self.name,
-                src_dir_fd=self.dir_fd,
-                dst_dir_fd=self.dir_fd,
-                follow_symlinks=False,
-            )
-            os.unlink(self.temp, dir_fd=self.dir_fd)
-        os.fsync(self.dir_fd)
         os.close(self.dir_fd)
         self.dir_fd = -1
 
     def abort(self) -> None:
         """Remove the temporary file; the real name is never touched."""
+        if self.dir_fd >= 0:
+            # Gone already, or cannot be removed (a read-only remount): the
+            # descriptors are closed all the same; a later sweep removes it.
+            with contextlib.suppress(OSError):
+                os.unlink(self.temp, dir_fd=self.dir_fd)
+        # Unlocked after the unlink: a sweep never sees it unlocked and named.
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
         if self.dir_fd >= 0:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.temp, dir_fd=self.dir_fd)
             os.close(self.dir_fd)
             self.dir_fd = -1
+
+
+def sweep_uploads(
+    root_fd: int, before: float, stopped: Callable[[], bool] = lambda: False
+) -> tuple[int, int, int]:
+    """
+    Blocking: remove sockd's temporary upload files anywhere beneath the
+    directory C{root_fd} that no running upload holds (L{Upload} locks its
+    file) and that were last written before C{before} (unix seconds).
+    Symlinks are not followed.  Returns (files removed, their bytes, files
+    kept because locked or recent).  Stops early once C{stopped()} is true.
+    """
+    removed = size = kept = 0
+    for _, _, names, dir_fd in os.fwalk(".", dir_fd=root_fd):
+        if stopped():
+            break
+        for name in names:
+            if not _TEMP_NAME.fullmatch(name):
+                continue
+            freed = _remove_stale(dir_fd, name, before)
+            if freed is None:
+                kept += 1
+            else:
+                removed += 1
+                size += freed
+    return removed, size, kept
+
+
+def _remove_stale(dir_fd: int, name: str, before: float) -> int | None:
+    """Remove one temporary file if it is stale; its size, or None if kept."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISREG(info.st_mode) or info.st_mtime >= before:
+            return None
+        fd = os.open(
+            name,
+            os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+            dir_fd=dir_fd,
+        )
+    except OSError:
+        return None
+    try:
+        # Locked by a running upload (of any process), or locks unsupported
+        # here: not stale as far as anyone can tell.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = os.fstat(fd)
+        now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino) or (
+            held.st_mtime >= before
+        ):
+            return None
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return held.st_size
+
+
+#: the [file] keys a L{Root} is made from: a reload changing one opens a new one
+_ROOT_KEYS = ("root", "symlinks", "hidden", "hardlinks")
+
+
+def open_root(settings: FileSettings) -> Root:
+    """The L{Root} C{settings} describe; OSError if it cannot be opened."""
+    if settings.root is None:
+        raise OSError("[file] root is not set")
+    return Root(
+        settings.root, settings.symlinks, settings.hidden, hardlinks=settings.hardlinks
+    )
 
 
 class FileState:
     """
     The file service's decisions and long-lived state: what may be served,
-    how listings look, remembered checksums, upload rules, bandwidth.
+    how listings look, remembered checksums, upload rules and the free space
+    promised to uploads in progress, bandwidth.
     """
 
     def __init__(
@@ -206,7 +312,7 @@ class FileState:
         if root is None:
             if settings.root is None:
                 raise ValueError("[file] root is not set")
-            root = Root(settings.root, settings.symlinks, settings.hidden)
+            root = open_root(settings)
         self.settings = settings
         self.clock = clock
         self.root = root
@@ -221,23 +327,23 @@ class FileState:
         self.served = 0
         self.bytes_sent = 0
         self.refused = 0
+        #: uploads receiving their body: each holds back its remaining bytes
+        #: of its filesystem's free space
+        self.uploads: set[Upload] = set()
+        self._stopped = False
 
     def reconfigure(self, settings: FileSettings) -> None:
         """
-        A reload: new rules at once; a new root (or symlink or hidden-file
-        policy) for requests from now on.  Transfers under way keep the files
-        they opened.  If the new root cannot be opened, the old one stays.
+        A reload: new rules at once; a new root (or symlink, hidden-file or
+        hard-link policy) for requests from now on.  Transfers and uploads
+        under way keep the files and directories they opened.  If the new
+        root cannot be opened, the old one stays.  A root newly written to
+        is swept (L{sweep}).
         """
         old = self.settings
-        if (settings.root, settings.symlinks, settings.hidden) != (
-            old.root,
-            old.symlinks,
-            old.hidden,
-        ):
+        if any(getattr(settings, k) != getattr(old, k) for k in _ROOT_KEYS):
             try:
-                if settings.root is None:
-                    raise OSError("[file] root is not set")
-                root = Root(settings.root, settings.symlinks, settings.hidden)
+                root = open_root(settings)
             except OSError as e:
                 log.error(
                     "file: reload keeps serving {old}: cannot open {new}: {error}",
@@ -246,13 +352,15 @@ class FileState:
                     error=str(e),
                 )
                 settings = dataclasses.replace(
-                    settings, root=old.root, symlinks=old.symlinks, hidden=old.hidden
+                    settings, **{k: getattr(old, k) for k in _ROOT_KEYS}
                 )
             else:
                 previous, self.root = self.root, root
                 previous.close()
                 log.info("file: now serving {root}", root=str(settings.root))
         self.settings = settings
+        if settings.writable and (settings.root != old.root or not old.writable):
+            self.sweep()
         if settings.total_rate_limit != old.total_rate_limit:
             self.total_bucket = (
                 Bucket(settings.total_rate_limit, self.clock)
@@ -264,8 +372,6 @@ class FileState:
 
     def open(self, raw: bytes, want: str = "any") -> tuple[tuple[str, ...], Opened]:
         parts = self.root.parse(raw)
-        if any(part.startswith(_UPLOAD_PREFIX) for part in parts):
-            raise PathError(404, "not found")  # an upload in progress
         return parts, self.root.open(parts, want)
 
     def pacer(self) -> Pacer | None:
@@ -329,6 +435,11 @@ class FileState:
     # --- writing --------------------------------------------------------
 
     def begin_upload(self, raw: bytes, length: int) -> Upload:
+        """
+        Accept a PUT of C{length} bytes to C{raw}, or raise L{PathError}:
+        the upload's temporary file is created and its length held back
+        from the free space (L{release} gives it back).
+        """
         settings = self.settings
         if not settings.writable:
             raise PathError(403, "this server does not accept uploads")
@@ -337,11 +448,12 @@ class FileState:
         parts = self.root.parse(raw)
         if not parts:
             raise PathError(400, "PUT needs a file name")
-        dir_fd = self.root.open_dir_for_writing(parts[:-1])
         name = parts[-1]
+        if name.startswith(_UPLOAD_PREFIX):
+            raise PathError(403, "reserved name")
+        directory = self.root.open(parts[:-1], "dir")
+        dir_fd = directory.fd
         try:
-            if name.startswith(_UPLOAD_PREFIX):
-                raise PathError(403, "reserved name")
             try:
                 existing = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -351,22 +463,100 @@ class FileState:
                     raise PathError(405, "target exists and is not a regular file")
                 if not settings.overwrite:
                     raise PathError(409, "file exists and overwrite is off")
+            device = directory.stat.st_dev
             space = os.fstatvfs(dir_fd)
-            if length > space.f_bavail * space.f_frsize:
-                raise PathError(413, "not enough free space")
-            return Upload(dir_fd, name, length, settings.overwrite, self.token())
+            # Free space is promised once: what uploads in progress on this
+            # filesystem have yet to write is not free for this one.
+            promised = sum(u.remaining for u in self.uploads if u.device == device)
+            available = max(0, space.f_bavail * space.f_frsize - promised)
+            if length > available:
+                raise PathError(
+                    413, f"not enough free space ({available} bytes available)"
+                )
+            upload = Upload(
+                dir_fd, name, length, settings.overwrite, self.token(), device
+            )
         except PathError:
             os.close(dir_fd)
             raise
         except OSError as e:
             os.close(dir_fd)
             raise PathError(_write_code(e), f"cannot create: {e.strerror}") from None
+        self.uploads.add(upload)
+        return upload
 
-    def blocking(self, work: Callable[[], None]) -> Deferred[None]:
+    def release(self, upload: Upload) -> None:
+        """An upload has its whole body, or is aborted: its space is free."""
+        self.uploads.discard(upload)
+
+    def abort_uploads(self) -> int:
+        """
+        Abort every upload still receiving (the daemon is stopping and will
+        not see their connections close); return how many.
+        """
+        uploads, self.uploads = self.uploads, set()
+        for upload in uploads:
+            upload.abort()
+        return len(uploads)
+
+    def sweep(self) -> Deferred[None]:
+        """
+        Remove, in a thread, the temporary files of uploads cut short by a
+        crash anywhere beneath the root (only when uploads are accepted).
+
+        Another process sharing the root (C{[sockd] workers}, a second
+        daemon) may have uploads running: a file is stale only if no upload
+        holds its lock and it was last written longer ago than the idle
+        timeout (and its granularity), after which an upload that received
+        nothing has been closed.
+        """
+        settings = self.settings
+        if self._stopped or not settings.writable:
+            return succeed(None)
+        window = settings.idle_timeout + idle_granularity(settings.idle_timeout)
+        before = self.clock.seconds() - window
+        where = str(settings.root)
+        try:
+            # Its own descriptor: a reload may close the root's meanwhile.
+            fd = os.dup(self.root.fd)
+        except OSError as e:
+            log.error("file: cannot sweep {root}: {error}", root=where, error=str(e))
+            return succeed(None)
+
+        def work() -> tuple[int, int, int]:
+            try:
+                return sweep_uploads(fd, before, lambda: self._stopped)
+            finally:
+                os.close(fd)
+
+        def done(result: tuple[int, int, int]) -> None:
+            removed, size, kept = result
+            log.info(
+                "file: swept {root}: removed {removed} stale upload file(s), "
+                "{size} bytes; kept {kept} (locked, recent or not a plain file)",
+                root=where,
+                removed=removed,
+                size=size,
+                kept=kept,
+            )
+
+        def failed(failure: Failure) -> None:
+            log.failure("file: sweeping {root} failed", failure, root=where)
+
+        return self.blocking(work).addCallbacks(done, failed)
+
+    def stop(self) -> None:
+        """The service is stopping: a sweep under way ends early."""
+        self._stopped = True
+
+    def blocking(self, work: Callable[[], T]) -> Deferred[T]:
         """Run blocking work (fsync) in a thread when the reactor has them."""
         if IReactorThreads.providedBy(self.clock):
             reactor: Any = self.clock
-            return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+            result: Deferred[T] = deferToThreadPool(
+                reactor, reactor.getThreadPool(), work
+            )
+            return result
         return maybeDeferred(work)
 
 
@@ -738,6 +928,7 @@ class FileProtocol(GuardedProtocol):
             return b""
         if upload.remaining == 0:
             self._upload = None
+            self.factory.state.release(upload)
             self._commit(upload)
         return rest
 
@@ -772,6 +963,7 @@ class FileProtocol(GuardedProtocol):
     def _abortUpload(self) -> None:
         upload, self._upload = self._upload, None
         if upload is not None:
+            self.factory.state.release(upload)
             upload.abort()
 
     # --- sending --------------------------------------------------------
@@ -848,6 +1040,14 @@ class FileProtocol(GuardedProtocol):
             return
         self._setBusy(False)
         self._process()
+
+    def close(self, message: bytes = b"") -> None:
+        """
+        Close as L{GuardedProtocol.close} does; an upload in progress is
+        aborted at once, since no more of its body will be read.
+        """
+        self._abortUpload()
+        super().close(message)
 
     def shutdown(self) -> None:
         """The daemon is stopping: finish a transfer or upload in flight."""
@@ -936,6 +1136,34 @@ class FileFactory(GuardedFactory):
 
     def refusal(self, reason: str) -> bytes:
         return f"ERR 429 {reason}\r\n".encode()
+
+    def startFactory(self) -> None:
+        """Listening: clear what uploads cut short by a crash left behind."""
+        self.state.sweep()
+
+    def stopFactory(self) -> None:
+        self.state.stop()
+
+    def drain(self, deadline: float) -> Deferred[None]:
+        """
+        As L{GuardedFactory.drain}; uploads still receiving when it fires
+        (at the deadline) are aborted there and then: the connections are
+        aborted, but the reactor may stop before it tells their protocols.
+        """
+        done = super().drain(deadline)
+
+        def cleanup(result: object) -> object:
+            count = self.state.abort_uploads()
+            if count:
+                log.warn(
+                    "file: removed {count} unfinished upload(s) at the shutdown "
+                    "deadline",
+                    count=count,
+                )
+            return result
+
+        done.addBoth(cleanup)
+        return done
 
     def reconfigure(self, settings: FileSettings, shared: SockdSettings) -> None:
         """A reload: limits, rules and the root apply to what comes next."""

@@ -8,16 +8,25 @@ look-alike characters such as fullwidth dots), names made only of dots,
 over-long paths and components, and hidden names are refused.
 
 Then the kernel resolves the path beneath an open descriptor of the root:
-C{openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)} (Linux 5.6+, through
-C{ctypes}), or, where that is missing, a walk one component at a time with
-C{dir_fd} and C{O_NOFOLLOW}, following relative symlinks by hand and refusing
-any that climb out of the root.  Absolute symlinks are always refused.
+C{openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS)}
+(Linux 5.6+, through C{ctypes}).  A path through a symlink (or any path,
+where openat2 is missing) is walked one name at a time with C{dir_fd} and
+C{O_NOFOLLOW}, following relative symlinks by hand and refusing any that
+climb out of the root.  Absolute symlinks are always refused.
+
+The name rules hold for every name followed, not only the requested ones:
+a symlink inside the root cannot lead to a hidden name (unless hidden names
+are served) or to a reserved one (an upload in progress, L{RESERVED_PREFIX}).
+The walk checks each name as it opens it, beneath the descriptor it came
+from, so what is checked is what is opened.
 
 What was opened is checked with C{fstat} on the open descriptor, never by
 path, so a swap between check and open cannot escape the root; files are
 opened with C{O_NONBLOCK} so a FIFO never blocks, and only after an
 C{O_PATH} look has shown a regular file, so FIFOs and devices are never
-opened for reading at all.
+opened for reading at all.  With C{hardlinks = refuse}, a regular file with
+more than one link is refused too: another of its names may lie outside the
+root.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from dataclasses import dataclass
 __all__ = [
     "MAX_COMPONENT",
     "MAX_PATH",
+    "RESERVED_PREFIX",
     "Opened",
     "PathError",
     "Root",
@@ -47,6 +57,9 @@ MAX_PATH = 4096
 MAX_COMPONENT = 255
 #: symlinks followed in one resolution, as the kernel allows
 MAX_SYMLINKS = 40
+#: names sockd keeps for itself (uploads in progress): never served or
+#: listed, even with hidden names served, and never uploaded to
+RESERVED_PREFIX = ".sockd-upload."
 
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
@@ -190,7 +203,9 @@ class Root:
     """
     The directory served.  Holds a descriptor of it for its lifetime, and
     opens paths beneath it by the C{symlinks} policy: C{inside} follows
-    relative symlinks that stay beneath the root, C{refuse} follows none.
+    relative symlinks that stay beneath the root, C{refuse} follows none;
+    and by the C{hardlinks} policy: C{allow} serves a regular file whatever
+    its link count, C{refuse} refuses one with more than one link.
     """
 
     def __init__(
@@ -199,17 +214,22 @@ class Root:
         symlinks: str = "inside",
         hidden: bool = False,
         use_openat2: bool | None = None,
+        hardlinks: str = "allow",
     ) -> None:
         if symlinks not in ("inside", "refuse"):
             raise ValueError(f"symlinks must be inside or refuse, not {symlinks!r}")
+        if hardlinks not in ("allow", "refuse"):
+            raise ValueError(f"hardlinks must be allow or refuse, not {hardlinks!r}")
         self.path = os.fspath(path)
         self.symlinks = symlinks
         self.hidden = hidden
-        self.use_openat2 = openat2_available() if use_openat2 is None else use_openat2
+        self.hardlinks = hardlinks
+        # Asked for or not, openat2 is only used where it works.
+        self.use_openat2 = use_openat2 is not False and openat2_available()
         self.fd = os.open(self.path, _LOOK | os.O_DIRECTORY)
-        self._resolve = _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS
-        if symlinks == "refuse":
-            self._resolve |= _RESOLVE_NO_SYMLINKS
+        # No symlink is followed by the kernel: a path through one is walked,
+        # so that the names it leads to are checked (see _walk).
+        self._resolve = _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS | _RESOLVE_NO_SYMLINKS
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -227,52 +247,83 @@ class Root:
         reading, or a directory for listing.  C{want} is C{file}, C{dir} or
         C{any}; anything else (FIFO, socket, device) is refused with 405.
         """
-        look = self._open(parts, _LOOK)
+        for name in parts:
+            self.check_name(name)
+        # A path through a symlink is walked once: both opens below start
+        # from the directory that walk found.
+        walked: list[tuple[int, str]] = []
         try:
-            mode = os.fstat(look).st_mode
+            look = self._open(parts, _LOOK, walked)
+            try:
+                mode = os.fstat(look).st_mode
+            finally:
+                os.close(look)
+            if stat.S_ISDIR(mode):
+                if want == "file":
+                    raise PathError(405, "is a directory, not a regular file")
+                flags = _READ_DIR
+            elif stat.S_ISREG(mode):
+                if want == "dir":
+                    raise PathError(405, "not a directory")
+                flags = _READ_FILE
+            else:
+                raise PathError(405, "not a regular file")
+            fd = self._open(parts, flags, walked)
         finally:
-            os.close(look)
-        if stat.S_ISDIR(mode):
-            if want == "file":
-                raise PathError(405, "is a directory, not a regular file")
-            flags = _READ_DIR
-        elif stat.S_ISREG(mode):
-            if want == "dir":
-                raise PathError(405, "not a directory")
-            flags = _READ_FILE
-        else:
-            raise PathError(405, "not a regular file")
-        fd = self._open(parts, flags)
+            for parent, _ in walked:
+                os.close(parent)
         # Check what was really opened: the name may have been swapped since.
         info = os.fstat(fd)
         expected = stat.S_ISDIR if flags == _READ_DIR else stat.S_ISREG
         if not expected(info.st_mode):
             os.close(fd)
             raise PathError(405, "not a regular file")
+        if (
+            info.st_nlink > 1
+            and self.hardlinks == "refuse"
+            and stat.S_ISREG(info.st_mode)
+        ):
+            os.close(fd)
+            raise PathError(403, "a file with more than one hard link is not served")
         return Opened(fd, info)
 
-    def open_dir_for_writing(self, parts: Sequence[str]) -> int:
-        """A descriptor of the directory C{parts}, for creating files in it."""
-        return self.open(parts, "dir").fd
+    def check_name(self, name: str) -> None:
+        """
+        Refuse a name that may not be followed: hidden (unless served), or
+        reserved (always; reported as not found, like an absent name).
+        """
+        if name.startswith(RESERVED_PREFIX):
+            raise PathError(404, "not found")
+        if name.startswith(".") and not self.hidden:
+            raise PathError(403, "hidden files are not served")
 
-    def _open(self, parts: Sequence[str], flags: int) -> int:
+    def _open(
+        self, parts: Sequence[str], flags: int, walked: list[tuple[int, str]]
+    ) -> int:
+        """
+        Open C{parts} with C{flags}: by openat2 when no symlink is on the
+        way, else from the end of a walk, done once and kept in C{walked}.
+        """
         path = "/".join(parts) or "."
-        if self.use_openat2:
+        if self.use_openat2 and not walked:
             for _ in range(3):
                 try:
                     return _openat2(self.fd, path, flags, self._resolve)
                 except OSError as e:
+                    if e.errno == errno.ELOOP and self.symlinks == "inside":
+                        break  # a symlink on the way: walk it, checking names
                     # EAGAIN: a rename raced with "..": the kernel asks to retry.
                     if e.errno != errno.EAGAIN:
                         raise _refusal(e) from None
-            raise PathError(503, "path keeps changing; try again")
-        parent, name = self._walk(parts)
+            else:
+                raise PathError(503, "path keeps changing; try again")
+        if not walked:
+            walked.append(self._walk(parts))
+        parent, name = walked[0]
         try:
             return os.open(name, flags | os.O_NOFOLLOW, dir_fd=parent)
         except OSError as e:
             raise _refusal(e) from None
-        finally:
-            os.close(parent)
 
     def _walk(self, parts: Sequence[str]) -> tuple[int, str]:
         """
@@ -280,6 +331,8 @@ class Root:
         (descriptor of the directory holding it, the name).  The last name
         is, as far as this walk saw, not a symlink; the caller opens it
         with C{O_NOFOLLOW}, so a swap to a symlink since then is refused.
+        Each name is checked (L{check_name}) before it is looked up beneath
+        the directory it was found in.
         """
         stack = [os.dup(self.fd)]
         todo = list(parts)
@@ -294,6 +347,8 @@ class Root:
                         raise PathError(403, "leads outside the root")
                     os.close(stack.pop())
                     continue
+                # Every name followed, also those inside symlinks.
+                self.check_name(name)
                 try:
                     info = os.stat(name, dir_fd=stack[-1], follow_symlinks=False)
                 except OSError as e:

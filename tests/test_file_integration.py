@@ -312,3 +312,52 @@ def test_sigterm_during_a_transfer(tree: Path, tmp_path: Path) -> None:
         # Then, being framed, it is told why the connection ends.
         assert body == expected + b"ERR 503 shutting down\r\n"
         assert d.process.wait(20) in (0, -signal.SIGTERM)
+
+
+def test_sigterm_removes_a_stalled_upload_and_start_sweeps(tmp_path: Path) -> None:
+    """
+    Stale temporaries a crash left (in the root and a subdirectory) are
+    removed at start; an upload that stalls until the shutdown deadline
+    after SIGTERM leaves no temporary file behind when the daemon exits.
+    """
+    root = tmp_path / "up"
+    (root / "sub").mkdir(parents=True)
+    old = time.time() - 3600
+    stale = [
+        root / ".sockd-upload.00000000000000aa",
+        root / "sub" / ".sockd-upload.00000000000000bb",
+    ]
+    for path, size in zip(stale, (1000, 24), strict=True):
+        path.write_bytes(b"x" * size)
+        os.utime(path, (old, old))
+    daemon = Daemon(
+        "sockd-file",
+        f"""
+        [sockd]
+        shutdown_grace = 1
+        abort_grace = 0.5
+        [file]
+        listen = tcp:0:interface=127.0.0.1
+        root = {root}
+        writable = true
+        """,
+        directory=tmp_path,
+    )
+    try:
+        daemon.start()
+        daemon.wait_for(r"file: swept .*: removed 2 stale upload file\(s\), 1024 bytes")
+        assert [p for p in stale if p.exists()] == []
+        assert daemon.process is not None
+        with socket.create_connection(("127.0.0.1", daemon.port("file")), 5) as s:
+            s.sendall(b"PUT stall.bin 1000000\n" + b"y" * 1000)
+            s.settimeout(5)
+            assert s.recv(100) == b"OK ready\r\n"
+            temps = [n for n in os.listdir(root) if n.startswith(".sockd-upload.")]
+            assert len(temps) == 1
+            daemon.process.send_signal(signal.SIGTERM)
+            assert daemon.process.wait(10) in (0, -signal.SIGTERM)
+        daemon.wait_for(r"removed 1 unfinished upload\(s\) at the shutdown deadline")
+        assert sorted(os.listdir(root)) == ["sub"]
+        assert os.listdir(root / "sub") == []
+    finally:
+        daemon.stop()

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,11 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver, MemoryReactor
+from twisted.internet.testing import (
+    EventLoggingObserver,
+    MemoryReactor,
+    StringTransport,
+)
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -36,6 +42,7 @@ from sockd.files import (
     FileState,
     percent_decode,
     percent_encode,
+    sweep_uploads,
 )
 from sockd.paths import PathError
 from tests.helpers import connect, settings
@@ -556,16 +563,25 @@ class LifecycleTests(Base):
         self.assertFalse(transport.connected)
 
     def test_drain_deadline_aborts_and_cleans(self) -> None:
+        """
+        At the shutdown deadline an upload still receiving is removed when
+        the drain fires: the reactor may stop before the aborted connection
+        reaches connectionLost (seen with SIGTERM: the file stayed).
+        """
         factory = self.make(writable="true")
-        protocol, transport = self.connect(factory)
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()  # abortConnection reports nothing back
+        protocol.makeConnection(transport)
         protocol.dataReceived(b"PUT slow.bin 100\nabc")
+        self.assertEqual(len([n for n in os.listdir(self.root) if "upload" in n]), 1)
         done = factory.drain(30)
         self.clock.advance(31)
         self.successResultOf(done)
-        protocol.connectionLost(Failure(Exception("aborted")))
         self.assertEqual(
             [n for n in os.listdir(self.root) if "slow" in n or "upload" in n], []
         )
+        self.assertEqual(factory.state.uploads, set())
+        protocol.connectionLost(Failure(Exception("aborted")))  # later: harmless
 
     def test_reconfigure(self) -> None:
         second = self.base / "second"
@@ -691,7 +707,110 @@ class UploadTests(Base):
         self.patch(files.os, "fstatvfs", tiny)
         protocol, transport = self.connect()
         protocol.dataReceived(b"PUT x.bin 1000000\n")
-        self.assertEqual(transport.value(), b"ERR 413 not enough free space\r\n")
+        frsize = os.statvfs(self.root).f_frsize
+        self.assertEqual(
+            transport.value(),
+            b"ERR 413 not enough free space (%d bytes available)\r\n" % frsize,
+        )
+
+    def test_free_space_promised_once(self) -> None:
+        """
+        Concurrent uploads are not all promised the same free space: what
+        each has still to write is held back until it is stored or aborted.
+        """
+        real = os.fstatvfs
+
+        def free(fd: int) -> Any:
+            # 2.5 MB free, in 1-byte blocks, whatever is written.
+            result = real(fd)
+            return os.statvfs_result(
+                (result[0], 1, result[2], result[3], 2_500_000, *result[5:])
+            )
+
+        self.patch(files.os, "fstatvfs", free)
+        first, first_t = self.connect(port=40001)
+        first.dataReceived(b"PUT a.bin 1000000\n")
+        second, second_t = self.connect(port=40002)
+        second.dataReceived(b"PUT b.bin 1000000\n")
+        self.assertEqual([first_t.value(), second_t.value()], [b"OK ready\r\n"] * 2)
+        refused = [b"ERR 413 not enough free space (500000 bytes available)\r\n"]
+        third, third_t = self.connect(port=40003)
+        third.dataReceived(b"PUT c.bin 1000000\n")
+        self.assertEqual([third_t.value()], refused)
+        # Bytes written are no longer promised (the disk has them).
+        first.dataReceived(b"x" * 400_000)
+        third, third_t = self.connect(port=40004)
+        third.dataReceived(b"PUT c.bin 1000000\n")
+        self.assertEqual(
+            third_t.value(),
+            b"ERR 413 not enough free space (900000 bytes available)\r\n",
+        )
+        second_t.loseConnection()  # aborted: its promise is released
+        third, third_t = self.connect(port=40005)
+        third.dataReceived(b"PUT c.bin 1000000\n")
+        self.assertEqual(third_t.value(), b"OK ready\r\n")
+        first.dataReceived(b"x" * 600_000)  # stored: released too
+        self.assertIn(b"OK stored 1000000 ", first_t.value())
+        self.assertEqual(len(self.factory.state.uploads), 1)
+        third_t.loseConnection()
+        self.assertEqual(self.factory.state.uploads, set())
+        self.assertEqual(self.leftovers(), [])
+
+    def test_timeout_removes_temporary_at_once(self) -> None:
+        """
+        An upload stalled past the idle timeout, from a client that does not
+        read: the temporary file goes when the close begins, not when the
+        connection is finally aborted (or never, if the daemon stops first).
+        """
+        factory = self.make(writable="true", idle_timeout="10")
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()  # loseConnection never completes
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"PUT stall.bin 1000000\n" + b"x" * 1000)
+        self.assertEqual(len(self.leftovers()), 1)
+        self.clock.advance(11)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.leftovers(), [])
+        self.assertEqual(factory.state.uploads, set())
+        protocol.connectionLost(Failure(Exception("aborted")))  # harmless later
+        self.assertEqual(self.leftovers(), [])
+
+    def test_failed_commit_removes_temporary(self) -> None:
+        """
+        A commit failing in its thread removes the temporary file itself: if
+        the daemon is stopping, no callback may run on the reactor after it.
+        """
+
+        def broken(fd: int) -> None:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        state = self.factory.state
+        upload = state.begin_upload(b"docs/c.bin", 3)
+        upload.feed(b"abc")
+        self.patch(files.os, "fsync", broken)
+        self.assertRaises(OSError, upload.commit)
+        self.assertEqual(self.leftovers(self.root / "docs"), [])
+        self.assertFalse((self.root / "docs" / "c.bin").exists())
+        self.assertEqual((upload.fd, upload.dir_fd), (-1, -1))
+        upload.abort()  # the reactor's error path after it: harmless
+
+    def test_reload_during_upload(self) -> None:
+        """A reload to another root: the upload ends where it began."""
+        second = self.base / "second"
+        second.mkdir()
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"PUT r.bin 6\nabc")
+        cut, cut_t = self.connect(port=40001)
+        cut.dataReceived(b"PUT cut.bin 6\nabc")
+        new = settings(file={"root": str(second), "enabled": "true", "writable": "1"})
+        self.factory.reconfigure(new.file, new.sockd)
+        self.addCleanup(self.factory.state.root.close)
+        protocol.dataReceived(b"def")
+        cut_t.loseConnection()
+        self.assertIn(b"OK stored 6 ", transport.value())
+        self.assertEqual((self.root / "r.bin").read_bytes(), b"abcdef")
+        self.assertEqual(self.leftovers() + self.leftovers(second), [])
+        self.assertEqual(os.listdir(second), [])
 
     def test_cut_midway(self) -> None:
         """A dropped connection leaves neither the file nor a temporary."""
@@ -744,6 +863,236 @@ class UploadTests(Base):
         protocol, transport = self.connect(self.make(writable="true", hidden="true"))
         protocol.dataReceived(b"PUT .sockd-upload.x 1\n")
         self.assertEqual(transport.value(), b"ERR 403 reserved name\r\n")
+
+
+class LinkPolicyTests(Base):
+    """
+    The hidden and reserved name rules hold for the names a symlink inside
+    the root leads through, on every command; and the hard-link policy.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        (self.root / ".git").mkdir()
+        (self.root / ".git" / "config").write_bytes(CANARY)
+        (self.root / ".hidden").write_bytes(CANARY)
+        (self.root / ".private").mkdir()
+        os.symlink(".hidden", self.root / "vis.txt")
+        os.symlink(".git", self.root / "gitlink")
+        os.symlink(".private", self.root / "pub")
+        os.symlink("notes.txt", self.root / "plain_link")
+
+    def test_every_command_refuses(self) -> None:
+        protocol, transport = self.connect()
+        hidden = b"ERR 403 hidden files are not served\r\n"
+        for request in (
+            b"GET vis.txt",
+            b"GET gitlink/config",
+            b"STAT vis.txt",
+            b"STAT gitlink",
+            b"STAT gitlink/config",
+            b"SUM vis.txt",
+            b"SUM gitlink/config",
+            b"LIST gitlink",
+        ):
+            transport.clear()
+            protocol.dataReceived(request + b"\n")
+            self.clock.advance(0)
+            self.assertEqual(transport.value(), hidden, request)
+        transport.clear()
+        protocol.dataReceived(b"GET plain_link\n")
+        self.pump(transport)
+        self.assertTrue(transport.value().endswith(b"\r\nhello notes\n"))
+
+    def test_bare_and_menu(self) -> None:
+        factory = self.make(bare_errors="line")
+        for request in (b"vis.txt\n", b"/gitlink/config\r\n", b"gitlink\n"):
+            self.assertEqual(
+                self.exchange(request, factory),
+                b"ERR 403 hidden files are not served\r\n",
+            )
+        menu = self.exchange(b"\r\n", factory)
+        self.assertIn(b"9plain_link\t/plain_link\t", menu)
+        self.assertNotIn(b"vis.txt", menu)
+        self.assertNotIn(b"gitlink", menu)
+        self.assertNotIn(CANARY, menu)
+
+    def test_listing_leaves_them_out(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"LIST\n")
+        names = [line.split(b" ")[-1] for line in transport.value().split(b"\r\n")]
+        self.assertIn(b"plain_link", names)
+        for name in (b"vis.txt", b"gitlink", b"pub"):
+            self.assertNotIn(name, names)
+
+    def test_served_when_hidden_names_are(self) -> None:
+        factory = self.make(hidden="true", bare_errors="line")
+        self.assertEqual(self.exchange(b"vis.txt\n", factory), CANARY)
+        self.assertEqual(self.exchange(b"gitlink/config\n", factory), CANARY)
+
+    def test_link_to_an_upload_in_progress(self) -> None:
+        """Never served, listed or uploaded through, even with hidden names on."""
+        for hidden in ("false", "true"):
+            factory = self.make(writable="true", hidden=hidden, bare_errors="line")
+            uploader, _ = self.connect(factory)
+            uploader.dataReceived(b"PUT p.bin 10\nabc")
+            (temp,) = [n for n in os.listdir(self.root) if ".sockd-upload." in n]
+            os.symlink(temp, self.root / "peek")
+            os.symlink(".", self.root / "here")
+            protocol, transport = self.connect(factory)
+            protocol.dataReceived(b"GET peek\nSTAT here/peek\nLIST\n")
+            value = transport.value()
+            self.assertTrue(
+                value.startswith(b"ERR 404 not found\r\nERR 404 not found\r\nOK\r\n"),
+                value,
+            )
+            self.assertNotIn(b"peek", value)
+            # A hidden name too, unless hidden names are served.
+            reason = b"reserved name" if hidden == "true" else b"hidden files are"
+            self.assertIn(
+                b"ERR 403 " + reason,
+                self.exchange(b"PUT here/%s 1\nx" % temp.encode(), factory),
+            )
+            self.assertEqual(
+                self.exchange(b"peek\n", factory), b"ERR 404 not found\r\n"
+            )
+            uploader.transport.loseConnection()  # type: ignore[union-attr]
+            os.unlink(self.root / "peek")
+            os.unlink(self.root / "here")
+
+    def test_put_through_a_link_to_a_hidden_directory(self) -> None:
+        factory = self.make(writable="true")
+        for request in (b"PUT pub/x.bin 3\nabc", b"PUT gitlink/hooks 3\nabc"):
+            self.assertEqual(
+                self.exchange(request, factory),
+                b"ERR 403 hidden files are not served\r\n",
+            )
+        self.assertEqual(os.listdir(self.root / ".private"), [])
+        self.assertEqual(os.listdir(self.root / ".git"), ["config"])
+        self.assertEqual(factory.state.uploads, set())
+
+    def test_hardlinks(self) -> None:
+        os.link(self.root / "notes.txt", self.root / "twin.txt")
+        refuse = self.make(hardlinks="refuse", bare_errors="line")
+        protocol, transport = self.connect(refuse)
+        protocol.dataReceived(b"GET twin.txt\nSTAT notes.txt\nSUM plain_link\nLIST\n")
+        lines = transport.value().split(b"\r\n")
+        refused = b"ERR 403 a file with more than one hard link is not served"
+        self.assertEqual(lines[:3], [refused] * 3)
+        self.assertNotIn(b"twin.txt", transport.value())
+        self.assertNotIn(b"notes.txt", transport.value())
+        self.assertIn(b"big.bin", transport.value())
+        self.assertEqual(self.exchange(b"twin.txt\n", refuse), refused + b"\r\n")
+        # allow, the default: served by either name
+        self.assertEqual(self.exchange(b"twin.txt\n"), b"hello notes\n")
+
+
+class SweepTests(Base):
+    """The start-up sweep of temporary files that crashed uploads left."""
+
+    STALE = ".sockd-upload.0123456789abcdef"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.clock.advance(time.time())  # mtimes are wall-clock times
+        self.old = time.time() - 3600
+
+    def plant(self, path: Path, data: bytes = b"partial", old: bool = True) -> Path:
+        path.write_bytes(data)
+        if old:
+            os.utime(path, (self.old, self.old))
+        return path
+
+    def swept(self, events: Any) -> list[tuple[int, int, int]]:
+        return [
+            (e["removed"], e["size"], e["kept"])
+            for e in events
+            if "stale upload" in e.get("log_format", "")
+        ]
+
+    def test_only_stale_temporaries_anywhere(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        (self.root / "docs" / "deep").mkdir()
+        (self.root / ".cache").mkdir()
+        stale = [
+            self.plant(self.root / self.STALE, b"12345"),
+            self.plant(self.root / "docs" / ".sockd-upload.00000000000000ff", b"1"),
+            self.plant(self.root / "docs" / "deep" / ".sockd-upload.ffffffffffffffff"),
+            self.plant(self.root / ".cache" / ".sockd-upload.0000000000000000", b""),
+        ]
+        kept = [
+            # recent: maybe another process's upload between writes
+            self.plant(self.root / ".sockd-upload.1111111111111111", old=False),
+            # locked below: another process's upload, silent for an hour
+            self.plant(self.root / "docs" / ".sockd-upload.2222222222222222"),
+        ]
+        others = [
+            self.plant(self.root / ".sockd-upload.notes"),
+            self.plant(self.root / ".sockd-upload.0123456789ABCDEF"),
+            self.plant(self.root / "x.sockd-upload.0123456789abcdef"),
+            self.plant(self.root / ".sockd-upload.0123456789abcdef0"),
+        ]
+        (self.root / ".sockd-upload.3333333333333333").mkdir()
+        link = self.root / "docs" / ".sockd-upload.4444444444444444"
+        os.symlink("../../canary", link)
+        os.utime(link, (self.old, self.old), follow_symlinks=False)
+        holder = os.open(kept[1], os.O_RDONLY)
+        self.addCleanup(os.close, holder)
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        factory = self.make(writable="true")
+        self.successResultOf(factory.state.sweep())
+        self.assertEqual([p for p in stale if p.exists()], [])
+        self.assertEqual([p for p in kept + others if not p.exists()], [])
+        self.assertTrue(link.is_symlink())
+        self.assertTrue((self.root / ".sockd-upload.3333333333333333").is_dir())
+        self.assertEqual((self.base / "canary").read_bytes(), CANARY)
+        self.assertEqual(self.swept(events), [(4, 5 + 1 + 7 + 0, 3)])
+
+    def test_running_upload_is_kept(self) -> None:
+        """Its own upload, silent longer than the window: its lock keeps it."""
+        factory = self.make(writable="true")
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(b"PUT live.bin 6\nabc")
+        (temp,) = [n for n in os.listdir(self.root) if n.startswith(".sockd-upload.")]
+        os.utime(self.root / temp, (self.old, self.old))
+        self.successResultOf(factory.state.sweep())
+        self.assertTrue((self.root / temp).exists())
+        protocol.dataReceived(b"def")
+        self.assertIn(b"OK stored 6 ", transport.value())
+        self.assertEqual((self.root / "live.bin").read_bytes(), b"abcdef")
+
+    def test_at_start_when_writable(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        stale = self.plant(self.root / self.STALE)
+        read_only = self.make()
+        read_only.doStart()
+        read_only.doStop()
+        self.assertTrue(stale.exists())  # a read-only server deletes nothing
+        writable = self.make(writable="true")
+        writable.doStart()
+        self.assertFalse(stale.exists())
+        self.assertEqual(self.swept(events), [(1, 7, 0)])
+        writable.doStop()
+        self.plant(self.root / self.STALE)
+        self.successResultOf(writable.state.sweep())  # stopped: no more sweeps
+        self.assertTrue(stale.exists())
+
+    def test_reload_sweeps_a_new_root(self) -> None:
+        second = self.base / "second"
+        second.mkdir()
+        stale = self.plant(second / self.STALE)
+        new = settings(file={"root": str(second), "enabled": "true", "writable": "1"})
+        self.factory.reconfigure(new.file, new.sockd)
+        self.addCleanup(self.factory.state.root.close)
+        self.assertFalse(stale.exists())
+
+    def test_stops_when_told(self) -> None:
+        stale = self.plant(self.root / "docs" / self.STALE)
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, fd)
+        self.assertEqual(sweep_uploads(fd, time.time(), lambda: True), (0, 0, 0))
+        self.assertTrue(stale.exists())
+        self.assertEqual(sweep_uploads(fd, time.time()), (1, 7, 0))
 
 
 class HelpersTests(SynchronousTestCase):
@@ -855,6 +1204,8 @@ class TapTests(SynchronousTestCase):
                 "--hidden",
                 "--symlinks",
                 "refuse",
+                "--hardlinks",
+                "refuse",
                 "--max-upload",
                 "1M",
                 "--rate-limit",
@@ -870,6 +1221,7 @@ class TapTests(SynchronousTestCase):
             (True, True, False),
         )
         self.assertEqual(settings_.symlinks, "refuse")
+        self.assertEqual(settings_.hardlinks, "refuse")
         self.assertEqual(settings_.max_upload, 1024 * 1024)
         self.assertEqual(settings_.rate_limit, 64 * 1024)
         reactor = MemoryReactor()
@@ -880,9 +1232,17 @@ class TapTests(SynchronousTestCase):
         self.assertEqual(ports, [(8123, "127.0.0.1"), (8124, "127.0.0.1")])
         factory = reactor.tcpServers[0][1]
         self.assertIsInstance(factory, FileFactory)
+        self.assertEqual(factory.state.root.hardlinks, "refuse")
         self.assertEqual(factory.refusal("busy"), b"ERR 429 busy\r\n")
         service.stopService()
         factory.state.root.close()
+
+    def test_hardlinks_key(self) -> None:
+        self.assertEqual(settings().file.hardlinks, "allow")
+        with self.assertRaises(config.ConfigError) as caught:
+            settings(file={"hardlinks": "sometimes"})
+        self.assertIn("hardlinks", str(caught.exception))
+        self.assertIn("allow, refuse", str(caught.exception))
 
     def test_missing_root_names_the_key(self) -> None:
         options = file_tap.Options()

@@ -44,7 +44,7 @@ def make_tree(top: Path) -> Path:
     """
     top/CANARY, top/srv/canary, top/srv/files-secret/x (the sibling whose
     name starts with the root's), and the root top/srv/files, with
-    symlinks that lead out of it in every way.
+    symlinks that lead out of it in every way, and to hidden names in it.
     """
     (top / "CANARY").write_bytes(CANARY)
     srv = top / "srv"
@@ -58,6 +58,11 @@ def make_tree(top: Path) -> Path:
     for name, content in SERVABLE.items():
         (root / name).write_bytes(content)
     (root / ".hidden").write_bytes(CANARY)
+    (root / ".git").mkdir()
+    (root / ".git" / "config").write_bytes(CANARY)
+    os.symlink(".hidden", root / "vis")
+    os.symlink(".git", root / "gitlink")
+    os.symlink("../.git/config", root / "sub" / "config")
     os.symlink("../canary", root / "out")
     os.symlink("../../CANARY", root / "sub" / "up2")
     os.symlink("../files-secret", root / "secret")
@@ -79,6 +84,7 @@ HOSTILE = [
     "..%2f..%2fCANARY", "../canary", "../../CANARY", "../files-secret/x",
     "files-secret", "out", "sub/up2", "secret/x", "abs", "environ", "fifo",
     ".hidden", "sub/../../canary", "/proc/self/environ", "/etc/passwd", "\t",
+    "vis", "gitlink", "gitlink/config", "sub/config", "sub_link/config",
 ]  # fmt: skip
 NAMES = [*SERVABLE, "with%20space%25.txt", "in_link", "sub/up", "sub_link/inner.txt"]
 NAMES += ["sub", "sub_link", "", "missing", "notes.txt/x", "NOTES.TXT"]
@@ -216,7 +222,8 @@ def snapshot(top: Path, root: Path) -> dict[str, bytes | None]:
 def servable(root: Path) -> list[bytes]:
     """The bytes of every regular file beneath C{root}, hidden ones excepted."""
     found = []
-    for dirpath, _, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [name for name in dirnames if name[0] != "."]
         for name in filenames:
             path = Path(dirpath, name)
             if path.is_file() and not path.is_symlink() and name[0] != ".":

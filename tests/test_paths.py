@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from sockd.paths import PathError, Root, openat2_available, parse_path
+from sockd.paths import RESERVED_PREFIX, PathError, Root, openat2_available, parse_path
 
 CANARY = b"CANARY-never-served"
+#: an upload in progress, as sockd names it
+TEMP = RESERVED_PREFIX + "0123456789abcdef"
 
 RESOLVERS = [
     pytest.param(
@@ -59,6 +61,17 @@ def tree(tmp_path: Path) -> Iterator[Path]:
     os.symlink("../notes.txt", root / "sub" / "up")
     os.symlink("../../canary", root / "sub" / "up2")
     os.symlink("sub", root / "sub_link")
+    # Hidden and reserved names reached through links inside the root.
+    (root / ".git").mkdir()
+    (root / ".git" / "config").write_bytes(b"[core]\n")
+    (root / TEMP).write_bytes(b"partial upload")
+    os.symlink(".hidden", root / "vis.txt")
+    os.symlink(".git", root / "gitlink")
+    os.symlink("../.git/config", root / "sub" / "config")
+    os.symlink(TEMP, root / "uplink")
+    os.symlink("sub/../.hidden", root / "dotdot_hidden")
+    os.symlink("notes.txt", root / ".hidden_link")
+    os.symlink(".hidden_link", root / "via_hidden_link")
     os.mkfifo(root / "fifo")
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(root / "sock"))
@@ -110,6 +123,14 @@ HOSTILE = [
     (b"sock", 405),
     (b".hidden", 403),
     (b"sub/.hidden", 403),
+    (b"vis.txt", 403),
+    (b"gitlink/config", 403),
+    (b"gitlink", 403),
+    (b"sub/config", 403),
+    (b"dotdot_hidden", 403),
+    (b"via_hidden_link", 403),
+    (TEMP.encode(), 403),  # hidden, first
+    (b"uplink", 404),
     (b"missing", 404),
     (b"notes.txt/x", 404),
 ]
@@ -191,6 +212,58 @@ def test_hidden_allowed(tree: Path, use_openat2: bool) -> None:
     root = Root(tree, hidden=True, use_openat2=use_openat2)
     assert read_all(root, b".hidden") == b"hidden\n"
     root.close()
+
+
+@pytest.mark.parametrize("use_openat2", RESOLVERS)
+def test_hidden_through_links_when_served(tree: Path, use_openat2: bool) -> None:
+    """With hidden names served, links to them are too; reserved ones never."""
+    root = Root(tree, hidden=True, use_openat2=use_openat2)
+    try:
+        assert read_all(root, b"vis.txt") == b"hidden\n"
+        assert read_all(root, b"gitlink/config") == b"[core]\n"
+        assert read_all(root, b"via_hidden_link") == b"notes\n"
+        for raw in (b"uplink", TEMP.encode()):
+            with pytest.raises(PathError) as caught:
+                read_all(root, raw)
+            assert caught.value.code == 404
+    finally:
+        root.close()
+
+
+@pytest.mark.parametrize("use_openat2", RESOLVERS)
+def test_hidden_link_target_directory(tree: Path, use_openat2: bool) -> None:
+    """A directory reached through a link to a hidden one is not opened."""
+    root = Root(tree, use_openat2=use_openat2)
+    try:
+        with pytest.raises(PathError) as caught:
+            root.open(("gitlink",), "dir")
+        assert caught.value.code == 403
+        assert root.open(("sub_link",), "dir").is_dir  # a plain link still works
+    finally:
+        root.close()
+
+
+@pytest.mark.parametrize("use_openat2", RESOLVERS)
+def test_hardlinks(tree: Path, use_openat2: bool) -> None:
+    """refuse: a regular file with a second name is refused, by either name."""
+    os.link(tree / "sub" / "inner.txt", tree / "twin.txt")
+    allow = Root(tree, use_openat2=use_openat2)
+    refuse = Root(tree, hardlinks="refuse", use_openat2=use_openat2)
+    try:
+        assert read_all(allow, b"twin.txt") == b"inner\n"
+        for raw in (b"twin.txt", b"sub/inner.txt", b"sub_link/inner.txt"):
+            with pytest.raises(PathError) as caught:
+                read_all(refuse, raw)
+            assert caught.value.code == 403, raw
+        assert read_all(refuse, b"notes.txt") == b"notes\n"  # one link
+        assert refuse.open(("sub",), "dir").is_dir  # directories have several
+        os.unlink(tree / "twin.txt")
+        assert read_all(refuse, b"sub/inner.txt") == b"inner\n"
+    finally:
+        allow.close()
+        refuse.close()
+    with pytest.raises(ValueError, match="hardlinks"):
+        Root(tree, hardlinks="sometimes")
 
 
 @pytest.mark.parametrize("use_openat2", RESOLVERS)
