@@ -57,7 +57,7 @@ SOCKD_INI = """\
 
 #: run in the daemon before twistd: joining 10,000 members from one host
 #: should not wait on the handshake budget meant for spoofed floods
-PRELUDE = "import sockd.chat as c\nc.ChatState.handshake_rate = 1e9"
+PRELUDE = "import sockd.chat.state as c\nc.ChatState.handshake_rate = 1e9"
 
 
 def start(name: str) -> Server:

@@ -55,14 +55,16 @@ SOCKD_INI = """\
 
 #: run in the daemon before twistd: echo through plain transport.write
 NO_EAGER = (
-    "import sockd.echo as e\n"
+    "import sockd.echo.protocol as e\n"
     "if hasattr(e, 'eager_write'):\n"
     "    e.eager_write = lambda transport, data: transport.write(data)"
 )
 
 
 #: run in the daemon before twistd: Twisted's own per-event dispatch
-TWISTED_DISPATCH = "import sockd.epoll as d\nd.lean_dispatch = lambda reactor: False"
+TWISTED_DISPATCH = (
+    "import sockd.core.epoll as d\nd.lean_dispatch = lambda reactor: False"
+)
 
 
 def sockd_echo(

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from sockd.service import DAEMONS, DaemonOptions
+from sockd.core.service import DAEMONS, DaemonOptions
 
 __all__ = ["Options", "makeService"]
 

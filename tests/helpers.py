@@ -29,7 +29,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransportWithDisconnection
 
-from sockd import config
+import sockd.core.config as config
 
 ROOT = Path(__file__).resolve().parent.parent
 

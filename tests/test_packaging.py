@@ -135,7 +135,7 @@ def test_installed_wheel_shows_plugins(wheel: Path, tmp_path: Path) -> None:
         [
             python,
             "-c",
-            "from sockd import config; c = config.load(None, "
+            "from sockd.core import config; c = config.load(None, "
             "environ={}); print(c.source)",
         ],
         capture_output=True,

@@ -13,7 +13,7 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.python.reflect import namedAny
 
-from sockd.config import SockdSettings
+from sockd.core.config import SockdSettings
 from tests.helpers import ROOT
 
 UNITS = ROOT / "etc" / "systemd"

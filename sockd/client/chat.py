@@ -30,7 +30,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sockd.chat import clean
+from sockd.chat.state import clean
 from sockd.client.echo import split_address
 
 __all__ = ["ChatClient", "add_arguments", "run"]

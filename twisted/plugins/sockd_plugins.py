@@ -6,11 +6,11 @@ sockd = ServiceMaker(
     "sockd", "sockd.tap", "every sockd service enabled in the INI file", "sockd"
 )
 sockd_echo = ServiceMaker(
-    "sockd-echo", "sockd.echo_tap", "line, raw and UDP echo (RFC 862)", "sockd-echo"
+    "sockd-echo", "sockd.echo.tap", "line, raw and UDP echo (RFC 862)", "sockd-echo"
 )
 sockd_chat = ServiceMaker(
-    "sockd-chat", "sockd.chat_tap", "UDP chat relay", "sockd-chat"
+    "sockd-chat", "sockd.chat.tap", "UDP chat relay", "sockd-chat"
 )
 sockd_file = ServiceMaker(
-    "sockd-file", "sockd.file_tap", "file server, netcat-compatible", "sockd-file"
+    "sockd-file", "sockd.files.tap", "file server, netcat-compatible", "sockd-file"
 )

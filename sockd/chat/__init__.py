@@ -1,0 +1,4 @@
+"""
+The chat service: a UDP relay with rooms, optionally federated over
+Redis.
+"""

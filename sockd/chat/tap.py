@@ -1,0 +1,90 @@
+"""C{twistd sockd-chat}: the UDP chat relay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import IService, MultiService
+
+from sockd.chat.state import ChatProtocol, ChatState
+from sockd.core.config import Config
+from sockd.core.endpoints import parse_datagram
+from sockd.core.service import DaemonOptions, datagram_listener
+
+__all__ = ["Options", "build", "makeService", "sweep_interval"]
+
+
+class Options(DaemonOptions):
+    """Options for C{twistd sockd-chat}; each overrides the C{[chat]} key."""
+
+    synopsis = "[--config FILE] [--listen ENDPOINT]... [options]"
+    longdesc = (
+        "UDP chat relay, usable from nc -u, socat or `sockd chat`. Settings "
+        "come from the [chat] section of the INI file; these options "
+        "override it."
+    )
+    section = "chat"
+    optParameters = [
+        *DaemonOptions.optParameters,
+        ["default-room", None, None, "room new members join"],
+        ["idle-timeout", None, None, "seconds a silent member stays"],
+        ["history", None, None, "messages shown to a member joining a room"],
+        ["max-message", None, None, "largest message, in bytes"],
+        ["max-members", None, None, "members in total"],
+        ["max-rooms", None, None, "rooms in total"],
+        ["rate", None, None, "messages per second per member"],
+        ["burst", None, None, "messages a member may send at once"],
+        ["validation", None, None, "on or off: members prove they receive"],
+    ]
+    keyOptions = {
+        "default-room": "default_room",
+        "idle-timeout": "idle_timeout",
+        "history": "history",
+        "max-message": "max_message",
+        "max-members": "max_members",
+        "max-rooms": "max_rooms",
+        "rate": "rate",
+        "burst": "burst",
+        "validation": "validation",
+    }
+
+    def opt_listen(self, endpoint: str) -> None:
+        """UDP endpoint to listen on (repeatable), e.g. udp:8001."""
+        self._add_list("listen", endpoint)
+
+    opt_l = opt_listen
+
+
+def sweep_interval(idle_timeout: float) -> float:
+    """How often silent members are looked for: a tenth of the timeout."""
+    return max(0.5, min(idle_timeout / 10, 10.0))
+
+
+def build(config: Config, reactor: Any) -> list[IService]:
+    """The chat listeners described by C{config.chat}, sharing one state."""
+    settings = config.chat
+    own = frozenset(p for p in (parse_datagram(d).port for d in settings.listen) if p)
+    state = ChatState(settings, reactor, own_ports=own)
+    federation: list[IService] = []
+    if settings.backend == "redis":
+        import sockd.chat.federation as chat_redis
+
+        federation.append(chat_redis.federate(state, settings, reactor))
+    # Read more than the largest datagram accepted, so a larger one is seen
+    # as such rather than silently truncated.
+    size = settings.max_message + 3  # the line ending, then one byte over
+    # One protocol per port (a protocol has one transport), one state.
+    services: list[IService] = [
+        datagram_listener("chat", description, ChatProtocol(state), reactor, size)
+        for description in settings.listen
+    ]
+    sweeper = TimerService(sweep_interval(settings.idle_timeout), state.expire)
+    sweeper.clock = reactor
+    services.append(sweeper)
+    # First, so Redis is checked before anything is bound.
+    return federation + services
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    return options.make_service(["chat"], reactor)

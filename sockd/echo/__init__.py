@@ -1,0 +1,3 @@
+"""
+The echo service: line, raw (RFC 862) and UDP echo.
+"""

@@ -1,0 +1,81 @@
+"""C{twistd sockd-echo}: line, raw and datagram echo."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+
+from sockd.core.config import Config
+from sockd.core.endpoints import parse_datagram
+from sockd.core.service import (
+    DaemonOptions,
+    datagram_listener,
+    stream_listener,
+)
+from sockd.echo.protocol import DatagramEcho, EchoFactory
+
+__all__ = ["Options", "build", "makeService"]
+
+
+class Options(DaemonOptions):
+    """Options for C{twistd sockd-echo}; each overrides the C{[echo]} key."""
+
+    synopsis = "[--config FILE] [--listen ENDPOINT]... [--mode line|raw] [options]"
+    longdesc = (
+        "Echo service: answers each line (or, in raw mode, each chunk) "
+        "upper-cased, over TCP and UDP. Settings come from the [echo] section "
+        "of the INI file; these options override it."
+    )
+    section = "echo"
+    optParameters = [
+        *DaemonOptions.optParameters,
+        ["mode", "m", None, "line or raw (RFC 862)"],
+        ["transform", "t", None, "upper or none"],
+        ["max-line-length", None, None, "longest line accepted, in bytes"],
+        ["idle-timeout", None, None, "seconds a silent connection stays open"],
+    ]
+    keyOptions = {
+        "mode": "mode",
+        "transform": "transform",
+        "max-line-length": "max_line_length",
+        "idle-timeout": "idle_timeout",
+    }
+
+    def opt_listen(self, endpoint: str) -> None:
+        """TCP endpoint to listen on (repeatable), e.g. tcp:7007."""
+        self._add_list("listen", endpoint)
+
+    def opt_listen_udp(self, endpoint: str) -> None:
+        """UDP endpoint to listen on (repeatable), e.g. udp:7007."""
+        self._add_list("listen_udp", endpoint)
+
+    opt_l = opt_listen
+    opt_u = opt_listen_udp
+
+
+def build(config: Config, reactor: Any) -> list[IService]:
+    """The echo listeners described by C{config.echo}."""
+    settings = config.echo
+    factory = EchoFactory(settings, reactor, config.sockd.abort_grace)
+    services: list[IService] = [
+        stream_listener("echo", description, factory, reactor, config.sockd.backlog)
+        for description in settings.listen
+    ]
+    if settings.listen_udp:
+        own = {parse_datagram(d).port for d in settings.listen_udp} - {None, 0}
+        protocol = DatagramEcho(settings, reactor, own_ports=own)  # type: ignore[arg-type]
+        # One byte over the limit, so a datagram too large is seen as such
+        # rather than silently truncated to the limit.
+        size = settings.udp_max_datagram + 1
+        services += [
+            datagram_listener(
+                "echo", description, protocol, reactor, size, config.sockd.workers > 1
+            )
+            for description in settings.listen_udp
+        ]
+    return services
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    return options.make_service(["echo"], reactor)

@@ -1,0 +1,848 @@
+"""
+Chat federation with no Redis and no I/O: two or three L{ChatState}s, each
+with its L{Federation}, over an in-memory store that keeps Redis's rules
+(atomic claims, expiry by the clock, one event channel).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import txredisapi  # type: ignore[import-untyped]
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from sockd.chat.federation import (
+    Federation,
+    RedisLink,
+    RedisStore,
+    RedisURL,
+    Sentinels,
+    discover,
+    parse_url,
+    sentinel_manager,
+    target,
+)
+from sockd.chat.state import Backend, ChatProtocol, ChatState
+from sockd.core.config import ChatSettings, ConfigError
+from tests.chat.test_state import Recorder, say
+from tests.helpers import FakeDatagramTransport, settings
+
+A1 = ("127.0.0.1", 41001)
+A2 = ("127.0.0.1", 41002)
+B1 = ("127.0.0.1", 42001)
+B2 = ("127.0.0.1", 42002)
+TTL = 3.0
+
+
+class FakeRedis:
+    """The little of Redis the store uses; keys expire by the clock."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.data: dict[str, tuple[Any, float | None]] = {}
+        self.queue: list[str] = []
+        self.subscribers: list[Federation] = []
+        self.full = False
+
+    def get(self, key: str) -> Any:
+        value, deadline = self.data.get(key, (None, None))
+        if deadline is not None and self.clock.seconds() >= deadline:
+            del self.data[key]
+            return None
+        return value
+
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        deadline = None if ttl is None else self.clock.seconds() + ttl
+        self.data[key] = (value, deadline)
+
+    def expire(self, key: str, ttl: float) -> None:
+        value = self.get(key)
+        if value is not None:
+            self.set(key, value, ttl)
+
+    def flush(self) -> None:
+        """Deliver every published event, in order, to every subscriber."""
+        for _ in range(10_000):
+            if not self.queue:
+                return
+            payload = self.queue.pop(0)
+            for federation in list(self.subscribers):
+                if federation.connected:  # else its connection is down too
+                    federation.received(payload)
+        raise AssertionError("events kept coming")
+
+
+class FakeStore:
+    """L{sockd.chat.federation.Store} on a L{FakeRedis}; answers at once."""
+
+    def __init__(self, redis: FakeRedis, node: str) -> None:
+        self.redis = redis
+        self.node = node
+
+    def publish(self, payload: str, room: str = "", keep: int = 0) -> bool:
+        if self.redis.full:
+            return False
+        self.redis.queue.append(payload)
+        if room and keep:
+            lines = (self.redis.get(f"hist:{room}") or []) + [payload]
+            self.redis.set(f"hist:{room}", lines[-keep:])
+        return True
+
+    def member(self, key: str, value: str | None) -> None:
+        members = self.redis.get(f"node:{self.node}") or {}
+        if value is None:
+            members.pop(key, None)
+        else:
+            members[key] = value
+        self.redis.set(f"node:{self.node}", members, TTL)
+
+    def claim(self, key: str, value: str, ttl: float) -> Deferred[bool]:
+        if self.redis.get(f"nick:{key}") is not None:
+            return succeed(False)
+        self.redis.set(f"nick:{key}", value, ttl)
+        return succeed(True)
+
+    def release(self, key: str, value: str) -> None:
+        if self.redis.get(f"nick:{key}") == value:
+            del self.redis.data[f"nick:{key}"]
+
+    def heartbeat(
+        self, members: dict[str, str], claims: list[tuple[str, str]], ttl: float
+    ) -> Deferred[list[int]]:
+        self.redis.set(f"node:{self.node}", {".": "1", **members}, ttl)
+        nodes = self.redis.get("nodes") or set()
+        self.redis.set("nodes", nodes | {self.node})
+        lost = []
+        for i, (key, value) in enumerate(claims):
+            have = self.redis.get(f"nick:{key}")
+            if have is None or have == value:
+                self.redis.set(f"nick:{key}", value, ttl)
+            else:
+                lost.append(i)
+        return succeed(lost)
+
+    def snapshot(self) -> Deferred[dict[str, dict[str, str]]]:
+        found = {}
+        for node in self.redis.get("nodes") or set():
+            members = self.redis.get(f"node:{node}")
+            if members:
+                found[node] = dict(members)
+        return succeed(found)
+
+    def forget(self, node: str) -> None:
+        self.redis.data.pop(f"node:{node}", None)
+        self.redis.set("nodes", (self.redis.get("nodes") or set()) - {node})
+
+    def set_topic(self, room: str, topic: str) -> None:
+        self.redis.set(f"topic:{room}", topic)
+
+    def recall(self, room: str, keep: int) -> Deferred[tuple[str, list[str]]]:
+        lines = self.redis.get(f"hist:{room}") or []
+        return succeed((self.redis.get(f"topic:{room}") or "", lines[-keep:]))
+
+
+def chat_settings(**chat: str) -> ChatSettings:
+    base = {
+        "validation": "false",
+        "rate": "1000",
+        "burst": "1000",
+        "backend": "redis",
+        "redis_url": "redis://127.0.0.1:1",
+        "presence_timeout": str(TTL),
+    }
+    return settings(chat={**base, **chat}).chat
+
+
+class Node:
+    def __init__(self, redis: FakeRedis, name: str, **chat: str) -> None:
+        self.settings = chat_settings(**chat)
+        self.state = ChatState(self.settings, redis.clock, key=b"k" * 32)
+        self.federation = Federation(self.settings, name, name, redis.clock)
+        self.store = FakeStore(redis, name)
+        self.federation.attach(self.state, self.store)  # type: ignore[arg-type]
+        self.out = Recorder()
+        self.redis = redis
+        redis.subscribers.append(self.federation)
+        self.federation.startService()
+        self.federation.up()
+
+    def join(self, addr: Any, nick: str) -> None:
+        say(self.state, self.out, addr, "/hello")
+        say(self.state, self.out, addr, f"/nick {nick}")
+        assert self.out.take(addr)[-1] == f"*** you are now {nick}\n"
+        self.redis.flush()
+
+    def say(self, addr: Any, text: str) -> None:
+        say(self.state, self.out, addr, text)
+        self.redis.flush()
+
+    def take(self, addr: Any) -> list[str]:
+        return self.out.take(addr)
+
+    def kill(self) -> None:
+        """Gone without a word: no more beats, no more events."""
+        self.redis.subscribers.remove(self.federation)
+        assert self.federation._beat is not None
+        self.federation._beat.stop()
+
+
+class Cluster(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.redis = FakeRedis(self.clock)
+        self.a = Node(self.redis, "a")
+        self.b = Node(self.redis, "b")
+        self.a.join(A1, "ann")
+        self.b.join(B1, "bob")
+        for addr, node in ((A1, self.a), (B1, self.b)):
+            node.take(addr)
+
+    def tick(self, seconds: float) -> None:
+        """Let time pass in beats, delivering events as they come."""
+        for _ in range(int(seconds)):
+            self.clock.advance(1.0)
+            self.redis.flush()
+
+
+class AcrossNodesTests(Cluster):
+    def test_room_messages_and_actions_cross(self) -> None:
+        self.a.say(A1, "hello")
+        self.assertEqual(self.b.take(B1), ["<ann> hello\n"])
+        self.b.say(B1, "/me waves")
+        self.assertEqual(self.a.take(A1), ["* bob waves\n"])
+        # Each node keeps the room's history, whoever said it.
+        self.assertEqual(
+            list(self.a.state.rooms["lobby"].history),
+            [b"<ann> hello\n", b"* bob waves\n"],
+        )
+        self.assertEqual(self.b.take(B1), [])  # never your own line back
+
+    def test_join_leave_and_rename_notices_cross(self) -> None:
+        self.b.say(B1, "/join dev")
+        self.assertEqual(self.a.take(A1), ["*** bob left #lobby\n"])
+        self.b.say(B1, "/join lobby")
+        self.assertEqual(self.a.take(A1), ["*** bob joined #lobby\n"])
+        self.b.say(B1, "/nick bobby")
+        self.assertEqual(self.a.take(A1), ["*** bob is now known as bobby\n"])
+        self.b.say(B1, "/quit")
+        self.assertEqual(self.a.take(A1), ["*** bobby quit #lobby\n"])
+        self.a.say(A1, "/who")
+        self.assertEqual(self.a.take(A1), ["*** #lobby (1): ann\n"])
+
+    def test_direct_messages_cross_with_the_canonical_name(self) -> None:
+        self.a.say(A1, "/msg BOB psst")
+        self.assertEqual(self.a.take(A1), ["[msg -> bob] psst\n"])
+        self.assertEqual(self.b.take(B1), ["[msg] <ann> psst\n"])
+        self.a.say(A1, "/msg nobody1 hi")
+        self.assertEqual(self.a.take(A1), ["*** error: no one is called nobody1\n"])
+
+    def test_who_and_rooms_show_the_cluster(self) -> None:
+        self.b.join(B2, "bea")
+        self.b.say(B2, "/join dev")
+        self.a.take(A1)
+        self.a.say(A1, "/who")
+        (who,) = self.a.take(A1)
+        self.assertTrue(who.startswith("*** #lobby (2): "), who)
+        self.assertEqual(sorted(who.split(": ")[1].strip().split(", ")), ["ann", "bob"])
+        self.a.say(A1, "/rooms")
+        self.assertEqual(self.a.take(A1), ["*** 2 rooms: #lobby (2), #dev (1)\n"])
+
+    def test_topic_crosses_and_a_new_room_gets_the_cluster_history(self) -> None:
+        self.b.say(B1, "/join dev")
+        self.b.say(B1, "/topic plans")
+        self.b.say(B1, "first")
+        self.b.say(B1, "second")
+        self.a.take(A1)
+        self.a.say(A1, "/join dev")
+        self.assertEqual(
+            self.a.take(A1),
+            [
+                "*** you joined #dev (1 member)\n",
+                "*** topic: plans\n",
+                "*** last 2 messages in #dev:\n",
+                "<bob> first\n",
+                "<bob> second\n",
+            ],
+        )
+        self.assertEqual(self.b.take(B1)[-1], "*** ann joined #dev\n")
+        self.b.say(B1, "/topic later")
+        self.assertEqual(self.a.take(A1), ["*** bob set the topic of #dev: later\n"])
+        self.assertEqual(self.a.state.rooms["dev"].topic, "later")
+
+    def test_guest_names_carry_the_node_tag(self) -> None:
+        say(self.a.state, self.a.out, A2, "/hello")
+        self.assertIn("you are guest-2-a.", self.a.take(A2)[0])
+
+
+class NicknameTests(Cluster):
+    def test_nicknames_are_unique_across_the_cluster_ignoring_case(self) -> None:
+        self.b.join(B2, "bea")
+        self.b.say(B2, "/nick ANN")
+        self.assertEqual(self.b.take(B2), ["*** error: ANN is taken\n"])
+        self.assertEqual(self.b.state.members[B2].nick, "bea")
+
+    def test_a_claim_in_redis_alone_is_enough_to_refuse(self) -> None:
+        # Claimed by a node this one has not heard of yet.
+        self.redis.set("nick:zed", "c\tzed", TTL)
+        self.a.say(A1, "/nick zed")
+        self.assertEqual(self.a.take(A1), ["*** error: zed is taken\n"])
+
+    def test_a_name_given_up_can_be_taken_elsewhere(self) -> None:
+        self.a.say(A1, "/nick anna")
+        self.assertIsNone(self.redis.get("nick:ann"))
+        self.b.take(B1)
+        self.b.say(B1, "/nick ann")
+        self.assertEqual(self.b.take(B1), ["*** you are now ann\n"])
+        self.b.say(B1, "/quit")
+        self.assertIsNone(self.redis.get("nick:ann"))
+
+    def test_claims_are_renewed_while_the_member_is_here(self) -> None:
+        self.tick(10)  # three presence timeouts
+        self.assertEqual(self.redis.get("nick:ann"), "a\tann")
+
+    def test_case_change_keeps_the_claim(self) -> None:
+        self.a.say(A1, "/nick Ann")
+        self.assertEqual(self.a.take(A1), ["*** you are now Ann\n"])
+        self.assertEqual(self.b.take(B1), ["*** ann is now known as Ann\n"])
+        self.tick(5)
+        self.assertEqual(self.redis.get("nick:ann"), "a\tann")
+
+
+class NodeLossTests(Cluster):
+    def test_a_dead_node_times_out_and_nothing_else_breaks(self) -> None:
+        self.a.join(A2, "amy")
+        self.a.take(A1)
+        self.b.kill()
+        self.tick(5)  # past the presence timeout, with a beat after it
+        self.assertEqual(self.a.take(A1), ["*** bob timed out from #lobby\n"])
+        self.assertEqual(self.a.take(A2), ["*** bob timed out from #lobby\n"])
+        self.a.say(A1, "still here")
+        self.assertEqual(self.a.take(A2), ["<ann> still here\n"])
+        self.a.say(A2, "/nick bob")  # its claim expired with it
+        self.assertEqual(self.a.take(A2), ["*** you are now bob\n"])
+        self.assertNotIn("b", self.redis.get("nodes"))
+
+    def test_a_silent_member_times_out_everywhere(self) -> None:
+        self.b.state.idle_timeout = 2.0
+        self.a.state.idle_timeout = 60.0
+        self.tick(3)  # node b keeps beating; bob says nothing
+        self.b.state.expire()
+        self.redis.flush()
+        self.assertEqual(self.a.take(A1), ["*** bob timed out from #lobby\n"])
+        self.assertIsNone(self.redis.get("nick:bob"))
+        self.assertEqual(self.a.federation.who("lobby"), [])
+
+    def test_a_node_that_stops_says_so_at_once(self) -> None:
+        self.b.federation.stopService()
+        self.redis.flush()
+        self.assertEqual(self.a.take(A1), ["*** bob quit #lobby\n"])
+        self.assertIsNone(self.redis.get("nick:bob"))
+        self.assertIsNone(self.redis.get("node:b"))
+
+    def test_a_snapshot_older_than_an_event_does_not_undo_it(self) -> None:
+        asked = self.a.federation.heard
+        self.b.say(B1, "/join dev")  # heard after the snapshot was asked
+        self.a.federation.apply_snapshot({"b": {"bob": "bob\tlobby"}}, asked)
+        self.assertEqual(self.a.federation.who("dev"), ["bob"])
+
+
+class DegradedTests(Cluster):
+    def test_local_delivery_goes_on_without_redis(self) -> None:
+        self.a.join(A2, "amy")
+        self.a.take(A1)
+        self.b.take(B1)
+        self.a.federation.down("test")
+        self.b.federation.down("test")
+        self.a.say(A1, "local only")
+        self.assertEqual(self.a.take(A2), ["<ann> local only\n"])
+        self.assertEqual(self.b.take(B1), [])
+        self.assertEqual(self.redis.queue, [])
+        self.a.say(A2, "/nick amelia")
+        (line,) = self.a.take(A2)
+        self.assertIn("back in touch with the cluster", line)
+        self.a.say(A1, "/msg bob hi")  # elsewhere: cannot be reached now
+        self.assertEqual(self.a.take(A1), ["*** error: no one is called bob\n"])
+        samples = {(n, v) for n, _, _, v in self.a.federation.metrics()}
+        self.assertIn(("chat_redis_connected", 0.0), samples)
+        self.assertIn(("chat_redis_outages_total", 1), samples)
+        self.assertIn(("chat_redis_unsent_total", 1), samples)
+
+    def test_room_traffic_is_shed_when_redis_falls_behind(self) -> None:
+        self.redis.full = True
+        self.a.say(A1, "too much")
+        self.assertEqual(self.b.take(B1), [])
+        self.assertEqual(self.a.federation.stats["unsent"], 1)
+        self.redis.full = False
+        self.a.say(A1, "again")
+        self.assertEqual(self.b.take(B1), ["<ann> again\n"])
+
+    def test_resync_takes_back_presence_and_renames_a_lost_nickname(self) -> None:
+        self.a.federation.down("test")
+        self.b.federation.down("test")
+        self.redis.data.clear()  # a Redis restarted empty
+        self.b.federation.up()  # b is back first, and someone takes "ann"
+        self.b.join(B2, "ann")
+        self.a.federation.up()
+        self.redis.flush()
+        self.assertEqual(
+            self.a.take(A1),
+            [
+                "*** ann was taken on another node while this one was cut off; "
+                "/nick NAME to pick another\n",
+                "*** you are now guest-2-a\n",
+            ],
+        )
+        self.assertEqual(self.redis.get("nick:bob"), "b\tbob")
+        self.assertIn("guest-2-a", self.redis.get("node:a"))
+        self.tick(1)
+        self.b.take(B1)
+        self.b.say(B1, "/who")
+        (who,) = self.b.take(B1)
+        self.assertIn("guest-2-a", who)
+
+
+class UntrustedRedisTests(Cluster):
+    def event(self, **fields: Any) -> str:
+        return json.dumps({"n": "b", "k": "say", "r": "lobby", "f": "bob", **fields})
+
+    def deliver(self, payload: Any) -> list[str]:
+        self.a.federation.received(payload)
+        return self.a.take(A1)
+
+    def test_text_is_made_safe_again(self) -> None:
+        self.assertEqual(
+            self.deliver(self.event(x="\x1b[31mred\u202e\xc2\x9b")),
+            ["<bob> \ufffd[31mred\ufffd\xc2\ufffd\n"],
+        )
+
+    def test_malformed_events_are_dropped_and_counted(self) -> None:
+        bad = [
+            b"\xff\xfe",
+            "not json",
+            "[1, 2]",
+            self.event(x="x" * 2000),  # longer than max_message
+            self.event(x="two\nlines"),
+            self.event(x=""),
+            self.event(x=5),
+            self.event(f="*** server", x="hi"),
+            self.event(f="b" * 65, x="hi"),
+            self.event(r="no room", x="hi"),
+            self.event(k="enter", r="../x"),
+            self.event(k="leave", h="exploded"),
+            self.event(k="nick", t="not a nick"),
+            self.event(k="launch", x="hi"),
+            self.event(n="bad node!", x="hi"),
+            "x" * 100_000,
+        ]
+        for payload in bad:
+            self.assertEqual(self.deliver(payload), [], payload)
+        self.assertEqual(self.a.federation.stats["invalid"], len(bad))
+
+    def test_the_view_of_another_node_is_bounded(self) -> None:
+        federation = self.a.federation
+        federation.max_remote = 3  # bob and two more
+        for name in ("cy", "di", "ed"):
+            self.deliver(self.event(k="enter", f=name))
+        self.assertEqual(sorted(federation.view["b"]), ["bob", "cy", "di"])
+        self.assertEqual(federation.stats["invalid"], 1)
+
+    def test_a_reload_applies_to_what_is_accepted(self) -> None:
+        self.a.state.reconfigure(chat_settings(max_message="32"), 32)
+        self.assertEqual(self.deliver(self.event(x="y" * 33)), [])
+        self.assertEqual(self.deliver(self.event(x="y" * 32)), [f"<bob> {'y' * 32}\n"])
+
+    def test_own_events_are_ignored(self) -> None:
+        self.assertEqual(self.deliver(self.event(n="a", x="echo")), [])
+
+    def test_a_snapshot_keeps_only_well_formed_members(self) -> None:
+        self.a.federation.apply_snapshot(
+            {
+                "b": {
+                    ".": "1",
+                    "bob": "bob\tlobby",
+                    "eve": "mallory\tlobby",  # key and name disagree
+                    "x y": "x y\tlobby",
+                    "kim": "kim\t#no way",
+                },
+                "bad node!": {"zed": "zed\tlobby"},
+            },
+            self.a.federation.heard,
+        )
+        self.assertEqual(self.a.federation.view, {"b": {"bob": ("bob", "lobby")}})
+
+
+class WiringTests(SynchronousTestCase):
+    def test_local_is_the_default_and_stays_out_of_the_hot_path(self) -> None:
+        state = ChatState(settings().chat, Clock())
+        self.assertEqual(type(state.backend), Backend)
+        self.assertFalse(state._federated)
+        self.assertEqual(settings().chat.backend, "local")
+
+    def test_redis_without_url_is_an_error_naming_the_key(self) -> None:
+        with self.assertRaises(ConfigError) as raised:
+            settings(chat={"backend": "redis"})
+        self.assertIn(
+            "[chat] backend = redis but redis_url is not set", str(raised.exception)
+        )
+        with self.assertRaises(ConfigError) as raised:
+            settings(chat={"redis_url": "http://127.0.0.1:6379"})
+        self.assertIn("redis_url", str(raised.exception))
+
+    def test_url_parts_and_no_password_in_its_text(self) -> None:
+        url = parse_url("redis://:s3cret@127.0.0.1:6390/2")
+        self.assertEqual(url, RedisURL("127.0.0.1", 6390, "s3cret", 2))
+        self.assertNotIn("s3cret", str(url))
+        self.assertEqual(parse_url("redis://localhost").port, 6379)
+
+    def link(self, probe: Any) -> tuple[RedisLink, Federation]:
+        node = Node(FakeRedis(Clock()), "a")
+        store: Any = type("S", (), {"url": RedisURL("127.0.0.1", 1, None, 0)})()
+        return RedisLink(node.settings, node.federation, store, probe), node.federation
+
+    def test_no_redis_at_start_stops_start_up_with_a_clear_error(self) -> None:
+        def refused(url: RedisURL, prefix: str) -> int:
+            raise ConnectionRefusedError(111, "Connection refused")
+
+        link, _ = self.link(refused)
+        with self.assertRaises(SystemExit) as raised:
+            link.privilegedStartService()
+        message = str(raised.exception.code)
+        self.assertIn("chat cannot use Redis at redis://127.0.0.1:1/0", message)
+        self.assertIn("[chat] redis_url", message)
+        self.assertIn("Connection refused", message)
+
+    def test_the_start_up_number_makes_guest_names_unique(self) -> None:
+        link, federation = self.link(lambda url, prefix: 71)
+        link.privilegedStartService()
+        self.assertEqual(federation.guest_name(4), "guest-4-1z")
+
+    def test_metrics_include_the_federation(self) -> None:
+        node = Node(FakeRedis(Clock()), "a")
+        protocol = ChatProtocol(node.state)
+        protocol.makeConnection(FakeDatagramTransport())  # type: ignore[arg-type]
+        names = {name for name, _, _, _ in protocol.metrics()}
+        self.assertLessEqual(
+            {
+                "chat_redis_connected",
+                "chat_remote_members",
+                "chat_redis_published_total",
+            },
+            names,
+        )
+
+
+class FailoverTests(Cluster):
+    """Sentinel promotes a replica: every node moves to it and resyncs."""
+
+    def promote(self) -> FakeRedis:
+        """The replica as it is now: what is written later never reaches it."""
+        replica = FakeRedis(self.clock)
+        replica.data = copy.deepcopy(self.redis.data)
+        return replica
+
+    def lose_master(self) -> None:
+        self.a.federation.down("master lost")
+        self.b.federation.down("master lost")
+
+    def move(self, node: Node, replica: FakeRedis) -> None:
+        """Both connections of C{node} are on the new master."""
+        node.redis.subscribers.remove(node.federation)
+        node.store.redis = node.redis = replica
+        replica.subscribers.append(node.federation)
+        node.federation.up()
+        replica.flush()
+
+    def test_members_keep_chatting_and_nicknames_stay_unique(self) -> None:
+        replica = self.promote()
+        self.a.join(A2, "amy")  # acknowledged by the old master only
+        self.b.take(B1)
+        self.lose_master()
+        self.move(self.a, replica)
+        self.move(self.b, replica)
+        self.redis = replica
+        # Node a took its members' names back on the new master.
+        self.assertEqual(replica.get("nick:amy"), "a\tamy")
+        self.assertEqual(replica.get("nick:ann"), "a\tann")
+        self.b.say(B1, "/nick AMY")
+        self.assertEqual(self.b.take(B1), ["*** error: AMY is taken\n"])
+        self.a.say(A1, "still here")
+        self.assertEqual(self.b.take(B1), ["<ann> still here\n"])
+        self.b.say(B1, "/who")
+        (who,) = self.b.take(B1)
+        self.assertEqual(who, "*** #lobby (3): bob, ann, amy\n")
+
+    def test_a_name_lost_in_the_switch_ends_with_one_owner(self) -> None:
+        replica = self.promote()
+        self.a.join(A2, "amy")  # never replicated
+        self.lose_master()
+        self.move(self.b, replica)  # b is back first and gives the name away
+        self.b.join(B2, "amy")
+        self.move(self.a, replica)
+        self.redis = replica
+        self.assertEqual(
+            self.a.take(A2)[-2:],
+            [
+                "*** amy was taken on another node while this one was cut off; "
+                "/nick NAME to pick another\n",
+                "*** you are now guest-3-a\n",
+            ],
+        )
+        self.assertEqual(replica.get("nick:amy"), "b\tamy")
+        self.assertEqual(self.a.state.members[A2].nick, "guest-3-a")
+
+
+class FakeConnection:
+    """A txredisapi protocol as the store sees it, on a loopback peer."""
+
+    def __init__(self, port: int) -> None:
+        self.transport = StringTransport(
+            peerAddress=IPv4Address("TCP", "127.0.0.1", port)
+        )
+        self.channels: list[str] = []
+
+    def subscribe(self, channels: list[str]) -> Deferred[None]:
+        self.channels += channels
+        return succeed(None)
+
+
+SENTINELS = Sentinels((("127.0.0.1", 26379), ("::1", 26380)), "mymaster", "pw", 2)
+
+
+class MasterSwitchTests(SynchronousTestCase):
+    """RedisStore's connections, with no I/O: each one opened and closed."""
+
+    def store(self, url: RedisURL | Sentinels) -> tuple[RedisStore, Federation]:
+        node = Node(FakeRedis(Clock()), "a")
+        node.federation.down("starting")
+        store = RedisStore(url, "test:", "a", node.federation, node.redis.clock)
+        return store, node.federation
+
+    def test_both_connections_follow_the_master_together(self) -> None:
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        store, federation = self.store(SENTINELS)
+        commands, events = FakeConnection(6379), FakeConnection(6379)
+        store.opened("commands", commands)
+        self.assertFalse(federation.connected)
+        store.opened("events", events)
+        self.assertTrue(federation.connected)
+        self.assertEqual(events.channels, ["test:events"])
+        # The master dies: the commands connection goes first; the events
+        # one is closed too, so both ask the sentinels again.
+        store.closed("commands", commands)
+        self.assertFalse(federation.connected)
+        self.assertTrue(events.transport.disconnecting)
+        self.assertFalse(commands.transport.disconnecting)
+        store.closed("events", events)
+        # A server that turned out not to be the master: closed unopened.
+        store.closed("events", FakeConnection(6379))
+        store.opened("events", FakeConnection(6380))
+        self.assertFalse(federation.connected)
+        store.opened("commands", FakeConnection(6380))
+        self.assertTrue(federation.connected)
+        self.assertEqual(store.master, "127.0.0.1:6380")
+        lines = [formatEvent(event) for event in logged]
+        self.assertIn("chat: redis: master mymaster is at 127.0.0.1:6379", lines)
+        self.assertIn(
+            "chat: redis: master mymaster is at 127.0.0.1:6380 (was 127.0.0.1:6379)",
+            lines,
+        )
+        self.assertIn(
+            "chat: federation: lost Redis (commands connection to master "
+            "mymaster at 127.0.0.1:6379 closed); degraded: local delivery only "
+            "until it is back",
+            lines,
+        )
+
+    def test_one_server_loses_only_the_connection_that_broke(self) -> None:
+        store, federation = self.store(RedisURL("127.0.0.1", 6379, None, 0))
+        commands, events = FakeConnection(6379), FakeConnection(6379)
+        store.opened("commands", commands)
+        store.opened("events", events)
+        self.assertTrue(federation.connected)
+        store.closed("events", events)
+        self.assertFalse(federation.connected)
+        self.assertFalse(commands.transport.disconnecting)
+        self.assertIsNone(store.master)
+
+
+def masters(port: Any = 6380, flags: str = "master", others: int = 2) -> Any:
+    """A sentinel's SENTINEL MASTERS, as txredisapi parses it."""
+    names = set(flags.split(","))
+    return {
+        "mymaster": {
+            "ip": "127.0.0.1",
+            "port": port,
+            "flags": flags,
+            "is_master": "master" in names,
+            "is_sdown": "s_down" in names,
+            "is_odown": "o_down" in names,
+            "num-other-sentinels": str(others),
+        }
+    }
+
+
+class FakeSentinel:
+    """A sentinel connection whose answers the test gives."""
+
+    def __init__(self) -> None:
+        self.asked: list[Deferred[Any]] = []
+        self.withdrawn: list[Deferred[Any]] = []
+
+    def sentinel_masters(self) -> Deferred[Any]:
+        self.asked.append(Deferred(self.withdrawn.append))
+        return self.asked[-1]
+
+
+class DiscoveryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.sentinels = [FakeSentinel() for _ in range(3)]
+        self.usable = txredisapi.Sentinel([]).check_master_state
+
+    def discover(self) -> Deferred[tuple[str, int]]:
+        return discover(self.sentinels, "mymaster", self.usable, self.clock, 3.0)
+
+    def test_the_first_sentinel_naming_a_usable_master_wins(self) -> None:
+        found = self.discover()
+        self.sentinels[0].asked[0].callback(masters(6379, "master,s_down"))
+        self.assertNoResult(found)
+        self.sentinels[1].asked[0].callback(masters(6380))
+        self.assertEqual(self.successResultOf(found), ("127.0.0.1", 6380))
+        # The third is not waited for: its question is withdrawn.
+        self.assertEqual(self.sentinels[2].withdrawn, self.sentinels[2].asked)
+        self.assertEqual(self.sentinels[0].withdrawn, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_master_down_everywhere_fails_at_once(self) -> None:
+        # As during a failover: txredisapi would wait its whole timeout.
+        found = self.discover()
+        for sentinel in self.sentinels[:2]:
+            sentinel.asked[0].callback(masters(6379, "master,s_down,o_down"))
+        self.assertNoResult(found)
+        self.sentinels[2].asked[0].errback(txredisapi.ConnectionError("lost"))
+        failure = self.failureResultOf(found, txredisapi.MasterNotFoundError)
+        self.assertIn("no sentinel names a usable master mymaster", str(failure.value))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_answers_not_understood_name_no_master(self) -> None:
+        found = self.discover()
+        self.sentinels[0].asked[0].callback(["not", "a", "dict"])
+        self.sentinels[1].asked[0].callback(masters("not a port"))
+        self.sentinels[2].asked[0].callback({"mymaster": {"ip": "127.0.0.1"}})
+        self.failureResultOf(found, txredisapi.MasterNotFoundError)
+
+    def test_silence_fails_after_the_timeout(self) -> None:
+        found = self.discover()
+        self.sentinels[0].asked[0].callback(masters(6379, "master,s_down"))
+        self.clock.advance(2.9)
+        self.assertNoResult(found)
+        self.clock.advance(0.1)
+        failure = self.failureResultOf(found, txredisapi.MasterNotFoundError)
+        self.assertIn("no sentinel answered within 3s", str(failure.value))
+        for sentinel in self.sentinels[1:]:
+            self.assertEqual(sentinel.withdrawn, sentinel.asked)
+
+    def test_txredisapi_finds_the_master_this_way(self) -> None:
+        manager = sentinel_manager((), self.clock, 3.0)
+        manager.min_other_sentinels = 2
+        manager.sentinels = self.sentinels[:2]
+        found = manager.discover_master("mymaster")
+        self.sentinels[0].asked[0].callback(masters(6379, others=1))  # alone
+        self.sentinels[1].asked[0].callback(masters(6380, others=2))
+        self.assertEqual(self.successResultOf(found), ("127.0.0.1", 6380))
+
+
+class SentinelSettingsTests(SynchronousTestCase):
+    def chat(self, text: str) -> ChatSettings:
+        return settings("[chat]\nbackend = redis\n" + text).chat
+
+    def refused(self, text: str) -> str:
+        with self.assertRaises(ConfigError) as raised:
+            self.chat(text)
+        return str(raised.exception)
+
+    def test_sentinels_master_and_the_password_and_database_of_the_url(self) -> None:
+        chat = self.chat(
+            "redis_sentinels = 10.0.0.1:26379 sentinel-2.example:26380\n"
+            "  [::1]:26381\n"
+            "redis_master = my-master.1\n"
+            "redis_url = redis://:s%40cret@/2\n"
+        )
+        self.assertEqual(
+            chat.redis_sentinels,
+            (("10.0.0.1", 26379), ("sentinel-2.example", 26380), ("::1", 26381)),
+        )
+        where = target(chat)
+        self.assertEqual(
+            where,
+            Sentinels(chat.redis_sentinels, "my-master.1", "s@cret", 2),
+        )
+        self.assertEqual(
+            str(where),
+            "master my-master.1 via sentinels 10.0.0.1:26379 "
+            "sentinel-2.example:26380 [::1]:26381",
+        )
+        self.assertEqual(
+            where.at("10.0.0.9", 6379), RedisURL("10.0.0.9", 6379, "s@cret", 2)
+        )
+        bare = target(self.chat("redis_sentinels = h:1\nredis_master = m\n"))
+        self.assertEqual(bare, Sentinels((("h", 1),), "m", None, 0))
+        self.assertEqual(
+            target(self.chat("redis_url = redis://h:7/1\n")), parse_url("redis://h:7/1")
+        )
+
+    def test_bad_sentinel_addresses_say_what_is_allowed(self) -> None:
+        allowed = "expected up to 16 sentinel addresses HOST:PORT separated by spaces"
+        for value, why in [
+            ("10.0.0.1", "'10.0.0.1' is not HOST:PORT"),
+            ("::1:26379", "'::1:26379' is not HOST:PORT"),
+            ("[nope]:26379", "'[nope]:26379' is not HOST:PORT"),
+            ("-h:26379", "'-h:26379' is not HOST:PORT"),
+            ("h:0", "'h:0' has no port from 1 to 65535"),
+            ("h:65536", "'h:65536' has no port from 1 to 65535"),
+            ("h:port", "'h:port' has no port from 1 to 65535"),
+            ("h:1 h:1", "'h:1' is listed twice"),
+            (" ".join(f"h:{port}" for port in range(1, 18)), allowed),
+        ]:
+            message = self.refused(f"redis_master = m\nredis_sentinels = {value}\n")
+            self.assertIn("<test>, line 4: [chat] redis_sentinels = ", message)
+            self.assertIn(why, message)
+            self.assertIn(allowed, message)
+        message = self.refused("redis_sentinels = h:1\nredis_master = no spaces\n")
+        self.assertIn(
+            "line 4: [chat] redis_master = 'no spaces': expected a master", message
+        )
+
+    def test_sentinels_need_the_master_name(self) -> None:
+        self.assertEqual(
+            self.refused("redis_sentinels = h:26379\n"),
+            "<test>, line 3: [chat] redis_sentinels is set but redis_master is "
+            "not; expected the name the sentinels monitor the master by "
+            "(sentinel monitor NAME ...)",
+        )
+
+    def test_a_master_name_needs_sentinels(self) -> None:
+        message = self.refused("redis_url = redis://h\nredis_master = m\n")
+        self.assertIn("<test>, line 4: [chat] redis_master is set but", message)
+
+    def test_with_sentinels_the_url_names_no_host(self) -> None:
+        message = self.refused(
+            "redis_sentinels = h:26379\nredis_master = m\n"
+            "redis_url = redis://:pw@10.0.0.1:6379/0\n"
+        )
+        self.assertIn("<test>, line 5: [chat] redis_url names a host", message)
+        self.assertIn("expected redis://[:PASSWORD@]/DB, or nothing", message)
+        self.assertNotIn("pw", message)
+
+    def test_a_url_without_host_is_only_for_sentinels(self) -> None:
+        message = self.refused("redis_url = redis://:pw@/1\n")
+        self.assertIn("<test>, line 3: [chat] redis_url has no host", message)
+        self.assertIn("redis_url", self.refused("redis_url = redis://:6379/0\n"))

@@ -1,0 +1,523 @@
+"""The chat state, with no I/O: a recording sender and a task.Clock."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from sockd.chat.state import AMPLIFICATION, EPOCH, ChatState, clean, listing
+from tests.helpers import settings
+
+A = ("127.0.0.1", 40001)
+B = ("127.0.0.1", 40002)
+C = ("127.0.0.1", 40003)
+TOKEN = re.compile(r"/v ([a-z2-7]{8})\b")
+
+
+class Recorder:
+    """A Sender that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def send(self, data: bytes, addr: Any) -> None:
+        self.sent.append((data, addr))
+
+    def to(self, addr: Any) -> list[str]:
+        return [d.decode() for d, a in self.sent if a == addr]
+
+    def take(self, addr: Any) -> list[str]:
+        lines = self.to(addr)
+        self.sent = [(d, a) for d, a in self.sent if a != addr]
+        return lines
+
+    def bytes_to(self, addr: Any) -> int:
+        return sum(len(d) for d, a in self.sent if a == addr)
+
+
+def make(**chat: str) -> tuple[ChatState, Recorder, Clock]:
+    clock = Clock()
+    clock.advance(1_000_000)
+    state = ChatState(settings(chat=chat).chat, clock, key=b"k" * 32)
+    return state, Recorder(), clock
+
+
+def say(state: ChatState, out: Recorder, addr: Any, text: str) -> None:
+    data = text.encode()
+    state.receive(out, addr, len(data), clean(data.decode()))
+
+
+def join(state: ChatState, out: Recorder, addr: Any, nick: str | None = None) -> None:
+    """Validate C{addr} the way a person on nc -u would."""
+    say(state, out, addr, "hello, is anyone there?\n")
+    (welcome,) = out.take(addr)
+    token = TOKEN.search(welcome)
+    assert token is not None, welcome
+    say(state, out, addr, f"/v {token.group(1)}\n")
+    assert addr in state.members
+    if nick:
+        say(state, out, addr, f"/nick {nick}\n")
+    out.take(addr)
+
+
+class ValidationTests(SynchronousTestCase):
+    def test_first_datagram_gets_welcome_not_membership(self) -> None:
+        state, out, _ = make()
+        say(state, out, A, "hello, is anyone there? I would like to chat\n")
+        (welcome,) = out.to(A)
+        self.assertTrue(welcome.startswith("*** welcome"))
+        self.assertRegex(welcome, TOKEN)
+        self.assertIn("#lobby", welcome)
+        self.assertNotIn(A, state.members)
+
+    def test_token_joins_default_room_with_guest_nick(self) -> None:
+        state, out, _ = make()
+        join(state, out, A)
+        member = state.members[A]
+        self.assertTrue(member.nick.startswith("guest-"))
+        assert member.room is not None
+        self.assertEqual(member.room.name, "lobby")
+
+    def test_welcome_fits_three_times_what_was_received(self) -> None:
+        state, out, _ = make()
+        for text in ["hello\n", "hey you\n", "x" * 20, "y" * 40]:
+            addr = ("127.0.0.9", 1000 + len(text))
+            say(state, out, addr, text)
+            (reply,) = out.to(addr)
+            self.assertLessEqual(len(reply), AMPLIFICATION * len(text))
+            self.assertRegex(reply, TOKEN)
+
+    def test_tiny_datagram_gets_nothing_then_credit_accumulates(self) -> None:
+        state, out, _ = make()
+        say(state, out, A, "hi\n")
+        self.assertEqual(out.to(A), [])
+        say(state, out, A, "hi\n")
+        (reply,) = out.to(A)
+        self.assertLessEqual(len(reply), AMPLIFICATION * 6)
+        self.assertRegex(reply, TOKEN)
+
+    def test_spoofed_source_never_gets_more_than_three_times(self) -> None:
+        # An attacker sends, under the victim's address, every kind of
+        # datagram; the victim never answers the cookie.
+        state, out, clock = make(rate="1000", burst="1000")
+        received = 0
+        payloads = [b"/help\n", b"/who\n", b"x" * 2000, b"\xff\xfe", b"hi", b""]
+        payloads += [b"/v aaaaaaaa\n", b"/join x\n", b"/hello padding!!\n"]
+        for i in range(300):
+            data = payloads[i % len(payloads)]
+            received += len(data)
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                state.refuse(out, A, len(data), "message is not valid UTF-8")
+            else:
+                if len(data) > 1026:
+                    state.refuse(out, A, len(data), "message longer than 1024 bytes")
+                else:
+                    state.receive(out, A, len(data), clean(text))
+            clock.advance(0.01)
+            self.assertLessEqual(out.bytes_to(A), AMPLIFICATION * received)
+        self.assertNotIn(A, state.members)
+        self.assertGreater(out.bytes_to(A), 0)
+
+    def test_forgetting_pending_addresses_keeps_the_bound(self) -> None:
+        state, out, _ = make(rate="1000", burst="1000")
+        state.max_pending = 4
+        received = 0
+        for i in range(50):
+            say(state, out, A, "hello there\n")
+            received += len("hello there\n")
+            for j in range(5):  # push A out of the table
+                say(state, out, ("127.0.0.5", 2000 + i * 5 + j), "hello there\n")
+            self.assertLessEqual(out.bytes_to(A), AMPLIFICATION * received)
+
+    def test_unvalidated_address_gets_no_room_traffic(self) -> None:
+        state, out, _ = make()
+        join(state, out, A, "alice")
+        say(state, out, B, "hello, anyone?\n")  # B never validates
+        out.take(B)
+        say(state, out, A, "secret plans\n")
+        say(state, out, B, "/who\n")
+        for line in out.to(B):
+            self.assertNotIn("secret", line)
+            self.assertNotIn("alice", line)
+
+    def test_unvalidated_text_is_not_relayed(self) -> None:
+        state, out, _ = make()
+        join(state, out, A, "alice")
+        say(state, out, B, "spam spam spam spam\n")
+        self.assertEqual(out.to(A), [])
+
+    def test_wrong_or_foreign_token_does_not_validate(self) -> None:
+        state, out, _ = make()
+        say(state, out, A, "hello, is anyone there?\n")
+        token = TOKEN.search(out.take(A)[0])
+        assert token is not None
+        say(state, out, B, f"/v {token.group(1)}\n")  # A's token, from B
+        say(state, out, A, "/v abcdefgh\n")
+        self.assertEqual(state.members, {})
+
+    def test_token_expires_after_two_epochs(self) -> None:
+        state, out, clock = make()
+        say(state, out, A, "hello, is anyone there?\n")
+        token = TOKEN.search(out.take(A)[0])
+        assert token is not None
+        clock.advance(EPOCH * 2 + 1)
+        say(state, out, A, f"/v {token.group(1)}\n")
+        self.assertNotIn(A, state.members)
+
+    def test_token_is_case_insensitive(self) -> None:
+        state, out, _ = make()
+        say(state, out, A, "hello, is anyone there?\n")
+        token = TOKEN.search(out.take(A)[0])
+        assert token is not None
+        say(state, out, A, f"/v {token.group(1).upper()}\n")
+        self.assertIn(A, state.members)
+
+    def test_different_key_different_token(self) -> None:
+        one, _, _ = make()
+        two = ChatState(one.settings, one.clock, key=b"j" * 32)
+        self.assertNotEqual(one.token(A), two.token(A))
+
+    def test_loop_ports_never_answered(self) -> None:
+        state, out, _ = make()
+        for port in (0, 7, 19, 53):
+            say(state, out, ("127.0.0.1", port), "hello, is anyone there?\n")
+        self.assertEqual(out.sent, [])
+
+    def test_echo_service_at_spoofed_address_gets_no_loop(self) -> None:
+        # Someone spoofs a datagram "from" an echo service on an unusual
+        # port: it echoes each welcome back; the relay must not answer that.
+        state, out, _ = make(rate="1000", burst="1000")
+        echo = ("127.0.0.7", 9001)
+        say(state, out, echo, "hello, is anyone there? I would like to chat\n")
+        for _ in range(10):
+            if not out.sent:
+                break
+            data, addr = out.sent.pop()
+            self.assertEqual(addr, echo)
+            say(state, out, echo, data.decode())  # the echo
+        self.assertEqual(out.sent, [])
+        self.assertNotIn(echo, state.members)
+
+    def test_validation_off_joins_at_once_and_says(self) -> None:
+        state, out, _ = make(validation="false")
+        join_a = "hello"
+        say(state, out, A, "/nick alice\n")
+        self.assertEqual(state.members[A].nick, "alice")
+        say(state, out, B, join_a + "\n")
+        self.assertIn(B, state.members)
+        self.assertIn("<guest-2> hello\n", out.to(A))
+
+    def test_stranger_replies_rate_limited(self) -> None:
+        state, out, _ = make(rate="1", burst="3")
+        for _ in range(10):
+            say(state, out, A, "hello, is anyone there?\n")
+        self.assertEqual(len(out.to(A)), 3)
+
+
+class RoomTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.state, self.out, self.clock = make()
+        join(self.state, self.out, A, "alice")
+        join(self.state, self.out, B, "bob")
+        self.out.sent.clear()
+
+    def test_text_relayed_to_others_not_sender(self) -> None:
+        say(self.state, self.out, A, "hi bob\n")
+        self.assertEqual(self.out.to(B), ["<alice> hi bob\n"])
+        self.assertEqual(self.out.to(A), [])
+
+    def test_crlf_and_blank_lines(self) -> None:
+        say(self.state, self.out, A, "hi\r\n")
+        say(self.state, self.out, A, "\n")
+        self.assertEqual(self.out.to(B), ["<alice> hi\n"])
+
+    def test_several_lines_are_several_messages(self) -> None:
+        say(self.state, self.out, A, "one\ntwo\n/me waves\n")
+        self.assertEqual(
+            self.out.to(B), ["<alice> one\n", "<alice> two\n", "* alice waves\n"]
+        )
+
+    def test_double_slash_says_a_slash(self) -> None:
+        say(self.state, self.out, A, "//help is literal\n")
+        self.assertEqual(self.out.to(B), ["<alice> /help is literal\n"])
+
+    def test_join_notice_and_history(self) -> None:
+        say(self.state, self.out, A, "first\n")
+        say(self.state, self.out, A, "second\n")
+        self.out.sent.clear()
+        join(self.state, self.out, C, "carol")
+        self.assertEqual(
+            self.out.to(A),
+            ["*** guest-3 joined #lobby\n", "*** guest-3 is now known as carol\n"],
+        )
+        # join() took C's lines; check again with a fresh member elsewhere
+        say(self.state, self.out, C, "/join dev\n")
+        say(self.state, self.out, C, "/join lobby\n")
+        lines = self.out.take(C)
+        self.assertIn("<alice> first\n", lines)
+        self.assertIn("<alice> second\n", lines)
+        self.assertLess(lines.index("<alice> first\n"), lines.index("<alice> second\n"))
+
+    def test_history_length_is_bounded(self) -> None:
+        state, out, _ = make(history="2")
+        join(state, out, A, "alice")
+        for i in range(5):
+            say(state, out, A, f"m{i}\n")
+        join(state, out, B)
+        say(state, out, B, "/join x\n")
+        say(state, out, B, "/join lobby\n")
+        said = [line for line in out.to(B) if line.startswith("<")]
+        self.assertEqual(said, ["<alice> m3\n", "<alice> m4\n"])
+
+    def test_nick_change_announced_and_unique_ignoring_case(self) -> None:
+        say(self.state, self.out, A, "/nick Alicia\n")
+        self.assertIn("*** alice is now known as Alicia\n", self.out.to(B))
+        say(self.state, self.out, B, "/nick ALICIA\n")
+        self.assertEqual(self.out.take(B)[-1], "*** error: ALICIA is taken\n")
+        self.assertEqual(self.state.members[B].nick, "bob")
+        # the old name is free again
+        say(self.state, self.out, B, "/nick alice\n")
+        self.assertEqual(self.state.members[B].nick, "alice")
+
+    def test_bad_nicks(self) -> None:
+        for bad in ["", "9lives", "a b", "x" * 17, "guest-5", "Admin", "é", "a*"]:
+            say(self.state, self.out, A, f"/nick {bad}\n")
+            (reply,) = self.out.take(A)
+            self.assertTrue(reply.startswith("*** error: "), (bad, reply))
+            self.assertEqual(self.state.members[A].nick, "alice")
+
+    def test_join_and_part(self) -> None:
+        say(self.state, self.out, A, "/join #Dev\n")
+        self.assertIn("*** alice left #lobby\n", self.out.take(B))
+        self.assertIn("*** you joined #Dev (1 member)\n", self.out.take(A))
+        say(self.state, self.out, B, "/join dev\n")
+        self.assertIn("*** bob joined #Dev\n", self.out.take(A))
+        say(self.state, self.out, A, "/part\n")
+        self.assertIn("*** alice left #Dev\n", self.out.take(B))
+        self.assertEqual(
+            self.out.take(A), ["*** you left #Dev; /join ROOM to enter one\n"]
+        )
+        say(self.state, self.out, A, "lonely\n")
+        self.assertEqual(
+            self.out.take(A), ["*** error: you are in no room; /join ROOM\n"]
+        )
+        self.assertEqual(self.out.to(B), [])
+
+    def test_empty_room_forgotten_but_default_kept(self) -> None:
+        say(self.state, self.out, A, "/join tmp\n")
+        self.assertIn("tmp", self.state.rooms)
+        say(self.state, self.out, A, "/part\n")
+        self.assertNotIn("tmp", self.state.rooms)
+        say(self.state, self.out, B, "/join tmp\n")
+        self.assertIn("lobby", self.state.rooms)
+
+    def test_bad_room_names(self) -> None:
+        for bad in ["", "a b", "x" * 33, "#", "caf\u00e9"]:
+            say(self.state, self.out, A, f"/join {bad}\n")
+            (reply,) = self.out.take(A)
+            self.assertTrue(reply.startswith("*** error: "), (bad, reply))
+
+    def test_room_and_member_caps(self) -> None:
+        state, out, _ = make(max_rooms="2", max_room_members="1", max_members="2")
+        join(state, out, A, "alice")  # alone in lobby
+        say(state, out, A, "/join one\n")
+        self.assertIn("*** you joined #one (1 member)\n", out.take(A))
+        join(state, out, B, "bob")
+        say(state, out, B, "/join two\n")
+        self.assertEqual(
+            out.take(B), ["*** error: too many rooms; join an existing one (/rooms)\n"]
+        )
+        say(state, out, B, "/join one\n")
+        self.assertEqual(out.take(B), ["*** error: #one is full; try later\n"])
+        say(state, out, C, "hello, is anyone there?\n")
+        self.assertEqual(out.take(C), ["*** error: the chat is full; try later\n"])
+
+    def test_direct_message(self) -> None:
+        join(self.state, self.out, C, "carol")
+        say(self.state, self.out, C, "/join elsewhere\n")
+        self.out.sent.clear()
+        say(self.state, self.out, A, "/msg CAROL psst, over here\n")
+        self.assertEqual(self.out.to(C), ["[msg] <alice> psst, over here\n"])
+        self.assertEqual(self.out.to(A), ["[msg -> carol] psst, over here\n"])
+        self.assertEqual(self.out.to(B), [])
+        say(self.state, self.out, A, "/msg nobody hi\n")
+        self.assertIn("no one is called", self.out.take(A)[-1])
+        say(self.state, self.out, A, "/msg bob\n")
+        self.assertEqual(self.out.take(A), ["*** error: usage: /msg NICK TEXT\n"])
+
+    def test_who_rooms_topic_ping_help(self) -> None:
+        say(self.state, self.out, A, "/who\n")
+        self.assertEqual(self.out.take(A), ["*** #lobby (2): alice, bob\n"])
+        say(self.state, self.out, A, "/rooms\n")
+        self.assertEqual(self.out.take(A), ["*** 1 rooms: #lobby (2)\n"])
+        say(self.state, self.out, A, "/topic\n")
+        self.assertEqual(self.out.take(A), ["*** topic of #lobby: (none)\n"])
+        say(self.state, self.out, A, "/topic plans for friday\n")
+        notice = "*** alice set the topic of #lobby: plans for friday\n"
+        self.assertEqual(self.out.take(B), [notice])
+        self.assertEqual(self.out.take(A), [notice])
+        say(self.state, self.out, A, "/ping\n")
+        self.assertEqual(self.out.take(A), ["*** pong\n"])
+        say(self.state, self.out, A, "/HELP\n")
+        (help_text,) = self.out.take(A)
+        for command in ("/nick", "/join", "/part", "/msg", "/me", "/who", "/quit"):
+            self.assertIn(command, help_text)
+
+    def test_unknown_command_one_error(self) -> None:
+        say(self.state, self.out, A, "/frobnicate now\n")
+        self.assertEqual(
+            self.out.take(A),
+            ["*** error: unknown command /frobnicate; /help lists the commands\n"],
+        )
+        self.assertEqual(self.out.to(B), [])
+
+    def test_quit(self) -> None:
+        say(self.state, self.out, A, "/quit\nnever said\n")
+        self.assertEqual(self.out.take(A), ["*** bye\n"])
+        self.assertEqual(self.out.to(B), ["*** alice quit #lobby\n"])
+        self.assertNotIn(A, self.state.members)
+        self.assertNotIn("alice", self.state.nicks)
+
+    def test_who_listing_is_bounded(self) -> None:
+        text = listing("*** #x (500): ", [f"user{i:04d}" for i in range(500)])
+        self.assertLessEqual(len(text.encode()), 1300)
+        self.assertIn("more", text)
+
+
+class PresenceTests(SynchronousTestCase):
+    def test_silent_member_times_out_with_notice(self) -> None:
+        state, out, clock = make(idle_timeout="60")
+        join(state, out, A, "alice")
+        join(state, out, B, "bob")
+        out.sent.clear()
+        for _ in range(5):
+            clock.advance(20)
+            say(state, out, A, "/ping\n")
+            state.expire()
+        self.assertNotIn(B, state.members)
+        self.assertIn(A, state.members)
+        self.assertIn("*** bob timed out from #lobby\n", out.to(A))
+        self.assertIn("silence", out.to(B)[-1])
+        self.assertEqual(state.stats["timed_out"], 1)
+
+    def test_any_datagram_counts_even_errors(self) -> None:
+        state, out, clock = make(idle_timeout="60")
+        join(state, out, A, "alice")
+        for _ in range(4):
+            clock.advance(30)
+            state.refuse(out, A, 2, "message is not valid UTF-8")
+            state.expire()
+        self.assertIn(A, state.members)
+
+    def test_timed_out_member_must_validate_again(self) -> None:
+        state, out, clock = make(idle_timeout="10")
+        join(state, out, A, "alice")
+        clock.advance(11)
+        state.expire()
+        out.sent.clear()
+        say(state, out, A, "I am back, am I not?\n")
+        self.assertRegex(out.to(A)[0], TOKEN)
+
+
+class LimitTests(SynchronousTestCase):
+    def test_per_member_rate_one_notice(self) -> None:
+        state, out, clock = make(rate="1", burst="3")
+        join(state, out, A, "alice")
+        join(state, out, B, "bob")
+        clock.advance(10)
+        out.sent.clear()
+        for i in range(10):
+            say(state, out, A, f"m{i}\n")
+        self.assertEqual(len(out.to(B)), 3)
+        errors = out.to(A)
+        self.assertEqual(len(errors), 1)
+        self.assertIn("too fast", errors[0])
+        clock.advance(1)
+        say(state, out, A, "later\n")
+        self.assertEqual(out.to(B)[-1], "<alice> later\n")
+
+    def three_on_a_small_budget(self) -> tuple[ChatState, Recorder, Clock]:
+        """alice, bob and carol in one room; 5 datagrams/s for everyone."""
+        state, out, clock = make(total_output_rate="5", max_room_members="3")
+        clock.advance(100)
+        for addr, nick in ((A, "alice"), (B, "bob"), (C, "carol")):
+            join(state, out, addr, nick)
+            clock.advance(100)
+        out.sent.clear()
+        return state, out, clock
+
+    def test_global_output_budget(self) -> None:
+        state, out, clock = self.three_on_a_small_budget()
+        for i in range(10):
+            say(state, out, A, f"m{i}\n")
+        delivered = [line for line in out.to(B) if line.startswith("<")]
+        self.assertLess(len(delivered), 10)
+        self.assertGreater(state.stats["output_dropped"], 0)
+
+    def test_over_budget_is_told_for_text_and_actions(self) -> None:
+        state, out, clock = self.three_on_a_small_budget()
+        busy = "*** error: the server is busy; not delivered\n"
+        for text in ("one more\n", "/me waves\n"):
+            # One token left: too few to relay to two, enough to say why.
+            state.output.tokens, state.output.stamp = 1.0, clock.seconds()
+            say(state, out, A, text)
+        self.assertEqual(out.to(A), [busy, busy])
+        self.assertEqual(out.to(B), [])
+
+    def test_flooder_does_not_stop_others(self) -> None:
+        state, out, clock = make(rate="5", burst="5")
+        join(state, out, A, "alice")
+        join(state, out, B, "bob")
+        join(state, out, C, "carol")
+        clock.advance(10)
+        out.sent.clear()
+        for i in range(1000):
+            say(state, out, C, f"flood {i}\n")
+        say(state, out, A, "still here\n")
+        self.assertIn("<alice> still here\n", out.to(B))
+
+
+class CleanTests(SynchronousTestCase):
+    def test_controls_replaced(self) -> None:
+        for raw in [
+            "\x1b[31mred",
+            "a\x07b",
+            "a\x00b",
+            "del\x7f",
+            "c1\u009b2J",
+            "bare\rcr",
+            "bidi\u202eevil",
+            "iso\u2066x\u2069",
+        ]:
+            cleaned = clean(raw)
+            self.assertIsNone(
+                re.search(
+                    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", cleaned
+                ),
+                repr(cleaned),
+            )
+            self.assertIn("\ufffd", cleaned)
+
+    def test_text_kept(self) -> None:
+        for text in ["plain", "caf\u00e9 \u65e5\u672c \U0001f600", "a\nb", "x\u200dy"]:
+            self.assertEqual(clean(text), text)
+        self.assertEqual(clean("a\r\nb\r\n"), "a\nb\n")
+        self.assertEqual(clean("tab\there"), "tab here")
+
+    def test_relayed_escape_is_neutralised(self) -> None:
+        state, out, _ = make()
+        join(state, out, A, "alice")
+        join(state, out, B, "bob")
+        say(state, out, A, "\x1b]0;pwned\x07\x1b[2J\u009b31m\u202eevil\r\n")
+        (line,) = out.to(B)
+        self.assertNotIn("\x1b", line)
+        self.assertNotIn("\x07", line)
+        self.assertNotIn("\u009b", line)
+        self.assertNotIn("\u202e", line)
+        self.assertNotIn("\r", line)
+        self.assertTrue(line.startswith("<alice> "))

@@ -1,0 +1,224 @@
+"""Tests of sockd.core.config: parsing, validation messages, lookup order."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+from twisted.trial.unittest import SynchronousTestCase
+
+import sockd.core.config as config
+from sockd.core.config import ConfigError
+from tests.helpers import ROOT, tempdir
+
+
+def parse(text: str, **overrides: dict[str, str]) -> config.Config:
+    return config.parse(textwrap.dedent(text), "test.ini", ROOT, overrides)
+
+
+class DefaultsTests(SynchronousTestCase):
+    def test_shipped_file_matches_dataclass_defaults(self) -> None:
+        # Every key is present in the shipped file, with the documented
+        # default; the dataclasses and the file must not drift apart.
+        shipped = config.load(str(ROOT / "etc" / "sockd.ini"))
+        for section in config.SCHEMA:
+            keys = set(config.SCHEMA[section])
+            text = (ROOT / "etc" / "sockd.ini").read_text()
+            for key in keys:
+                self.assertRegex(text, rf"(?m)^{key} = ", f"[{section}] {key}")
+        self.assertEqual(shipped.echo, config.EchoSettings())
+        self.assertEqual(shipped.sockd, config.SockdSettings())
+
+    def test_etc_is_the_packaged_default(self) -> None:
+        self.assertEqual(
+            (ROOT / "etc" / "sockd.ini").resolve(), config.packaged_default().resolve()
+        )
+
+    def test_empty_file_gives_defaults(self) -> None:
+        self.assertEqual(parse("").echo, config.EchoSettings())
+
+    def test_all_defaults_on_loopback(self) -> None:
+        shipped = config.load(str(ROOT / "etc" / "sockd.ini"))
+        for section in ("echo", "chat", "file"):
+            settings = getattr(shipped, section)
+            for description in settings.listen + getattr(settings, "listen_udp", ()):
+                self.assertIn("interface=127.0.0.1", description)
+
+
+class ValueTests(SynchronousTestCase):
+    def test_values_parsed(self) -> None:
+        c = parse(
+            """
+            [echo]
+            mode = RAW
+            max_line_length = 64K
+            idle_timeout = 2.5
+            enabled = off
+            listen = tcp:7007:interface=127.0.0.1
+                     tcp:7008:interface=127.0.0.1
+            listen_udp =
+            """
+        )
+        self.assertEqual(c.echo.mode, "raw")
+        self.assertEqual(c.echo.max_line_length, 65536)
+        self.assertEqual(c.echo.idle_timeout, 2.5)
+        self.assertFalse(c.echo.enabled)
+        self.assertEqual(
+            c.echo.listen,
+            ("tcp:7007:interface=127.0.0.1", "tcp:7008:interface=127.0.0.1"),
+        )
+        self.assertEqual(c.echo.listen_udp, ())
+
+    def assertError(self, text: str, *fragments: str) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            parse(text)
+        message = str(caught.exception)
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+        self.assertNotIn("\n", message)
+        return message
+
+    def test_bad_integer_names_everything(self) -> None:
+        self.assertError(
+            """
+            [echo]
+            # a comment
+            max_connections = lots
+            """,
+            "test.ini, line 4",
+            "[echo] max_connections",
+            "'lots'",
+            "whole number from 1 to",
+        )
+
+    def test_out_of_range(self) -> None:
+        self.assertError("[sockd]\nbacklog = 0\n", "[sockd] backlog", "1 to 65535")
+
+    def test_nan_seconds(self) -> None:
+        self.assertError("[echo]\nidle_timeout = nan\n", "idle_timeout", "seconds")
+
+    def test_bad_choice(self) -> None:
+        self.assertError("[echo]\nmode = lines\n", "expected one of: line, raw")
+
+    def test_bad_boolean(self) -> None:
+        self.assertError("[echo]\nenabled = maybe\n", "[echo] enabled", "true or false")
+
+    def test_unknown_key_is_an_error(self) -> None:
+        self.assertError(
+            "[echo]\nmax_conections = 5\n",
+            "line 2",
+            "unknown key 'max_conections'",
+            "max_connections",
+        )
+
+    def test_unknown_section_is_an_error(self) -> None:
+        self.assertError("[ecko]\n", "unknown section [ecko]", "[echo]")
+
+    def test_default_section_is_not_special(self) -> None:
+        self.assertError("[DEFAULT]\nmode = raw\n", "unknown section")
+
+    def test_duplicate_key(self) -> None:
+        self.assertError("[echo]\nmode = raw\nmode = line\n", "test.ini", "mode")
+
+    def test_syntax_error(self) -> None:
+        self.assertError("mode = raw\n", "test.ini")
+
+    def test_bad_stream_endpoint(self) -> None:
+        self.assertError(
+            "[echo]\nlisten = udp:9000\n", "[echo] listen", "not a stream endpoint"
+        )
+        self.assertError("[echo]\nlisten = tcp:notaport\n", "not a valid endpoint")
+
+    def test_ssl_key_checked_at_parse_time(self) -> None:
+        self.assertError(
+            "[echo]\nlisten = ssl:9443:privateKey=missing.pem\n",
+            "[echo] listen",
+            "not a valid endpoint",
+        )
+
+    def test_bad_datagram_endpoint(self) -> None:
+        self.assertError("[echo]\nlisten_udp = udp:99999\n", "0 to 65535")
+        self.assertError("[echo]\nlisten_udp = tcp:9000\n", "not a datagram endpoint")
+        self.assertError(
+            "[echo]\nlisten_udp = udp:9000:interface=example.com\n", "not an IP"
+        )
+
+    def test_missing_root(self) -> None:
+        self.assertError(
+            "[file]\nroot = /nonexistent/sockd-root\n",
+            "[file] root",
+            "not an existing directory",
+        )
+
+    def test_enabled_with_nothing_to_listen_on(self) -> None:
+        self.assertError(
+            "[echo]\nlisten =\nlisten_udp =\n", "both listen and listen_udp are empty"
+        )
+
+    def test_cross_key_rule(self) -> None:
+        self.assertError(
+            "[echo]\nmax_connections = 5\nmax_connections_per_ip = 6\n",
+            "max_connections_per_ip = 6 is larger than max_connections = 5",
+        )
+
+    def test_long_value_shortened(self) -> None:
+        message = self.assertError("[echo]\nmode = " + "x" * 5000 + "\n")
+        self.assertLess(len(message), 600)
+
+
+class OverrideTests(SynchronousTestCase):
+    def test_override_wins(self) -> None:
+        c = parse("[echo]\nmode = line\n", echo={"mode": "raw"})
+        self.assertEqual(c.echo.mode, "raw")
+
+    def test_bad_override_says_command_line(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse("", echo={"max_line_length": "-1"})
+        self.assertIn(
+            "command line: [echo] max_line_length = '-1'", str(caught.exception)
+        )
+
+    def test_unknown_override(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse("", echo={"nope": "1"})
+        self.assertIn("unknown key 'nope'", str(caught.exception))
+
+
+class LookupTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = tempdir(self)
+        self.file = self.dir / "a.ini"
+        self.file.write_text("[echo]\nmode = raw\n")
+
+    def test_explicit_first(self) -> None:
+        found = config.find_config(str(self.file), {"SOCKD_CONFIG": "/elsewhere"})
+        self.assertEqual(found, self.file)
+
+    def test_environment_second(self) -> None:
+        self.assertEqual(
+            config.find_config(None, {"SOCKD_CONFIG": str(self.file)}), self.file
+        )
+
+    def test_packaged_last(self) -> None:
+        if os.path.exists(config.SYSTEM_CONFIG):
+            self.skipTest(f"{config.SYSTEM_CONFIG} exists on this machine")
+        self.assertEqual(config.find_config(None, {}), config.packaged_default())
+
+    def test_load_relative_paths_from_file_directory(self) -> None:
+        (self.dir / "files").mkdir()
+        self.file.write_text("[file]\nroot = files\n")
+        c = config.load(str(self.file))
+        self.assertEqual(c.file.root, (self.dir / "files").resolve())
+
+    def test_unreadable_file(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            config.load(str(self.dir / "missing.ini"))
+        self.assertIn(
+            "missing.ini: cannot read the configuration", str(caught.exception)
+        )
+
+    def test_not_utf8(self) -> None:
+        self.file.write_bytes(b"[echo]\nmode = \xff\n")
+        with self.assertRaises(ConfigError) as caught:
+            config.load(str(self.file))
+        self.assertIn("not UTF-8", str(caught.exception))

@@ -1,0 +1,178 @@
+"""Graceful stop (drain) and SIGHUP reload, in memory and on real twistd."""
+
+from __future__ import annotations
+
+import fcntl
+import select
+import signal
+import socket
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+from twisted.internet.testing import (
+    EventLoggingObserver,
+    MemoryReactorClock,
+    StringTransport,
+)
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+import sockd.echo.tap as echo_tap
+from sockd.core.config import EchoSettings
+from sockd.core.service import Lifecycle
+from sockd.echo.protocol import EchoFactory, RawEcho
+from tests.helpers import connect, running, tempdir
+
+
+class DrainTests(SynchronousTestCase):
+    def test_drain_closes_after_answers(self) -> None:
+        clock = MemoryReactorClock()
+        factory = EchoFactory(EchoSettings(), clock)
+        conns = [connect(factory) for _ in range(3)]
+        conns[0][0].dataReceived(b"in flight\n")
+        d = factory.drain(10)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(conns[0][1].value(), b"IN FLIGHT\n")
+        self.assertFalse(any(t.connected for _, t in conns))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_drain_aborts_at_deadline(self) -> None:
+        clock = MemoryReactorClock()
+        factory = EchoFactory(EchoSettings(), clock, abort_grace=100)
+        proto = factory.buildProtocol(None)
+        assert proto is not None
+        transport = StringTransport()  # loseConnection never completes
+        proto.makeConnection(transport)
+        d = factory.drain(5)
+        self.assertNoResult(d)
+        clock.advance(5)
+        self.assertTrue(transport.disconnected)  # aborted
+        self.successResultOf(d)
+
+    def test_drain_with_nothing_open(self) -> None:
+        factory = EchoFactory(EchoSettings(), MemoryReactorClock())
+        self.successResultOf(factory.drain(5))
+
+
+class ReloadTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.ini = tempdir(self) / "sockd.ini"
+        self.ini.write_text(
+            "[echo]\nlisten = tcp:7007:interface=127.0.0.1\nlisten_udp =\n"
+            "max_line_length = 100\n"
+        )
+        options = echo_tap.Options()
+        options.parseOptions(["--config", str(self.ini)])
+        self.reactor = MemoryReactorClock()
+        self.service = echo_tap.makeService(options, reactor=self.reactor)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        lifecycle = self.service.getServiceNamed("lifecycle")
+        assert isinstance(lifecycle, Lifecycle)
+        self.lifecycle = lifecycle
+        self.factory = self.reactor.tcpServers[0][1]
+
+    def test_new_settings_apply_to_new_connections(self) -> None:
+        old, old_transport = connect(self.factory)
+        self.ini.write_text(
+            "[echo]\nlisten = tcp:7007:interface=127.0.0.1\nlisten_udp =\n"
+            "max_line_length = 10\nmode = raw\nmax_connections_per_ip = 1\n"
+        )
+        self.assertTrue(self.lifecycle.reload())
+        self.assertEqual(self.factory.max_line_length, 10)
+        new, new_transport = connect(self.factory, "127.0.0.2")
+        self.assertIsInstance(new, RawEcho)
+        new.dataReceived(b"abc")
+        self.assertEqual(new_transport.value(), b"ABC")
+        # The existing connection keeps going, in line mode.
+        old.dataReceived(b"still here\n")
+        self.assertEqual(old_transport.value(), b"STILL HERE\n")
+        # The new per-IP cap applies to the next connection.
+        _, refused = connect(self.factory, "127.0.0.2")
+        self.assertIn(b"too many connections", refused.value())
+
+    def test_invalid_file_keeps_running_settings(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.ini.write_text("[echo]\nmax_line_length = tiny\n")
+        self.assertFalse(self.lifecycle.reload())
+        self.assertEqual(self.factory.max_line_length, 100)
+        errors = [e for e in events if "reload refused" in e["log_format"]]
+        self.assertEqual(len(errors), 1)
+        self.assertIn("max_line_length = 'tiny'", errors[0]["error"])
+
+    def test_listen_change_is_warned_not_applied(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.ini.write_text("[echo]\nlisten = tcp:7008:interface=127.0.0.1\n")
+        self.assertTrue(self.lifecycle.reload())
+        self.assertEqual([p[0] for p in self.reactor.tcpServers], [7007])
+        self.assertTrue(any(e.get("key") == "listen" for e in events))
+
+
+BASE = "[echo]\nlisten = tcp:0:interface=127.0.0.1\nlisten_udp =\n"
+
+
+@pytest.mark.integration
+def test_sighup_reload_on_real_daemon(tmp_path: Path) -> None:
+    with running("sockd-echo", BASE, directory=tmp_path) as daemon:
+        assert daemon.process is not None
+        port = daemon.port("echo")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as old:
+            old.sendall(b"before\n")
+            assert old.recv(100) == b"BEFORE\n"
+            daemon.config_path.write_text(BASE + "mode = raw\n")
+            daemon.process.send_signal(signal.SIGHUP)
+            daemon.wait_for("configuration reloaded")
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as new:
+                new.sendall(b"no newline")
+                assert new.recv(100) == b"NO NEWLINE"
+            old.sendall(b"after\n")
+            assert old.recv(100) == b"AFTER\n"
+            # An invalid file is refused; the daemon keeps serving.
+            daemon.config_path.write_text(BASE + "mode = sideways\n")
+            daemon.process.send_signal(signal.SIGHUP)
+            daemon.wait_for("reload refused")
+            old.sendall(b"still\n")
+            assert old.recv(100) == b"STILL\n"
+
+
+@pytest.mark.integration
+def test_sigterm_lets_answers_finish(tmp_path: Path) -> None:
+    with running(
+        "sockd-echo", BASE + "[sockd]\nshutdown_grace = 10\n", directory=tmp_path
+    ) as daemon:
+        assert daemon.process is not None
+        port = daemon.port("echo")
+        line = b"x" * 63 + b"\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            # Accepted and served (a connection still in the listen queue
+            # is reset when the listener closes), then 500 KiB unread.
+            s.sendall(line)
+            assert s.recv(100) == line.upper()
+            s.sendall(line * 8000)
+            # Wait until answers are queued on our side, so the stop comes
+            # while the server has work in flight.
+            queued = 0
+            deadline = time.monotonic() + 10
+            while queued < 64 * 1024 and time.monotonic() < deadline:
+                select.select([s], [], [], 0.05)
+                raw = fcntl.ioctl(s, termios.FIONREAD, b"\0\0\0\0")
+                queued = int.from_bytes(raw, sys.byteorder)
+            assert queued >= 64 * 1024
+            start = time.monotonic()
+            daemon.process.send_signal(signal.SIGTERM)
+            received = bytearray()
+            while chunk := s.recv(1 << 20):
+                received += chunk
+        # twistd ends by re-raising the signal it was stopped with.
+        assert daemon.process.wait(15) in (0, -signal.SIGTERM)
+        daemon.wait_for("letting work in flight finish")
+        assert time.monotonic() - start < 10
+        # Whatever was read before the stop is answered whole, in order.
+        assert len(received) > 0
+        assert len(received) % len(line) == 0
+        assert bytes(received) == line.upper() * (len(received) // len(line))
+        assert len(received) >= queued

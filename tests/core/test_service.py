@@ -1,0 +1,205 @@
+"""Tests of the twistd wiring: plugins, options, services."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+import sockd.echo.tap as echo_tap
+from sockd import tap
+from sockd.core.service import Listener, with_backlog
+from sockd.echo.protocol import DatagramEcho, EchoFactory
+from tests.helpers import ROOT, TWISTD, tempdir
+
+TAPNAMES = {"sockd", "sockd-echo", "sockd-chat", "sockd-file"}
+
+
+class UDPMemoryReactor(MemoryReactorClock):
+    """MemoryReactor records TCP listens; this records UDP ones too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udp: list[tuple[int, object, str, int]] = []
+
+    def listenUDP(
+        self,
+        port: int,
+        protocol: object,
+        interface: str = "",
+        maxPacketSize: int = 8192,
+    ) -> object:
+        self.udp.append((port, protocol, interface, maxPacketSize))
+        test = self
+
+        class Port:
+            def getHost(self) -> object:
+                from twisted.internet.address import IPv4Address
+
+                return IPv4Address("UDP", interface, port)
+
+            def stopListening(self) -> None:
+                test.udp.remove((port, protocol, interface, maxPacketSize))
+
+        return Port()
+
+
+def write_ini(case: SynchronousTestCase, text: str) -> str:
+    path = tempdir(case) / "sockd.ini"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+class PluginTests(SynchronousTestCase):
+    def test_every_tapname_listed(self) -> None:
+        names = {p.tapname for p in getPlugins(IServiceMaker)}
+        self.assertTrue(names >= TAPNAMES, names)
+
+    def test_twistd_help_lists_plugins_quietly(self) -> None:
+        # A plugin that fails to import just vanishes from this list, with a
+        # traceback on stderr and exit status 0.
+        result = subprocess.run(
+            [*TWISTD, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            check=False,
+        )
+        self.assertEqual(result.returncode, 0)
+        for name in TAPNAMES:
+            self.assertRegex(result.stdout, rf"(?m)^\s+{name}\s")
+        self.assertEqual(result.stderr, "")
+
+    def test_no_plugin_package_init_shipped(self) -> None:
+        self.assertFalse((ROOT / "twisted" / "__init__.py").exists())
+        self.assertFalse((ROOT / "twisted" / "plugins" / "__init__.py").exists())
+
+
+class EchoOptionsTests(SynchronousTestCase):
+    def test_command_line_overrides_file(self) -> None:
+        ini = write_ini(self, "[echo]\nmode = line\nenabled = false\n")
+        options = echo_tap.Options()
+        options.parseOptions(
+            [
+                "--config",
+                ini,
+                "--listen",
+                "tcp:7007:interface=127.0.0.1",
+                "-l",
+                "tcp:7008:interface=127.0.0.1",
+                "--mode",
+                "raw",
+                "--set",
+                "idle_timeout=7",
+            ]
+        )
+        echo = options.config.echo
+        self.assertEqual(echo.mode, "raw")
+        self.assertTrue(echo.enabled)
+        self.assertEqual(echo.idle_timeout, 7)
+        self.assertEqual(
+            echo.listen,
+            ("tcp:7007:interface=127.0.0.1", "tcp:7008:interface=127.0.0.1"),
+        )
+
+    def test_config_error_is_usage_error(self) -> None:
+        ini = write_ini(self, "[echo]\nmax_line_length = huge\n")
+        with self.assertRaises(SystemExit) as caught:
+            echo_tap.Options().parseOptions(["--config", ini])
+        self.assertIn("[echo] max_line_length = 'huge'", str(caught.exception.code))
+
+    def test_bad_option_value(self) -> None:
+        ini = write_ini(self, "")
+        with self.assertRaises(SystemExit) as caught:
+            echo_tap.Options().parseOptions(["--config", ini, "--mode", "loud"])
+        self.assertIn("command line: [echo] mode = 'loud'", str(caught.exception.code))
+
+    def test_bad_set(self) -> None:
+        with self.assertRaises(usage.UsageError):
+            echo_tap.Options().parseOptions(["--set", "novalue"])
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def options(self, text: str) -> echo_tap.Options:
+        options = echo_tap.Options()
+        options.parseOptions(["--config", write_ini(self, text)])
+        return options
+
+    def test_listeners_bound_with_backlog(self) -> None:
+        reactor = UDPMemoryReactor()
+        options = self.options(
+            """
+            [echo]
+            listen = tcp:7007:interface=127.0.0.1 tcp:7008:interface=127.0.0.1:backlog=5
+            listen_udp = udp:7009:interface=127.0.0.1
+            udp_max_datagram = 1000
+            """
+        )
+        service = echo_tap.makeService(options, reactor=reactor)
+        service.privilegedStartService()
+        service.startService()
+        ports = [(p[0], p[2], p[3]) for p in reactor.tcpServers]
+        self.assertEqual(ports, [(7007, 4096, "127.0.0.1"), (7008, 5, "127.0.0.1")])
+        self.assertIsInstance(reactor.tcpServers[0][1], EchoFactory)
+        (udp,) = reactor.udp
+        self.assertEqual((udp[0], udp[2], udp[3]), (7009, "127.0.0.1", 1001))
+        self.assertIsInstance(udp[1], DatagramEcho)
+        # The UDP echo never answers its own port.
+        self.assertIn(7009, udp[1].blocked_ports)
+        service.stopService()
+        self.assertEqual(reactor.udp, [])
+
+    def test_bind_failure_is_a_clear_exit(self) -> None:
+        def fail() -> None:
+            raise OSError(98, "Address already in use")
+
+        listener = Listener("echo", "tcp:7:interface=127.0.0.1", fail)
+        with self.assertRaises(SystemExit) as caught:
+            listener.privilegedStartService()
+        self.assertEqual(
+            str(caught.exception.code),
+            "sockd: echo cannot listen on tcp:7:interface=127.0.0.1: "
+            "[Errno 98] Address already in use",
+        )
+
+    def test_all_in_one_runs_enabled_sections(self) -> None:
+        options = tap.Options()
+        options.parseOptions(
+            [
+                "--config",
+                write_ini(self, "[echo]\nlisten_udp =\n"),
+                "--set",
+                "echo.mode=raw",
+            ]
+        )
+        self.assertEqual(options.enabled_sections(), ["echo"])
+        self.assertEqual(options.config.echo.mode, "raw")
+        reactor = UDPMemoryReactor()
+        tap.makeService(options, reactor=reactor).privilegedStartService()
+        self.assertEqual(len(reactor.tcpServers), 1)
+
+    def test_all_in_one_with_nothing_enabled(self) -> None:
+        ini = write_ini(
+            self,
+            "[echo]\nenabled = false\n[chat]\nenabled = false\n"
+            "[file]\nenabled = false\n",
+        )
+        with self.assertRaises(usage.UsageError) as caught:
+            tap.Options().parseOptions(["--config", ini])
+        self.assertIn("no service is enabled", str(caught.exception))
+
+
+class BacklogTests(SynchronousTestCase):
+    def test_added_when_missing(self) -> None:
+        self.assertEqual(with_backlog("tcp:1", 9), "tcp:1:backlog=9")
+        self.assertEqual(with_backlog("tcp:1:backlog=3", 9), "tcp:1:backlog=3")
+        self.assertEqual(
+            with_backlog("systemd:domain=INET:index=0", 9),
+            "systemd:domain=INET:index=0",
+        )
