@@ -59,14 +59,68 @@ AMPLIFICATION = 3
 #: port 0 cannot be answered and the small services would bounce replies
 LOOP_PORTS = frozenset({0, 7, 9, 13, 17, 19, 37, 53, 123})
 
-# C0 controls but newline, DEL, C1 controls, bidi embeddings/overrides and
-# isolates: none reaches another terminal or the log raw.
-_UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-_SAFE_TABLE = {c: "\ufffd" for c in [*range(0x20), *range(0x7F, 0xA0)]}
-_SAFE_TABLE.update({c: "\ufffd" for c in [*range(0x202A, 0x202F)]})
-_SAFE_TABLE.update({c: "\ufffd" for c in [*range(0x2066, 0x206A)]})
+#: code points that never reach another terminal or the log raw (each
+#: becomes U+FFFD, a tab a space): C0 controls but newline, DEL, C1
+#: controls; every format character (Unicode category Cf: bidi marks,
+#: embeddings, overrides and isolates, zero-width space, word joiner, BOM,
+#: soft hyphen, tags...) except the zero-width non-joiner and joiner, which
+#: emoji sequences and several scripts need; the line and paragraph
+#: separators (Zl, Zp); and the other characters that render as nothing
+#: (combining grapheme joiner, Hangul fillers, Khmer inherent vowels), with
+#: the unassigned code points reserved for more of them.  Variation
+#: selectors stay: they only pick the glyph of the character before them.
+UNSAFE_RANGES = (
+    (0x00, 0x09),
+    (0x0B, 0x1F),
+    (0x7F, 0x9F),
+    (0xAD, 0xAD),
+    (0x034F, 0x034F),
+    (0x0600, 0x0605),
+    (0x061C, 0x061C),
+    (0x06DD, 0x06DD),
+    (0x070F, 0x070F),
+    (0x0890, 0x0891),
+    (0x08E2, 0x08E2),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180E, 0x180E),
+    (0x200B, 0x200B),
+    (0x200E, 0x200F),
+    (0x2028, 0x202E),
+    (0x2060, 0x206F),
+    (0x3164, 0x3164),
+    (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0),
+    (0xFFF0, 0xFFFB),
+    (0x110BD, 0x110BD),
+    (0x110CD, 0x110CD),
+    (0x13430, 0x1343F),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0000, 0xE00FF),
+    (0xE01F0, 0xE0FFF),
+)
+
+
+def _character_class(low: int, high: int) -> re.Pattern[str]:
+    """A regex for the code points of L{UNSAFE_RANGES} from C{low} to C{high}."""
+    parts = [
+        f"\\U{max(a, low):08x}-\\U{min(b, high):08x}"
+        for a, b in UNSAFE_RANGES
+        if a <= high and b >= low
+    ]
+    return re.compile("[" + "".join(parts) + "]")
+
+
+# Searched in steps, as a regex over every range is three times slower on
+# typical text: ASCII text (the usual case) for its few ranges only; other
+# text for those of the BMP (a bitmap), and past the BMP only if needed.
+_UNSAFE_ASCII = _character_class(0, 0x7F)
+_UNSAFE_BMP = _character_class(0, 0xFFFF)
+_UNSAFE_ASTRAL = _character_class(0x10000, 0x10FFFF)
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_SAFE_TABLE = {c: "\ufffd" for a, b in UNSAFE_RANGES for c in range(a, b + 1)}
 _SAFE_TABLE[0x09] = " "
-del _SAFE_TABLE[0x0A]
 
 _NICK = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _ROOM = re.compile(r"#?([A-Za-z0-9_-]{1,32})")
@@ -101,12 +155,18 @@ HELP = (
 def clean(text: str) -> str:
     """
     Make untrusted text safe for a terminal: line endings become C{\\n},
-    a tab a space, and every other control (C0, DEL, C1, bare CR, bidi
-    controls) U+FFFD.  Other valid text is kept as it is.
+    a tab a space, and every other control (C0, DEL, C1, bare CR), format
+    character, line separator or invisible filler (L{UNSAFE_RANGES}) U+FFFD.
+    Other valid text is kept as it is.
     """
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\ufffd")
-    if _UNSAFE.search(text) is None:
+    if text.isascii():
+        if _UNSAFE_ASCII.search(text) is None:
+            return text
+    elif _UNSAFE_BMP.search(text) is None and (
+        _ASTRAL.search(text) is None or _UNSAFE_ASTRAL.search(text) is None
+    ):
         return text
     return text.translate(_SAFE_TABLE)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -503,8 +504,42 @@ class CleanTests(SynchronousTestCase):
             )
             self.assertIn("\ufffd", cleaned)
 
+    def test_invisible_and_direction_marks_replaced(self) -> None:
+        for mark in [
+            *("\u2028", "\u2029", "\u200e", "\u200f", "\u061c", "\u200b"),
+            *("\ufeff", "\u2060", "\u2061", "\u2064", "\u180e", "\u00ad"),
+            *("\u115f", "\u1160", "\u3164", "\uffa0", "\u034f", "\U000e0041"),
+        ]:
+            self.assertEqual(clean(f"a{mark}b"), "a\ufffdb", repr(mark))
+            self.assertEqual(clean(f"\u00e9{mark}"), "\u00e9\ufffd", repr(mark))
+
+    def test_every_format_and_separator_character_replaced(self) -> None:
+        # Decided by category, for whatever this Python's Unicode knows.
+        kept = {0x200C, 0x200D}  # joiners: emoji sequences, Indic, Persian
+        for code in range(0x110000):
+            c = chr(code)
+            if code in kept or unicodedata.category(c) not in ("Cf", "Zl", "Zp"):
+                continue
+            self.assertEqual(clean("x" + c), "x\ufffd", hex(code))
+
+    def test_a_line_cannot_pass_for_two(self) -> None:
+        state, out, _ = make()
+        join(state, out, A, "alice")
+        join(state, out, B, "bob")
+        say(state, out, A, "ok\u2028<bob> \u200fI owe alice 100\u2029\n")
+        self.assertEqual(
+            out.to(B), ["<alice> ok\ufffd<bob> \ufffdI owe alice 100\ufffd\n"]
+        )
+
     def test_text_kept(self) -> None:
         for text in ["plain", "caf\u00e9 \u65e5\u672c \U0001f600", "a\nb", "x\u200dy"]:
+            self.assertEqual(clean(text), text)
+        # Joiners and variation selectors: emoji sequences stay whole.
+        for text in [
+            "\U0001f469\u200d\U0001f4bb",
+            "\u2764\ufe0f",
+            "\u0645\u200c\u06cc",
+        ]:
             self.assertEqual(clean(text), text)
         self.assertEqual(clean("a\r\nb\r\n"), "a\nb\n")
         self.assertEqual(clean("tab\there"), "tab here")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import unicodedata
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -48,10 +49,29 @@ STRANGER_REPLY = re.compile(
     r"|error: message is not valid UTF-8"
     r"|error: the chat is full; try later)\n"
 )
-#: C0 but newline, DEL, C1, bidi embeddings, overrides and isolates
-UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-#: the same, newline included, for log lines
-UNSAFE_LOG = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+#: characters that render as nothing although they are not format
+#: characters (the rule in docs/protocol-chat.md, "Terminal safety")
+BLANK = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0")
+
+
+def unsafe(text: str, newline: bool = False) -> str | None:
+    """
+    The first character of C{text} that must not reach a terminal: a
+    control (but newline, unless C{newline}), a format character (but the
+    zero-width joiner and non-joiner), a line or paragraph separator, or a
+    blank filler.
+    """
+    for c in text:
+        if c.isascii() and c.isprintable():
+            continue
+        if c == "\n" and not newline:
+            continue
+        if c in "\u200c\u200d":
+            continue
+        if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") or c in BLANK:
+            return c
+    return None
+
 
 CONFIGS = [
     # small caps, so the limits are reached within a few steps
@@ -74,6 +94,8 @@ NASTY = st.sampled_from(
     [
         *("\x1b[2J", "\u202e", "\u2066", "\u2069", "\x9b", "\r", "\x00", "\x7f"),
         *("\t", "\u200f", "\r\n", "\n", "\x85", "\ufeff", "\U0001f600", "\u0390"),
+        *("\u2028", "\u2029", "\u200b", "\u200e", "\u061c", "\u2060", "\u180e"),
+        *("\u3164", "\u115f", "\uffa0", "\u00ad", "\U000e0041", "\u200d", "\ufe0f"),
     ]
 )
 TEXT = st.lists(st.one_of(st.text(max_size=12), NASTY), max_size=4).map("".join)
@@ -161,7 +183,7 @@ class ChatMachine(RuleBasedStateMachine):
         if "log_failure" in event:
             self.problems.append(f"failure logged: {event['log_failure']}")
         text = formatEvent(event)
-        if UNSAFE_LOG.search(text):
+        if unsafe(text, newline=True):
             self.problems.append(f"unsafe log line: {text!r}")
 
     @initialize(config=st.sampled_from(CONFIGS))
@@ -319,7 +341,7 @@ class ChatMachine(RuleBasedStateMachine):
             text = data.decode("utf-8")  # raises if not valid UTF-8
             assert text.endswith("\n"), data
             assert "\r" not in text, data
-            assert UNSAFE.search(text) is None, data
+            assert unsafe(text) is None, data
             assert len(data) <= 1500, len(data)
             if member:
                 self.validated.add(addr)
@@ -381,7 +403,7 @@ class DatagramFuzzTests(SynchronousTestCase):
             protocol.datagramReceived(data, addr)
         for data, _ in transport.written:
             text = data.decode("utf-8")
-            self.assertIsNone(UNSAFE.search(text), data)
+            self.assertIsNone(unsafe(text), data)
             self.assertNotIn("\r", text)
         if validation:
             for addr, count in received.items():
