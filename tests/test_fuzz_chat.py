@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import unicodedata
+from collections import Counter
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -28,12 +29,15 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sockd.chat import AMPLIFICATION, ChatProtocol, ChatState
 from sockd.config import ChatSettings
+from sockd.limits import peer_key
 from tests.helpers import FakeDatagramTransport
 from tests.helpers import settings as parse_settings
 
 MAX_MESSAGE = 64
 #: clients that read what they get, so they can return the cookie
 HONEST = [("127.0.0.1", 40001 + i) for i in range(5)]
+#: one more host, written both ways: it counts as one client address
+HONEST += [("127.0.0.6", 40010), ("::ffff:127.0.0.6", 40011)]
 #: sources that never see their replies: spoofed, or small services
 SPOOFED = [("127.0.0.2", 50001), ("127.0.0.3", 50002), ("127.0.0.4", 7)]
 SPOOFED += [("127.0.0.4", 0), ("127.0.0.5", 53)]
@@ -47,7 +51,8 @@ STRANGER_REPLY = re.compile(
     r"|/v [a-z2-7]{8}"
     r"|error: message longer than \d+ bytes"
     r"|error: message is not valid UTF-8"
-    r"|error: the chat is full; try later)\n"
+    r"|error: the chat is full; try later"
+    r"|error: too many members from your address( \(at most \d+\); try later)?)\n"
 )
 #: characters that render as nothing although they are not format
 #: characters (the rule in docs/protocol-chat.md, "Terminal safety")
@@ -81,6 +86,8 @@ CONFIGS = [
     {"total_output_rate": "5", "max_room_members": "3", "burst": "3"},
     # trusted networks: every address joins at once
     {"validation": "false", "max_members": "3", "nick_max_length": "4"},
+    # two members per host: the ports of 127.0.0.1 compete
+    {"max_members_per_ip": "2", "rate": "1000", "burst": "1000"},
 ]
 
 BASE = {"max_message": str(MAX_MESSAGE), "idle_timeout": "30"}
@@ -201,7 +208,13 @@ class ChatMachine(RuleBasedStateMachine):
         """Remember what was in force: members and rooms may outlive a
         reload that lowers a cap, and a former default room its members."""
         self.settings = chat
-        for key in ("max_members", "max_rooms", "max_room_members", "nick_max_length"):
+        for key in (
+            "max_members",
+            "max_members_per_ip",
+            "max_rooms",
+            "max_room_members",
+            "nick_max_length",
+        ):
             self.caps[key] = max(self.caps.get(key, 0), getattr(chat, key))
         self.defaults.add(chat.default_room.lower())
         self.trusting = self.trusting or not chat.validation
@@ -297,6 +310,10 @@ class ChatMachine(RuleBasedStateMachine):
             return
         self.validated.update(state.members)
         assert len(state.members) <= self.caps["max_members"]
+        # Members per client address: counted right, and within the cap.
+        hosts = Counter(peer_key(addr[0]) for addr in state.members)
+        assert state.peers == hosts, (state.peers, hosts)
+        assert max(hosts.values(), default=0) <= self.caps["max_members_per_ip"]
         assert len(state.rooms) <= self.caps["max_rooms"]
         # Nicknames: one table entry per member, unique ignoring case.
         assert len(state.nicks) == len(state.members)
