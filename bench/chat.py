@@ -47,6 +47,7 @@ SOCKD_INI = """\
     idle_timeout = 86400
     history = 20
     max_members = 20000
+    max_members_per_ip = 20000
     max_rooms = 1000
     max_room_members = 20000
     rate = 1000000

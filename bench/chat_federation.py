@@ -37,6 +37,7 @@ NODE_INI = """\
     idle_timeout = 86400
     history = 0
     max_members = 20000
+    max_members_per_ip = 20000
     max_room_members = 20000
     rate = 1000000
     burst = 1000000

@@ -20,6 +20,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import math
 import os
 import re
 import socket
@@ -33,7 +34,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from sockd.core.config import ChatSettings
-from sockd.core.limits import RateLimiter, TokenBucket
+from sockd.core.limits import RateLimiter, TokenBucket, peer_key
 from sockd.core.logs import escape
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "Backend",
     "ChatProtocol",
     "ChatState",
+    "FairShare",
     "LocalBackend",
     "Member",
     "Room",
@@ -59,14 +61,68 @@ AMPLIFICATION = 3
 #: port 0 cannot be answered and the small services would bounce replies
 LOOP_PORTS = frozenset({0, 7, 9, 13, 17, 19, 37, 53, 123})
 
-# C0 controls but newline, DEL, C1 controls, bidi embeddings/overrides and
-# isolates: none reaches another terminal or the log raw.
-_UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-_SAFE_TABLE = {c: "\ufffd" for c in [*range(0x20), *range(0x7F, 0xA0)]}
-_SAFE_TABLE.update({c: "\ufffd" for c in [*range(0x202A, 0x202F)]})
-_SAFE_TABLE.update({c: "\ufffd" for c in [*range(0x2066, 0x206A)]})
+#: code points that never reach another terminal or the log raw (each
+#: becomes U+FFFD, a tab a space): C0 controls but newline, DEL, C1
+#: controls; every format character (Unicode category Cf: bidi marks,
+#: embeddings, overrides and isolates, zero-width space, word joiner, BOM,
+#: soft hyphen, tags...) except the zero-width non-joiner and joiner, which
+#: emoji sequences and several scripts need; the line and paragraph
+#: separators (Zl, Zp); and the other characters that render as nothing
+#: (combining grapheme joiner, Hangul fillers, Khmer inherent vowels), with
+#: the unassigned code points reserved for more of them.  Variation
+#: selectors stay: they only pick the glyph of the character before them.
+UNSAFE_RANGES = (
+    (0x00, 0x09),
+    (0x0B, 0x1F),
+    (0x7F, 0x9F),
+    (0xAD, 0xAD),
+    (0x034F, 0x034F),
+    (0x0600, 0x0605),
+    (0x061C, 0x061C),
+    (0x06DD, 0x06DD),
+    (0x070F, 0x070F),
+    (0x0890, 0x0891),
+    (0x08E2, 0x08E2),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180E, 0x180E),
+    (0x200B, 0x200B),
+    (0x200E, 0x200F),
+    (0x2028, 0x202E),
+    (0x2060, 0x206F),
+    (0x3164, 0x3164),
+    (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0),
+    (0xFFF0, 0xFFFB),
+    (0x110BD, 0x110BD),
+    (0x110CD, 0x110CD),
+    (0x13430, 0x1343F),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0000, 0xE00FF),
+    (0xE01F0, 0xE0FFF),
+)
+
+
+def _character_class(low: int, high: int) -> re.Pattern[str]:
+    """A regex for the code points of L{UNSAFE_RANGES} from C{low} to C{high}."""
+    parts = [
+        f"\\U{max(a, low):08x}-\\U{min(b, high):08x}"
+        for a, b in UNSAFE_RANGES
+        if a <= high and b >= low
+    ]
+    return re.compile("[" + "".join(parts) + "]")
+
+
+# Searched in steps, as a regex over every range is three times slower on
+# typical text: ASCII text (the usual case) for its few ranges only; other
+# text for those of the BMP (a bitmap), and past the BMP only if needed.
+_UNSAFE_ASCII = _character_class(0, 0x7F)
+_UNSAFE_BMP = _character_class(0, 0xFFFF)
+_UNSAFE_ASTRAL = _character_class(0x10000, 0x10FFFF)
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_SAFE_TABLE = {c: "\ufffd" for a, b in UNSAFE_RANGES for c in range(a, b + 1)}
 _SAFE_TABLE[0x09] = " "
-del _SAFE_TABLE[0x0A]
 
 _NICK = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _ROOM = re.compile(r"#?([A-Za-z0-9_-]{1,32})")
@@ -101,12 +157,18 @@ HELP = (
 def clean(text: str) -> str:
     """
     Make untrusted text safe for a terminal: line endings become C{\\n},
-    a tab a space, and every other control (C0, DEL, C1, bare CR, bidi
-    controls) U+FFFD.  Other valid text is kept as it is.
+    a tab a space, and every other control (C0, DEL, C1, bare CR), format
+    character, line separator or invisible filler (L{UNSAFE_RANGES}) U+FFFD.
+    Other valid text is kept as it is.
     """
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\ufffd")
-    if _UNSAFE.search(text) is None:
+    if text.isascii():
+        if _UNSAFE_ASCII.search(text) is None:
+            return text
+    elif _UNSAFE_BMP.search(text) is None and (
+        _ASTRAL.search(text) is None or _UNSAFE_ASTRAL.search(text) is None
+    ):
         return text
     return text.translate(_SAFE_TABLE)
 
@@ -188,6 +250,7 @@ class Member:
         "key",
         "nick",
         "out",
+        "peer",
         "room",
         "seen",
         "stamp",
@@ -197,6 +260,8 @@ class Member:
 
     def __init__(self, addr: Address, nick: str, out: Sender, now: float) -> None:
         self.addr = addr
+        #: the client address it counts under (L{peer_key}: IPv4, IPv6 /64)
+        self.peer = peer_key(addr[0])
         self.nick = nick
         self.key = nick.lower()
         self.out = out
@@ -219,6 +284,85 @@ class Room:
         self.history: deque[bytes] = deque(maxlen=history)
 
 
+class FairShare:
+    """
+    The relay's output budget (one L{TokenBucket}, C{total}) shared between
+    client addresses.  With N addresses sending in the last L{window}
+    seconds, each has its own bucket of 1/(N+1) of the rate and burst (one
+    share kept for a newcomer), never less than C{floor} tokens of burst
+    (one fan-out to a full room).  Beyond its share an address gets only
+    what leaves the budget at least C{reserve} tokens: so however many
+    members one address has, an address within its share finds the budget
+    there, and spare output still goes to whoever asks.
+    """
+
+    #: seconds an address counts as sending after it last asked
+    window = 1.0
+
+    def __init__(self, total: TokenBucket, floor: float, clock: IReactorTime) -> None:
+        self.total = total
+        self.clock = clock
+        self.floor = floor
+        #: address -> its bucket, the least recently used first
+        self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        #: no bucket is forgotten before this time
+        self._horizon = math.inf
+
+    def _expire(self) -> None:
+        """Forget the addresses that stopped sending."""
+        buckets = self.buckets
+        cutoff = self.clock.seconds() - self.window
+        while buckets:
+            oldest = next(iter(buckets.values()))
+            if oldest.stamp > cutoff:
+                self._horizon = oldest.stamp + self.window
+                return
+            buckets.popitem(last=False)
+        self._horizon = math.inf
+
+    @property
+    def reserve(self) -> float:
+        """What an address beyond its share must leave in the budget."""
+        return max(self.total.burst / 2, min(self.floor, self.total.burst))
+
+    def take(self, peer: str | None, cost: float) -> str | None:
+        """
+        Charge C{cost} datagrams to C{peer} (None: to no address); None if
+        they may be sent, else why not: C{"share"} (the address is beyond
+        its share and the budget is short) or C{"total"} (the budget is
+        spent).
+        """
+        total = self.total
+        if peer is None:
+            return None if total.take(cost) else "total"
+        buckets = self.buckets
+        if self.clock.seconds() >= self._horizon:
+            self._expire()
+        bucket = buckets.get(peer)
+        if bucket is None:
+            # A newcomer: a full bucket of its share.
+            share = len(buckets) + 2
+            bucket = buckets[peer] = TokenBucket(
+                total.rate / share, max(total.burst / share, self.floor), self.clock
+            )
+            self._horizon = min(self._horizon, bucket.stamp + self.window)
+        else:
+            buckets.move_to_end(peer)
+            share = len(buckets) + 1
+            bucket.rate = total.rate / share
+            bucket.burst = max(total.burst / share, self.floor)
+        if bucket.take(cost):
+            if total.take(cost):
+                return None
+            bucket.tokens += cost  # not sent, not charged
+            return "total"
+        reserve = self.reserve
+        if total.take(cost + reserve):
+            total.tokens += reserve
+            return None
+        return "share"
+
+
 class ChatState:
     """
     Everything the relay knows and decides.  L{receive} takes one decoded
@@ -232,6 +376,9 @@ class ChatState:
     handshake_rate = 1000.0
     #: unvalidated addresses whose byte counts are remembered
     max_pending = 4096
+    #: of which from one client address (ports of one IPv4 address, or
+    #: addresses of one IPv6 /64), so one host cannot fill the table
+    max_pending_per_ip = 64
 
     def __init__(
         self,
@@ -251,6 +398,9 @@ class ChatState:
         self.burst = float(settings.burst)
         self.idle_timeout = settings.idle_timeout
         self.max_message = settings.max_message
+        self.max_members_per_ip = settings.max_members_per_ip
+        #: members per client address (L{peer_key})
+        self.peers: dict[str, int] = {}
         self.blocked_ports = LOOP_PORTS | own_ports
         self.members: dict[Address, Member] = {}
         self.nicks: dict[str, Member] = {}
@@ -261,9 +411,21 @@ class ChatState:
         self._room(self.default_room)
         #: address -> [bytes received, bytes sent] until it is validated
         self.pending: OrderedDict[Address, list[int]] = OrderedDict()
+        #: client address -> its addresses in C{pending}, least recent first
+        self.pending_peers: dict[str, OrderedDict[Address, None]] = {}
+        #: replies to strangers, per address (IP and port) and in total
         self.strangers = RateLimiter(
             settings.rate,
             settings.burst,
+            self.handshake_rate,
+            clock,
+            max_sources=self.max_pending,
+        )
+        #: and per client address: what its most members would get, so
+        #: one host's ports cannot take the whole handshake budget
+        self.stranger_hosts = RateLimiter(
+            settings.rate * settings.max_members_per_ip,
+            settings.burst * settings.max_members_per_ip,
             self.handshake_rate,
             clock,
             max_sources=self.max_pending,
@@ -273,6 +435,7 @@ class ChatState:
             max(settings.total_output_rate, settings.max_room_members),
             clock,
         )
+        self.shares = FairShare(self.output, settings.max_room_members, clock)
         self._guests = 0
         #: the protocol that reports the shared counters (one per state)
         self.reporter: object | None = None
@@ -283,6 +446,9 @@ class ChatState:
                 "timed_out",
                 "rate_limited",
                 "output_dropped",
+                "address_share",
+                "refused_full",
+                "refused_per_ip",
                 "oversized",
                 "invalid",
                 "stranger_dropped",
@@ -304,10 +470,14 @@ class ChatState:
         self.burst = float(settings.burst)
         self.idle_timeout = settings.idle_timeout
         self.max_message = max_message
+        self.max_members_per_ip = settings.max_members_per_ip
         self.strangers.rate = settings.rate
         self.strangers.burst = settings.burst
+        self.stranger_hosts.rate = settings.rate * settings.max_members_per_ip
+        self.stranger_hosts.burst = settings.burst * settings.max_members_per_ip
         self.output.rate = settings.total_output_rate
         self.output.burst = max(settings.total_output_rate, settings.max_room_members)
+        self.shares.floor = settings.max_room_members
         default = _ROOM.fullmatch(settings.default_room)
         assert default is not None
         if self._room(default.group(1)) is not None:
@@ -395,20 +565,55 @@ class ChatState:
     def _stranger_allowed(self, addr: Address, size: int) -> bool:
         """Count what a stranger sent; may it be answered at all?"""
         self.stats["stranger_bytes_in"] += size
+        peer = peer_key(addr[0])
         pending = self.pending.get(addr)
         if pending is None:
-            if len(self.pending) >= self.max_pending:
-                # Forgetting both counts keeps sent <= 3 x received for
-                # every stretch the address is remembered, so in total.
-                self.pending.popitem(last=False)
+            # Forgetting both counts keeps sent <= 3 x received for every
+            # stretch an address is remembered, so in total.
+            mine = self.pending_peers.get(peer)
+            if mine is not None and len(mine) >= self.max_pending_per_ip:
+                self._forget(next(iter(mine)))  # its own, not another's
+            elif len(self.pending) >= self.max_pending:
+                self._forget(next(iter(self.pending)))
             pending = self.pending[addr] = [0, 0]
+            self.pending_peers.setdefault(peer, OrderedDict())[addr] = None
         else:
             self.pending.move_to_end(addr)
+            self.pending_peers[peer].move_to_end(addr)
         pending[0] += size
-        if addr[1] in self.blocked_ports or not self.strangers.allow(addr):
+        if (
+            addr[1] in self.blocked_ports
+            or not self.stranger_hosts.allow(peer)
+            or not self.strangers.allow(addr)
+        ):
             self.stats["stranger_dropped"] += 1
             return False
         return True
+
+    def _forget(self, addr: Address) -> None:
+        """Drop a stranger's byte counts."""
+        if self.pending.pop(addr, None) is None:
+            return
+        peer = peer_key(addr[0])
+        mine = self.pending_peers[peer]
+        del mine[addr]
+        if not mine:
+            del self.pending_peers[peer]
+
+    def _no_place(self, addr: Address) -> list[bytes] | None:
+        """Why C{addr} cannot become a member now (longest first), or None."""
+        if len(self.members) >= self.settings.max_members:
+            self.stats["refused_full"] += 1
+            return [b"*** error: the chat is full; try later\n"]
+        cap = self.max_members_per_ip
+        if self.peers.get(peer_key(addr[0]), 0) >= cap:
+            self.stats["refused_per_ip"] += 1
+            return [
+                f"*** error: too many members from your address (at most {cap}); "
+                "try later\n".encode(),
+                b"*** error: too many members from your address\n",
+            ]
+        return None
 
     def _stranger(self, out: Sender, addr: Address, size: int, text: str) -> None:
         if not self._stranger_allowed(addr, size):
@@ -429,8 +634,9 @@ class ChatState:
             if self._admit(out, addr) is not None and rest:
                 self.receive(out, addr, 0, rest)  # "/v TOKEN\n/nick NAME"
             return
-        if len(self.members) >= self.settings.max_members:
-            self._to_stranger(out, addr, [b"*** error: the chat is full; try later\n"])
+        refusal = self._no_place(addr)
+        if refusal is not None:
+            self._to_stranger(out, addr, refusal)
             return
         token = self.token(addr)
         room = self.default_room
@@ -480,19 +686,20 @@ class ChatState:
 
     def _admit(self, out: Sender, addr: Address) -> Member | None:
         """A (validated) address becomes a member, in the default room."""
-        if len(self.members) >= self.settings.max_members:
-            line = b"*** error: the chat is full; try later\n"
+        refusal = self._no_place(addr)
+        if refusal is not None:
             if self.validation:
-                out.send(line, addr)  # it proved it receives
+                out.send(refusal[0], addr)  # it proved it receives
             else:
-                self._to_stranger(out, addr, [line])
+                self._to_stranger(out, addr, refusal)
             return None
-        self.pending.pop(addr, None)
+        self._forget(addr)
         now = self.clock.seconds()
         self._guests += 1
         member = Member(addr, self.backend.guest_name(self._guests), out, now)
         member.tokens = self.burst
         self.members[addr] = member
+        self.peers[member.peer] = self.peers.get(member.peer, 0) + 1
         self.nicks[member.key] = member
         self.stats["joined"] += 1
         self.backend.joined(member)
@@ -526,7 +733,9 @@ class ChatState:
             self._tell(member, f"*** error: #{room.name} is full; try later\n".encode())
             return
         self._leave(member, "left")
-        self._fanout(room, f"*** {member.nick} joined #{room.name}\n".encode(), None)
+        self._fanout(
+            room, f"*** {member.nick} joined #{room.name}\n".encode(), None, member
+        )
         fresh = not room.members and not room.history and not room.topic
         room.members[member.addr] = member
         member.room = room
@@ -553,7 +762,9 @@ class ChatState:
             return
         member.room = None
         del room.members[member.addr]
-        self._fanout(room, f"*** {member.nick} {how} #{room.name}\n".encode(), None)
+        self._fanout(
+            room, f"*** {member.nick} {how} #{room.name}\n".encode(), None, member
+        )
         self.backend.left(member, room, how)
         if not room.members and room.name.lower() != self.default_room.lower():
             del self.rooms[room.name.lower()]
@@ -561,6 +772,11 @@ class ChatState:
     def _remove(self, member: Member, how: str) -> None:
         self._leave(member, how)
         del self.members[member.addr]
+        count = self.peers[member.peer] - 1
+        if count:
+            self.peers[member.peer] = count
+        else:
+            del self.peers[member.peer]
         if self.nicks.get(member.key) is member:
             del self.nicks[member.key]
         self.backend.removed(member)
@@ -589,7 +805,7 @@ class ChatState:
     def relay(self, room_key: str, line: bytes, keep: bool) -> None:
         """A line from another node for the members here of C{room_key}."""
         room = self.rooms.get(room_key)
-        if room is not None and self._fanout(room, line, None) and keep:
+        if room is not None and self._fanout(room, line, None, None) is None and keep:
             room.history.append(line)
 
     def relay_direct(self, key: str, line: bytes) -> bool:
@@ -597,14 +813,14 @@ class ChatState:
         target = self.nicks.get(key)
         if target is None:
             return False
-        self._tell(target, line)
+        self._send(target, line, None)
         return True
 
     def relay_topic(self, room_key: str, topic: str, line: bytes) -> None:
         room = self.rooms.get(room_key)
         if room is not None:
             room.topic = topic
-            self._fanout(room, line, None)
+            self._fanout(room, line, None, None)
 
     def seed(self, member: Member, room: Room, topic: str, lines: list[bytes]) -> None:
         """The cluster's topic and history for a room just made here."""
@@ -641,24 +857,38 @@ class ChatState:
     # --- output ------------------------------------------------------------
 
     def _tell(self, member: Member, data: bytes) -> None:
-        if self.output.take(1.0):
+        """Send C{data} to C{member}, on its own address's share."""
+        self._send(member, data, member)
+
+    def _send(self, member: Member, data: bytes, payer: Member | None) -> None:
+        """Send C{data} to C{member} on C{payer}'s share (None: nobody's)."""
+        refused = self.shares.take(payer.peer if payer else None, 1.0)
+        if refused is None:
             member.out.send(data, member.addr)
         else:
-            self.stats["output_dropped"] += 1
+            self.stats["output_dropped" if refused == "total" else "address_share"] += 1
 
-    def _fanout(self, room: Room, data: bytes, sender: Member | None) -> bool:
-        """Send C{data} to everyone in C{room} but C{sender}."""
+    def _fanout(
+        self, room: Room, data: bytes, sender: Member | None, payer: Member | None
+    ) -> str | None:
+        """
+        Send C{data} to everyone in C{room} but C{sender}, on C{payer}'s
+        share; None if sent, else why not (L{FairShare.take}).
+        """
         count = len(room.members) - (sender is not None)
         if count <= 0:
-            return True
-        if not self.output.take(count):
-            self.stats["output_dropped"] += count
-            return False
+            return None
+        refused = self.shares.take(payer.peer if payer else None, count)
+        if refused is not None:
+            self.stats["output_dropped" if refused == "total" else "address_share"] += (
+                count
+            )
+            return refused
         self.stats["relayed"] += count
         for other in room.members.values():
             if other is not sender:
                 other.out.send(data, other.addr)
-        return True
+        return None
 
     def _say(self, member: Member, text: str) -> None:
         self._relay(member, "say", text)
@@ -673,12 +903,19 @@ class ChatState:
             line = f"* {member.nick} {text}\n".encode()
         else:
             line = f"<{member.nick}> {text}\n".encode()
-        if self._fanout(room, line, member):
+        refused = self._fanout(room, line, member, member)
+        if refused is None:
             room.history.append(line)
             if self._federated:
                 self.backend.said(member, room, kind, text)
-        else:
+        elif refused == "total":
             self._tell(member, b"*** error: the server is busy; not delivered\n")
+        else:
+            self._tell(
+                member,
+                b"*** error: your address is over its share of the server's "
+                b"output; not delivered\n",
+            )
 
     # --- commands ------------------------------------------------------------
 
@@ -730,7 +967,10 @@ class ChatState:
         self._tell(member, f"*** you are now {argument}\n".encode())
         if member.room is not None:
             self._fanout(
-                member.room, f"*** {old} is now known as {argument}\n".encode(), member
+                member.room,
+                f"*** {old} is now known as {argument}\n".encode(),
+                member,
+                member,
             )
         self.backend.renamed(member, old)
 
@@ -781,7 +1021,7 @@ class ChatState:
                 return
             self._tell(member, f"*** error: no one is called {clip(nick)}\n".encode())
             return
-        self._tell(target, f"[msg] <{member.nick}> {text}\n".encode())
+        self._send(target, f"[msg] <{member.nick}> {text}\n".encode(), member)
         self._tell(member, f"[msg -> {target.nick}] {text}\n".encode())
 
     def do_me(self, member: Member, argument: str) -> None:
@@ -831,6 +1071,7 @@ class ChatState:
             room,
             f"*** {member.nick} set the topic of #{room.name}: {argument}\n".encode(),
             None,
+            member,
         )
         self.backend.topic(member, room)
 
@@ -971,10 +1212,23 @@ class ChatProtocol(DatagramProtocol):
             ("chat_relayed_total", "counter", chat, stats["relayed"]),
             ("chat_joined_total", "counter", chat, stats["joined"]),
             ("chat_timed_out_total", "counter", chat, stats["timed_out"]),
+            (
+                "chat_refused_total",
+                "counter",
+                {**chat, "reason": "total"},
+                stats["refused_full"],
+            ),
+            (
+                "chat_refused_total",
+                "counter",
+                {**chat, "reason": "per_ip"},
+                stats["refused_per_ip"],
+            ),
         ]
         for reason in (
             "rate_limited",
             "output_dropped",
+            "address_share",
             "oversized",
             "invalid",
             "stranger_dropped",

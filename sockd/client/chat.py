@@ -12,6 +12,8 @@ and exits a moment after the end of input, or on C{/quit}.
 from __future__ import annotations
 
 import argparse
+import math
+import random
 import re
 import socket
 import sys
@@ -32,6 +34,7 @@ from zope.interface import implementer
 
 from sockd.chat.state import clean
 from sockd.client.echo import split_address
+from sockd.core.limits import TokenBucket
 
 __all__ = ["ChatClient", "add_arguments", "run"]
 
@@ -60,7 +63,23 @@ class ChatClient:
     The client's behaviour, without I/O: lines from the server come in
     through L{received}, lines typed through L{typed} and L{input_ended};
     datagrams go out through C{send} and text to the screen through C{show}.
+
+    Whatever the server sends, every datagram goes out through one
+    L{TokenBucket} (C{rate} a second, bursts of C{burst}); the client's own
+    messages (hello, C{/v}, C{/nick}, C{/join}, C{/ping}, C{/quit}) go
+    before typed lines and are never queued twice.  Repeated join prompts
+    are answered with growing, jittered waits (L{backoff}), and a hello
+    that gets no answer is repeated likewise.
     """
+
+    #: answers to repeated join prompts, and unanswered hellos, wait about
+    #: 1, 2, 4 ... seconds (each between half and all of it), at most this
+    backoff_max = 60.0
+    #: a membership that lasted this long is over for good: the next join
+    #: starts again without waiting (one that keeps breaking backs off)
+    stable = 10.0
+    #: the order the client's own messages go in
+    _CONTROL = ("join", "nick", "room", "ping", "quit")
 
     def __init__(
         self,
@@ -78,6 +97,7 @@ class ChatClient:
         timeout: float = 10.0,
         timestamps: bool = True,
         notice: Callable[[str], None] | None = None,
+        random: Callable[[], float] = random.random,
     ) -> None:
         self.send_datagram = send
         self.show = show
@@ -87,33 +107,59 @@ class ChatClient:
         self.room = room.lstrip("#") if room else None
         self.keepalive = keepalive
         self.rate = rate
-        self.burst = float(burst)
         self.linger = linger
         self.timeout = timeout
         self.timestamps = timestamps
         self.notice = notice or (lambda text: None)
+        self.random = random
         self.joined = False
         self.ever_joined = False
         self.quitting = False
         self.finished = False
         self.eof = False
         self.heard = False
+        #: typed lines, sent once joined
         self.queue: deque[str] = deque()
-        self.tokens = float(burst)
-        self.stamp = clock.seconds()
+        #: the client's own messages waiting for the pace, by kind
+        self.control: dict[str, str] = {}
+        self.pace = TokenBucket(rate, float(burst), clock)
         self.last_sent = clock.seconds()
         self.auto_pings = 0
+        #: the newest cookie not yet returned
+        self.token: str | None = None
+        #: hellos and /v sent since the server last answered or let us in
+        self.hellos = 0
+        self.validations = 0
+        #: when the next /v may go
+        self.next_validation = -math.inf
+        self.joined_at: float | None = None
         self._hello: IDelayedCall | None = None
+        self._validate: IDelayedCall | None = None
         self._pump: IDelayedCall | None = None
         self._ping: IDelayedCall | None = None
         self._end: IDelayedCall | None = None
         self._waiting: IDelayedCall | None = None
 
+    def backoff(self, attempts: int) -> float:
+        """
+        Seconds to wait after the C{attempts}-th try: 1, 2, 4 ... up to
+        L{backoff_max}, each scaled by a random factor from 0.5 to 1.
+        """
+        if attempts <= 0:
+            return 0.0
+        step = min(self.backoff_max, 2.0 ** (attempts - 1))
+        return step * (0.5 + 0.5 * self.random())
+
     # --- out -------------------------------------------------------------
 
-    def send(self, line: str) -> None:
+    def _transmit(self, line: str) -> None:
         self.last_sent = self.clock.seconds()
         self.send_datagram((line + "\n").encode("utf-8"))
+
+    def _control(self, kind: str, line: str) -> None:
+        """Send one of the client's own messages, replacing one not yet sent."""
+        self.control[kind] = line
+        self._schedule()
 
     def start(self) -> None:
         self._say_hello()
@@ -121,21 +167,34 @@ class ChatClient:
         self._waiting = self.clock.callLater(self.timeout, self._no_server)
 
     def _say_hello(self) -> None:
-        # Ask for the welcome (and its cookie) until it comes.
+        # Ask for the welcome (and its cookie) until an answer comes.
         if self.finished or self.joined:
             return
-        self.send_datagram(HELLO.encode())
-        self.last_sent = self.clock.seconds()
-        self._hello = self.clock.callLater(1.0, self._say_hello)
+        self._control("join", HELLO[:-1])
+        self.hellos += 1
+        self._hello = self.clock.callLater(self.backoff(self.hellos), self._say_hello)
+
+    def _validate_now(self) -> None:
+        # Return the newest cookie; if nothing comes back, hello again.
+        if self.finished or self.joined or self.token is None:
+            return
+        self._control("join", "/v " + self.token)
+        self.token = None
+        self.validations += 1
+        now = self.clock.seconds()
+        self.next_validation = now + self.backoff(self.validations)
+        self._cancel(self._hello)
+        self._hello = self.clock.callLater(
+            max(1.0, self.next_validation - now), self._say_hello
+        )
 
     def _keepalive(self) -> None:
         if self.finished:
             return
         if self.clock.seconds() - self.last_sent >= self.keepalive * 0.9:
             if self.joined:
-                self.auto_pings += 1
-                self.send("/ping")
-            else:
+                self._control("ping", "/ping")
+            elif not (self._active(self._hello) or self._active(self._validate)):
                 self._say_hello()
         self._ping = self.clock.callLater(self.keepalive, self._keepalive)
 
@@ -163,8 +222,7 @@ class ChatClient:
         token = _TOKEN.match(line)
         if token is not None:
             # A welcome: first contact, or the server forgot us (restart).
-            self.joined = False
-            self.send("/v " + token.group(1))
+            self._prompted(token.group(1))
             return
         match = _WELCOMED.match(line)
         if match is not None:
@@ -172,7 +230,7 @@ class ChatClient:
             return
         match = _YOU_ARE.match(line)
         if match is not None and not self.joined:
-            self.joined = self.ever_joined = True
+            self._member()
             self._schedule()
             return
         match = _NICK.match(line)
@@ -184,19 +242,49 @@ class ChatClient:
             self.room = match.group(1)
             return
         if _DROPPED.match(line):
-            self.joined = False
-            self._say_hello()
+            if self.joined:
+                self._lost()
+                if not self._active(self._hello):
+                    self._say_hello()
         elif line == "*** bye" and self.quitting:
             self.finish(0)
 
-    def _welcomed(self) -> None:
+    def _lost(self) -> None:
+        """The server no longer counts us as a member."""
+        joined_at = self.joined_at
+        if joined_at is not None and self.clock.seconds() - joined_at >= self.stable:
+            self.hellos = self.validations = 0  # it lasted: start afresh
+            self.next_validation = -math.inf
+        self.joined = False
+        self.joined_at = None
+
+    def _prompted(self, token: str) -> None:
+        if self.joined:
+            self._lost()
+        self.token = token
+        self.hellos = 0
+        self._cancel(self._hello)
+        if self._active(self._validate):
+            return  # it will return this newer cookie
+        wait = max(0.0, self.next_validation - self.clock.seconds())
+        self._validate = self.clock.callLater(wait, self._validate_now)
+
+    def _member(self) -> None:
         self.joined = self.ever_joined = True
-        if self._hello is not None and self._hello.active():
-            self._hello.cancel()
+        self.joined_at = self.clock.seconds()
+        self.token = None
+        self._cancel(self._hello)
+        self._cancel(self._validate)
+        self.control.pop("join", None)
+
+    def _welcomed(self) -> None:
+        if self.joined:
+            return  # not an answer to anything we sent
+        self._member()
         if self.nick:
-            self.send("/nick " + self.nick)
+            self.control["nick"] = "/nick " + self.nick
         if self.room:
-            self.send("/join " + self.room)
+            self.control["room"] = "/join " + self.room
         self._schedule()
 
     def _stamp(self) -> str:
@@ -219,25 +307,39 @@ class ChatClient:
         self._schedule()
 
     def _schedule(self) -> None:
-        if self._pump is None or not self._pump.active():
+        if not self._active(self._pump):
             self._pump = self.clock.callLater(0, self._drain)
 
+    def _next(self) -> tuple[str, str] | None:
+        """The next message to send (its kind, or "" for a typed line)."""
+        for kind in self._CONTROL:
+            if kind in self.control and (kind == "join" or self.joined):
+                return kind, self.control[kind]
+        if self.joined and self.queue and not self.quitting:
+            return "", self.queue[0]
+        return None
+
     def _drain(self) -> None:
-        # Send what is queued, paced under the server's rate limit.
-        while self.joined and self.queue and not self.quitting:
-            now = self.clock.seconds()
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-            if self.tokens < 1.0:
-                wait = (1.0 - self.tokens) / self.rate
-                self._pump = self.clock.callLater(wait, self._drain)
-                return
-            self.tokens -= 1.0
-            line = self.queue.popleft()
-            if line.split(" ", 1)[0].lower() == "/quit":
+        # Everything goes out at the pace of one token bucket.
+        while not self.finished:
+            message = self._next()
+            if message is None:
+                break
+            kind, line = message
+            if kind == "" and line.split(" ", 1)[0].lower() == "/quit":
+                self.queue.popleft()
                 self.quit()
+                continue
+            if not self.pace.take():
+                self._pump = self.clock.callLater(1.0 / self.rate, self._drain)
                 return
-            self.send(line)
+            if kind:
+                del self.control[kind]
+                if kind == "ping":
+                    self.auto_pings += 1
+            else:
+                self.queue.popleft()
+            self._transmit(line)
         if self.eof and not self.queue and self.joined and self._end is None:
             self._end = self.clock.callLater(self.linger, self.quit)
 
@@ -247,19 +349,42 @@ class ChatClient:
             return
         self.quitting = True
         if self.joined:
-            self.send("/quit")
+            self._control("quit", "/quit")
+            self._cancel(self._end)
             self._end = self.clock.callLater(self.linger, self.finish, 0)
         else:
             self.finish(0 if self.heard else 1)
+
+    def farewell(self) -> None:
+        """Stopping (Ctrl-C, SIGTERM): say /quit now, if the pace allows."""
+        if not self.finished and self.joined and not self.quitting:
+            self.quitting = True
+            if self.pace.take():
+                self._transmit("/quit")
 
     def finish(self, status: int) -> None:
         if self.finished:
             return
         self.finished = True
-        for call in (self._hello, self._pump, self._ping, self._end, self._waiting):
-            if call is not None and call.active():
-                call.cancel()
+        for call in (
+            self._hello,
+            self._validate,
+            self._pump,
+            self._ping,
+            self._end,
+            self._waiting,
+        ):
+            self._cancel(call)
         self.done(status)
+
+    @staticmethod
+    def _active(call: IDelayedCall | None) -> bool:
+        return call is not None and call.active()
+
+    @staticmethod
+    def _cancel(call: IDelayedCall | None) -> None:
+        if call is not None and call.active():
+            call.cancel()
 
 
 class _Datagrams(DatagramProtocol):
@@ -312,7 +437,20 @@ class _Keyboard(LineReceiver):
             self.client.input_ended()
 
 
+#: the pace, for --help and docs/protocol-chat.md
+PACE = (
+    "Pace: whatever the server sends, the client sends at most RATE datagrams "
+    "a second (--rate, default 4) in bursts of at most BURST, twice RATE (at "
+    "least 1): typed lines, pings and joins together, so at most BURST + RATE "
+    "x T datagrams in any T seconds.  A join prompt that comes again and again is "
+    "answered after about 1, 2, 4 ... seconds (each between half and all of "
+    "that, at most 60), and so is a hello that gets no answer; a join after a "
+    "membership of 10 seconds or more starts again without waiting."
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = PACE
     parser.add_argument("address", metavar="HOST[:PORT]", help="default port 8001")
     parser.add_argument("--nick", help="nickname to take once joined")
     parser.add_argument("--room", help="room to join instead of the default")
@@ -326,7 +464,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate",
         type=float,
         default=4.0,
-        help="lines per second sent at most (default 4)",
+        help="datagrams per second sent at most, everything counted (default 4)",
     )
     parser.add_argument(
         "--linger",
@@ -343,6 +481,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-timestamps", action="store_true", help="do not prefix lines with time"
     )
+
+
+def burst_for(rate: float) -> int:
+    """The burst that goes with C{rate} (see L{PACE})."""
+    return max(1, int(rate * 2))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -389,7 +532,7 @@ def run(args: argparse.Namespace) -> int:
         room=args.room,
         keepalive=args.keepalive,
         rate=args.rate,
-        burst=max(1, int(args.rate * 2)),
+        burst=burst_for(args.rate),
         linger=args.linger,
         timeout=args.timeout,
         timestamps=not args.no_timestamps,
@@ -401,12 +544,7 @@ def run(args: argparse.Namespace) -> int:
     )
     screen.append(stdio.StandardIO(_Keyboard(client)))
 
-    def farewell() -> None:
-        # Ctrl-C or SIGTERM: leave politely.
-        if not client.finished and client.joined and not client.quitting:
-            client.send("/quit")
-
-    reactor.addSystemEventTrigger("before", "shutdown", farewell)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", client.farewell)  # type: ignore[attr-defined]
     client.start()
     reactor.run()  # type: ignore[attr-defined]
     return status[0] if status else 1

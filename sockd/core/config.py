@@ -355,6 +355,7 @@ class ChatSettings:
     history: int = 20
     max_message: int = 1024
     max_members: int = 10000
+    max_members_per_ip: int = 32
     max_rooms: int = 1000
     max_room_members: int = 1000
     nick_max_length: int = 16
@@ -450,6 +451,7 @@ SCHEMA: dict[str, dict[str, Parser]] = {
         "history": integer(0, 1000),
         "max_message": size(16, 65507),
         "max_members": integer(1, 1_000_000),
+        "max_members_per_ip": integer(1, 1_000_000),
         "max_rooms": integer(1, 1_000_000),
         "max_room_members": integer(1, 1_000_000),
         "nick_max_length": integer(2, 64),

@@ -39,6 +39,7 @@ HELP = {
     "chat_relayed_total": "chat datagrams relayed to members",
     "chat_joined_total": "chat members joined",
     "chat_timed_out_total": "chat members dropped for silence",
+    "chat_refused_total": "chat joins refused, by reason (total, per_ip)",
     "chat_redis_connected": "1 while this chat node is connected to Redis",
     "chat_remote_members": "chat members on other nodes, as last seen",
     "chat_redis_published_total": "chat events published to Redis",

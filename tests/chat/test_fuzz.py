@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+import unicodedata
+from collections import Counter
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -27,12 +29,15 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sockd.chat.state import AMPLIFICATION, ChatProtocol, ChatState
 from sockd.core.config import ChatSettings
+from sockd.core.limits import peer_key
 from tests.helpers import FakeDatagramTransport
 from tests.helpers import settings as parse_settings
 
 MAX_MESSAGE = 64
 #: clients that read what they get, so they can return the cookie
 HONEST = [("127.0.0.1", 40001 + i) for i in range(5)]
+#: one more host, written both ways: it counts as one client address
+HONEST += [("127.0.0.6", 40010), ("::ffff:127.0.0.6", 40011)]
 #: sources that never see their replies: spoofed, or small services
 SPOOFED = [("127.0.0.2", 50001), ("127.0.0.3", 50002), ("127.0.0.4", 7)]
 SPOOFED += [("127.0.0.4", 0), ("127.0.0.5", 53)]
@@ -46,12 +51,32 @@ STRANGER_REPLY = re.compile(
     r"|/v [a-z2-7]{8}"
     r"|error: message longer than \d+ bytes"
     r"|error: message is not valid UTF-8"
-    r"|error: the chat is full; try later)\n"
+    r"|error: the chat is full; try later"
+    r"|error: too many members from your address( \(at most \d+\); try later)?)\n"
 )
-#: C0 but newline, DEL, C1, bidi embeddings, overrides and isolates
-UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-#: the same, newline included, for log lines
-UNSAFE_LOG = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+#: characters that render as nothing although they are not format
+#: characters (the rule in docs/protocol-chat.md, "Terminal safety")
+BLANK = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0")
+
+
+def unsafe(text: str, newline: bool = False) -> str | None:
+    """
+    The first character of C{text} that must not reach a terminal: a
+    control (but newline, unless C{newline}), a format character (but the
+    zero-width joiner and non-joiner), a line or paragraph separator, or a
+    blank filler.
+    """
+    for c in text:
+        if c.isascii() and c.isprintable():
+            continue
+        if c == "\n" and not newline:
+            continue
+        if c in "\u200c\u200d":
+            continue
+        if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") or c in BLANK:
+            return c
+    return None
+
 
 CONFIGS = [
     # small caps, so the limits are reached within a few steps
@@ -61,6 +86,8 @@ CONFIGS = [
     {"total_output_rate": "5", "max_room_members": "3", "burst": "3"},
     # trusted networks: every address joins at once
     {"validation": "false", "max_members": "3", "nick_max_length": "4"},
+    # two members per host: the ports of 127.0.0.1 compete
+    {"max_members_per_ip": "2", "rate": "1000", "burst": "1000"},
 ]
 
 BASE = {"max_message": str(MAX_MESSAGE), "idle_timeout": "30"}
@@ -74,6 +101,8 @@ NASTY = st.sampled_from(
     [
         *("\x1b[2J", "\u202e", "\u2066", "\u2069", "\x9b", "\r", "\x00", "\x7f"),
         *("\t", "\u200f", "\r\n", "\n", "\x85", "\ufeff", "\U0001f600", "\u0390"),
+        *("\u2028", "\u2029", "\u200b", "\u200e", "\u061c", "\u2060", "\u180e"),
+        *("\u3164", "\u115f", "\uffa0", "\u00ad", "\U000e0041", "\u200d", "\ufe0f"),
     ]
 )
 TEXT = st.lists(st.one_of(st.text(max_size=12), NASTY), max_size=4).map("".join)
@@ -161,7 +190,7 @@ class ChatMachine(RuleBasedStateMachine):
         if "log_failure" in event:
             self.problems.append(f"failure logged: {event['log_failure']}")
         text = formatEvent(event)
-        if UNSAFE_LOG.search(text):
+        if unsafe(text, newline=True):
             self.problems.append(f"unsafe log line: {text!r}")
 
     @initialize(config=st.sampled_from(CONFIGS))
@@ -179,7 +208,13 @@ class ChatMachine(RuleBasedStateMachine):
         """Remember what was in force: members and rooms may outlive a
         reload that lowers a cap, and a former default room its members."""
         self.settings = chat
-        for key in ("max_members", "max_rooms", "max_room_members", "nick_max_length"):
+        for key in (
+            "max_members",
+            "max_members_per_ip",
+            "max_rooms",
+            "max_room_members",
+            "nick_max_length",
+        ):
             self.caps[key] = max(self.caps.get(key, 0), getattr(chat, key))
         self.defaults.add(chat.default_room.lower())
         self.trusting = self.trusting or not chat.validation
@@ -275,6 +310,10 @@ class ChatMachine(RuleBasedStateMachine):
             return
         self.validated.update(state.members)
         assert len(state.members) <= self.caps["max_members"]
+        # Members per client address: counted right, and within the cap.
+        hosts = Counter(peer_key(addr[0]) for addr in state.members)
+        assert state.peers == hosts, (state.peers, hosts)
+        assert max(hosts.values(), default=0) <= self.caps["max_members_per_ip"]
         assert len(state.rooms) <= self.caps["max_rooms"]
         # Nicknames: one table entry per member, unique ignoring case.
         assert len(state.nicks) == len(state.members)
@@ -319,7 +358,7 @@ class ChatMachine(RuleBasedStateMachine):
             text = data.decode("utf-8")  # raises if not valid UTF-8
             assert text.endswith("\n"), data
             assert "\r" not in text, data
-            assert UNSAFE.search(text) is None, data
+            assert unsafe(text) is None, data
             assert len(data) <= 1500, len(data)
             if member:
                 self.validated.add(addr)
@@ -381,7 +420,7 @@ class DatagramFuzzTests(SynchronousTestCase):
             protocol.datagramReceived(data, addr)
         for data, _ in transport.written:
             text = data.decode("utf-8")
-            self.assertIsNone(UNSAFE.search(text), data)
+            self.assertIsNone(unsafe(text), data)
             self.assertNotIn("\r", text)
         if validation:
             for addr, count in received.items():

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.chat.state import AMPLIFICATION, EPOCH, ChatState, clean, listing
+from sockd.chat.state import AMPLIFICATION, EPOCH, ChatState, FairShare, clean, listing
+from sockd.core.limits import TokenBucket
 from tests.helpers import settings
 
 A = ("127.0.0.1", 40001)
 B = ("127.0.0.1", 40002)
 C = ("127.0.0.1", 40003)
+#: members on other hosts
+B2 = ("127.0.0.2", 40002)
+C3 = ("127.0.0.3", 40003)
 TOKEN = re.compile(r"/v ([a-z2-7]{8})\b")
 
 
@@ -442,21 +447,23 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(out.to(B)[-1], "<alice> later\n")
 
     def three_on_a_small_budget(self) -> tuple[ChatState, Recorder, Clock]:
-        """alice, bob and carol in one room; 5 datagrams/s for everyone."""
+        """alice, bob and carol (three hosts) in one room; 5 datagrams/s."""
         state, out, clock = make(total_output_rate="5", max_room_members="3")
         clock.advance(100)
-        for addr, nick in ((A, "alice"), (B, "bob"), (C, "carol")):
+        for addr, nick in ((A, "alice"), (B2, "bob"), (C3, "carol")):
             join(state, out, addr, nick)
             clock.advance(100)
         out.sent.clear()
         return state, out, clock
 
     def test_global_output_budget(self) -> None:
+        # Each within its share: the budget itself runs out.
         state, out, clock = self.three_on_a_small_budget()
         for i in range(10):
-            say(state, out, A, f"m{i}\n")
-        delivered = [line for line in out.to(B) if line.startswith("<")]
-        self.assertLess(len(delivered), 10)
+            for addr in (A, B2, C3):
+                say(state, out, addr, f"m{i}\n")
+        delivered = [line for line in out.to(B2) if line.startswith("<")]
+        self.assertLess(len(delivered), 20)
         self.assertGreater(state.stats["output_dropped"], 0)
 
     def test_over_budget_is_told_for_text_and_actions(self) -> None:
@@ -467,7 +474,7 @@ class LimitTests(SynchronousTestCase):
             state.output.tokens, state.output.stamp = 1.0, clock.seconds()
             say(state, out, A, text)
         self.assertEqual(out.to(A), [busy, busy])
-        self.assertEqual(out.to(B), [])
+        self.assertEqual(out.to(B2), [])
 
     def test_flooder_does_not_stop_others(self) -> None:
         state, out, clock = make(rate="5", burst="5")
@@ -480,6 +487,256 @@ class LimitTests(SynchronousTestCase):
             say(state, out, C, f"flood {i}\n")
         say(state, out, A, "still here\n")
         self.assertIn("<alice> still here\n", out.to(B))
+
+
+def ports(host: str, count: int, first: int = 20000) -> list[tuple[str, int]]:
+    return [(host, first + i) for i in range(count)]
+
+
+def try_join(state: ChatState, out: Recorder, addr: Any) -> list[str]:
+    """Say hello and return the cookie if one comes; what C{addr} was told."""
+    out.take(addr)
+    say(state, out, addr, "hello, is anyone there?\n")
+    told = out.take(addr)
+    token = TOKEN.search(told[0]) if told else None
+    if token is not None:
+        say(state, out, addr, f"/v {token.group(1)}\n")
+        told += out.take(addr)
+    return told
+
+
+class PerAddressTests(SynchronousTestCase):
+    """One host (many ports, or many addresses of one IPv6 /64) is one client."""
+
+    def test_one_address_many_ports_cannot_exceed_its_cap(self) -> None:
+        state, out, clock = make(max_members_per_ip="4", rate="1000", burst="1000")
+        for addr in ports("127.0.0.2", 50):
+            try_join(state, out, addr)
+            clock.advance(0.01)
+        self.assertEqual(len(state.members), 4)
+        self.assertEqual(state.peers, {"127.0.0.2": 4})
+        told = try_join(state, out, ("127.0.0.2", 30000))
+        self.assertEqual(
+            told,
+            ["*** error: too many members from your address (at most 4); try later\n"],
+        )
+        self.assertEqual(state.stats["refused_per_ip"], 47)
+
+    def test_newcomer_from_another_address_joins(self) -> None:
+        # The finding: one IP's ports filled max_members; here it stops at
+        # its own cap, well below it.
+        state, out, clock = make(
+            max_members="10", max_members_per_ip="4", rate="1000", burst="1000"
+        )
+        for addr in ports("127.0.0.2", 20):
+            try_join(state, out, addr)
+        told = try_join(state, out, ("127.0.0.3", 40000))
+        self.assertIn(("127.0.0.3", 40000), state.members, told)
+        self.assertTrue(told[1].startswith("*** welcome, you are guest-"))
+
+    def test_cookie_returned_after_the_cap_is_reached_is_refused(self) -> None:
+        state, out, _ = make(max_members_per_ip="1")
+        late = ("127.0.0.2", 20001)
+        say(state, out, late, "hello, is anyone there?\n")
+        token = TOKEN.search(out.take(late)[0])
+        assert token is not None
+        join(state, out, ("127.0.0.2", 20000))
+        say(state, out, late, f"/v {token.group(1)}\n")
+        self.assertNotIn(late, state.members)
+        self.assertEqual(
+            out.take(late),
+            ["*** error: too many members from your address (at most 1); try later\n"],
+        )
+
+    def test_validation_off_counts_too(self) -> None:
+        state, out, _ = make(validation="false", max_members_per_ip="2")
+        for addr in ports("127.0.0.2", 5):
+            say(state, out, addr, "hello, is anyone\n")  # credit: the short one
+        self.assertEqual(len(state.members), 2)
+        self.assertEqual(
+            out.to(("127.0.0.2", 20004)),
+            ["*** error: too many members from your address\n"],
+        )
+
+    def test_ipv6_counts_per_64_and_mapped_ipv4_as_ipv4(self) -> None:
+        state, out, _ = make(max_members_per_ip="2")
+        one_64 = [("2001:db8::1", 1000), ("2001:db8::2", 1000)]
+        one_64 += [("2001:db8::ffff:1:2", 1000)]
+        for addr in one_64:
+            try_join(state, out, addr)
+        self.assertEqual(set(state.members), set(one_64[:2]))
+        try_join(state, out, ("2001:db8:0:1::1", 1000))  # the next /64
+        self.assertIn(("2001:db8:0:1::1", 1000), state.members)
+        try_join(state, out, ("127.0.0.5", 1000))
+        try_join(state, out, ("::ffff:127.0.0.5", 1001))
+        told = try_join(state, out, ("::ffff:127.0.0.5", 1002))
+        self.assertIn("too many members from your address", told[0])
+        self.assertEqual(
+            state.peers, {"2001:db8::/64": 2, "2001:db8:0:1::/64": 1, "127.0.0.5": 2}
+        )
+
+    def test_leaving_gives_the_place_back(self) -> None:
+        state, out, clock = make(max_members_per_ip="2", idle_timeout="10")
+        first, second, third = ports("127.0.0.2", 3)
+        join(state, out, first)
+        join(state, out, second)
+        self.assertNotIn(third, state.members)
+        try_join(state, out, third)
+        self.assertNotIn(third, state.members)
+        say(state, out, first, "/quit\n")
+        try_join(state, out, third)
+        self.assertIn(third, state.members)
+        clock.advance(11)
+        state.expire()
+        self.assertEqual(state.peers, {})
+
+    def test_reload_applies_the_new_cap(self) -> None:
+        state, out, _ = make(max_members_per_ip="2")
+        host = ports("127.0.0.2", 5)
+        for addr in host:
+            try_join(state, out, addr)
+        self.assertEqual(len(state.members), 2)
+        state.reconfigure(
+            settings(chat={"max_members_per_ip": "3"}).chat, state.max_message
+        )
+        for addr in host:
+            try_join(state, out, addr)
+        self.assertEqual(len(state.members), 3)
+        # Lowered: the members stay; nobody else from there gets in.
+        state.reconfigure(
+            settings(chat={"max_members_per_ip": "1"}).chat, state.max_message
+        )
+        say(state, out, host[0], "/quit\n")
+        told = try_join(state, out, host[0])
+        self.assertEqual(
+            told,
+            ["*** error: too many members from your address (at most 1); try later\n"],
+        )
+        self.assertEqual(len(state.members), 2)
+
+    def test_pending_table_bounded_per_address(self) -> None:
+        # A first datagram too short for any welcome is remembered so that
+        # its credit adds up; one host's ports must not push it out.
+        state, out, _ = make(rate="1000", burst="1000")
+        state.max_pending, state.max_pending_per_ip = 16, 4
+        shy = ("127.0.0.3", 40000)
+        say(state, out, shy, "hi\n")
+        self.assertEqual(out.to(shy), [])
+        for addr in ports("127.0.0.2", 100):
+            say(state, out, addr, "hello, is anyone there?\n")
+        self.assertEqual(len(state.pending_peers["127.0.0.2"]), 4)
+        self.assertLessEqual(len(state.pending), 5)
+        say(state, out, shy, "hi\n")  # 6 bytes in all: the shortest welcome
+        (welcome,) = out.to(shy)
+        self.assertRegex(welcome, TOKEN)
+
+    def test_handshake_budget_not_taken_by_one_host(self) -> None:
+        state, out, clock = make(rate="1", burst="1", max_members_per_ip="4")
+        state.strangers.total = TokenBucket(10, 10, clock)  # replies/s, in all
+        for addr in ports("127.0.0.2", 50):
+            say(state, out, addr, "hello, is anyone there?\n")
+        answered = {a for _, a in out.sent}
+        self.assertEqual(len(answered), 4)  # its members' worth of bursts
+        newcomer = ("127.0.0.3", 40000)
+        say(state, out, newcomer, "hello, is anyone there?\n")
+        (welcome,) = out.to(newcomer)
+        self.assertRegex(welcome, TOKEN)
+
+
+class FairShareTests(SynchronousTestCase):
+    """The output budget between client addresses."""
+
+    def make(self, rate: float = 100.0, floor: float = 10.0) -> FairShare:
+        clock = Clock()
+        return FairShare(TokenBucket(rate, rate, clock), floor, clock)
+
+    def test_a_lone_address_may_use_the_whole_budget(self) -> None:
+        share = self.make()
+        clock = share.clock
+        assert isinstance(clock, Clock)
+        granted = 0
+        for _ in range(1000):  # 10 s asking for 10/step, 100 steps a second
+            if share.take("a", 10) is None:
+                granted += 10
+            clock.advance(0.01)
+        self.assertGreaterEqual(granted, 100 * 10 * 0.9)
+
+    def test_a_newcomer_finds_room_after_a_hog_drained_what_it_could(self) -> None:
+        share = self.make()
+        clock = share.clock
+        assert isinstance(clock, Clock)
+        while share.take("hog", 1) is None:
+            pass
+        # The hog emptied its own share and the spare, not the reserve.
+        self.assertEqual(share.take("new", 10), None)
+        self.assertEqual(share.take("hog", 1), "share")
+
+    def test_each_sender_gets_its_share_under_pressure(self) -> None:
+        share = self.make(rate=300.0)
+        clock = share.clock
+        assert isinstance(clock, Clock)
+        granted = {"hog": 0, "a": 0, "b": 0}
+        for step in range(1000):  # 10 s
+            for _ in range(50):  # the hog asks for everything, all the time
+                if share.take("hog", 1) is None:
+                    granted["hog"] += 1
+            if step % 10 == 0:  # a and b want 10 a second each
+                for peer in ("a", "b"):
+                    if share.take(peer, 1) is None:
+                        granted[peer] += 1
+            clock.advance(0.01)
+        self.assertEqual(granted["a"], 100)
+        self.assertEqual(granted["b"], 100)
+        # What a and b leave goes to the hog: nothing is wasted.
+        self.assertGreaterEqual(sum(granted.values()), 300 * 10 * 0.9)
+
+    def test_no_address_and_the_total(self) -> None:
+        share = self.make(rate=10.0)
+        self.assertIsNone(share.take(None, 10))
+        self.assertEqual(share.take(None, 1), "total")
+        self.assertEqual(share.take("a", 1), "total")
+        self.assertEqual(share.buckets["a"].tokens, 10.0)  # not charged
+
+
+class FloodTests(SynchronousTestCase):
+    def test_flood_from_one_host_leaves_another_its_messages(self) -> None:
+        # The finding, scaled down: 60 members of one host each say 5 lines
+        # a second (their own rate) in the room, 60 x 5 x 61 datagrams/s
+        # wanted against 1000/s; a member on another host says 30 lines,
+        # 2 a second, and a third host's member should get them.
+        state, out, clock = make(
+            total_output_rate="1000",
+            max_members_per_ip="60",
+            rate="5",
+            burst="10",
+            idle_timeout="600",
+        )
+        flood = ports("127.0.0.2", 60)
+        for addr in flood:
+            join(state, out, addr)
+        legit, watcher = ("127.0.0.3", 40000), ("127.0.0.4", 40000)
+        join(state, out, legit, "legit")
+        join(state, out, watcher, "watcher")
+        clock.advance(10)
+        out.sent.clear()
+        said = 0
+        for step in range(75):  # 15 s, a step every 0.2 s
+            for n, addr in enumerate(flood):
+                say(state, out, addr, f"flood {step} {n}\n")
+            if step % 5 in (2, 4) and said < 30:
+                say(state, out, legit, f"legit {said}\n")
+                said += 1
+            clock.advance(0.2)
+        got = [line for line in out.to(watcher) if line.startswith("<legit> ")]
+        self.assertEqual(len(got), 30)
+        self.assertEqual(
+            [line for line in out.to(legit) if line.startswith("*** error")], []
+        )
+        flooded = [line for line in out.to(watcher) if line.startswith("<guest-")]
+        self.assertGreater(len(flooded), 0)
+        self.assertGreater(state.stats["address_share"], 0)
+        # The budget held: at most its rate and burst in 15 s.
+        self.assertLessEqual(len(out.sent), 1000 * 15 + 1000)
 
 
 class CleanTests(SynchronousTestCase):
@@ -503,8 +760,42 @@ class CleanTests(SynchronousTestCase):
             )
             self.assertIn("\ufffd", cleaned)
 
+    def test_invisible_and_direction_marks_replaced(self) -> None:
+        for mark in [
+            *("\u2028", "\u2029", "\u200e", "\u200f", "\u061c", "\u200b"),
+            *("\ufeff", "\u2060", "\u2061", "\u2064", "\u180e", "\u00ad"),
+            *("\u115f", "\u1160", "\u3164", "\uffa0", "\u034f", "\U000e0041"),
+        ]:
+            self.assertEqual(clean(f"a{mark}b"), "a\ufffdb", repr(mark))
+            self.assertEqual(clean(f"\u00e9{mark}"), "\u00e9\ufffd", repr(mark))
+
+    def test_every_format_and_separator_character_replaced(self) -> None:
+        # Decided by category, for whatever this Python's Unicode knows.
+        kept = {0x200C, 0x200D}  # joiners: emoji sequences, Indic, Persian
+        for code in range(0x110000):
+            c = chr(code)
+            if code in kept or unicodedata.category(c) not in ("Cf", "Zl", "Zp"):
+                continue
+            self.assertEqual(clean("x" + c), "x\ufffd", hex(code))
+
+    def test_a_line_cannot_pass_for_two(self) -> None:
+        state, out, _ = make()
+        join(state, out, A, "alice")
+        join(state, out, B, "bob")
+        say(state, out, A, "ok\u2028<bob> \u200fI owe alice 100\u2029\n")
+        self.assertEqual(
+            out.to(B), ["<alice> ok\ufffd<bob> \ufffdI owe alice 100\ufffd\n"]
+        )
+
     def test_text_kept(self) -> None:
         for text in ["plain", "caf\u00e9 \u65e5\u672c \U0001f600", "a\nb", "x\u200dy"]:
+            self.assertEqual(clean(text), text)
+        # Joiners and variation selectors: emoji sequences stay whole.
+        for text in [
+            "\U0001f469\u200d\U0001f4bb",
+            "\u2764\ufe0f",
+            "\u0645\u200c\u06cc",
+        ]:
             self.assertEqual(clean(text), text)
         self.assertEqual(clean("a\r\nb\r\n"), "a\nb\n")
         self.assertEqual(clean("tab\there"), "tab here")

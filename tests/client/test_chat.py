@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+from random import Random
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -28,6 +30,8 @@ class Wire:
         self.others: list[tuple[bytes, Any]] = []
         self.status: list[int] = []
         self.from_client: list[bytes] = []
+        #: when each of them was sent
+        self.times: list[float] = []
 
     def restart(self) -> None:
         """A new server process: new key, nobody known."""
@@ -44,6 +48,7 @@ class Wire:
     # the client's send
     def to_server(self, data: bytes) -> None:
         self.from_client.append(data)
+        self.times.append(self.clock.seconds())
         if self.up:
             self.state.receive(self, ME, len(data), clean(data.decode()))
 
@@ -61,6 +66,16 @@ class Wire:
             **kwargs,
         )
         return self.client
+
+
+def assert_paced(
+    case: SynchronousTestCase, times: list[float], rate: float, burst: int
+) -> None:
+    """No stretch of time holds more datagrams than the pace allows."""
+    for i, start in enumerate(times):
+        for j in range(i, len(times)):
+            allowed = burst + rate * (times[j] - start) + 1e-9
+            case.assertLessEqual(j - i + 1, allowed, (times[i : j + 1]))
 
 
 class ClientTests(SynchronousTestCase):
@@ -99,13 +114,13 @@ class ClientTests(SynchronousTestCase):
         self.wire.up = True
         self.clock.advance(1.0)  # the hello is sent again
         self.assertTrue(client.joined)
-        sent = [d for d in self.wire.from_client if d.startswith(b"line")]
-        self.assertEqual(len(sent), 2)
-        self.clock.pump([0.5] * 4)
+        self.clock.pump([0.5] * 6)
         sent = [d for d in self.wire.from_client if d.startswith(b"line")]
         self.assertEqual(sent, [f"line {i}\n".encode() for i in range(6)])
+        # Hellos, /v and lines share one pace: 2 a second, bursts of 2.
+        assert_paced(self, self.wire.times, rate=2.0, burst=2)
         # a moment after the end of input: /quit, then exit 0
-        self.clock.advance(1.0)
+        self.clock.advance(1.5)
         self.assertEqual(self.wire.from_client[-1], b"/quit\n")
         self.assertEqual(self.wire.status, [0])
         self.assertEqual(self.wire.state.members, {})
@@ -167,7 +182,8 @@ class ClientTests(SynchronousTestCase):
         client.input_ended()
         self.clock.pump([1.0] * 6)
         self.assertEqual(self.wire.status, [1])
-        self.assertGreater(len(self.wire.from_client), 3)
+        # Hellos at 0, then after 0.5-1 s and 1-2 s more: less and less often.
+        self.assertEqual(self.wire.from_client, [HELLO.encode()] * 3)
 
     def test_topic_cannot_fake_a_welcome(self) -> None:
         client = self.wire.make_client()
@@ -195,6 +211,149 @@ class ClientTests(SynchronousTestCase):
         self.assertRegex(self.wire.screen[0], r"^\d\d:\d\d:\d\d <x> hi$")
 
 
+class Hostile:
+    """
+    A server that answers every datagram with C{reply(n)} (n counts the
+    datagrams), on the next turn, as a socket would.
+    """
+
+    def __init__(self, clock: Clock, reply: Any) -> None:
+        self.clock = clock
+        self.reply = reply
+        self.times: list[float] = []
+        self.sent: list[bytes] = []
+
+    def to_server(self, data: bytes) -> None:
+        self.times.append(self.clock.seconds())
+        self.sent.append(data)
+        for line in self.reply(len(self.sent)):
+            self.clock.callLater(0, self.client.received, line)
+
+    def make_client(self, **kwargs: Any) -> ChatClient:
+        kwargs.setdefault("timeout", 1000.0)
+        self.client = ChatClient(
+            self.to_server,
+            lambda line: None,
+            self.clock,
+            lambda status: None,
+            timestamps=False,
+            **kwargs,
+        )
+        return self.client
+
+    def run(self, seconds: float) -> None:
+        """Run every timer due within C{seconds}, each at its exact time."""
+        end = self.clock.seconds() + seconds
+        self.clock.advance(0)
+        while True:
+            due = [call.getTime() for call in self.clock.getDelayedCalls()]
+            if not due or min(due) > end:
+                break
+            self.clock.advance(min(due) - self.clock.seconds())
+        self.clock.advance(end - self.clock.seconds())
+
+    def validations(self) -> list[float]:
+        sent = zip(self.times, self.sent, strict=True)
+        return [t for t, d in sent if d.startswith(b"/v ")]
+
+
+def prompt(n: int) -> list[bytes]:
+    return [f"*** to join, send: /v {'abcdefgh'[n % 8]}bcdefgh\n".encode()]
+
+
+class HostileServerTests(SynchronousTestCase):
+    """Whatever the server sends, the client keeps its pace."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+
+    def test_prompt_for_every_datagram(self) -> None:
+        # Seen: 72,608 datagrams in 3 s against such a server.
+        server = Hostile(self.clock, prompt)
+        server.make_client(nick="ann", room="dev", random=lambda: 0.0)
+        server.client.start()
+        server.run(60)
+        # The documented pace: bursts of 2 x 4, then 4 a second.
+        self.assertLessEqual(len(server.sent), 8 + 4 * 60)
+        assert_paced(self, server.times, rate=4.0, burst=8)
+        # And the backoff, far below it: one hello, then /v at once and
+        # after 0.5, 1, 2, 4, 8, 16 s (the shortest draws: half of 1, 2, 4...).
+        self.assertEqual(server.sent[0], HELLO.encode())
+        self.assertEqual(
+            [round(t - 1000, 6) for t in server.validations()],
+            [0.0, 0.5, 1.5, 3.5, 7.5, 15.5, 31.5],
+        )
+        self.assertEqual(len(server.sent), 8)
+
+    def test_backoff_grows_and_is_jittered(self) -> None:
+        def gaps(draw: Any) -> list[float]:
+            clock = Clock()
+            server = Hostile(clock, prompt)
+            server.make_client(random=draw)
+            server.client.start()
+            server.run(200)
+            times = server.validations()
+            return [round(b - a, 6) for a, b in pairwise(times)][:7]
+
+        shortest = gaps(lambda: 0.0)
+        longest = gaps(lambda: 1.0)
+        self.assertEqual(shortest, [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0])
+        self.assertEqual(longest, [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0])
+        drawn = gaps(Random(7).random)
+        for low, got, high in zip(shortest, drawn, longest, strict=True):
+            self.assertTrue(low <= got <= high, (low, got, high))
+        ratios = {round(g / s, 2) for g, s in zip(drawn, shortest, strict=True)}
+        self.assertGreater(len(ratios), 3)  # not one fixed factor
+
+    def test_welcome_then_prompt_for_every_datagram(self) -> None:
+        # A membership that breaks at once is no reason to start afresh.
+        def flapping(n: int) -> list[bytes]:
+            return [b"*** welcome, you are ann. /nick NAME\n", *prompt(n)]
+
+        server = Hostile(self.clock, flapping)
+        server.make_client(nick="ann", random=lambda: 0.0)
+        server.client.start()
+        server.run(60)
+        self.assertLessEqual(len(server.validations()), 7)
+        self.assertLessEqual(len(server.sent), 3 * 7)
+        assert_paced(self, server.times, rate=4.0, burst=8)
+
+    def test_unasked_prompts_and_welcomes(self) -> None:
+        # 1,000 welcomes and prompts a second, whatever the client sends.
+        server = Hostile(self.clock, lambda n: [])
+        client = server.make_client(nick="ann", random=lambda: 0.0)
+
+        def flood(i: int = 0) -> None:
+            for j in range(10):
+                client.received(b"*** welcome, you are guest-1. /nick NAME\n")
+                client.received(prompt(i + j)[0])
+            self.clock.callLater(0.01, flood, i + 10)
+
+        client.start()
+        flood()
+        server.run(60)
+        # Each membership the server grants costs a /v (backed off) and
+        # the /nick that goes with it; nothing else answers the flood.
+        validations = len(server.validations())
+        self.assertLessEqual(validations, 8)
+        self.assertLessEqual(len(server.sent), 1 + 2 * validations)
+        assert_paced(self, server.times, rate=4.0, burst=8)
+
+    def test_lasting_membership_rejoins_at_once(self) -> None:
+        wire = Wire(self.clock)
+        client = wire.make_client(nick="bob", random=lambda: 0.0)
+        client.start()
+        self.clock.advance(0)
+        for _ in range(3):  # server restarts, a while apart
+            self.clock.advance(client.stable)
+            wire.restart()
+            client.typed("/ping")
+            self.clock.advance(0)
+            self.assertIn(ME, wire.state.members)
+            self.assertEqual(wire.state.members[ME].nick, "bob")
+
+
 class CommandLineTests(SynchronousTestCase):
     def test_subcommand_listed(self) -> None:
         self.assertIn("chat", main.SUBCOMMANDS)
@@ -204,6 +363,10 @@ class CommandLineTests(SynchronousTestCase):
         self.assertEqual(
             (args.nick, args.room, args.address), ("ann", "dev", "localhost:8001")
         )
+
+    def test_help_states_the_pace(self) -> None:
+        text = main.parser()._subparsers._group_actions[0].choices["chat"].format_help()
+        self.assertIn("at most RATE datagrams a second", " ".join(text.split()))
 
     def test_bad_address_is_usage_error(self) -> None:
         self.assertEqual(main.main(["chat", "localhost:99999"]), 2)
