@@ -347,8 +347,10 @@ def make_daemon_service(
                 reactor,
                 config.sockd.backlog,
             ).setServiceParent(top)
-    Ready(sections, reactor).setServiceParent(top)
+    # Before Ready: once systemd hears READY=1 it may send SIGHUP at once
+    # (systemctl reload), and without the handler SIGHUP kills the process.
     lifecycle.setServiceParent(top)
+    Ready(sections, reactor).setServiceParent(top)
     return top
 
 

@@ -112,6 +112,30 @@ class ReloadTests(SynchronousTestCase):
         self.assertTrue(any(e.get("key") == "listen" for e in events))
 
 
+class ReadyTests(SynchronousTestCase):
+    def test_sighup_is_handled_before_ready_is_said(self) -> None:
+        # systemctl reload may signal as soon as READY=1 arrives.
+        ini = tempdir(self) / "sockd.ini"
+        ini.write_text("[echo]\nlisten = tcp:7007:interface=127.0.0.1\nlisten_udp =\n")
+        options = echo_tap.Options()
+        options.parseOptions(["--config", str(ini)])
+        service = echo_tap.makeService(options, reactor=MemoryReactorClock())
+        handlers: list[object] = []
+
+        def observe(event: dict[str, object]) -> None:
+            if str(event.get("log_format", "")).startswith("sockd: ready"):
+                handlers.append(signal.getsignal(signal.SIGHUP))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        lifecycle = service.getServiceNamed("lifecycle")
+        assert isinstance(lifecycle, Lifecycle)
+        self.assertEqual(handlers, [lifecycle._hangup])
+
+
 BASE = "[echo]\nlisten = tcp:0:interface=127.0.0.1\nlisten_udp =\n"
 
 
