@@ -17,6 +17,7 @@ import configparser
 import dataclasses
 import os
 import re
+import stat
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ __all__ = [
     "FileSettings",
     "MetricsSettings",
     "SockdSettings",
+    "file_kind",
     "find_config",
     "load",
     "parse",
@@ -42,6 +44,8 @@ SYSTEM_CONFIG = "/etc/sockd/sockd.ini"
 ENV_VAR = "SOCKD_CONFIG"
 #: the most processes C{[sockd] workers} may ask for
 MAX_WORKERS = 256
+#: the largest configuration file read (it is read in the reactor on SIGHUP)
+MAX_CONFIG_SIZE = 1024**2
 
 
 class ConfigError(Exception):
@@ -624,17 +628,66 @@ def load(
 ) -> Config:
     """Find, read and parse the configuration.  Raises L{ConfigError}."""
     path = find_config(explicit, environ)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(
-            f"{path}: cannot read the configuration: {e.strerror or e}"
-        ) from None
+    data = _read_regular(path)
     try:
         content = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return parse(content, str(path), path.resolve().parent, overrides)
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this C{st_mode} is, for messages: C{a FIFO}..."""
+    kinds = [
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ]
+    return next((what for test, what in kinds if test(mode)), "not a regular file")
+
+
+def _read_regular(path: Path) -> bytes:
+    """
+    The bytes of C{path}, which must be a regular file: reading a FIFO, a
+    socket or a device would block the daemon (SIGHUP reads it in the
+    reactor) or never end.
+    """
+
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(f"{path}: cannot read the configuration: {reason}")
+
+    def check(info: os.stat_result) -> None:
+        if not stat.S_ISREG(info.st_mode):
+            raise refuse(f"it is {file_kind(info.st_mode)}, not a regular file")
+        if info.st_size > MAX_CONFIG_SIZE:
+            raise refuse(f"larger than {MAX_CONFIG_SIZE} bytes")
+
+    try:
+        # Looked at first, so that nothing but a regular file is opened...
+        check(os.stat(path))
+        # ...and opened without blocking, then checked again: the name may
+        # have been replaced (by a FIFO, say) in between.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise refuse(e.strerror or str(e)) from None
+    try:
+        check(os.fstat(fd))
+        chunks = []
+        size = 0
+        while chunk := os.read(fd, MAX_CONFIG_SIZE + 1 - size):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_CONFIG_SIZE:
+                raise refuse(f"larger than {MAX_CONFIG_SIZE} bytes")
+        return b"".join(chunks)
+    except OSError as e:
+        raise refuse(e.strerror or str(e)) from None
+    finally:
+        os.close(fd)
 
 
 T = TypeVar("T")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import textwrap
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockd import config
 from sockd.config import ConfigError
-from tests.helpers import ROOT, tempdir
+from tests.helpers import ROOT, run_bounded, tempdir, unblock_fifo
 
 
 def parse(text: str, **overrides: dict[str, str]) -> config.Config:
@@ -222,3 +223,43 @@ class LookupTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             config.load(str(self.file))
         self.assertIn("not UTF-8", str(caught.exception))
+
+
+class RegularFileTests(SynchronousTestCase):
+    """The configuration is read only from a regular file, without blocking."""
+
+    def setUp(self) -> None:
+        self.dir = tempdir(self)
+
+    def refused(self, path: str) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            run_bounded(lambda: config.load(path), release=unblock_fifo(path))
+        return str(caught.exception)
+
+    def test_fifo_is_refused_at_once(self) -> None:
+        # No writer: reading it with open() would block forever.
+        fifo = self.dir / "sockd.ini"
+        os.mkfifo(fifo)
+        self.assertEqual(
+            self.refused(str(fifo)),
+            f"{fifo}: cannot read the configuration: it is a FIFO (named pipe), "
+            "not a regular file",
+        )
+
+    def test_directory_device_and_socket_are_refused(self) -> None:
+        self.assertIn("it is a directory", self.refused(str(self.dir)))
+        self.assertIn("it is a character device", self.refused(os.devnull))
+        path = self.dir / "s.sock"
+        with socket.socket(socket.AF_UNIX) as listening:
+            listening.bind(str(path))
+            self.assertIn("it is a socket", self.refused(str(path)))
+
+    def test_symlink_to_a_regular_file_is_read(self) -> None:
+        (self.dir / "real.ini").write_text("[echo]\nmode = raw\n")
+        (self.dir / "link.ini").symlink_to(self.dir / "real.ini")
+        self.assertEqual(config.load(str(self.dir / "link.ini")).echo.mode, "raw")
+
+    def test_huge_file_is_refused(self) -> None:
+        path = self.dir / "big.ini"
+        path.write_bytes(b"#" * (config.MAX_CONFIG_SIZE + 1))
+        self.assertIn("larger than 1048576 bytes", self.refused(str(path)))
