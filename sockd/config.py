@@ -228,19 +228,24 @@ def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
     from twisted.internet.endpoints import serverFromString
     from twisted.internet.testing import MemoryReactor
 
+    from sockd.endpoints import check_stream
+
     result = []
     for word in _endpoint_words(value):
         kind = word.split(":", 1)[0].lower()
         if kind not in _STREAM_PREFIXES:
             raise ValueError(
                 f"{word!r} is not a stream endpoint; expected descriptions "
-                "such as tcp:9000:interface=127.0.0.1, tcp6:9000:interface=::1, "
+                "such as tcp:9000:interface=127.0.0.1, tcp6:9000:interface=\\:\\:1, "
                 "ssl:9443:privateKey=key.pem:certKey=cert.pem, "
                 "systemd:domain=INET:index=0"
             )
         if kind == "ssl":
             word = _absolute_ssl_paths(word, base)
         try:
+            # What Twisted's parser lets through to bind time (port range,
+            # interface, backlog; a FIFO as a key would hang its read).
+            check_stream(word)
             # Parsing with a reactor that never runs checks the syntax and,
             # for ssl:, loads the key and certificate now rather than at bind.
             serverFromString(MemoryReactor(), word)
@@ -521,6 +526,13 @@ def parse(
                 f"{source}: unknown section [{section}]; "
                 "expected: " + ", ".join(f"[{s}]" for s in SCHEMA)
             )
+    for section, keys in (overrides or {}).items():
+        if section not in SCHEMA:
+            named = ", ".join(f"--set {section}.{key}" for key in keys)
+            raise ConfigError(
+                f"command line: {named}: unknown section [{section}]; "
+                "expected: " + ", ".join(f"[{s}]" for s in SCHEMA)
+            )
     for section, schema in SCHEMA.items():
         values: dict[str, Any] = {}
         raw = dict(parser.items(section)) if parser.has_section(section) else {}
@@ -540,7 +552,10 @@ def parse(
             )
         for key, value in (overrides or {}).get(section, {}).items():
             if key not in schema:
-                raise ConfigError(f"command line: [{section}] unknown key {key!r}")
+                raise ConfigError(
+                    f"command line: [{section}] unknown key {key!r}; "
+                    "expected one of: " + ", ".join(schema)
+                )
             values[key] = _convert(
                 schema[key], value, Path.cwd(), "command line", section, key
             )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
+from pathlib import Path
 
+import pytest
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
@@ -202,3 +204,45 @@ class BacklogTests(SynchronousTestCase):
             with_backlog("systemd:domain=INET:index=0", 9),
             "systemd:domain=INET:index=0",
         )
+
+
+class SetOptionTests(SynchronousTestCase):
+    """--set names a known section and key, as the file must."""
+
+    def test_unknown_section_stops_start_up(self) -> None:
+        ini = write_ini(self, "[echo]\nlisten_udp =\n")
+        for options in (tap.Options(), echo_tap.Options()):
+            with self.assertRaises(SystemExit) as caught:
+                options.parseOptions(["--config", ini, "--set", "bogus.key=1"])
+            self.assertEqual(
+                caught.exception.code,
+                "sockd: command line: --set bogus.key: unknown section [bogus]; "
+                "expected: [sockd], [echo], [chat], [file], [metrics]",
+            )
+
+    def test_unknown_key_of_the_daemons_section(self) -> None:
+        ini = write_ini(self, "")
+        with self.assertRaises(SystemExit) as caught:
+            echo_tap.Options().parseOptions(["--config", ini, "--set", "bogus=1"])
+        self.assertIn(
+            "sockd: command line: [echo] unknown key 'bogus'; expected one of: "
+            "enabled, listen,",
+            str(caught.exception.code),
+        )
+
+
+@pytest.mark.integration
+def test_unknown_set_section_exits_with_status_1(tmp_path: Path) -> None:
+    ini = tmp_path / "sockd.ini"
+    ini.write_text("[echo]\nlisten = tcp:0:interface=127.0.0.1\nlisten_udp =\n")
+    command = ["-n", "--pidfile=", "sockd-echo", "--config", str(ini)]
+    result = subprocess.run(
+        [*TWISTD, *command, "--set", "bogus.key=1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "unknown section [bogus]" in result.stderr
+    assert "listening on" not in result.stdout + result.stderr
