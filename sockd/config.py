@@ -368,6 +368,7 @@ class MetricsSettings:
 
     enabled: bool = False
     listen: tuple[str, ...] = ("tcp:9102:interface=127.0.0.1",)
+    max_connections: int = 64
 
 
 @dataclass(frozen=True)
@@ -460,6 +461,7 @@ SCHEMA: dict[str, dict[str, Parser]] = {
 SCHEMA["metrics"] = {
     "enabled": boolean,
     "listen": stream_endpoints,
+    "max_connections": integer(1, 10_000),
 }
 
 _SECTION_TYPES: dict[str, type[Any]] = {

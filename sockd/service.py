@@ -337,13 +337,18 @@ def make_daemon_service(
         collector = metrics.SockdCollector(
             lambda: [target for _, target in lifecycle.targets()] + counted, reactor
         )
-        site = Site(metrics.resource(collector))
+        site = Site(
+            metrics.resource(collector), timeout=metrics.IDLE_TIMEOUT, reactor=reactor
+        )
         site.noisy = False
+        capped = metrics.CappedFactory(
+            site, config.metrics.max_connections, reactor, config.sockd.abort_grace
+        )
         for description in config.metrics.listen:
             stream_listener(
                 "metrics",
                 description,
-                site,  # type: ignore[arg-type]
+                capped,  # type: ignore[arg-type]
                 reactor,
                 config.sockd.backlog,
             ).setServiceParent(top)

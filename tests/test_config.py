@@ -342,6 +342,17 @@ class OverrideSectionTests(SynchronousTestCase):
         )
 
 
+class MetricsSettingsTests(SynchronousTestCase):
+    def test_max_connections(self) -> None:
+        self.assertEqual(parse("").metrics.max_connections, 64)
+        self.assertEqual(
+            parse("[metrics]\nmax_connections = 5\n").metrics.max_connections, 5
+        )
+        with self.assertRaises(ConfigError) as caught:
+            parse("[metrics]\nmax_connections = 0\n")
+        self.assertIn("[metrics] max_connections = '0'", str(caught.exception))
+
+
 class RegularFileTests(SynchronousTestCase):
     """The configuration is read only from a regular file, without blocking."""
 
