@@ -5,6 +5,7 @@ C{twistd} runner for integration tests (loopback only, ephemeral ports).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -18,7 +19,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,51 @@ def run_tool(
     return subprocess.run(
         list(argv), input=data, capture_output=True, timeout=timeout, check=False
     )
+
+
+def run_bounded(
+    function: Callable[[], Any],
+    timeout: float = 10.0,
+    release: Callable[[], None] | None = None,
+) -> Any:
+    """
+    Call C{function} in a thread and return what it returns (or raise what
+    it raises); fail if it has not finished within C{timeout} seconds,
+    after calling C{release} to unblock it (e.g. open the other end of the
+    FIFO it waits on).
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, function()))
+        except BaseException as e:
+            outcome.append((False, e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        if release is not None:
+            release()
+        thread.join(timeout)
+        raise AssertionError(f"{function!r} still blocked after {timeout}s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def unblock_fifo(path: Path | str) -> Callable[[], None]:
+    """A C{release} for L{run_bounded}: open and close both ends of a FIFO."""
+
+    def release() -> None:
+        for flags in (os.O_RDONLY, os.O_WRONLY):
+            # ENXIO when opening for writing: no reader to unblock.
+            with contextlib.suppress(OSError):
+                os.close(os.open(path, flags | os.O_NONBLOCK))
+
+    return release
 
 
 def tempdir(case: Any) -> Path:

@@ -13,7 +13,9 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.python.reflect import namedAny
 
+import sockd.core.config as config
 from sockd.core.config import SockdSettings
+from sockd.core.service import DAEMONS, descriptor_budget
 from tests.helpers import ROOT
 
 UNITS = ROOT / "etc" / "systemd"
@@ -122,6 +124,24 @@ def test_service_hardening(name: str) -> None:
     assert last(service, "MemoryDenyWriteExecute") in (None, "no")
     # Logs go to the journal, not to a file.
     assert last(service, "StandardOutput") == "journal"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_open_files_limit_fits_the_shipped_caps(name: str) -> None:
+    """
+    LimitNOFILE= sets soft and hard limits alike; the shipped INI's caps,
+    with every service on, uploads allowed and the metrics page, fit in it
+    (systemd's own soft default, 1024, does not hold them).
+    """
+    service = directives(UNITS / f"{name}.service")["Service"]
+    limit = int(last(service, "LimitNOFILE") or "0")
+    on = {"enabled": "true"}
+    shipped = config.load(
+        str(ROOT / "etc" / "sockd.ini"),
+        {"file": {**on, "writable": "true"}, "metrics": on},
+    )
+    needed = sum(n for _, n in descriptor_budget(shipped, list(DAEMONS)))
+    assert 1024 < needed <= limit
 
 
 @pytest.mark.parametrize("name", ["sockd-file", "sockd"])

@@ -7,9 +7,12 @@ must be given the certificate itself as their trust root.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import errno
 import ipaddress
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -17,6 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from sockd.core.config import file_kind
 
 __all__ = ["add_arguments", "make_certificate", "run", "write_pair"]
 
@@ -95,12 +100,37 @@ def write_pair(directory: Path, cert_pem: bytes, key_pem: bytes) -> tuple[Path, 
     world-readable, even for a moment) into C{directory}."""
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(key_pem)
-    cert_path.write_bytes(cert_pem)
+    _write_regular(key_path, key_pem, 0o600, follow=False)
+    _write_regular(cert_path, cert_pem, 0o644, follow=True)
     return cert_path, key_path
+
+
+def _write_regular(path: Path, data: bytes, mode: int, follow: bool) -> None:
+    """
+    Write C{data} to C{path}, a regular file or nothing yet: opening a FIFO
+    there would block until someone read it.  C{mode} applies to a new
+    file, and to an existing one if it is C{0o600}.
+    """
+
+    def check(info: os.stat_result) -> None:
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(
+                errno.EINVAL,
+                f"{path} is {file_kind(info.st_mode)}, not a regular file",
+            )
+
+    with contextlib.suppress(FileNotFoundError):
+        check(os.stat(path, follow_symlinks=follow))
+    nofollow = 0 if follow else os.O_NOFOLLOW
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC | nofollow
+    fd = os.open(path, flags, mode)
+    with os.fdopen(fd, "wb") as f:
+        # Checked again on what was opened: the name may have changed since.
+        check(os.fstat(fd))
+        if mode == 0o600:
+            os.fchmod(fd, mode)
+        os.ftruncate(fd, 0)
+        f.write(data)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

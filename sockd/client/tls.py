@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import ssl
+import stat
+
+from sockd.core.config import file_kind
 
 __all__ = ["client_context"]
 
@@ -15,6 +19,13 @@ def client_context(cafile: str | None = None) -> ssl.SSLContext:
     C{cafile} cannot be loaded.
     """
     try:
+        # OpenSSL would wait forever reading a FIFO.
+        mode = os.stat(cafile).st_mode if cafile else stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise ValueError(
+                f"--cafile {cafile}: cannot load CA certificates: it is "
+                f"{file_kind(mode)}, not a regular file"
+            )
         context = ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as e:
         reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or e

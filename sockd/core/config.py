@@ -18,6 +18,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import stat
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ __all__ = [
     "FileSettings",
     "MetricsSettings",
     "SockdSettings",
+    "file_kind",
     "find_config",
     "load",
     "parse",
@@ -43,6 +45,8 @@ SYSTEM_CONFIG = "/etc/sockd/sockd.ini"
 ENV_VAR = "SOCKD_CONFIG"
 #: the most processes C{[sockd] workers} may ask for
 MAX_WORKERS = 256
+#: the largest configuration file read (it is read in the reactor on SIGHUP)
+MAX_CONFIG_SIZE = 1024**2
 
 
 class ConfigError(Exception):
@@ -262,19 +266,24 @@ def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
     from twisted.internet.endpoints import serverFromString
     from twisted.internet.testing import MemoryReactor
 
+    from sockd.core.endpoints import check_stream
+
     result = []
     for word in _endpoint_words(value):
         kind = word.split(":", 1)[0].lower()
         if kind not in _STREAM_PREFIXES:
             raise ValueError(
                 f"{word!r} is not a stream endpoint; expected descriptions "
-                "such as tcp:9000:interface=127.0.0.1, tcp6:9000:interface=::1, "
+                "such as tcp:9000:interface=127.0.0.1, tcp6:9000:interface=\\:\\:1, "
                 "ssl:9443:privateKey=key.pem:certKey=cert.pem, "
                 "systemd:domain=INET:index=0"
             )
         if kind == "ssl":
             word = _absolute_ssl_paths(word, base)
         try:
+            # What Twisted's parser lets through to bind time (port range,
+            # interface, backlog; a FIFO as a key would hang its read).
+            check_stream(word)
             # Parsing with a reactor that never runs checks the syntax and,
             # for ssl:, loads the key and certificate now rather than at bind.
             serverFromString(MemoryReactor(), word)
@@ -401,6 +410,7 @@ class MetricsSettings:
 
     enabled: bool = False
     listen: tuple[str, ...] = ("tcp:9102:interface=127.0.0.1",)
+    max_connections: int = 64
 
 
 @dataclass(frozen=True)
@@ -500,6 +510,7 @@ SCHEMA: dict[str, dict[str, Parser]] = {
 SCHEMA["metrics"] = {
     "enabled": boolean,
     "listen": stream_endpoints,
+    "max_connections": integer(1, 10_000),
 }
 
 _SECTION_TYPES: dict[str, type[Any]] = {
@@ -566,6 +577,13 @@ def parse(
                 f"{source}: unknown section [{section}]; "
                 "expected: " + ", ".join(f"[{s}]" for s in SCHEMA)
             )
+    for section, keys in (overrides or {}).items():
+        if section not in SCHEMA:
+            named = ", ".join(f"--set {section}.{key}" for key in keys)
+            raise ConfigError(
+                f"command line: {named}: unknown section [{section}]; "
+                "expected: " + ", ".join(f"[{s}]" for s in SCHEMA)
+            )
     for section, schema in SCHEMA.items():
         values: dict[str, Any] = {}
         raw = dict(parser.items(section)) if parser.has_section(section) else {}
@@ -585,7 +603,10 @@ def parse(
             )
         for key, value in (overrides or {}).get(section, {}).items():
             if key not in schema:
-                raise ConfigError(f"command line: [{section}] unknown key {key!r}")
+                raise ConfigError(
+                    f"command line: [{section}] unknown key {key!r}; "
+                    "expected one of: " + ", ".join(schema)
+                )
             values[key] = _convert(
                 schema[key], value, Path.cwd(), "command line", section, key
             )
@@ -710,17 +731,66 @@ def load(
 ) -> Config:
     """Find, read and parse the configuration.  Raises L{ConfigError}."""
     path = find_config(explicit, environ)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(
-            f"{path}: cannot read the configuration: {e.strerror or e}"
-        ) from None
+    data = _read_regular(path)
     try:
         content = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return parse(content, str(path), path.resolve().parent, overrides)
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this C{st_mode} is, for messages: C{a FIFO}..."""
+    kinds = [
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ]
+    return next((what for test, what in kinds if test(mode)), "not a regular file")
+
+
+def _read_regular(path: Path) -> bytes:
+    """
+    The bytes of C{path}, which must be a regular file: reading a FIFO, a
+    socket or a device would block the daemon (SIGHUP reads it in the
+    reactor) or never end.
+    """
+
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(f"{path}: cannot read the configuration: {reason}")
+
+    def check(info: os.stat_result) -> None:
+        if not stat.S_ISREG(info.st_mode):
+            raise refuse(f"it is {file_kind(info.st_mode)}, not a regular file")
+        if info.st_size > MAX_CONFIG_SIZE:
+            raise refuse(f"larger than {MAX_CONFIG_SIZE} bytes")
+
+    try:
+        # Looked at first, so that nothing but a regular file is opened...
+        check(os.stat(path))
+        # ...and opened without blocking, then checked again: the name may
+        # have been replaced (by a FIFO, say) in between.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise refuse(e.strerror or str(e)) from None
+    try:
+        check(os.fstat(fd))
+        chunks = []
+        size = 0
+        while chunk := os.read(fd, MAX_CONFIG_SIZE + 1 - size):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_CONFIG_SIZE:
+                raise refuse(f"larger than {MAX_CONFIG_SIZE} bytes")
+        return b"".join(chunks)
+    except OSError as e:
+        raise refuse(e.strerror or str(e)) from None
+    finally:
+        os.close(fd)
 
 
 T = TypeVar("T")

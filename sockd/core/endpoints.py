@@ -8,23 +8,58 @@ accept::
     systemd:domain=INET|INET6:index=N     (a datagram socket passed by systemd)
 
 Listening returns Twisted's own C{IListeningPort}.
+
+L{check_stream} checks, for Twisted's stream endpoint strings, what its
+parser lets through to bind time.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import stat
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import _SystemdParser
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 
-__all__ = ["DatagramEndpoint", "bind_reusing_port", "inherited_fds", "parse_datagram"]
+from sockd.core.config import file_kind
+
+__all__ = [
+    "DatagramEndpoint",
+    "bind_reusing_port",
+    "check_stream",
+    "inherited_fds",
+    "parse_datagram",
+]
 
 #: systemd passes sockets from this descriptor on (sd_listen_fds(3))
 SD_LISTEN_FDS_START = 3
+
+#: the positional parameters of Twisted's stream endpoint parsers, in order
+_STREAM_PARAMETERS = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "backlog", "interface"),
+    "ssl": (
+        "port",
+        "privateKey",
+        "certKey",
+        "sslmethod",
+        "interface",
+        "backlog",
+        "extraCertChain",
+        "dhParameters",
+    ),
+    "unix": ("address", "mode", "backlog", "lockfile"),
+    "systemd": ("domain", "index", "name"),
+}
+#: files an ssl: endpoint reads when it is parsed
+_SSL_FILES = ("privateKey", "certKey", "extraCertChain", "dhParameters")
+#: the longest UNIX socket path, in bytes (sun_path holds 108, NUL included)
+_UNIX_PATH_MAX = 107
 
 
 @dataclass(frozen=True)
@@ -156,9 +191,84 @@ def _split(description: str) -> tuple[list[str], dict[str, str]]:
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
         raise ValueError(f"port {text!r} is not a number from 0 to 65535")
     return int(text)
+
+
+def check_stream(description: str) -> None:
+    """
+    Check a stream endpoint description for what Twisted's parser accepts
+    but binding would refuse, or reading would hang on: the port (0 to
+    65535), the interface (an IP address; IPv6 for C{tcp6:}), the backlog
+    (1 to 65535), a UNIX socket path, the files of C{ssl:} (regular files)
+    and the index of a C{systemd:} socket.  ValueError says what is wrong,
+    without the description; the syntax and unknown options are left to
+    Twisted's parser.
+    """
+    args, kwargs = _split(description)
+    kind = args[0]  # as Twisted reads it: case matters
+    names = _STREAM_PARAMETERS.get(kind)
+    if names is None:
+        return
+    given = args[1:]
+    if len(given) > len(names) or set(names[: len(given)]) & set(kwargs):
+        raise ValueError(
+            "too many ':'-separated fields (write the colons of an IPv6 address as \\:)"
+        )
+    values = {**dict(zip(names, given, strict=False)), **kwargs}
+    if "port" in values:
+        _port(values["port"])
+    if "interface" in values:
+        interface = values["interface"]
+        if kind == "tcp6":
+            valid, what = isIPv6Address(interface), "an IPv6 address"
+        else:
+            valid = isIPAddress(interface) or isIPv6Address(interface)
+            what = "an IP address"
+        if not valid:
+            raise ValueError(
+                f"interface {interface!r} is not {what} "
+                "(leave interface= out for every address; write IPv6 colons "
+                "as \\:)"
+            )
+    if "backlog" in values:
+        backlog = values["backlog"]
+        if not (backlog.isascii() and backlog.isdigit() and 1 <= int(backlog) <= 65535):
+            raise ValueError(f"backlog {backlog!r} is not a number from 1 to 65535")
+    if kind == "unix":
+        _check_unix_path(values.get("address", ""))
+    if kind == "systemd" and values.get("index", "").isdigit():
+        # The record Twisted's parser looks the index up in.
+        count = len(_SystemdParser._sddaemon.inheritedDescriptors())
+        if int(values["index"]) >= count:
+            raise ValueError(
+                f"systemd passed {count} socket(s); there is no index "
+                f"{values['index']} (start the daemon through its .socket unit)"
+            )
+    if kind == "ssl":
+        for key in _SSL_FILES:
+            if key in values or key == "privateKey":
+                _check_regular(key, values.get(key, "server.pem"))
+
+
+def _check_unix_path(address: str) -> None:
+    if not address:
+        raise ValueError("expected unix:PATH")
+    if len(os.fsencode(address)) > _UNIX_PATH_MAX:
+        raise ValueError(f"the socket path is longer than {_UNIX_PATH_MAX} bytes")
+    parent = os.path.dirname(os.path.abspath(address))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{parent} is not an existing directory")
+
+
+def _check_regular(key: str, path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ValueError(f"{key}={path}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{key}={path} is {file_kind(mode)}, not a regular file")
 
 
 def parse_datagram(description: str) -> DatagramEndpoint:

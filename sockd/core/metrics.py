@@ -5,6 +5,10 @@ Nothing is counted for Prometheus on the hot path: at each scrape the
 collector asks every service object with a C{metrics()} method for its
 counters (see L{sockd.core.limits.Sample}).  The official client serves the page
 from a thread pool, so the snapshot is taken in the reactor thread.
+
+The page takes at most C{[metrics] max_connections} connections at once
+(L{CappedFactory}); a connection silent for L{IDLE_TIMEOUT} seconds is
+closed, so idle clients cannot hold every slot for long.
 """
 
 from __future__ import annotations
@@ -19,13 +23,30 @@ from prometheus_client.metrics_core import (
     GaugeMetricFamily,
     Metric,
 )
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
-from sockd.core.limits import Sample
+from sockd.core.limits import ConnectionLimiter, Refusal, Sample
 
-__all__ = ["PREFIX", "SockdCollector", "registry_for"]
+__all__ = ["IDLE_TIMEOUT", "PREFIX", "CappedFactory", "SockdCollector", "registry_for"]
+
+log = Logger(namespace="sockd")
 
 PREFIX = "sockd_"
+#: seconds an HTTP connection to the page may stay silent
+IDLE_TIMEOUT = 60
+#: what a client over C{[metrics] max_connections} gets before the close
+REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"Content-Length: 40\r\n"
+    b"Connection: close\r\n"
+    b"\r\n"
+    b"too many connections to the metrics page"
+)
 
 HELP = {
     "connections_open": "TCP connections open now",
@@ -108,3 +129,59 @@ def resource(collector: SockdCollector) -> Any:
     from prometheus_client.twisted import MetricsResource
 
     return MetricsResource(registry_for(collector))
+
+
+class CappedFactory(WrappingFactory):
+    """
+    The page's HTTP factory, under a cap on connections open at once:
+    one more gets L{REFUSAL} and is closed, and is counted as refused.
+    """
+
+    noisy = False
+    service_name = "metrics"
+    #: the one key every connection counts under: no per-address cap
+    _KEY = "all"
+
+    def __init__(
+        self, site: Any, max_connections: int, clock: IReactorTime, grace: float
+    ) -> None:
+        super().__init__(site)
+        self.clock = clock
+        self.grace = grace
+        self.limiter = ConnectionLimiter(max_connections, max_connections)
+        self.accepted = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        reason = self.limiter.acquire(self._KEY)
+        if reason is not None:
+            log.warn(
+                "metrics: refused {peer}: {reason}",
+                peer=getattr(addr, "host", addr),
+                reason=reason,
+            )
+            refusal: Protocol = Refusal(REFUSAL, self.clock, self.grace)
+            return refusal
+        self.accepted += 1
+        return super().buildProtocol(addr)
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        super().unregisterProtocol(p)
+        self.limiter.release(self._KEY)
+
+    def reconfigure(self, settings: Any, shared: Any) -> None:
+        """SIGHUP: a new C{max_connections} applies to the next connection."""
+        self.limiter.max_total = self.limiter.max_per_peer = settings.max_connections
+
+    def metrics(self) -> list[Sample]:
+        """The page's own connections, like any TCP service's."""
+        service = {"service": self.service_name}
+        return [
+            ("connections_open", "gauge", service, len(self.protocols)),
+            ("connections_total", "counter", service, self.accepted),
+            (
+                "refused_total",
+                "counter",
+                {**service, "reason": "total"},
+                self.limiter.refused,
+            ),
+        ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import resource
 import signal
 import socket
 import threading
@@ -36,8 +37,10 @@ from sockd.core.notify import Notifier
 __all__ = [
     "DAEMONS",
     "DaemonOptions",
+    "DescriptorLimit",
     "Listener",
     "datagram_listener",
+    "descriptor_budget",
     "make_daemon_service",
     "stream_listener",
     "with_backlog",
@@ -280,6 +283,9 @@ def make_daemon_service(
         reactor = global_reactor
     lean_dispatch(reactor)
     top = MultiService()
+    if inherited is None:
+        # First: workers inherit the raised limit.
+        DescriptorLimit(config, sections).setServiceParent(top)
     for section in sections:
         for child in builder(section)(config, reactor):
             if inherited is not None:
@@ -337,19 +343,163 @@ def make_daemon_service(
         collector = metrics.SockdCollector(
             lambda: [target for _, target in lifecycle.targets()] + counted, reactor
         )
-        site = Site(metrics.resource(collector))
+        site = Site(
+            metrics.resource(collector), timeout=metrics.IDLE_TIMEOUT, reactor=reactor
+        )
         site.noisy = False
+        capped = metrics.CappedFactory(
+            site, config.metrics.max_connections, reactor, config.sockd.abort_grace
+        )
         for description in config.metrics.listen:
             stream_listener(
                 "metrics",
                 description,
-                site,  # type: ignore[arg-type]
+                capped,  # type: ignore[arg-type]
                 reactor,
                 config.sockd.backlog,
             ).setServiceParent(top)
-    Ready(sections, reactor).setServiceParent(top)
+    # Before Ready: once systemd hears READY=1 it may send SIGHUP at once
+    # (systemctl reload), and without the handler SIGHUP kills the process.
     lifecycle.setServiceParent(top)
+    Ready(sections, reactor).setServiceParent(top)
     return top
+
+
+#: descriptors held whatever the load: standard streams, the log, epoll and
+#: the reactor's waker, the sd_notify socket, the file root, and room for
+#: modules, certificates and DNS look-ups opened on the way
+RESERVED_DESCRIPTORS = 64
+#: descriptors one file connection may hold: its socket, and the file sent
+#: (or, with writable = true, the directory and temporary file of an upload)
+FILE_DESCRIPTORS = {False: 2, True: 3}
+#: the main process's pipes to each worker (its stdin, stdout and stderr)
+WORKER_PIPES = 3
+#: connections to Redis of a chat node with backend = redis
+REDIS_CONNECTIONS = 2
+
+
+def descriptor_budget(config: Config, sections: Sequence[str]) -> list[tuple[str, int]]:
+    """
+    The descriptors one process may hold at once when every cap is reached,
+    as (what, how many), naming the key that sets each.  Workers hold no
+    more than the main process: the same caps, no metrics page, no pipes.
+    """
+    listeners = 0
+    for section in sections:
+        settings = getattr(config, section)
+        listeners += len(settings.listen) + len(getattr(settings, "listen_udp", ()))
+    budget = [("reserve", RESERVED_DESCRIPTORS)]
+    if "echo" in sections and config.echo.listen:
+        budget.append(("[echo] max_connections", config.echo.max_connections))
+    if "file" in sections and config.file.listen:
+        each = FILE_DESCRIPTORS[config.file.writable]
+        budget.append(
+            (f"[file] max_connections x {each}", config.file.max_connections * each)
+        )
+    if config.metrics.enabled:
+        listeners += len(config.metrics.listen)
+        budget.append(("[metrics] max_connections", config.metrics.max_connections))
+    if "chat" in sections and config.chat.backend == "redis":
+        budget.append(("redis", REDIS_CONNECTIONS))
+    if config.sockd.workers > 1 and {"echo", "file"} & set(sections):
+        budget.append(
+            ("[sockd] workers' pipes", WORKER_PIPES * (config.sockd.workers - 1))
+        )
+    budget.append(("listeners", listeners))
+    return budget
+
+
+class DescriptorLimit(Service):
+    """
+    Started first, in the main process: raises the soft limit on open
+    descriptors (C{RLIMIT_NOFILE}) to the hard one, and warns when the caps
+    of the services (L{descriptor_budget}) can add up to more, naming the
+    keys to lower: past the limit, C{accept()} and C{open()} fail with
+    C{EMFILE} for clients within the caps.  Checked again on reload.
+    """
+
+    #: the limit in force once raised; None: no limit
+    limit: int | None = None
+
+    def __init__(
+        self,
+        config: Config,
+        sections: Sequence[str],
+        getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+        setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
+    ) -> None:
+        self.config = config
+        self.sections = list(sections)
+        self.getrlimit = getrlimit
+        self.setrlimit = setrlimit
+        self._raised = False
+        self.setName("descriptors")
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._start()
+
+    def startService(self) -> None:
+        super().startService()
+        self._start()
+
+    def _start(self) -> None:
+        if self._raised:
+            return
+        self._raised = True
+        self.limit = self.raise_limit()
+        self.check(self.config)
+
+    def raise_limit(self) -> int | None:
+        """Raise the soft limit to the hard one; return the limit in force."""
+        soft, hard = self.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        # Linux allows no infinite descriptor limit: keep the soft one then.
+        if hard == resource.RLIM_INFINITY or soft >= hard:
+            return soft
+        try:
+            self.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:
+            # A sandbox (seccomp, a container) may forbid it.
+            log.info(
+                "sockd: could not raise the open files limit from {soft} to "
+                "{hard}: {error}",
+                soft=soft,
+                hard=hard,
+                error=e,
+            )
+            return soft
+        log.info(
+            "sockd: open files limit raised from {soft} to {hard}",
+            soft=soft,
+            hard=hard,
+        )
+        return hard
+
+    def check(self, config: Config) -> bool:
+        """Warn if C{config}'s caps can need more than the limit; False then."""
+        budget = descriptor_budget(config, self.sections)
+        needed = sum(count for _, count in budget)
+        if self.limit is None or needed <= self.limit:
+            return True
+        keys = [what.split(" x ")[0] for what, _ in budget if "max_conn" in what]
+        log.warn(
+            "sockd: the connection caps can need {needed} open files "
+            "({parts}) but this process may open {limit} (RLIMIT_NOFILE): "
+            "past it, clients within the caps fail (EMFILE) instead of being "
+            "refused with a message; lower {keys}, or raise the limit "
+            "(LimitNOFILE= in the systemd unit, ulimit -n before starting)",
+            needed=needed,
+            parts=", ".join(f"{what} {count}" for what, count in budget),
+            limit=self.limit,
+            keys=" or ".join(keys),
+        )
+        return False
+
+    def reloaded(self, config: Config) -> None:
+        self.config = config
+        self.check(config)
 
 
 class Lifecycle(Service):

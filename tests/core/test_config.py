@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import textwrap
 
 from twisted.trial.unittest import SynchronousTestCase
 
 import sockd.core.config as config
 from sockd.core.config import ConfigError
-from tests.helpers import ROOT, tempdir
+from tests.helpers import ROOT, run_bounded, tempdir, unblock_fifo
 
 
 def parse(text: str, **overrides: dict[str, str]) -> config.Config:
@@ -222,3 +223,171 @@ class LookupTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             config.load(str(self.file))
         self.assertIn("not UTF-8", str(caught.exception))
+
+
+class EndpointCheckTests(SynchronousTestCase):
+    """Every listen value is checked as a whole before anything binds."""
+
+    def assertError(self, text: str, *fragments: str) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse(text)
+        for fragment in fragments:
+            self.assertIn(fragment, str(caught.exception))
+
+    def test_port_out_of_range_names_file_line_and_key(self) -> None:
+        self.assertError(
+            "[echo]\nmode = line\nlisten = tcp:99999:interface=127.0.0.1\n",
+            "test.ini, line 3",
+            "[echo] listen = 'tcp:99999:interface=127.0.0.1'",
+            "port '99999' is not a number from 0 to 65535",
+        )
+        self.assertError("[file]\nlisten = tcp:-1\n", "[file] listen", "0 to 65535")
+        self.assertError("[echo]\nlisten = tcp:port=65536\n", "0 to 65535")
+        self.assertError(
+            "[metrics]\nlisten = ssl:70000:privateKey=k.pem\n",
+            "[metrics] listen",
+            "0 to 65535",
+        )
+
+    def test_a_later_endpoint_is_checked_too(self) -> None:
+        self.assertError(
+            "[echo]\nlisten = tcp:9000:interface=127.0.0.1\n"
+            "         tcp:99999:interface=127.0.0.1\n",
+            "test.ini, line 2",
+            "'tcp:99999:interface=127.0.0.1'",
+        )
+
+    def test_interface_must_be_an_address(self) -> None:
+        self.assertError(
+            "[echo]\nlisten = tcp:9000:interface=example.com\n",
+            "interface 'example.com' is not an IP address",
+        )
+        self.assertError("[echo]\nlisten = tcp:9000:interface=127.1\n", "not an IP")
+        self.assertError("[echo]\nlisten = tcp:9000:interface=\n", "not an IP")
+        self.assertError(
+            "[echo]\nlisten = tcp6:9000:interface=127.0.0.1\n",
+            "interface '127.0.0.1' is not an IPv6 address",
+        )
+
+    def test_unescaped_ipv6_colons(self) -> None:
+        self.assertError(
+            "[echo]\nlisten = tcp:9000:interface=::1\n",
+            "too many ':'-separated fields",
+            "\\:",
+        )
+
+    def test_backlog_must_be_a_positive_number(self) -> None:
+        for bad in ("abc", "0", "-5", "70000"):
+            self.assertError(
+                f"[echo]\nlisten = tcp:9000:backlog={bad}\n",
+                f"backlog '{bad}' is not a number from 1 to 65535",
+            )
+
+    def test_unix_path(self) -> None:
+        self.assertError(
+            "[echo]\nlisten = unix:/nonexistent/sockd/echo.sock\n",
+            "/nonexistent/sockd is not an existing directory",
+        )
+        self.assertError(
+            "[echo]\nlisten = unix:/tmp/" + "s" * 120 + "\n", "longer than 107 bytes"
+        )
+
+    def test_ssl_key_that_is_a_fifo_is_refused_without_reading(self) -> None:
+        directory = tempdir(self)
+        os.mkfifo(directory / "key.pem")
+        (directory / "cert.pem").write_text("")
+        text = "[echo]\nlisten = ssl:9443:privateKey=key.pem:certKey=cert.pem\n"
+        with self.assertRaises(ConfigError) as caught:
+            run_bounded(
+                lambda: config.parse(text, "test.ini", directory),
+                release=unblock_fifo(directory / "key.pem"),
+            )
+        self.assertIn(
+            f"privateKey={directory / 'key.pem'} is a FIFO (named pipe), "
+            "not a regular file",
+            str(caught.exception),
+        )
+
+    def test_valid_endpoints_pass(self) -> None:
+        c = parse(
+            r"""
+            [echo]
+            listen = tcp:0:interface=127.0.0.1
+                     tcp:65535:interface=\:\:1
+                     tcp6:9000:interface=\:\:1:backlog=10
+                     tcp6:9001
+                     tcp:9002:127.0.0.1:5
+                     tcp:port=9003
+            """
+        )
+        self.assertEqual(len(c.echo.listen), 6)
+
+
+class OverrideSectionTests(SynchronousTestCase):
+    def test_unknown_section_on_the_command_line_is_an_error(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse("", bogus={"key": "1"})
+        self.assertEqual(
+            str(caught.exception),
+            "command line: --set bogus.key: unknown section [bogus]; expected: "
+            "[sockd], [echo], [chat], [file], [metrics]",
+        )
+
+    def test_unknown_key_lists_the_allowed_ones(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse("", echo={"max_conections": "1"})
+        self.assertIn("[echo] unknown key 'max_conections'", str(caught.exception))
+        self.assertIn(
+            "expected one of: enabled, listen, listen_udp, mode,", str(caught.exception)
+        )
+
+
+class MetricsSettingsTests(SynchronousTestCase):
+    def test_max_connections(self) -> None:
+        self.assertEqual(parse("").metrics.max_connections, 64)
+        self.assertEqual(
+            parse("[metrics]\nmax_connections = 5\n").metrics.max_connections, 5
+        )
+        with self.assertRaises(ConfigError) as caught:
+            parse("[metrics]\nmax_connections = 0\n")
+        self.assertIn("[metrics] max_connections = '0'", str(caught.exception))
+
+
+class RegularFileTests(SynchronousTestCase):
+    """The configuration is read only from a regular file, without blocking."""
+
+    def setUp(self) -> None:
+        self.dir = tempdir(self)
+
+    def refused(self, path: str) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            run_bounded(lambda: config.load(path), release=unblock_fifo(path))
+        return str(caught.exception)
+
+    def test_fifo_is_refused_at_once(self) -> None:
+        # No writer: reading it with open() would block forever.
+        fifo = self.dir / "sockd.ini"
+        os.mkfifo(fifo)
+        self.assertEqual(
+            self.refused(str(fifo)),
+            f"{fifo}: cannot read the configuration: it is a FIFO (named pipe), "
+            "not a regular file",
+        )
+
+    def test_directory_device_and_socket_are_refused(self) -> None:
+        self.assertIn("it is a directory", self.refused(str(self.dir)))
+        self.assertIn("it is a character device", self.refused(os.devnull))
+        path = self.dir / "s.sock"
+        with socket.socket(socket.AF_UNIX) as listening:
+            listening.bind(str(path))
+            self.assertIn("it is a socket", self.refused(str(path)))
+
+    def test_symlink_to_a_regular_file_is_read(self) -> None:
+        (self.dir / "real.ini").write_text("[echo]\nmode = raw\n")
+        (self.dir / "link.ini").symlink_to(self.dir / "real.ini")
+        self.assertEqual(config.load(str(self.dir / "link.ini")).echo.mode, "raw")
+
+    def test_huge_file_is_refused(self) -> None:
+        path = self.dir / "big.ini"
+        path.write_bytes(b"#" * (config.MAX_CONFIG_SIZE + 1))
+        self.assertIn("larger than 1048576 bytes", self.refused(str(path)))

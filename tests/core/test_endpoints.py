@@ -9,7 +9,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.core.endpoints import inherited_fds, parse_datagram
+from sockd.core.endpoints import check_stream, inherited_fds, parse_datagram
+from tests.helpers import tempdir
 
 
 class ParseTests(SynchronousTestCase):
@@ -47,6 +48,55 @@ class ParseTests(SynchronousTestCase):
         ]:
             with self.assertRaises(ValueError, msg=bad) as caught:
                 parse_datagram(bad)
+            self.assertIn(fragment, str(caught.exception), bad)
+
+
+class CheckStreamTests(SynchronousTestCase):
+    """What Twisted's stream parser lets through to bind time."""
+
+    def test_accepted(self) -> None:
+        for good in [
+            "tcp:0",
+            "tcp:65535:interface=127.0.0.1:backlog=65535",
+            r"tcp:9000:interface=\:\:1",  # Twisted binds IPv6 for it
+            r"tcp6:9000:interface=fe80\:\:1%lo",
+            "tcp:9000:127.0.0.1:5",  # positional interface and backlog
+            "tcp6:9000:5",  # tcp6's second field is the backlog
+        ]:
+            check_stream(good)
+
+    def test_refused(self) -> None:
+        for bad, fragment in [
+            ("tcp:65536", "port '65536' is not a number from 0 to 65535"),
+            ("tcp:80x", "port '80x'"),
+            ("tcp6:9000:5:127.0.0.1", "not an IPv6 address"),
+            ("tcp:9000:localhost", "interface 'localhost' is not an IP address"),
+            ("tcp6:9000:x", "backlog 'x'"),
+            ("tcp:1:2:3:4", "too many ':'-separated fields"),
+            ("tcp:1:127.0.0.1:interface=127.0.0.2", "too many"),
+            ("unix:", "expected unix:PATH"),
+            ("tcp:1:backlog=1:backlog=2", "given twice"),
+            # No socket passed (LISTEN_FDS) to this process.
+            ("systemd:domain=INET:index=0", "systemd passed 0 socket(s)"),
+            ("systemd:INET:3", "there is no index 3"),
+        ]:
+            with self.assertRaises(ValueError, msg=bad) as caught:
+                check_stream(bad)
+            self.assertIn(fragment, str(caught.exception), bad)
+
+    def test_ssl_files_must_be_regular_files(self) -> None:
+        directory = tempdir(self)
+        os.mkfifo(directory / "dh.pem")
+        key = directory / "key.pem"
+        key.write_text("")
+        check_stream(f"ssl:1:privateKey={key}")
+        for bad, fragment in [
+            (f"ssl:1:privateKey={directory}", "is a directory, not a regular file"),
+            (f"ssl:1:privateKey={key}:certKey={directory}/none", "certKey="),
+            (f"ssl:1:privateKey={key}:dhParameters={directory}/dh.pem", "a FIFO"),
+        ]:
+            with self.assertRaises(ValueError, msg=bad) as caught:
+                check_stream(bad)
             self.assertIn(fragment, str(caught.exception), bad)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import select
 import signal
 import socket
@@ -24,7 +25,14 @@ import sockd.echo.tap as echo_tap
 from sockd.core.config import EchoSettings
 from sockd.core.service import Lifecycle
 from sockd.echo.protocol import EchoFactory, RawEcho
-from tests.helpers import connect, running, tempdir
+from tests.helpers import (
+    connect,
+    run_bounded,
+    running,
+    tcp_exchange,
+    tempdir,
+    unblock_fifo,
+)
 
 
 class DrainTests(SynchronousTestCase):
@@ -104,12 +112,50 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(len(errors), 1)
         self.assertIn("max_line_length = 'tiny'", errors[0]["error"])
 
+    def test_fifo_in_place_of_the_file_is_refused_at_once(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.ini.unlink()
+        os.mkfifo(self.ini)  # no writer: open() for reading would block
+        reloaded = run_bounded(self.lifecycle.reload, release=unblock_fifo(self.ini))
+        self.assertFalse(reloaded)
+        self.assertEqual(self.factory.max_line_length, 100)
+        (error,) = [e for e in events if "reload refused" in e["log_format"]]
+        self.assertEqual(
+            error["error"],
+            f"{self.ini}: cannot read the configuration: it is a FIFO (named "
+            "pipe), not a regular file",
+        )
+
     def test_listen_change_is_warned_not_applied(self) -> None:
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.ini.write_text("[echo]\nlisten = tcp:7008:interface=127.0.0.1\n")
         self.assertTrue(self.lifecycle.reload())
         self.assertEqual([p[0] for p in self.reactor.tcpServers], [7007])
         self.assertTrue(any(e.get("key") == "listen" for e in events))
+
+
+class ReadyTests(SynchronousTestCase):
+    def test_sighup_is_handled_before_ready_is_said(self) -> None:
+        # systemctl reload may signal as soon as READY=1 arrives.
+        ini = tempdir(self) / "sockd.ini"
+        ini.write_text("[echo]\nlisten = tcp:7007:interface=127.0.0.1\nlisten_udp =\n")
+        options = echo_tap.Options()
+        options.parseOptions(["--config", str(ini)])
+        service = echo_tap.makeService(options, reactor=MemoryReactorClock())
+        handlers: list[object] = []
+
+        def observe(event: dict[str, object]) -> None:
+            if str(event.get("log_format", "")).startswith("sockd: ready"):
+                handlers.append(signal.getsignal(signal.SIGHUP))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        lifecycle = service.getServiceNamed("lifecycle")
+        assert isinstance(lifecycle, Lifecycle)
+        self.assertEqual(handlers, [lifecycle._hangup])
 
 
 BASE = "[echo]\nlisten = tcp:0:interface=127.0.0.1\nlisten_udp =\n"
@@ -137,6 +183,24 @@ def test_sighup_reload_on_real_daemon(tmp_path: Path) -> None:
             daemon.wait_for("reload refused")
             old.sendall(b"still\n")
             assert old.recv(100) == b"STILL\n"
+
+
+@pytest.mark.integration
+def test_sighup_with_a_fifo_for_a_file_keeps_serving(tmp_path: Path) -> None:
+    with running("sockd-echo", BASE, directory=tmp_path) as daemon:
+        assert daemon.process is not None
+        port = daemon.port("echo")
+        daemon.config_path.unlink()
+        os.mkfifo(daemon.config_path)
+        try:
+            daemon.process.send_signal(signal.SIGHUP)
+            line = daemon.wait_for("reload refused")
+            assert f"{daemon.config_path}: cannot read the configuration" in line
+            assert "FIFO" in line
+            assert tcp_exchange(port, b"alive\n") == b"ALIVE\n"
+        finally:
+            # Whatever happened, a daemon blocked in open() is released.
+            unblock_fifo(daemon.config_path)()
 
 
 @pytest.mark.integration

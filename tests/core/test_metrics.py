@@ -8,12 +8,21 @@ import urllib.request
 import pytest
 from prometheus_client import generate_latest
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
+import sockd.core.metrics as metrics
 from sockd.core.config import EchoSettings, replace
-from sockd.core.metrics import SockdCollector, registry_for
+from sockd.core.metrics import CappedFactory, SockdCollector, registry_for
+from sockd.core.service import make_daemon_service
 from sockd.echo.protocol import DatagramEcho, EchoFactory
-from tests.helpers import FakeDatagramTransport, connect, running, tcp_exchange
+from tests.helpers import (
+    FakeDatagramTransport,
+    connect,
+    running,
+    settings,
+    tcp_exchange,
+)
 
 
 class CollectorTests(SynchronousTestCase):
@@ -56,6 +65,69 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(text.count('sockd_datagrams_answered_total{service="x"}'), 1)
 
 
+class CapTests(SynchronousTestCase):
+    """The metrics page takes [metrics] max_connections connections at once."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        config = settings(
+            "[echo]\nlisten_udp =\n[metrics]\nenabled = true\nmax_connections = 2\n"
+        )
+        self.top = make_daemon_service(config, ["echo"], self.reactor)
+        self.top.privilegedStartService()
+        (factory,) = [
+            f for _, f, *_ in self.reactor.tcpServers if f.service_name == "metrics"
+        ]
+        assert isinstance(factory, CappedFactory)
+        self.factory = factory
+
+    def test_extra_connections_are_refused_at_once_and_counted(self) -> None:
+        served = [connect(self.factory, f"127.0.0.{n}") for n in (1, 2)]
+        for _, transport in served:
+            self.assertTrue(transport.connected)
+            self.assertEqual(transport.value(), b"")
+        _, refused = connect(self.factory, "127.0.0.3")
+        self.assertTrue(refused.value().startswith(b"HTTP/1.1 503 "))
+        self.assertTrue(
+            refused.value().endswith(
+                b"\r\n\r\n" + b"too many connections to the metrics page"
+            )
+        )
+        self.assertFalse(refused.connected)
+        text = generate_latest(
+            registry_for(SockdCollector(lambda: [self.factory]))
+        ).decode()
+        for line in [
+            'sockd_connections_open{service="metrics"} 2.0',
+            'sockd_connections_total{service="metrics"} 2.0',
+            'sockd_refused_total{reason="total",service="metrics"} 1.0',
+        ]:
+            self.assertIn(line, text)
+        # A closed connection frees its slot.
+        served[0][1].loseConnection()
+        _, again = connect(self.factory, "127.0.0.3")
+        self.assertTrue(again.connected)
+        self.assertEqual(again.value(), b"")
+
+    def test_idle_connections_are_closed(self) -> None:
+        for n in (1, 2):
+            connect(self.factory, f"127.0.0.{n}")
+        self.reactor.advance(metrics.IDLE_TIMEOUT)
+        self.assertEqual(len(self.factory.protocols), 0)
+        _, transport = connect(self.factory)
+        self.assertEqual(transport.value(), b"")
+
+    def test_reload_changes_the_cap(self) -> None:
+        lifecycle = self.top.getServiceNamed("lifecycle")
+        lifecycle.loader = lambda: settings(
+            "[echo]\nlisten_udp =\n[metrics]\nenabled = true\nmax_connections = 1\n"
+        )
+        self.assertTrue(lifecycle.reload())
+        connect(self.factory, "127.0.0.1")
+        _, refused = connect(self.factory, "127.0.0.2")
+        self.assertIn(b"503", refused.value())
+
+
 @pytest.mark.integration
 def test_scrape_after_traffic() -> None:
     ini = """
@@ -79,3 +151,5 @@ def test_scrape_after_traffic() -> None:
             text = response.read().decode()
         assert 'sockd_connections_total{service="echo"} 3.0' in text
         assert 'sockd_datagrams_answered_total{service="echo"} 1.0' in text
+        # The scrape counts itself.
+        assert 'sockd_connections_open{service="metrics"} 1.0' in text

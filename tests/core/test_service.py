@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import textwrap
+from pathlib import Path
 
+import pytest
 from twisted.application.service import IServiceMaker
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 import sockd.echo.tap as echo_tap
 from sockd import tap
-from sockd.core.service import Listener, with_backlog
+from sockd.core.service import (
+    DescriptorLimit,
+    Listener,
+    descriptor_budget,
+    make_daemon_service,
+    with_backlog,
+)
 from sockd.echo.protocol import DatagramEcho, EchoFactory
-from tests.helpers import ROOT, TWISTD, tempdir
+from tests.helpers import ROOT, TWISTD, settings, tempdir
 
 TAPNAMES = {"sockd", "sockd-echo", "sockd-chat", "sockd-file"}
 
@@ -203,3 +213,171 @@ class BacklogTests(SynchronousTestCase):
             with_backlog("systemd:domain=INET:index=0", 9),
             "systemd:domain=INET:index=0",
         )
+
+
+class SetOptionTests(SynchronousTestCase):
+    """--set names a known section and key, as the file must."""
+
+    def test_unknown_section_stops_start_up(self) -> None:
+        ini = write_ini(self, "[echo]\nlisten_udp =\n")
+        for options in (tap.Options(), echo_tap.Options()):
+            with self.assertRaises(SystemExit) as caught:
+                options.parseOptions(["--config", ini, "--set", "bogus.key=1"])
+            self.assertEqual(
+                caught.exception.code,
+                "sockd: command line: --set bogus.key: unknown section [bogus]; "
+                "expected: [sockd], [echo], [chat], [file], [metrics]",
+            )
+
+    def test_unknown_key_of_the_daemons_section(self) -> None:
+        ini = write_ini(self, "")
+        with self.assertRaises(SystemExit) as caught:
+            echo_tap.Options().parseOptions(["--config", ini, "--set", "bogus=1"])
+        self.assertIn(
+            "sockd: command line: [echo] unknown key 'bogus'; expected one of: "
+            "enabled, listen,",
+            str(caught.exception.code),
+        )
+
+
+@pytest.mark.integration
+def test_unknown_set_section_exits_with_status_1(tmp_path: Path) -> None:
+    ini = tmp_path / "sockd.ini"
+    ini.write_text("[echo]\nlisten = tcp:0:interface=127.0.0.1\nlisten_udp =\n")
+    command = ["-n", "--pidfile=", "sockd-echo", "--config", str(ini)]
+    result = subprocess.run(
+        [*TWISTD, *command, "--set", "bogus.key=1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "unknown section [bogus]" in result.stderr
+    assert "listening on" not in result.stdout + result.stderr
+
+
+class Limits:
+    """getrlimit and setrlimit for RLIMIT_NOFILE, in memory."""
+
+    def __init__(self, soft: int, hard: int, error: OSError | None = None) -> None:
+        self.soft, self.hard, self.error = soft, hard, error
+        self.set: list[tuple[int, int]] = []
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        assert which == resource.RLIMIT_NOFILE
+        return self.soft, self.hard
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        assert which == resource.RLIMIT_NOFILE
+        if self.error is not None:
+            raise self.error
+        self.set.append(limits)
+        self.soft, self.hard = limits
+
+
+#: echo and file with their default caps, as in the shipped file
+ECHO_AND_FILE = f"""
+[echo]
+listen = tcp:9000:interface=127.0.0.1
+listen_udp = udp:9001:interface=127.0.0.1
+[file]
+enabled = true
+root = {ROOT / "sockd" / "data" / "files"}
+"""
+
+
+class DescriptorLimitTests(SynchronousTestCase):
+    def start(
+        self, text: str, limits: Limits, sections: tuple[str, ...] = ("echo", "file")
+    ) -> tuple[DescriptorLimit, list[dict[str, object]]]:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service = DescriptorLimit(
+            settings(text), sections, limits.getrlimit, limits.setrlimit
+        )
+        service.privilegedStartService()
+        service.startService()
+        return service, [e for e in events if e["log_level"] == LogLevel.warn]
+
+    def test_budget_is_explicit(self) -> None:
+        self.assertEqual(
+            descriptor_budget(settings(ECHO_AND_FILE), ["echo", "file"]),
+            [
+                ("reserve", 64),
+                ("[echo] max_connections", 1000),
+                ("[file] max_connections x 2", 512),
+                ("listeners", 3),
+            ],
+        )
+        writable = settings(
+            ECHO_AND_FILE
+            + "writable = true\n[metrics]\nenabled = true\n[sockd]\nworkers = 4\n"
+        )
+        self.assertEqual(
+            descriptor_budget(writable, ["file"]),
+            [
+                ("reserve", 64),
+                ("[file] max_connections x 3", 768),
+                ("[metrics] max_connections", 64),
+                ("[sockd] workers' pipes", 9),
+                ("listeners", 2),
+            ],
+        )
+
+    def test_soft_limit_raised_to_the_hard_one(self) -> None:
+        limits = Limits(1024, 524288)
+        service, warnings = self.start(ECHO_AND_FILE, limits)
+        self.assertEqual(limits.set, [(524288, 524288)])
+        self.assertEqual(service.limit, 524288)
+        self.assertEqual(warnings, [])
+
+    def test_caps_over_the_limit_are_named(self) -> None:
+        # The issue's case: 1000 + 256 connections, each within its caps,
+        # under a limit of 1024 that cannot be raised.
+        limits = Limits(1024, 1024)
+        service, warnings = self.start(ECHO_AND_FILE, limits)
+        self.assertEqual(limits.set, [])
+        self.assertEqual(service.limit, 1024)
+        (warning,) = warnings
+        text = formatEvent(warning)
+        for fragment in [
+            "can need 1579 open files",
+            "[echo] max_connections 1000, [file] max_connections x 2 512",
+            "may open 1024 (RLIMIT_NOFILE)",
+            "lower [echo] max_connections or [file] max_connections",
+            "LimitNOFILE=",
+        ]:
+            self.assertIn(fragment, text)
+
+    def test_caps_within_the_limit_are_quiet(self) -> None:
+        # 64 + 500 + 100 x 2 + 3 = 767 descriptors at most
+        text = ECHO_AND_FILE.replace("[file]", "max_connections = 500\n[file]")
+        _, warnings = self.start(text + "max_connections = 100\n", Limits(1024, 1024))
+        self.assertEqual(warnings, [])
+
+    def test_refused_raise_keeps_the_soft_limit(self) -> None:
+        limits = Limits(1024, 4096, OSError(1, "Operation not permitted"))
+        service, warnings = self.start(ECHO_AND_FILE, limits)
+        self.assertEqual(service.limit, 1024)
+        self.assertEqual(len(warnings), 1)
+
+    def test_reload_checks_the_new_caps(self) -> None:
+        service, warnings = self.start(
+            "[echo]\nlisten_udp =\n", Limits(2048, 2048), ("echo",)
+        )
+        self.assertEqual(warnings, [])
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service.reloaded(settings("[echo]\nlisten_udp =\nmax_connections = 5000\n"))
+        self.assertEqual(
+            [e["needed"] for e in events if e["log_level"] == LogLevel.warn], [5065]
+        )
+
+    def test_started_first_in_the_main_process_only(self) -> None:
+        options = tap.Options()
+        options.parseOptions(["--config", write_ini(self, "[echo]\nlisten_udp =\n")])
+        top = tap.makeService(options, reactor=UDPMemoryReactor())
+        self.assertIsInstance(next(iter(top)), DescriptorLimit)
+        worker = make_daemon_service(
+            options.config, ["echo"], UDPMemoryReactor(), inherited={}
+        )
+        self.assertFalse(any(isinstance(s, DescriptorLimit) for s in worker))

@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import sockd.core.config as sockd_config
 from sockd.client import cert
 from sockd.client.main import main
-from tests.helpers import running
+from sockd.client.tls import client_context
+from tests.helpers import run_bounded, running, unblock_fifo
 
 
 def load(pem: bytes) -> x509.Certificate:
@@ -119,6 +120,32 @@ class TestCommand:
         (tmp_path / "key.pem").symlink_to(target)
         assert main(["cert", "localhost", "--out-dir", str(tmp_path)]) == 1
         assert target.read_text() == "keep"
+
+    def test_fifos_in_place_of_the_pair_are_refused_at_once(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        # No reader: opening them for writing would block forever.
+        for name in ("key.pem", "cert.pem"):
+            directory = tmp_path / name.split(".")[0]
+            directory.mkdir()
+            fifo = directory / name
+            os.mkfifo(fifo)
+            status = run_bounded(
+                lambda d=directory: main(["cert", "localhost", "--out-dir", str(d)]),
+                release=unblock_fifo(fifo),
+            )
+            assert status == 1
+            assert f"{fifo} is a FIFO (named pipe), not a regular file" in (
+                capsys.readouterr().err
+            )
+            assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_cafile_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "ca.pem"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="it is a FIFO"):
+        run_bounded(lambda: client_context(str(fifo)), release=unblock_fifo(fifo))
 
 
 # --- a real twistd over TLS -------------------------------------------------
