@@ -68,9 +68,54 @@ class TestMakeCertificate:
         assert first[1] != second[1]
 
     def test_bad_hostnames(self) -> None:
-        for bad in ("", "a b", "x" * 254):
-            with pytest.raises(ValueError):
+        for bad in (
+            "",
+            "a b",
+            "x" * 254,
+            "evil\x1b[31m",  # a SAN that colours the terminal of whoever reads it
+            "a\r\nb",
+            "host\x00name",
+            "a..b",
+            "example.org.",
+            "-a.example.org",
+            "a-.example.org",
+            "under_score.example.org",
+            "a." + "b" * 64 + ".org",
+            ".".join(["a" * 63] * 4),  # 255 characters
+            "\u00e9t\u00e9.example.org",
+            "256.1.1.1",
+            "1.2.3.4.5",
+            "*",
+            "*.org",
+            "a.*.example.org",
+            "**.example.org",
+            "fe80::1%eth0",
+        ):
+            with pytest.raises(ValueError, match="not a host name or IP address"):
                 cert.make_certificate(bad)
+
+    def test_good_hostnames(self) -> None:
+        longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])  # 253
+        for good in ("localhost", "a-b.example.org", "9echo.example.org", longest):
+            assert cert.subject_name(good) == x509.DNSName(good)
+        assert cert.subject_name("xn--e1afmkfd.org") == x509.DNSName("xn--e1afmkfd.org")
+
+    def test_wildcard(self) -> None:
+        certificate = load(cert.make_certificate("*.echo.example.org")[0])
+        names = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+        assert names.get_values_for_type(x509.DNSName) == ["*.echo.example.org"]
+
+    def test_ipv6_address(self) -> None:
+        certificate = load(cert.make_certificate("2001:db8::1")[0])
+        names = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+        assert names.get_values_for_type(x509.IPAddress) == [
+            ipaddress.ip_address("2001:db8::1")
+        ]
+        assert names.get_values_for_type(x509.DNSName) == []
 
     def test_validity_starts_at_now(self) -> None:
         past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
@@ -112,6 +157,63 @@ class TestCommand:
     def test_bad_hostname(self, capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["cert", "bad host"]) == 2
         assert "not a host name" in capsys.readouterr().err
+
+    def test_control_characters_refused_and_shown_escaped(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        status = main(["cert", "evil\x1b[31m", "--out-dir", str(tmp_path)])
+        assert status == 2
+        err = capsys.readouterr().err
+        assert "\x1b" not in err
+        assert "'evil\\x1b[31m' is not a host name or IP address" in err
+        assert "expected a DNS name" in err
+        assert list(tmp_path.iterdir()) == []
+
+    def test_existing_pair_kept_without_force(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert main(["cert", "localhost", "--out-dir", str(tmp_path)]) == 0
+        key, pem = (
+            (tmp_path / "key.pem").read_bytes(),
+            (tmp_path / "cert.pem").read_bytes(),
+        )
+        capsys.readouterr()
+        assert main(["cert", "other.example.org", "--out-dir", str(tmp_path)]) == 1
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'key.pem'} exists: use --force to replace it" in err
+        assert (tmp_path / "key.pem").read_bytes() == key
+        assert (tmp_path / "cert.pem").read_bytes() == pem
+
+    def test_an_existing_certificate_alone_is_kept(self, tmp_path: Path) -> None:
+        (tmp_path / "cert.pem").write_text("mine")
+        assert main(["cert", "localhost", "--out-dir", str(tmp_path)]) == 1
+        assert (tmp_path / "cert.pem").read_text() == "mine"
+        assert not (tmp_path / "key.pem").exists()
+
+    def test_force_replaces(self, tmp_path: Path) -> None:
+        assert main(["cert", "localhost", "--out-dir", str(tmp_path)]) == 0
+        old_key = (tmp_path / "key.pem").read_bytes()
+        args = ["cert", "echo.example.org", "--out-dir", str(tmp_path), "--force"]
+        assert main(args) == 0
+        assert (tmp_path / "key.pem").read_bytes() != old_key
+        assert stat.S_IMODE(os.stat(tmp_path / "key.pem").st_mode) == 0o600
+        names = (
+            load((tmp_path / "cert.pem").read_bytes())
+            .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            .value
+        )
+        assert names.get_values_for_type(x509.DNSName) == ["echo.example.org"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cert.pem", "key.pem"]
+
+    def test_force_replaces_a_symlink_not_its_target(self, tmp_path: Path) -> None:
+        target = tmp_path / "elsewhere"
+        target.write_text("keep")
+        (tmp_path / "key.pem").symlink_to(target)
+        args = ["cert", "localhost", "--out-dir", str(tmp_path), "-f"]
+        assert main(args) == 0
+        assert target.read_text() == "keep"
+        assert not (tmp_path / "key.pem").is_symlink()
+        assert b"PRIVATE KEY" in (tmp_path / "key.pem").read_bytes()
 
     def test_key_written_through_symlink_is_refused(self, tmp_path: Path) -> None:
         target = tmp_path / "elsewhere"
