@@ -33,7 +33,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from sockd.config import ChatSettings
-from sockd.limits import RateLimiter, TokenBucket
+from sockd.limits import LOOP_PORTS, RateLimiter, TokenBucket
 from sockd.logs import escape
 
 __all__ = [
@@ -54,10 +54,6 @@ Address = Any  # (host, port) as recvfrom gives it
 
 #: an unvalidated address gets at most this many times the bytes it sent
 AMPLIFICATION = 3
-
-#: datagrams from these source ports are never answered before validation:
-#: port 0 cannot be answered and the small services would bounce replies
-LOOP_PORTS = frozenset({0, 7, 9, 13, 17, 19, 37, 53, 123})
 
 # C0 controls but newline, DEL, C1 controls, bidi embeddings/overrides and
 # isolates: none reaches another terminal or the log raw.

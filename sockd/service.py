@@ -30,6 +30,7 @@ from sockd import config as _config
 from sockd.config import Config, ConfigError
 from sockd.endpoints import bind_reusing_port, parse_datagram
 from sockd.epoll import lean_dispatch
+from sockd.limits import GuardedFactory
 from sockd.logs import prefer_journal
 from sockd.notify import Notifier
 
@@ -361,6 +362,8 @@ class Lifecycle(Service):
      - SIGHUP: C{loader} reads the configuration again; each factory or
        datagram protocol with C{reconfigure(settings, shared)} gets its
        section's new settings.  An invalid file is logged and ignored.
+     - At start and on each reload, every L{GuardedFactory} gets the
+       C{[sockd]} settings its connections use (the TLS handshake timeout).
     """
 
     def __init__(
@@ -386,8 +389,14 @@ class Lifecycle(Service):
                 seen.setdefault(id(target), (child.service, target))
         return list(seen.values())
 
+    def _share(self, config: Config) -> None:
+        for _, target in self.targets():
+            if isinstance(target, GuardedFactory):
+                target.handshake_timeout = config.sockd.tls_handshake_timeout
+
     def startService(self) -> None:
         super().startService()
+        self._share(self.config)
         if self.loader is not None and threading.current_thread() is (
             threading.main_thread()
         ):
@@ -421,6 +430,7 @@ class Lifecycle(Service):
             reconfigure = getattr(target, "reconfigure", None)
             if reconfigure is not None:
                 reconfigure(new_settings, new.sockd)
+        self._share(new)
         self.config = new
         log.info("sockd: configuration reloaded from {source}", source=new.source)
         for sibling in self.parent or ():

@@ -15,15 +15,28 @@ import ssl
 import stat
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from twisted.internet import ssl as twisted_ssl
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import (
+    MemoryReactorClock,
+    StringTransportWithDisconnection,
+)
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test import iosim
 
 from sockd import config as sockd_config
+from sockd import echo_tap
 from sockd.client import cert
 from sockd.client.main import main
-from tests.helpers import running
+from sockd.limits import GuardedFactory, GuardedProtocol
+from tests.helpers import connect, running
 
 
 def load(pem: bytes) -> x509.Certificate:
@@ -223,6 +236,123 @@ class TestCommand:
         assert target.read_text() == "keep"
 
 
+# --- the handshake deadline, in memory --------------------------------------
+
+
+class Recorder(Protocol):
+    """A server-side protocol under the limits that keeps what it gets."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class Guarded(GuardedProtocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.touch()
+        self.transport.write(data.upper())  # type: ignore[union-attr]
+
+
+class TestHandshakeDeadline:
+    def setup_method(self) -> None:
+        cert_pem, key_pem = cert.make_certificate("localhost")
+        self.server_options = twisted_ssl.PrivateCertificate.loadPEM(
+            (key_pem + cert_pem).decode()
+        ).options()
+        self.client_options = twisted_ssl.optionsForClientTLS(
+            "localhost", twisted_ssl.Certificate.loadPEM(cert_pem.decode())
+        )
+        self.clock = Clock()
+        self.factory = GuardedFactory(
+            self.clock,
+            SimpleNamespace(
+                max_connections=10, max_connections_per_ip=10, idle_timeout=300
+            ),
+            request_timeout=60,
+            abort_grace=5,
+        )
+        self.factory.protocol = Guarded
+        self.factory.handshake_timeout = 3
+        self.tls = TLSMemoryBIOFactory(
+            self.server_options, False, self.factory, self.clock
+        )
+
+    def test_silent_client_aborted_at_the_deadline(self) -> None:
+        server = self.tls.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransportWithDisconnection()
+        transport.protocol = server
+        server.makeConnection(transport)
+        self.clock.advance(2.9)
+        assert transport.connected
+        self.clock.advance(0.1)
+        assert not transport.connected
+        assert self.factory.timeouts == {"handshake": 1}
+        assert self.factory.limiter.total == 0
+        assert self.clock.getDelayedCalls() == []
+
+    def test_half_a_client_hello_too(self) -> None:
+        server = self.tls.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransportWithDisconnection()
+        transport.protocol = server
+        server.makeConnection(transport)
+        server.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        self.clock.advance(3)
+        assert not transport.connected
+        assert self.factory.timeouts == {"handshake": 1}
+
+    def test_completed_handshake_lifts_the_deadline(self) -> None:
+        client_tls = TLSMemoryBIOFactory(
+            self.client_options, True, ClientFactory.forProtocol(Recorder), self.clock
+        )
+        addr = IPv4Address("TCP", "127.0.0.1", 40000)
+        client, server, pump = iosim.connectedServerAndClient(
+            lambda: self.tls.buildProtocol(addr),
+            lambda: client_tls.buildProtocol(addr),
+            clock=self.clock,
+        )
+        pump.flush()
+        self.clock.advance(10)  # well past the handshake deadline
+        client.write(b"hello")
+        pump.flush()
+        assert client.wrappedProtocol.received == b"HELLO"
+        assert not server.transport.disconnecting
+        assert self.factory.timeouts == {}
+
+    def test_timeout_key_checked(self) -> None:
+        assert sockd_config.parse("").sockd.tls_handshake_timeout == 10
+        bad = "[sockd]\ntls_handshake_timeout = 0\n"
+        with pytest.raises(sockd_config.ConfigError, match=r"seconds from 0\.1"):
+            sockd_config.parse(bad)
+
+    def test_plain_tcp_has_no_handshake_deadline(self) -> None:
+        _, transport = connect(self.factory)
+        self.clock.advance(10)
+        assert transport.connected
+        assert self.factory.timeouts == {}
+
+    def test_service_wiring_sets_the_configured_timeout(self, tmp_path: Path) -> None:
+        ini = tmp_path / "sockd.ini"
+        ini.write_text(
+            "[sockd]\ntls_handshake_timeout = 2.5\n"
+            "[echo]\nlisten = tcp:0:interface=127.0.0.1\nlisten_udp =\n"
+        )
+        options = echo_tap.Options()
+        options.parseOptions(["--config", str(ini)])
+        service = echo_tap.makeService(options, reactor=MemoryReactorClock())
+        service.startService()
+        try:
+            (factory,) = [
+                child.target
+                for child in service
+                if isinstance(getattr(child, "target", None), GuardedFactory)
+            ]
+            assert factory.handshake_timeout == 2.5
+        finally:
+            service.stopService()
+
+
 # --- a real twistd over TLS -------------------------------------------------
 
 
@@ -266,12 +396,13 @@ def test_echo_over_tls(tmp_path: Path) -> None:
     ini = """
         [sockd]
         abort_grace = 0.5
+        tls_handshake_timeout = 1
         [echo]
         listen =
             ssl:0:interface=127.0.0.1:privateKey=good-key.pem:certKey=good-cert.pem
             ssl:0:interface=127.0.0.1:privateKey=old-key.pem:certKey=old-cert.pem
         listen_udp =
-        idle_timeout = 1
+        idle_timeout = 60
         """
     with running("sockd-echo", ini, directory=tmp_path) as daemon:
         good = daemon.port("echo", "TCP", 0)
@@ -289,15 +420,15 @@ def test_echo_over_tls(tmp_path: Path) -> None:
         with pytest.raises(ssl.SSLCertVerificationError, match="expired"):
             client(old, "localhost", tmp_path / "old-cert.pem")
 
-        # A client that connects and never starts the handshake is closed by
-        # the idle timeout (1 s) plus the abort grace (0.5 s).
-        with socket.create_connection(("127.0.0.1", good), timeout=4) as raw:
-            assert seconds_until_closed(raw) < 2.5
+        # A client that connects and never starts the handshake is cut off
+        # by the handshake timeout (1 s), long before the idle timeout (60 s).
+        with socket.create_connection(("127.0.0.1", good), timeout=10) as raw:
+            assert 0.5 < seconds_until_closed(raw) < 5
         # One that stops half way through its ClientHello, too.
-        with socket.create_connection(("127.0.0.1", good), timeout=4) as raw:
+        with socket.create_connection(("127.0.0.1", good), timeout=10) as raw:
             raw.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
-            assert seconds_until_closed(raw) < 2.5
-        daemon.wait_for("echo: closing .*: idle timeout")
+            assert 0.5 < seconds_until_closed(raw) < 5
+        daemon.wait_for("echo: closing .*: handshake timeout")
 
         # Still serving after all that.
         assert client(good, "localhost", tmp_path / "good-cert.pem") == b"HELLO TLS\n"
