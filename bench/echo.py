@@ -51,6 +51,7 @@ SOCKD_INI = """\
     udp_rate = 1000000000
     udp_burst = 1000000000
     udp_total_rate = 1000000000
+    udp_loop_budget = 0
 """
 
 #: run in the daemon before twistd: echo through plain transport.write

@@ -34,7 +34,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from sockd.core.config import ChatSettings
-from sockd.core.limits import RateLimiter, TokenBucket, peer_key
+from sockd.core.limits import LOOP_PORTS, RateLimiter, TokenBucket, peer_key
 from sockd.core.logs import escape
 
 __all__ = [
@@ -56,10 +56,6 @@ Address = Any  # (host, port) as recvfrom gives it
 
 #: an unvalidated address gets at most this many times the bytes it sent
 AMPLIFICATION = 3
-
-#: datagrams from these source ports are never answered before validation:
-#: port 0 cannot be answered and the small services would bounce replies
-LOOP_PORTS = frozenset({0, 7, 9, 13, 17, 19, 37, 53, 123})
 
 #: code points that never reach another terminal or the log raw (each
 #: becomes U+FFFD, a tab a space): C0 controls but newline, DEL, C1

@@ -331,6 +331,8 @@ class SockdSettings:
     shutdown_grace: float = 30.0
     #: processes serving echo and file (this one included); see sockd.core.workers
     workers: int = 1
+    #: seconds a client of an ssl: listener has to finish its TLS handshake
+    tls_handshake_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -351,6 +353,9 @@ class EchoSettings:
     udp_rate: float = 100.0
     udp_burst: int = 200
     udp_total_rate: float = 50000.0
+    udp_allow_privileged_ports: bool = False
+    udp_loop_budget: int = 100
+    udp_loop_pause: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -434,6 +439,7 @@ SCHEMA: dict[str, dict[str, Parser]] = {
         "abort_grace": seconds(0.1, 600),
         "shutdown_grace": seconds(0, 3600),
         "workers": workers,
+        "tls_handshake_timeout": seconds(0.1, 3600),
     },
     "echo": {
         "enabled": boolean,
@@ -450,6 +456,9 @@ SCHEMA: dict[str, dict[str, Parser]] = {
         "udp_rate": rate(0.01, 1e9),
         "udp_burst": integer(1, 1_000_000_000),
         "udp_total_rate": rate(1, 1e9),
+        "udp_allow_privileged_ports": boolean,
+        "udp_loop_budget": integer(0, 1_000_000_000),
+        "udp_loop_pause": seconds(0.01, 60),
     },
     "chat": {
         "enabled": boolean,

@@ -1,7 +1,8 @@
 """
 Limits shared by every service: connection caps (total and per client
-address), per-source rate limiting, timeouts that really close, and
-backpressure.
+address, shared fairly when connections run short), per-source rate
+limiting, the UDP source ports never answered, timeouts that really close
+(the TLS handshake's too), and backpressure.
 
 Twisted's C{policies.LimitConnectionsByPeer} crashes on C{IPv4Address}
 (Twisted #12183), and C{TimeoutMixin} only calls C{loseConnection}, which
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
+import itertools
 import math
 from collections import OrderedDict
 from typing import Any
@@ -22,18 +24,25 @@ from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
+    IHandshakeListener,
     IReactorTime,
+    ISSLTransport,
 )
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sockd.core.config import SockdSettings
+
 __all__ = [
+    "LOOP_PORTS",
+    "PRIVILEGED_PORTS",
     "ConnectionLimiter",
     "GuardedFactory",
     "GuardedProtocol",
     "IdleWheel",
+    "PeerBudget",
     "RateLimiter",
     "Refusal",
     "TokenBucket",
@@ -44,6 +53,53 @@ log = Logger(namespace="sockd")
 
 #: one metric sample: (name, "counter" or "gauge", labels, value)
 Sample = tuple[str, str, dict[str, str], float]
+
+#: UDP source ports a datagram service never answers (before validation,
+#: for chat).  Behind each is a service that answers whatever it is sent,
+#: so a datagram forged "from" it starts a ping-pong between the two
+#: ("loops"), or one that answers with more than it got, so a forged
+#: request turns us into a reflector toward it ("amplifies").  Port 0
+#: cannot be answered at all.
+LOOP_PORTS = frozenset(
+    {
+        0,  # unanswerable
+        7,  # echo: loops
+        9,  # discard: loops (some answer)
+        13,  # daytime: loops
+        17,  # qotd: amplifies
+        19,  # chargen: amplifies
+        37,  # time: loops
+        53,  # dns: amplifies
+        69,  # tftp: loops
+        111,  # portmap: amplifies
+        123,  # ntp: amplifies
+        137,  # netbios-ns: amplifies
+        138,  # netbios-dgm: loops
+        161,  # snmp: amplifies
+        162,  # snmp-trap: loops
+        389,  # cldap: amplifies
+        520,  # rip: amplifies
+        1194,  # openvpn: loops
+        1900,  # ssdp: amplifies
+        3283,  # apple-remote-desktop: amplifies
+        3702,  # ws-discovery: amplifies
+        5353,  # mdns: amplifies
+        5355,  # llmnr: loops
+        5683,  # coap: amplifies
+        8001,  # sockd-chat: loops (its default port)
+        9001,  # sockd-echo: loops (its default port)
+        10001,  # ubiquiti-discovery: amplifies
+        11211,  # memcached: amplifies
+        27015,  # steam/source: amplifies
+    }
+)
+
+#: what a connection closed to make room for another address is told
+EVICTED = "server full: closing this idle connection to admit other addresses"
+
+#: ports below 1024: only system services send from them, never a person's
+#: client, so UDP echo drops them all unless C{udp_allow_privileged_ports}
+PRIVILEGED_PORTS = frozenset(range(1024))
 
 
 # Cached: parsing an address costs microseconds, and UDP services key every
@@ -78,7 +134,24 @@ def host_of(address: IAddress | None) -> str:
 
 
 class ConnectionLimiter:
-    """Counts open connections, in total and per L{peer_key}."""
+    """
+    Counts open connections, in total and per L{peer_key}, and shares them
+    out when they run short:
+
+     - under pressure (at least L{pressure} of C{max_total} open), an
+       address already holding its fair share (C{max_total} divided by the
+       number of addresses holding connections, its own included) is
+       refused, so newcomers still find room;
+     - when full, L{make_room} names the address holding the most, if it
+       holds at least two more than the one asking: the caller closes one
+       of its connections (L{take_back}) and admits the newcomer.
+
+    The address holding the most is tracked by count, so every operation
+    is O(1).
+    """
+
+    #: the share of C{max_total} open from which connections are shared out
+    pressure = 0.9
 
     def __init__(self, max_total: int, max_per_peer: int) -> None:
         self.max_total = max_total
@@ -86,32 +159,85 @@ class ConnectionLimiter:
         self.total = 0
         self.per_peer: dict[str, int] = {}
         self.refused = 0
-        self.refused_by: dict[str, int] = {"total": 0, "per_ip": 0}
+        self.refused_by: dict[str, int] = {"total": 0, "per_ip": 0, "share": 0}
+        #: connections closed to make room for a less-served address
+        self.evicted = 0
+        #: count -> the keys holding that many connections, and the top count
+        self._holding: dict[int, set[str]] = {}
+        self._most = 0
+
+    @property
+    def pressed(self) -> bool:
+        """Whether connections are being shared out (L{pressure} reached)."""
+        return self.total >= self.max_total * self.pressure
 
     def acquire(self, key: str) -> str | None:
         """Take a slot for C{key}; on refusal return the reason instead."""
-        if self.total >= self.max_total:
-            self.refused += 1
-            self.refused_by["total"] += 1
-            return "too many connections to this server"
         count = self.per_peer.get(key, 0)
         if count >= self.max_per_peer:
-            self.refused += 1
-            self.refused_by["per_ip"] += 1
-            return "too many connections from your address"
-        self.per_peer[key] = count + 1
+            return self._refuse("per_ip", "too many connections from your address")
+        if self.total >= self.max_total:
+            return self._refuse("total", "too many connections to this server")
+        if self.pressed and count >= self._share(key):
+            return self._refuse(
+                "share", "too many connections from your address; server busy"
+            )
+        self._move(key, count, count + 1)
         self.total += 1
         return None
+
+    def _refuse(self, reason: str, message: str) -> str:
+        self.refused += 1
+        self.refused_by[reason] += 1
+        return message
+
+    def _share(self, key: str) -> int:
+        holders = len(self.per_peer) + (key not in self.per_peer)
+        return max(1, self.max_total // holders)
+
+    def make_room(self, key: str) -> str | None:
+        """
+        The server is full: the address to take a connection back from so
+        that C{key} may have one, or None if none holds at least two more
+        than C{key} (taking from an equal would only move the shortage).
+        """
+        if self.total < self.max_total:
+            return None
+        count = self.per_peer.get(key, 0)
+        if self._most < count + 2 or count >= self.max_per_peer:
+            return None
+        if count >= self._share(key):
+            return None  # refused for its share even after the room is made
+        return next(iter(self._holding[self._most]))
+
+    def take_back(self, key: str) -> None:
+        """One of C{key}'s connections is being closed to make room."""
+        self.evicted += 1
+        self.release(key)
 
     def release(self, key: str) -> None:
         count = self.per_peer.get(key, 0)
         if count <= 0:
             return
         self.total -= 1
-        if count == 1:
-            del self.per_peer[key]
+        self._move(key, count, count - 1)
+
+    def _move(self, key: str, old: int, new: int) -> None:
+        holding = self._holding
+        if old:
+            keys = holding[old]
+            keys.discard(key)
+            if not keys:
+                del holding[old]
+                if self._most == old:
+                    # Counts move by one: the next lower count is held.
+                    self._most = new
+        if new:
+            holding.setdefault(new, set()).add(key)
+            self.per_peer[key] = new
+            self._most = max(self._most, new)
         else:
-            self.per_peer[key] = count - 1
+            del self.per_peer[key]
 
 
 class TokenBucket:
@@ -139,11 +265,16 @@ class TokenBucket:
 
 class RateLimiter:
     """
-    One token bucket per source, plus a global one.  The table of sources is
-    bounded: when it is full the least recently seen source is forgotten, so
-    a flood from many spoofed sources costs bounded memory (the global
-    bucket still caps what they get).
+    One token bucket per source, plus global ones.  A source that has been
+    answered is remembered (in a bounded table: when it is full the least
+    recently seen source is forgotten); one that has not, such as each of
+    a flood of forged sources, costs no memory, and all of them together
+    may take at most L{newcomer_share} of the global rate, so sources
+    answered before keep the rest.
     """
+
+    #: the part of C{total_rate} that sources not yet remembered may take
+    newcomer_share = 0.5
 
     def __init__(
         self,
@@ -153,24 +284,44 @@ class RateLimiter:
         clock: IReactorTime,
         max_sources: int = 65536,
     ) -> None:
-        self.rate = rate
-        self.burst = burst
         self.clock = clock
         self.max_sources = max_sources
-        self.total = TokenBucket(total_rate, max(total_rate, burst), clock)
+        self.total = TokenBucket(total_rate, burst, clock)
+        self.newcomers = TokenBucket(total_rate, burst, clock)
+        self.set_rates(rate, burst, total_rate)
+        self.total.tokens = self.total.burst
+        self.newcomers.tokens = self.newcomers.burst
         self.sources: OrderedDict[Any, list[float]] = OrderedDict()
         self.dropped = 0
+
+    def set_rates(self, rate: float, burst: float, total_rate: float) -> None:
+        """Per-source C{rate} and C{burst}, and C{total_rate} for everyone."""
+        self.rate = rate
+        self.burst = burst
+        self.total.rate = total_rate
+        self.total.burst = max(total_rate, burst)
+        share = self.newcomer_share
+        self.newcomers.rate = total_rate * share
+        self.newcomers.burst = self.total.burst * share
 
     def allow(self, source: Any, cost: float = 1.0) -> bool:
         """Charge C{cost} to C{source}; False means drop the request."""
         now = self.clock.seconds()
         state = self.sources.get(source)
         if state is None:
+            # Its bucket would start full: only the global ones can say no.
+            if (
+                cost > self.burst
+                or not self.newcomers.take(cost)
+                or not self.total.take(cost)
+            ):
+                self.dropped += 1
+                return False
             if len(self.sources) >= self.max_sources:
                 self.sources.popitem(last=False)
-            state = self.sources[source] = [float(self.burst), now]
-        else:
-            self.sources.move_to_end(source)
+            self.sources[source] = [self.burst - cost, now]
+            return True
+        self.sources.move_to_end(source)
         tokens = min(self.burst, state[0] + (now - state[1]) * self.rate)
         state[1] = now
         if tokens < cost or not self.total.take(cost):
@@ -179,6 +330,51 @@ class RateLimiter:
             return False
         state[0] = tokens - cost
         return True
+
+
+class PeerBudget:
+    """
+    Bounds a loop with another datagram service: more than C{budget}
+    datagrams from one address and port, each less than C{pause} seconds
+    after the one before, and the rest are dropped until that peer pauses
+    for C{pause} seconds.  A person's client sends and waits; a loop
+    answers at once, forever, from one port.  C{budget} 0 turns it off.
+
+    The table of peers is bounded: when full, the oldest entry goes.  A
+    loop forgotten that way starts a new budget, but pushing it out takes
+    C{max_peers} datagrams from other peers, far more than it would loop.
+    """
+
+    def __init__(
+        self,
+        budget: int,
+        pause: float,
+        clock: IReactorTime,
+        max_peers: int = 65536,
+    ) -> None:
+        self.budget = budget
+        self.pause = pause
+        self.clock = clock
+        self.max_peers = max_peers
+        #: (host, port) -> [time of its last datagram, datagrams without a pause]
+        self.peers: dict[Any, list[float]] = {}
+
+    def allow(self, peer: Any) -> bool:
+        """A datagram from C{peer}: False means drop it."""
+        if not self.budget:
+            return True
+        now = self.clock.seconds()
+        state = self.peers.get(peer)
+        if state is None:
+            peers = self.peers
+            if len(peers) >= self.max_peers:
+                del peers[next(iter(peers))]
+            peers[peer] = [now, 1]
+            return True
+        streak = state[1] + 1 if now - state[0] < self.pause else 1
+        state[0] = now
+        state[1] = streak
+        return streak <= self.budget
 
 
 def idle_granularity(timeout: float) -> float:
@@ -196,14 +392,18 @@ class IdleWheel:
     which costs memory for every idle connection and heap work on every
     read.
 
-    A protocol is filed by its C{_due} (when it becomes idle-expired) in the
+    A protocol is filed by when it becomes idle-expired (its C{_seen}, the
+    time of its last data, plus the factory's idle timeout now) in the
     bucket checked at the first multiple of L{idle_granularity} at or after
-    it.  Data arriving only moves C{_due} (L{GuardedProtocol.touch}); when
-    the bucket is checked, a protocol due later is filed again, so each
-    connection is handled at most once per bucket, however busy it is.
+    that.  Data arriving only moves C{_seen} (L{GuardedProtocol.touch});
+    when the bucket is checked, a protocol due later is filed again, so
+    each connection is handled at most once per bucket, however busy it is.
 
     Timing: an idle connection is closed no earlier than its idle timeout
     after its last data and no later than the timeout plus one granularity.
+    The timeout is the one in force when its bucket is checked; when it
+    becomes shorter under pressure, L{GuardedFactory} files every
+    connection again at once (after a reload, each at its next data).
     """
 
     def __init__(self, clock: IReactorTime) -> None:
@@ -216,11 +416,16 @@ class IdleWheel:
 
     def add(self, protocol: GuardedProtocol, after: float = -math.inf) -> None:
         """
-        File C{protocol} by its C{_due}, with the granularity of its
-        factory's idle timeout now, in a bucket later than C{after}.
+        File C{protocol} by when it becomes idle-expired, with the
+        granularity of its factory's idle timeout now, in a bucket later
+        than C{after}.
         """
-        granularity = protocol.factory.idle_granularity
-        slot = math.ceil(protocol._due / granularity) * granularity
+        factory = protocol.factory
+        granularity = factory.idle_granularity
+        # Already overdue (the timeout just became shorter): the bucket now
+        # due, one for all of them rather than one per second they are late.
+        due = max(protocol._seen + factory.idle_timeout, self.clock.seconds())
+        slot = math.ceil(due / granularity) * granularity
         if slot <= after:
             # Rounding put it back in the bucket being checked: next one.
             slot = after + granularity
@@ -256,17 +461,18 @@ class IdleWheel:
             protocol._slot = None
             if protocol.closing:
                 continue  # close() has its own timer, and idleness is moot
-            if protocol._due > now:
+            if protocol._seen + protocol.factory.idle_timeout > now:
                 self.add(protocol, after=slot)  # touched since it was filed
             else:
                 protocol._timedOut("idle")
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class GuardedProtocol(Protocol):
     """
     A TCP protocol with an idle timeout, a deadline for the request in
-    progress, backpressure, and a close that really closes.
+    progress, a deadline for the TLS handshake (over C{ssl:}), backpressure,
+    and a close that really closes.
 
     Subclasses call L{touch} when data arrives, L{startDeadline} and
     L{stopDeadline} around a partial request, and L{close} to finish.
@@ -275,13 +481,16 @@ class GuardedProtocol(Protocol):
     """
 
     factory: GuardedFactory
-    #: when the connection becomes idle-expired, and the time of the
-    #: L{IdleWheel} bucket it is filed in (None: not filed)
-    _due = 0.0
+    #: when data last arrived, and the time of the L{IdleWheel} bucket the
+    #: connection is filed in (None: not filed)
+    _seen = 0.0
     _slot: float | None = None
     _deadline: IDelayedCall | None = None
     _abort: IDelayedCall | None = None
+    _handshake: IDelayedCall | None = None
     _key: str | None = None
+    #: its slot was given back early, to make room (L{GuardedFactory})
+    _evicted = False
     _opened = 0.0
     _lingering = False
     closing = False
@@ -304,23 +513,65 @@ class GuardedProtocol(Protocol):
         if nodelay is not None:
             with contextlib.suppress(OSError):
                 nodelay(True)
-        self._due = self._opened + self.factory.idle_timeout
-        self.factory.idle_wheel.add(self)
+        self._seen = self._opened
+        factory = self.factory
+        factory.idle_wheel.add(self)
+        if self._key is not None:
+            factory.file_peer(self._key, self)
+        if ISSLTransport.providedBy(transport):
+            # Under TLS (TLSMemoryBIOProtocol tells us through
+            # handshakeCompleted): a client that never finishes its
+            # handshake must not hold the connection until the idle timeout.
+            self._handshake = factory.clock.callLater(
+                factory.handshake_timeout, self._handshakeTimedOut
+            )
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is done: its deadline is lifted."""
+        if self._handshake is not None and self._handshake.active():
+            self._handshake.cancel()
+        self._handshake = None
+
+    def _handshakeTimedOut(self) -> None:
+        self._handshake = None
+        timeouts = self.factory.timeouts
+        timeouts["handshake"] = timeouts.get("handshake", 0) + 1
+        log.info(
+            "{service}: closing {peer}: handshake timeout",
+            service=self.factory.service_name,
+            peer=self._key,
+        )
+        # Nothing was said over TLS yet, so there is nothing to flush.
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def touch(self) -> None:
         """
         Data arrived: restart the idle timer.  Cheap on purpose: it only
-        moves C{_due}, and the factory's L{IdleWheel} notices when it
-        checks the bucket.  A reloaded idle timeout applies from here on.
+        moves C{_seen}, and the factory's L{IdleWheel} notices when it
+        checks the bucket.
         """
         factory = self.factory
-        self._due = due = factory.clock.seconds() + factory.idle_timeout
+        self._seen = now = factory.clock.seconds()
         slot = self._slot
-        # Filed too late for the new due only when a reload shortened the
-        # timeout: file it again, or it would outlive the new timeout.
-        if slot is not None and slot - due >= factory.idle_granularity:
+        # Filed too late for the new due only when the timeout became
+        # shorter: file it again, or it would outlive the new timeout.
+        if (
+            slot is not None
+            and slot - now - factory.idle_timeout >= factory.idle_granularity
+        ):
             factory.idle_wheel.remove(self)
             factory.idle_wheel.add(self)
+
+    def evict(self) -> None:
+        """
+        Hook: closed to make room for a client from a less-served address.
+        By default, say why (L{GuardedFactory.refusal}) unless something
+        else than answers is being sent (a file body), then close.
+        """
+        transport = self.transport
+        between_answers = getattr(transport, "producer", None) is transport
+        self.close(self.factory.refusal(EVICTED) if between_answers else b"")
 
     def startDeadline(self) -> None:
         """A request has begun; it must complete within the request timeout."""
@@ -399,10 +650,10 @@ class GuardedProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.idle_wheel.remove(self)
-        for call in (self._deadline, self._abort):
+        for call in (self._deadline, self._abort, self._handshake):
             if call is not None and call.active():
                 call.cancel()
-        self._deadline = self._abort = None
+        self._deadline = self._abort = self._handshake = None
         log.info(
             "{service}: {peer} disconnected after {duration:.3f}s: {outcome}",
             service=self.factory.service_name,
@@ -410,12 +661,16 @@ class GuardedProtocol(Protocol):
             duration=self.factory.clock.seconds() - self._opened,
             outcome=reason.getErrorMessage(),
         )
+        factory = self.factory
         if self._key is not None:
-            self.factory.limiter.release(self._key)
+            factory.unfile_peer(self._key, self)
+            if not self._evicted:
+                factory.limiter.release(self._key)
+                factory.check_pressure()
             self._key = None
-        self.factory.connections.discard(self)
-        if self.factory.draining and not self.factory.connections:
-            self.factory.drained()
+        factory.connections.discard(self)
+        if factory.draining and not factory.connections:
+            factory.drained()
 
     def shutdown(self) -> None:
         """
@@ -472,10 +727,29 @@ class GuardedFactory(ServerFactory):
     """
     Builds L{GuardedProtocol}s under a L{ConnectionLimiter}; clients over a
     cap get one line (L{refusal}) and are closed.
+
+    When connections run short the factory shares them out: under
+    pressure (see L{ConnectionLimiter}) the idle timeout is cut to
+    L{pressure_idle_share} of the configured one, so idle connections are
+    reclaimed sooner, until fewer than L{relief} of C{max_connections} are
+    open; when full, a client from an address holding at least two fewer
+    connections than the address holding the most is admitted by closing
+    that address's longest idle connection (L{GuardedProtocol.evict}).
     """
 
     noisy = False
     service_name = "sockd"
+    #: the idle timeout under pressure, as a share of the configured one
+    pressure_idle_share = 0.1
+    #: pressure ends below this share of C{max_connections} (lower than
+    #: where it starts, so a count that hovers does not refile every
+    #: connection each time it crosses)
+    relief = 0.8
+    #: connections of the address to take from looked at for the idlest
+    eviction_scan = 256
+    #: seconds a TLS client has to finish its handshake; the service
+    #: wiring sets C{[sockd] tls_handshake_timeout}
+    handshake_timeout = SockdSettings.tls_handshake_timeout
 
     def __init__(
         self,
@@ -491,8 +765,12 @@ class GuardedFactory(ServerFactory):
         self.limiter = ConnectionLimiter(
             settings.max_connections, settings.max_connections_per_ip
         )
+        self.pressed = False
         self.set_limits(settings, request_timeout, abort_grace)
         self.connections: set[GuardedProtocol] = set()
+        #: peer_key -> its open connection, or a set of them if several
+        #: (one set per address would cost 200 bytes a connection)
+        self.peers: dict[str, GuardedProtocol | set[GuardedProtocol]] = {}
         self.accepted = 0
         self.timeouts: dict[str, int] = {}
         self.draining = False
@@ -505,15 +783,109 @@ class GuardedFactory(ServerFactory):
         Take C{max_connections}, C{max_connections_per_ip} and
         C{idle_timeout} from a service's settings (at start, and on a reload:
         they apply to new connections and timers; a new idle timeout applies
-        to an open connection from the next data it sends).
+        to an open connection from the next data it sends, or when its
+        current timer runs out).
         """
         self.limiter.max_total = settings.max_connections
         self.limiter.max_per_peer = settings.max_connections_per_ip
-        self.idle_timeout = settings.idle_timeout
-        # Kept next to the timeout: touch() reads it on every read.
-        self.idle_granularity = idle_granularity(settings.idle_timeout)
+        self.idle_setting = settings.idle_timeout
+        self._set_idle()
         self.request_timeout = request_timeout
         self.abort_grace = abort_grace
+
+    def _set_idle(self) -> None:
+        share = self.pressure_idle_share if self.pressed else 1.0
+        self.idle_timeout = self.idle_setting * share
+        # Kept next to the timeout: touch() reads it on every read.
+        self.idle_granularity = idle_granularity(self.idle_timeout)
+
+    def check_pressure(self) -> None:
+        """
+        After a connection came or went: start or end the shorter idle
+        timeout of L{pressure_idle_share}.  Starting it files every
+        connection again, which the gap between the two thresholds pays
+        for: at least a tenth of C{max_connections} must have been accepted
+        since pressure last ended.
+        """
+        limiter = self.limiter
+        if not self.pressed:
+            if not limiter.pressed:
+                return
+            self.pressed = True
+            self._set_idle()
+            log.warn(
+                "{service}: {count} of {most} connections open: idle "
+                "connections close after {timeout:g}s until fewer than "
+                "{relief:.0f} are open",
+                service=self.service_name,
+                count=limiter.total,
+                most=limiter.max_total,
+                timeout=self.idle_timeout,
+                relief=limiter.max_total * self.relief,
+            )
+            wheel = self.idle_wheel
+            for protocol in self.connections:
+                slot = protocol._slot
+                due = protocol._seen + self.idle_timeout
+                if slot is not None and slot - due >= self.idle_granularity:
+                    wheel.remove(protocol)
+                    wheel.add(protocol)
+        elif limiter.total < limiter.max_total * self.relief:
+            # Connections filed by the short timeout are filed again by the
+            # long one when their bucket is checked.
+            self.pressed = False
+            self._set_idle()
+            log.info(
+                "{service}: {count} connections open: idle timeout back to "
+                "{timeout:g}s",
+                service=self.service_name,
+                count=limiter.total,
+                timeout=self.idle_timeout,
+            )
+
+    def file_peer(self, key: str, protocol: GuardedProtocol) -> None:
+        """Index C{protocol} under its address, for L{_evict}."""
+        held = self.peers.get(key)
+        if held is None:
+            self.peers[key] = protocol
+        elif isinstance(held, set):
+            held.add(protocol)
+        else:
+            self.peers[key] = {held, protocol}
+
+    def unfile_peer(self, key: str, protocol: GuardedProtocol) -> None:
+        held = self.peers.get(key)
+        if held is protocol:
+            del self.peers[key]
+        elif isinstance(held, set):
+            held.discard(protocol)
+            if len(held) == 1:
+                self.peers[key] = held.pop()
+
+    def _evict(self, key: str, newcomer: str) -> None:
+        """Close the longest idle connection of C{key} to admit C{newcomer}."""
+        held = self.peers.get(key)
+        protocols = held if isinstance(held, set) else [held] if held else []
+        victim: GuardedProtocol | None = None
+        for protocol in itertools.islice(protocols, self.eviction_scan):
+            if not protocol.closing and (
+                victim is None or protocol._seen < victim._seen
+            ):
+                victim = protocol
+        if victim is None:
+            return  # all closing already: their slots come back soon
+        self.unfile_peer(key, victim)
+        victim._evicted = True
+        self.limiter.take_back(key)
+        log.warn(
+            "{service}: server full: closing a connection of {peer}, idle "
+            "for {idle:.0f}s, to admit {newcomer}",
+            service=self.service_name,
+            peer=key,
+            idle=self.clock.seconds() - victim._seen,
+            newcomer=newcomer,
+        )
+        victim.evict()
 
     def drain(self, deadline: float) -> Deferred[None]:
         """
@@ -558,7 +930,11 @@ class GuardedFactory(ServerFactory):
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         key = peer_key(host_of(addr))
-        reason = self.limiter.acquire(key)
+        limiter = self.limiter
+        crowded = limiter.make_room(key)
+        if crowded is not None:
+            self._evict(crowded, key)
+        reason = limiter.acquire(key)
         if reason is not None:
             log.warn(
                 "{service}: refused {peer}: {reason}",
@@ -573,6 +949,7 @@ class GuardedFactory(ServerFactory):
         assert isinstance(protocol, GuardedProtocol)
         protocol._key = key
         self.accepted += 1
+        self.check_pressure()
         return protocol
 
     def metrics(self) -> list[Sample]:
@@ -581,6 +958,7 @@ class GuardedFactory(ServerFactory):
         samples: list[Sample] = [
             ("connections_open", "gauge", service, len(self.connections)),
             ("connections_total", "counter", service, self.accepted),
+            ("evicted_total", "counter", service, self.limiter.evicted),
         ]
         for reason, count in self.limiter.refused_by.items():
             samples.append(

@@ -52,6 +52,7 @@ HELP = {
     "connections_open": "TCP connections open now",
     "connections_total": "TCP connections accepted",
     "refused_total": "TCP connections refused, by reason",
+    "evicted_total": "idle TCP connections closed to admit a less-served address",
     "timeouts_total": "connections closed by a timer, by timer",
     "datagrams_answered_total": "datagrams answered",
     "datagrams_dropped_total": "datagrams dropped, by reason",

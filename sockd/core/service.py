@@ -31,6 +31,7 @@ import sockd.core.config as _config
 from sockd.core.config import Config, ConfigError
 from sockd.core.endpoints import bind_reusing_port, parse_datagram
 from sockd.core.epoll import lean_dispatch
+from sockd.core.limits import GuardedFactory
 from sockd.core.logs import prefer_journal
 from sockd.core.notify import Notifier
 
@@ -511,6 +512,8 @@ class Lifecycle(Service):
      - SIGHUP: C{loader} reads the configuration again; each factory or
        datagram protocol with C{reconfigure(settings, shared)} gets its
        section's new settings.  An invalid file is logged and ignored.
+     - At start and on each reload, every L{GuardedFactory} gets the
+       C{[sockd]} settings its connections use (the TLS handshake timeout).
     """
 
     def __init__(
@@ -536,8 +539,14 @@ class Lifecycle(Service):
                 seen.setdefault(id(target), (child.service, target))
         return list(seen.values())
 
+    def _share(self, config: Config) -> None:
+        for _, target in self.targets():
+            if isinstance(target, GuardedFactory):
+                target.handshake_timeout = config.sockd.tls_handshake_timeout
+
     def startService(self) -> None:
         super().startService()
+        self._share(self.config)
         if self.loader is not None and threading.current_thread() is (
             threading.main_thread()
         ):
@@ -571,6 +580,7 @@ class Lifecycle(Service):
             reconfigure = getattr(target, "reconfigure", None)
             if reconfigure is not None:
                 reconfigure(new_settings, new.sockd)
+        self._share(new)
         self.config = new
         log.info("sockd: configuration reloaded from {source}", source=new.source)
         for sibling in self.parent or ():

@@ -22,8 +22,11 @@ from twisted.logger import Logger
 from sockd.core.config import EchoSettings, SockdSettings
 from sockd.core.eager import eager_write, send_datagram
 from sockd.core.limits import (
+    LOOP_PORTS,
+    PRIVILEGED_PORTS,
     GuardedFactory,
     GuardedProtocol,
+    PeerBudget,
     RateLimiter,
     Sample,
     peer_key,
@@ -31,7 +34,6 @@ from sockd.core.limits import (
 from sockd.core.logs import escape
 
 __all__ = [
-    "LOOP_PORTS",
     "DatagramEcho",
     "EchoFactory",
     "LineEcho",
@@ -42,11 +44,6 @@ __all__ = [
 ]
 
 log = Logger(namespace="sockd.echo")
-
-#: datagrams from these source ports are never answered: port 0 cannot be
-#: answered, and the small services (echo, discard, daytime, qotd, chargen,
-#: time, DNS, NTP) would bounce replies back forever, as the BSD inetds know
-LOOP_PORTS = frozenset({0, 7, 9, 13, 17, 19, 37, 53, 123})
 
 
 def upper_bytes(data: bytes) -> bytes:
@@ -290,6 +287,12 @@ class DatagramEcho(DatagramProtocol):
     """
     UDP echo: one transformed datagram back to the sender, never larger than
     the request; loops, oversized datagrams and floods are dropped.
+
+    Loops with another datagram service are stopped twice over: by source
+    port (L{LOOP_PORTS}, this service's own ports, and every port below
+    1024 unless C{udp_allow_privileged_ports}), and, for a service on any
+    other port, by the C{udp_loop_budget} of datagrams a peer may send
+    without a pause of C{udp_loop_pause} (L{PeerBudget}).
     """
 
     noisy = False
@@ -300,30 +303,42 @@ class DatagramEcho(DatagramProtocol):
         clock: IReactorTime,
         own_ports: Iterable[int] = (),
     ) -> None:
-        self.max_datagram = self.port_limit = settings.udp_max_datagram
-        self.transform = upper_within if settings.transform == "upper" else identity
+        self.own_ports = frozenset(own_ports)
         self.limiter = RateLimiter(
             settings.udp_rate, settings.udp_burst, settings.udp_total_rate, clock
         )
-        self.blocked_ports = LOOP_PORTS | frozenset(own_ports)
+        self.loops = PeerBudget(
+            settings.udp_loop_budget, settings.udp_loop_pause, clock
+        )
+        self.max_datagram = self.port_limit = settings.udp_max_datagram
+        self._apply(settings)
         self.answered = 0
         self.dropped: dict[str, int] = {
             "loop": 0,
+            "loop_budget": 0,
             "oversized": 0,
             "rate": 0,
             "send_error": 0,
         }
 
+    def _apply(self, settings: EchoSettings) -> None:
+        self.transform = upper_within if settings.transform == "upper" else identity
+        blocked = LOOP_PORTS | self.own_ports
+        if not settings.udp_allow_privileged_ports:
+            blocked |= PRIVILEGED_PORTS
+        self.blocked_ports = blocked
+
     def reconfigure(self, settings: EchoSettings, shared: SockdSettings) -> None:
-        """A reload: new rates and transform at once."""
+        """A reload: new rates, ports, loop budget and transform at once."""
         # The port reads at most the size it was opened with (plus one), so a
         # larger limit would need a restart; a smaller one applies now.
         self.max_datagram = min(settings.udp_max_datagram, self.port_limit)
-        self.transform = upper_within if settings.transform == "upper" else identity
-        self.limiter.rate = settings.udp_rate
-        self.limiter.burst = settings.udp_burst
-        self.limiter.total.rate = settings.udp_total_rate
-        self.limiter.total.burst = max(settings.udp_total_rate, settings.udp_burst)
+        self._apply(settings)
+        self.limiter.set_rates(
+            settings.udp_rate, settings.udp_burst, settings.udp_total_rate
+        )
+        self.loops.budget = settings.udp_loop_budget
+        self.loops.pause = settings.udp_loop_pause
 
     def metrics(self) -> list[Sample]:
         """What the UDP echo has counted, for L{sockd.core.metrics}."""
@@ -351,6 +366,9 @@ class DatagramEcho(DatagramProtocol):
             # The port reads one byte more than the limit, so anything over
             # it is known to be whole-or-truncated: drop, never answer a part.
             self.dropped["oversized"] += 1
+            return
+        if not self.loops.allow(addr):
+            self.dropped["loop_budget"] += 1
             return
         if not self.limiter.allow(peer_key(host)):
             self.dropped["rate"] += 1

@@ -189,9 +189,15 @@ class ValidationTests(SynchronousTestCase):
 
     def test_loop_ports_never_answered(self) -> None:
         state, out, _ = make()
-        for port in (0, 7, 19, 53):
+        for port in (0, 7, 19, 53, 1900, 5353, 11211, 9001):
             say(state, out, ("127.0.0.1", port), "hello, is anyone there?\n")
         self.assertEqual(out.sent, [])
+
+    def test_one_port_table_with_echo(self) -> None:
+        import sockd.chat.state as chat
+        import sockd.core.limits as limits
+
+        self.assertIs(chat.LOOP_PORTS, limits.LOOP_PORTS)
 
     def test_echo_service_at_spoofed_address_gets_no_loop(self) -> None:
         # Someone spoofs a datagram "from" an echo service on an unusual

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockd.core.limits import (
+    LOOP_PORTS,
     ConnectionLimiter,
     GuardedFactory,
     GuardedProtocol,
+    PeerBudget,
     RateLimiter,
     TokenBucket,
     peer_key,
@@ -59,6 +64,90 @@ class ConnectionLimiterTests(SynchronousTestCase):
         limiter.release("nobody")
         self.assertEqual(limiter.total, 0)
 
+    def test_fair_share_under_pressure(self) -> None:
+        limiter = ConnectionLimiter(10, 10)
+        for _ in range(5):
+            self.assertIsNone(limiter.acquire("a"))
+        for _ in range(4):
+            self.assertIsNone(limiter.acquire("b"))
+        # 9 of 10 open: "a" holds its share (10 / 2 addresses), "b" does not.
+        self.assertEqual(
+            limiter.acquire("a"),
+            "too many connections from your address; server busy",
+        )
+        self.assertIsNone(limiter.acquire("b"))
+        self.assertEqual(limiter.refused_by, {"total": 0, "per_ip": 0, "share": 1})
+
+    def test_no_sharing_below_pressure(self) -> None:
+        limiter = ConnectionLimiter(10, 10)
+        for _ in range(8):
+            self.assertIsNone(limiter.acquire("a"))
+        self.assertIsNone(limiter.acquire("b"))  # 9 open now
+        self.assertIsNone(limiter.acquire("b"))  # b: 1 < 10 // 2
+
+    def test_room_made_only_by_one_holding_two_more(self) -> None:
+        limiter = ConnectionLimiter(10, 10)
+        for key, count in (("a", 6), ("b", 4)):
+            for _ in range(count):
+                self.assertIsNone(limiter.acquire(key))
+        self.assertEqual(limiter.acquire("c"), "too many connections to this server")
+        self.assertEqual(limiter.make_room("b"), "a")
+        limiter.take_back("a")
+        self.assertIsNone(limiter.acquire("b"))
+        self.assertEqual(limiter.per_peer, {"a": 5, "b": 5})
+        # Taking from an equal, or from one holding one more, only moves
+        # the shortage.
+        self.assertIsNone(limiter.make_room("a"))
+        self.assertIsNone(limiter.make_room("b"))
+        self.assertIn(limiter.make_room("c"), ("a", "b"))
+        limiter.take_back("a")
+        self.assertIsNone(limiter.acquire("c"))
+        self.assertEqual(limiter.per_peer, {"a": 4, "b": 5, "c": 1})
+        self.assertEqual(limiter.evicted, 2)
+        self.assertEqual(limiter.refused_by["total"], 1)
+        # No room is made while the server is not full.
+        limiter.release("b")
+        self.assertIsNone(limiter.make_room("d"))
+
+    def test_no_room_for_an_address_over_its_share(self) -> None:
+        # 7 addresses: a holds 4, six others 1 each (10 of 10).  b holds 1
+        # and a 3 more, but with 7 addresses b's share is 10 // 7 = 1.
+        limiter = ConnectionLimiter(10, 10)
+        for _ in range(4):
+            limiter.acquire("a")
+        for key in "bcdefg":
+            limiter.acquire(key)
+        self.assertIsNone(limiter.make_room("b"))
+        self.assertEqual(limiter.make_room("h"), "a")
+
+    @given(
+        st.lists(
+            st.tuples(st.booleans(), st.sampled_from("abcdef")),
+            max_size=200,
+        )
+    )
+    @settings(max_examples=200, deadline=None)
+    def test_most_is_tracked(self, steps: list[tuple[bool, str]]) -> None:
+        limiter = ConnectionLimiter(20, 8)
+        for take, key in steps:
+            if take:
+                room = limiter.make_room(key)
+                if room is not None:
+                    self.assertGreaterEqual(
+                        limiter.per_peer[room], limiter.per_peer.get(key, 0) + 2
+                    )
+                    limiter.take_back(room)
+                limiter.acquire(key)
+            else:
+                limiter.release(key)
+            counts = limiter.per_peer
+            self.assertEqual(limiter._most, max(counts.values(), default=0))
+            self.assertEqual(limiter.total, sum(counts.values()))
+            self.assertLessEqual(limiter.total, 20)
+            self.assertTrue(all(1 <= n <= 8 for n in counts.values()))
+            for count, keys in limiter._holding.items():
+                self.assertEqual({k for k, n in counts.items() if n == count}, keys)
+
 
 class TokenBucketTests(SynchronousTestCase):
     def test_burst_then_rate(self) -> None:
@@ -97,6 +186,85 @@ class RateLimiterTests(SynchronousTestCase):
         allowed = sum(limiter.allow(i % 50) for i in range(1000))
         self.assertEqual(allowed, 100)  # the global burst
         self.assertEqual(limiter.dropped, 900)
+
+    def test_newcomers_take_at_most_their_share(self) -> None:
+        """
+        A flood from ever new sources gets half the global rate; a source
+        answered before is still answered at its own rate.
+        """
+        clock = Clock()
+        limiter = RateLimiter(10, 10, 1000, clock)
+        self.assertTrue(limiter.allow("known"))
+        known = flood = 0
+        for tick in range(10_000):  # 10 s: 1,000 new sources a second
+            clock.advance(0.001)
+            flood += limiter.allow(("forged", tick))
+            if tick % 100 == 0:  # 10 a second
+                known += limiter.allow("known")
+        self.assertEqual(known, 100)
+        self.assertLessEqual(flood, 500 + 10 * 500)  # the newcomers' burst + rate
+        self.assertGreater(flood, 4000)  # and they do get that share
+
+    def test_forged_sources_dropped_cost_no_memory(self) -> None:
+        clock = Clock()
+        limiter = RateLimiter(10, 10, 100, clock)
+        answered = sum(limiter.allow(("forged", i)) for i in range(10_000))
+        self.assertEqual(answered, 50)  # the newcomers' half of the burst
+        self.assertEqual(len(limiter.sources), answered)
+
+    def test_new_rates(self) -> None:
+        clock = Clock()
+        limiter = RateLimiter(10, 10, 100, clock)
+        limiter.set_rates(1, 2, 1000)
+        self.assertEqual((limiter.rate, limiter.burst), (1, 2))
+        self.assertEqual((limiter.total.rate, limiter.total.burst), (1000, 1000))
+        self.assertEqual((limiter.newcomers.rate, limiter.newcomers.burst), (500, 500))
+
+
+class PeerBudgetTests(SynchronousTestCase):
+    def test_loop_cut_after_budget(self) -> None:
+        clock = Clock()
+        budget = PeerBudget(100, 0.5, clock)
+        peer = ("192.0.2.1", 40000)
+        allowed = 0
+        for _ in range(1000):  # answered at once, each time: a loop
+            clock.advance(0.001)
+            allowed += budget.allow(peer)
+        self.assertEqual(allowed, 100)
+        # Another port of the same host is another peer.
+        self.assertTrue(budget.allow(("192.0.2.1", 40001)))
+        # Once the peer pauses, it is answered again.
+        clock.advance(0.5)
+        self.assertTrue(budget.allow(peer))
+
+    def test_a_client_that_waits_is_never_cut(self) -> None:
+        clock = Clock()
+        budget = PeerBudget(100, 0.5, clock)
+        for _ in range(100):
+            for _ in range(50):  # bursts of 50, then a pause
+                clock.advance(0.01)
+                self.assertTrue(budget.allow(("192.0.2.1", 40000)))
+            clock.advance(0.5)
+
+    def test_off(self) -> None:
+        clock = Clock()
+        budget = PeerBudget(0, 0.5, clock)
+        self.assertTrue(all(budget.allow(("192.0.2.1", 1)) for _ in range(1000)))
+        self.assertEqual(len(budget.peers), 0)
+
+    def test_peers_bounded(self) -> None:
+        budget = PeerBudget(10, 0.5, Clock(), max_peers=100)
+        for port in range(10_000):
+            budget.allow(("192.0.2.1", port))
+        self.assertEqual(len(budget.peers), 100)
+
+
+class LoopPortsTests(SynchronousTestCase):
+    def test_reflectors_and_own_defaults_listed(self) -> None:
+        for port in (0, 7, 19, 53, 123, 161, 389, 1900, 5353, 11211, 8001, 9001):
+            self.assertIn(port, LOOP_PORTS)
+        # Ephemeral ports, where people's clients send from, are not.
+        self.assertFalse(any(port >= 32768 for port in LOOP_PORTS))
 
 
 class Touchy(GuardedProtocol):
@@ -335,3 +503,178 @@ class NoDelayTests(SynchronousTestCase):
         assert protocol is not None
         protocol.makeConnection(TCPTransport())
         self.assertIn(protocol, factory.connections)
+
+
+def capped(
+    clock: Clock, max_connections: int, per_ip: int, idle_timeout: float = 300
+) -> GuardedFactory:
+    factory = GuardedFactory(
+        clock,
+        SimpleNamespace(
+            max_connections=max_connections,
+            max_connections_per_ip=per_ip,
+            idle_timeout=idle_timeout,
+        ),
+        request_timeout=1000,
+        abort_grace=1000,
+    )
+    factory.protocol = Touchy
+    return factory
+
+
+def samples(factory: GuardedFactory) -> dict[tuple[str, str], float]:
+    return {
+        (name, labels.get("reason", "")): value
+        for name, _, labels, value in factory.metrics()
+    }
+
+
+class FairShareTests(SynchronousTestCase):
+    def test_sixteen_addresses_cannot_lock_out_a_seventeenth(self) -> None:
+        """
+        16 addresses each opening their per-address cap (64) used to take
+        all 1000 connections until the idle timeout.  Now a newcomer takes
+        the place of the longest idle connection of an address holding the
+        most, and the squatters cannot take it back.
+        """
+        clock = Clock()
+        factory = capped(clock, 1000, 64)
+        squatters: list[tuple[str, Touchy, Any]] = []
+        for n in range(16):
+            for port in range(64):
+                clock.advance(0.001)
+                host = f"127.0.1.{n}"
+                proto, transport = connect(factory, host, 40000 + port)
+                squatters.append((host, proto, transport))
+        limiter = factory.limiter
+        self.assertEqual(limiter.total, 1000)
+        # Full before the last ones came: they took from those with more.
+        held = limiter.per_peer.values()
+        self.assertEqual((min(held), max(held)), (62, 63))
+        self.assertEqual(limiter.evicted, 22)
+        # Everyone is active now but for one idle connection per address.
+        idlest = {}
+        for host, proto, transport in squatters:
+            if transport.connected:
+                if host in idlest:
+                    proto.dataReceived(b"x")
+                else:
+                    idlest[host] = transport
+        clock.advance(1)
+        before = dict(limiter.per_peer)
+        for n in range(20):
+            _, transport = connect(factory, f"127.0.2.{n}")
+            self.assertEqual(transport.value(), b"")
+            self.assertTrue(transport.connected)
+        self.assertEqual(limiter.total, 1000)
+        self.assertEqual(limiter.evicted, 22 + 20)
+        # Taken from those holding the most, each losing its idlest first.
+        losers = [h for h in idlest if limiter.per_peer[h] < before[h]]
+        self.assertGreaterEqual(len(losers), 10)
+        held = [limiter.per_peer[h] for h in idlest]
+        self.assertLessEqual(max(held) - min(held), 1)
+        for host, transport in idlest.items():
+            self.assertEqual(transport.connected, host not in losers)
+        for host in losers:
+            self.assertEqual(
+                idlest[host].value(),
+                b"ERR server full: closing this idle connection to admit other "
+                b"addresses\r\n",
+            )
+        counts = samples(factory)
+        self.assertEqual(counts[("evicted_total", "")], 42)
+        self.assertEqual(counts[("refused_total", "total")], limiter.refused)
+        self.assertEqual(counts[("connections_open", "")], 1000)
+        # A squatter cannot take a place back: it holds at least as many
+        # as anyone else less one.
+        _, again = connect(factory, "127.0.1.0")
+        self.assertFalse(again.connected)
+        self.assertEqual(again.value(), b"ERR too many connections to this server\r\n")
+
+    def test_equals_are_not_evicted(self) -> None:
+        clock = Clock()
+        factory = capped(clock, 4, 4)
+        kept = [connect(factory, f"127.0.0.{n}")[1] for n in (1, 1, 2, 2)]
+        _, third = connect(factory, "127.0.0.2")
+        self.assertEqual(third.value(), b"ERR too many connections to this server\r\n")
+        self.assertTrue(all(t.connected for t in kept))
+        self.assertEqual(factory.limiter.evicted, 0)
+
+    def test_a_transfer_in_progress_is_closed_without_a_line(self) -> None:
+        clock = Clock()
+        factory = capped(clock, 2, 2)
+        first, transport = connect(factory, "127.0.0.1")
+        clock.advance(1)
+        connect(factory, "127.0.0.1")[0].dataReceived(b"x")
+        transport.unregisterProducer()
+        transport.registerProducer(object(), False)  # a file sender, say
+        _, newcomer = connect(factory, "127.0.0.2")
+        self.assertTrue(newcomer.connected)
+        self.assertFalse(transport.connected)
+        self.assertEqual(transport.value(), b"")
+
+    def test_eviction_logged(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        clock = Clock()
+        factory = capped(clock, 2, 2)
+        connect(factory, "127.0.0.1")
+        clock.advance(42)
+        connect(factory, "127.0.0.1")[0].dataReceived(b"x")
+        connect(factory, "127.0.0.2")
+        self.assertIn(
+            "sockd: server full: closing a connection of 127.0.0.1, idle for "
+            "42s, to admit 127.0.0.2",
+            [formatEvent(e) for e in events],
+        )
+
+    def test_idle_timeout_shortened_under_pressure(self) -> None:
+        clock = Clock()
+        factory = capped(clock, 10, 10, idle_timeout=100)
+        conns = [connect(factory, "127.0.0.1", 40000 + n)[1] for n in range(8)]
+        clock.advance(50)
+        self.assertEqual(factory.idle_timeout, 100)
+        busy, busy_transport = connect(factory, "127.0.0.2")  # 9 of 10: pressure
+        self.assertTrue(factory.pressed)
+        self.assertEqual(factory.idle_timeout, 10)
+        # The overdue ones share one bucket, due now.
+        self.assertEqual(
+            sorted(call.getTime() for call in clock.getDelayedCalls()), [50, 60]
+        )
+        clock.advance(1)
+        busy.dataReceived(b"x")
+        # Connections silent for 50 s closed at once, until fewer than 80%
+        # were open: then the configured timeout was back.
+        self.assertEqual(sum(t.connected for t in conns), 6)
+        self.assertEqual(factory.timeouts, {"idle": 2})
+        self.assertFalse(factory.pressed)
+        self.assertEqual(factory.idle_timeout, 100)
+        clock.advance(48.9)  # 99.9 s
+        self.assertEqual(sum(t.connected for t in conns), 6)
+        clock.advance(0.2)
+        self.assertFalse(any(t.connected for t in conns))
+        self.assertTrue(busy_transport.connected)
+
+    def test_pressure_ends_below_relief_only(self) -> None:
+        clock = Clock()
+        factory = capped(clock, 10, 10)
+        conns = [connect(factory, "127.0.0.1", 40000 + n)[1] for n in range(9)]
+        self.assertTrue(factory.pressed)
+        conns.pop().loseConnection()  # 8: still 80%
+        self.assertTrue(factory.pressed)
+        conns.pop().loseConnection()  # 7
+        self.assertFalse(factory.pressed)
+        self.assertEqual(factory.idle_timeout, 300)
+
+    def test_index_of_connections_by_address_is_exact(self) -> None:
+        factory = capped(Clock(), 100, 10)
+        conns = [connect(factory, host, 40000 + n) for n, host in enumerate("aabab")]
+        held = factory.peers
+        self.assertIsInstance(held["a"], set)
+        self.assertEqual(len(held["a"]), 3)  # type: ignore[arg-type]
+        conns[0][1].loseConnection()
+        conns[1][1].loseConnection()
+        self.assertIs(held["a"], conns[3][0])  # one left: kept as itself
+        for _, transport in conns[2:]:
+            transport.loseConnection()
+        self.assertEqual(held, {})
+        self.assertEqual(factory.limiter.per_peer, {})

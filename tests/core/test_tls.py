@@ -15,16 +15,29 @@ import ssl
 import stat
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from twisted.internet import ssl as twisted_ssl
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import (
+    MemoryReactorClock,
+    StringTransportWithDisconnection,
+)
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test import iosim
 
 import sockd.core.config as sockd_config
+import sockd.echo.tap as echo_tap
 from sockd.client import cert
 from sockd.client.main import main
 from sockd.client.tls import client_context
-from tests.helpers import run_bounded, running, unblock_fifo
+from sockd.core.limits import GuardedFactory, GuardedProtocol
+from tests.helpers import connect, run_bounded, running, unblock_fifo
 
 
 def load(pem: bytes) -> x509.Certificate:
@@ -69,9 +82,54 @@ class TestMakeCertificate:
         assert first[1] != second[1]
 
     def test_bad_hostnames(self) -> None:
-        for bad in ("", "a b", "x" * 254):
-            with pytest.raises(ValueError):
+        for bad in (
+            "",
+            "a b",
+            "x" * 254,
+            "evil\x1b[31m",  # a SAN that colours the terminal of whoever reads it
+            "a\r\nb",
+            "host\x00name",
+            "a..b",
+            "example.org.",
+            "-a.example.org",
+            "a-.example.org",
+            "under_score.example.org",
+            "a." + "b" * 64 + ".org",
+            ".".join(["a" * 63] * 4),  # 255 characters
+            "\u00e9t\u00e9.example.org",
+            "256.1.1.1",
+            "1.2.3.4.5",
+            "*",
+            "*.org",
+            "a.*.example.org",
+            "**.example.org",
+            "fe80::1%eth0",
+        ):
+            with pytest.raises(ValueError, match="not a host name or IP address"):
                 cert.make_certificate(bad)
+
+    def test_good_hostnames(self) -> None:
+        longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])  # 253
+        for good in ("localhost", "a-b.example.org", "9echo.example.org", longest):
+            assert cert.subject_name(good) == x509.DNSName(good)
+        assert cert.subject_name("xn--e1afmkfd.org") == x509.DNSName("xn--e1afmkfd.org")
+
+    def test_wildcard(self) -> None:
+        certificate = load(cert.make_certificate("*.echo.example.org")[0])
+        names = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+        assert names.get_values_for_type(x509.DNSName) == ["*.echo.example.org"]
+
+    def test_ipv6_address(self) -> None:
+        certificate = load(cert.make_certificate("2001:db8::1")[0])
+        names = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+        assert names.get_values_for_type(x509.IPAddress) == [
+            ipaddress.ip_address("2001:db8::1")
+        ]
+        assert names.get_values_for_type(x509.DNSName) == []
 
     def test_validity_starts_at_now(self) -> None:
         past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
@@ -114,6 +172,63 @@ class TestCommand:
         assert main(["cert", "bad host"]) == 2
         assert "not a host name" in capsys.readouterr().err
 
+    def test_control_characters_refused_and_shown_escaped(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        status = main(["cert", "evil\x1b[31m", "--out-dir", str(tmp_path)])
+        assert status == 2
+        err = capsys.readouterr().err
+        assert "\x1b" not in err
+        assert "'evil\\x1b[31m' is not a host name or IP address" in err
+        assert "expected a DNS name" in err
+        assert list(tmp_path.iterdir()) == []
+
+    def test_existing_pair_kept_without_force(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert main(["cert", "localhost", "--out-dir", str(tmp_path)]) == 0
+        key, pem = (
+            (tmp_path / "key.pem").read_bytes(),
+            (tmp_path / "cert.pem").read_bytes(),
+        )
+        capsys.readouterr()
+        assert main(["cert", "other.example.org", "--out-dir", str(tmp_path)]) == 1
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'key.pem'} exists: use --force to replace it" in err
+        assert (tmp_path / "key.pem").read_bytes() == key
+        assert (tmp_path / "cert.pem").read_bytes() == pem
+
+    def test_an_existing_certificate_alone_is_kept(self, tmp_path: Path) -> None:
+        (tmp_path / "cert.pem").write_text("mine")
+        assert main(["cert", "localhost", "--out-dir", str(tmp_path)]) == 1
+        assert (tmp_path / "cert.pem").read_text() == "mine"
+        assert not (tmp_path / "key.pem").exists()
+
+    def test_force_replaces(self, tmp_path: Path) -> None:
+        assert main(["cert", "localhost", "--out-dir", str(tmp_path)]) == 0
+        old_key = (tmp_path / "key.pem").read_bytes()
+        args = ["cert", "echo.example.org", "--out-dir", str(tmp_path), "--force"]
+        assert main(args) == 0
+        assert (tmp_path / "key.pem").read_bytes() != old_key
+        assert stat.S_IMODE(os.stat(tmp_path / "key.pem").st_mode) == 0o600
+        names = (
+            load((tmp_path / "cert.pem").read_bytes())
+            .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            .value
+        )
+        assert names.get_values_for_type(x509.DNSName) == ["echo.example.org"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cert.pem", "key.pem"]
+
+    def test_force_replaces_a_symlink_not_its_target(self, tmp_path: Path) -> None:
+        target = tmp_path / "elsewhere"
+        target.write_text("keep")
+        (tmp_path / "key.pem").symlink_to(target)
+        args = ["cert", "localhost", "--out-dir", str(tmp_path), "-f"]
+        assert main(args) == 0
+        assert target.read_text() == "keep"
+        assert not (tmp_path / "key.pem").is_symlink()
+        assert b"PRIVATE KEY" in (tmp_path / "key.pem").read_bytes()
+
     def test_key_written_through_symlink_is_refused(self, tmp_path: Path) -> None:
         target = tmp_path / "elsewhere"
         target.write_text("keep")
@@ -135,10 +250,19 @@ class TestCommand:
                 release=unblock_fifo(fifo),
             )
             assert status == 1
-            assert f"{fifo} is a FIFO (named pipe), not a regular file" in (
+            assert f"{fifo} exists: use --force to replace it" in (
                 capsys.readouterr().err
             )
             assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+            # --force renames a new file over it, never opening it.
+            status = run_bounded(
+                lambda d=directory: main(
+                    ["cert", "localhost", "--out-dir", str(d), "-f"]
+                ),
+                release=unblock_fifo(fifo),
+            )
+            assert status == 0
+            assert stat.S_ISREG(os.stat(fifo).st_mode)
 
 
 def test_cafile_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
@@ -146,6 +270,123 @@ def test_cafile_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match="it is a FIFO"):
         run_bounded(lambda: client_context(str(fifo)), release=unblock_fifo(fifo))
+
+
+# --- the handshake deadline, in memory --------------------------------------
+
+
+class Recorder(Protocol):
+    """A server-side protocol under the limits that keeps what it gets."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class Guarded(GuardedProtocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.touch()
+        self.transport.write(data.upper())  # type: ignore[union-attr]
+
+
+class TestHandshakeDeadline:
+    def setup_method(self) -> None:
+        cert_pem, key_pem = cert.make_certificate("localhost")
+        self.server_options = twisted_ssl.PrivateCertificate.loadPEM(
+            (key_pem + cert_pem).decode()
+        ).options()
+        self.client_options = twisted_ssl.optionsForClientTLS(
+            "localhost", twisted_ssl.Certificate.loadPEM(cert_pem.decode())
+        )
+        self.clock = Clock()
+        self.factory = GuardedFactory(
+            self.clock,
+            SimpleNamespace(
+                max_connections=10, max_connections_per_ip=10, idle_timeout=300
+            ),
+            request_timeout=60,
+            abort_grace=5,
+        )
+        self.factory.protocol = Guarded
+        self.factory.handshake_timeout = 3
+        self.tls = TLSMemoryBIOFactory(
+            self.server_options, False, self.factory, self.clock
+        )
+
+    def test_silent_client_aborted_at_the_deadline(self) -> None:
+        server = self.tls.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransportWithDisconnection()
+        transport.protocol = server
+        server.makeConnection(transport)
+        self.clock.advance(2.9)
+        assert transport.connected
+        self.clock.advance(0.1)
+        assert not transport.connected
+        assert self.factory.timeouts == {"handshake": 1}
+        assert self.factory.limiter.total == 0
+        assert self.clock.getDelayedCalls() == []
+
+    def test_half_a_client_hello_too(self) -> None:
+        server = self.tls.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransportWithDisconnection()
+        transport.protocol = server
+        server.makeConnection(transport)
+        server.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        self.clock.advance(3)
+        assert not transport.connected
+        assert self.factory.timeouts == {"handshake": 1}
+
+    def test_completed_handshake_lifts_the_deadline(self) -> None:
+        client_tls = TLSMemoryBIOFactory(
+            self.client_options, True, ClientFactory.forProtocol(Recorder), self.clock
+        )
+        addr = IPv4Address("TCP", "127.0.0.1", 40000)
+        client, server, pump = iosim.connectedServerAndClient(
+            lambda: self.tls.buildProtocol(addr),
+            lambda: client_tls.buildProtocol(addr),
+            clock=self.clock,
+        )
+        pump.flush()
+        self.clock.advance(10)  # well past the handshake deadline
+        client.write(b"hello")
+        pump.flush()
+        assert client.wrappedProtocol.received == b"HELLO"
+        assert not server.transport.disconnecting
+        assert self.factory.timeouts == {}
+
+    def test_timeout_key_checked(self) -> None:
+        assert sockd_config.parse("").sockd.tls_handshake_timeout == 10
+        bad = "[sockd]\ntls_handshake_timeout = 0\n"
+        with pytest.raises(sockd_config.ConfigError, match=r"seconds from 0\.1"):
+            sockd_config.parse(bad)
+
+    def test_plain_tcp_has_no_handshake_deadline(self) -> None:
+        _, transport = connect(self.factory)
+        self.clock.advance(10)
+        assert transport.connected
+        assert self.factory.timeouts == {}
+
+    def test_service_wiring_sets_the_configured_timeout(self, tmp_path: Path) -> None:
+        ini = tmp_path / "sockd.ini"
+        ini.write_text(
+            "[sockd]\ntls_handshake_timeout = 2.5\n"
+            "[echo]\nlisten = tcp:0:interface=127.0.0.1\nlisten_udp =\n"
+        )
+        options = echo_tap.Options()
+        options.parseOptions(["--config", str(ini)])
+        service = echo_tap.makeService(options, reactor=MemoryReactorClock())
+        service.startService()
+        try:
+            (factory,) = [
+                child.target
+                for child in service
+                if isinstance(getattr(child, "target", None), GuardedFactory)
+            ]
+            assert factory.handshake_timeout == 2.5
+        finally:
+            service.stopService()
 
 
 # --- a real twistd over TLS -------------------------------------------------
@@ -191,12 +432,13 @@ def test_echo_over_tls(tmp_path: Path) -> None:
     ini = """
         [sockd]
         abort_grace = 0.5
+        tls_handshake_timeout = 1
         [echo]
         listen =
             ssl:0:interface=127.0.0.1:privateKey=good-key.pem:certKey=good-cert.pem
             ssl:0:interface=127.0.0.1:privateKey=old-key.pem:certKey=old-cert.pem
         listen_udp =
-        idle_timeout = 1
+        idle_timeout = 60
         """
     with running("sockd-echo", ini, directory=tmp_path) as daemon:
         good = daemon.port("echo", "TCP", 0)
@@ -214,15 +456,15 @@ def test_echo_over_tls(tmp_path: Path) -> None:
         with pytest.raises(ssl.SSLCertVerificationError, match="expired"):
             client(old, "localhost", tmp_path / "old-cert.pem")
 
-        # A client that connects and never starts the handshake is closed by
-        # the idle timeout (1 s) plus the abort grace (0.5 s).
-        with socket.create_connection(("127.0.0.1", good), timeout=4) as raw:
-            assert seconds_until_closed(raw) < 2.5
+        # A client that connects and never starts the handshake is cut off
+        # by the handshake timeout (1 s), long before the idle timeout (60 s).
+        with socket.create_connection(("127.0.0.1", good), timeout=10) as raw:
+            assert 0.5 < seconds_until_closed(raw) < 5
         # One that stops half way through its ClientHello, too.
-        with socket.create_connection(("127.0.0.1", good), timeout=4) as raw:
+        with socket.create_connection(("127.0.0.1", good), timeout=10) as raw:
             raw.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
-            assert seconds_until_closed(raw) < 2.5
-        daemon.wait_for("echo: closing .*: idle timeout")
+            assert 0.5 < seconds_until_closed(raw) < 5
+        daemon.wait_for("echo: closing .*: handshake timeout")
 
         # Still serving after all that.
         assert client(good, "localhost", tmp_path / "good-cert.pem") == b"HELLO TLS\n"

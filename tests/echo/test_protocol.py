@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.core.config import EchoSettings, replace
+from sockd.core.config import EchoSettings, SockdSettings, replace
 from sockd.echo.protocol import (
     DatagramEcho,
     EchoFactory,
@@ -392,6 +392,27 @@ class DatagramEchoTests(SynchronousTestCase):
         self.assertEqual(self.transport.written, [])
         self.assertEqual(self.proto.dropped["loop"], 10)
 
+    def test_reflectors_dropped(self) -> None:
+        # SSDP, mDNS, memcached, chat's default port: each answers a
+        # forged datagram, starting a loop or amplifying toward a victim.
+        for port in (1900, 5353, 11211, 8001, 3702, 5683, 10001, 27015):
+            self.proto.datagramReceived(b"x", ("127.0.0.1", port))
+        self.assertEqual(self.transport.written, [])
+        self.assertEqual(self.proto.dropped["loop"], 8)
+
+    def test_privileged_ports_dropped_unless_allowed(self) -> None:
+        for port in (1, 443, 500, 1023):
+            self.proto.datagramReceived(b"x", ("127.0.0.1", port))
+        self.assertEqual(self.transport.written, [])
+        self.proto.datagramReceived(b"x", ("127.0.0.1", 1024))
+        self.assertEqual(self.transport.written, [(b"X", ("127.0.0.1", 1024))])
+        allowed = replace(EchoSettings(), udp_allow_privileged_ports=True)
+        self.proto.reconfigure(allowed, SockdSettings())
+        self.proto.datagramReceived(b"y", ("127.0.0.1", 500))
+        self.proto.datagramReceived(b"z", ("127.0.0.1", 53))  # still in the table
+        self.proto.datagramReceived(b"w", ("127.0.0.1", 9001))  # still our own
+        self.assertEqual(self.transport.written[1:], [(b"Y", ("127.0.0.1", 500))])
+
     def test_oversized_dropped_not_truncated(self) -> None:
         self.proto.datagramReceived(b"x" * 100, ("127.0.0.1", 5000))
         self.proto.datagramReceived(b"x" * 101, ("127.0.0.1", 5000))
@@ -421,6 +442,78 @@ class DatagramEchoTests(SynchronousTestCase):
         for i in range(200):
             proto.datagramReceived(b"a", (f"127.0.{i}.1", 5000))
         self.assertLessEqual(len(transport.written), 100)
+
+    def test_loop_with_an_echo_on_another_port_is_cut(self) -> None:
+        """
+        A datagram forged from an echo-like service on an unlisted port: it
+        answers each answer at once.  After the loop budget it stops.
+        """
+        proto = DatagramEcho(
+            replace(EchoSettings(), udp_rate=1e6, udp_burst=1000), self.clock
+        )
+        transport = FakeDatagramTransport()
+        proto.makeConnection(transport)  # type: ignore[arg-type]
+        peer = ("192.0.2.7", 40007)
+        data = b"forged"
+        for _ in range(1000):
+            proto.datagramReceived(data, peer)
+            if not transport.written:
+                break
+            ((data, _),) = transport.written
+            transport.written.clear()
+            self.clock.advance(0.02)  # the peer's round trip
+        self.assertEqual(proto.answered, 100)
+        self.assertEqual(proto.dropped["loop_budget"], 1)
+        # The loop is over; after a pause that peer is answered again.
+        self.clock.advance(0.5)
+        proto.datagramReceived(b"hi", peer)
+        self.assertEqual(transport.written, [(b"HI", peer)])
+
+    def test_a_client_that_waits_for_answers_is_not_cut(self) -> None:
+        proto = DatagramEcho(
+            replace(EchoSettings(), udp_rate=1e6, udp_burst=1000), self.clock
+        )
+        transport = FakeDatagramTransport()
+        proto.makeConnection(transport)  # type: ignore[arg-type]
+        for _ in range(20):
+            for _ in range(50):
+                proto.datagramReceived(b"x", ("127.0.0.1", 40000))
+                self.clock.advance(0.001)
+            self.clock.advance(0.5)
+        self.assertEqual(proto.answered, 1000)
+
+    def test_loop_budget_off_and_reloaded(self) -> None:
+        settings = replace(
+            EchoSettings(), udp_rate=1e6, udp_burst=1e6, udp_loop_budget=0
+        )
+        proto = DatagramEcho(settings, self.clock)
+        proto.makeConnection(FakeDatagramTransport())  # type: ignore[arg-type]
+        for _ in range(500):
+            proto.datagramReceived(b"x", ("127.0.0.1", 40000))
+        self.assertEqual(proto.answered, 500)
+        proto.reconfigure(replace(settings, udp_loop_budget=10), SockdSettings())
+        for _ in range(20):
+            proto.datagramReceived(b"x", ("127.0.0.1", 40001))
+        self.assertEqual(proto.answered, 510)
+        self.assertEqual(proto.dropped["loop_budget"], 10)
+
+    def test_forged_flood_leaves_a_known_source_its_rate(self) -> None:
+        proto = DatagramEcho(
+            replace(EchoSettings(), udp_rate=10, udp_burst=10, udp_total_rate=1000),
+            self.clock,
+        )
+        transport = FakeDatagramTransport()
+        proto.makeConnection(transport)  # type: ignore[arg-type]
+        known = ("127.0.0.1", 40000)
+        proto.datagramReceived(b"hello", known)
+        for tick in range(10_000):  # 5,000 forged sources a second for 2 s
+            self.clock.advance(0.0002)
+            proto.datagramReceived(b"x", (f"10.{tick // 250}.{tick % 250}.1", 40000))
+            if tick % 500 == 0:  # 10 a second
+                proto.datagramReceived(b"still here", known)
+        answers = [data for data, addr in transport.written if addr == known]
+        self.assertEqual(len(answers), 1 + 20)
+        self.assertLessEqual(proto.answered - 21, 500 + 2 * 500)
 
     def test_send_errors_counted_not_fatal(self) -> None:
         for code in (errno.ENOBUFS, errno.EAGAIN, errno.EHOSTUNREACH):
@@ -473,3 +566,29 @@ class ConnectionLogTests(SynchronousTestCase):
         self.assertEqual(event["service"], "echo")
         self.assertEqual(event["peer"], "127.0.0.9")
         self.assertEqual(event["duration"], 2.5)
+
+
+class UdpSettingsTests(SynchronousTestCase):
+    def test_loop_keys_parsed_and_checked(self) -> None:
+        from sockd.core.config import ConfigError, parse
+
+        echo = parse(
+            "[echo]\nudp_allow_privileged_ports = yes\nudp_loop_budget = 0\n"
+            "udp_loop_pause = 2\n"
+        ).echo
+        self.assertEqual(
+            (
+                echo.udp_allow_privileged_ports,
+                echo.udp_loop_budget,
+                echo.udp_loop_pause,
+            ),
+            (True, 0, 2.0),
+        )
+        for line, allowed in [
+            ("udp_loop_budget = -1", "whole number from 0"),
+            ("udp_loop_pause = 0", "seconds from 0.01 to 60"),
+            ("udp_allow_privileged_ports = maybe", "true or false"),
+        ]:
+            with self.assertRaises(ConfigError) as raised:
+                parse(f"[echo]\n{line}\n")
+            self.assertIn(allowed, str(raised.exception))
