@@ -5,10 +5,12 @@ run's.
 A ratio is compared where both runs have it: the same bench, scenario and
 reference.  Each run's spread for that ratio is the range (max - min) of
 its per-round ratios; the allowed change is the larger of the two runs'
-spreads.  A ratio I{fell} when it moved the wrong way (down where higher is
-better, up where lower is better, as for latency and memory) by more than
-that.  Ratios are compared, not absolute figures: those move with the
-machine, the ratios of alternating runs much less.
+spreads, and at least L{FLOOR} (1%) of the recorded ratio, which a ratio
+of steady figures (memory) would otherwise not get.  A ratio I{fell} when
+it moved the wrong way (down where higher is better, up where lower is
+better, as for latency and memory) by more than that.  Ratios are
+compared, not absolute figures: those move with the machine, the ratios of
+alternating runs much less.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from dataclasses import dataclass
 
 from bench import Result
 
-__all__ = ["Change", "compare", "ratio_and_spread", "report"]
+__all__ = ["FLOOR", "Change", "compare", "ratio_and_spread", "report"]
+
+#: the least change flagged, relative to the recorded ratio
+FLOOR = 0.01
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ def compare(old: Sequence[Result], new: Sequence[Result]) -> list[Change]:
                     name,
                     before,
                     after,
-                    max(old_spread, new_spread),
+                    max(old_spread, new_spread, FLOOR * abs(before)),
                     result.higher_is_better,
                 )
             )

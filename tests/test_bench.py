@@ -159,6 +159,14 @@ class CompareTests(SynchronousTestCase):
         self.assertAlmostEqual(change.spread, 0.2)
         self.assertFalse(change.fell)
 
+    def test_floor(self) -> None:
+        """With steady figures (no spread) a change under 1% is not flagged."""
+        old = [result([2.0, 2.0])]
+        [small] = compare(old, [result([1.99, 1.99])])
+        self.assertAlmostEqual(small.spread, 0.02)
+        self.assertFalse(small.fell)
+        self.assertTrue(compare(old, [result([1.97, 1.97])])[0].fell)
+
     def test_rise_is_never_flagged(self) -> None:
         [change] = compare([result([1.0, 1.0])], [result([2.0, 2.0])])
         self.assertFalse(change.fell)
