@@ -36,15 +36,18 @@ unit: $(VENV)/.installed-test
 
 test: lint typecheck unit
 
-# uvloop and py-spy: the benchmark skips the uvloop references without them.
+# uvloop, py-spy, matplotlib: the benchmark skips the uvloop references and
+# the charts without them.
 $(VENV)/.installed-bench: $(VENV)/.installed-test setup.cfg
 	$(BIN)/python -m pip install --quiet --config-settings editable_mode=compat -e '.[test,dev,bench]' \
-	  || echo "bench: the bench extra (uvloop, py-spy) did not install; uvloop references will be skipped"
+	  || echo "bench: the bench extra (uvloop, py-spy, matplotlib) did not install; uvloop references and charts will be skipped"
 	touch $@
 
-# BENCH_ARGS=--quick for a short run; --only echo,chat for some modules.
+# BENCH_ARGS=--quick for a short run; --only echo,chat for some modules;
+# --compare docs/performance.json against the recorded run.  Charts of the
+# scaling rows go to docs/ (python -m bench --help says more).
 bench: $(VENV)/.installed-bench
-	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench --charts docs $(BENCH_ARGS)
 
 # One echo daemon under repeated mixed load: descriptors and memory must stay
 # flat.  SOAK_ARGS=--minutes 10 for longer.

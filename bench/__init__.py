@@ -4,7 +4,9 @@ Benchmarks: each sockd daemon against reference servers, side by side.
 Every benchmark module (C{bench/echo.py}, C{bench/chat.py}, ...) runs as
 C{python -m bench.NAME [--quick]} and prints, besides anything it likes, one
 C{RESULT <json>} line per scenario (see L{Result} and L{emit}).
-C{python -m bench} runs each module present and prints one table of them.
+C{python -m bench} runs each module present, prints one table of them and
+keeps them as JSON (L{save_results}), for L{bench.compare} and
+L{bench.charts}.
 
 Contenders in a scenario are run alternately (A B C A B C ...), each run
 bounded to a few seconds, so that load from anything else on the machine
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import resource
@@ -29,14 +32,24 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BIN = HERE / "bin"
+OUT = HERE / "out"
 TICKS = os.sysconf("SC_CLK_TCK")
+
+#: scaling metrics: name -> (label, higher is better)
+METRICS: dict[str, tuple[str, bool]] = {
+    "throughput": ("throughput", True),
+    "p50": ("p50 latency", False),
+    "p99": ("p99 latency", False),
+    "cpu": ("server CPU per unit", False),
+    "rss": ("server RSS", False),
+}
 
 
 @dataclass
@@ -57,6 +70,18 @@ class Result:
     goals: dict[str, float] = field(default_factory=dict)
     note: str = ""
     bound: float | None = None
+    #: scaling rows: the curve (C{"echo request/response"}), its x value
+    #: (connections, streams or members) and what is measured (one of
+    #: L{METRICS})
+    series: str = ""
+    load: int = 0
+    metric: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Result:
+        """A result from L{asdict}'s form; unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def median(self, name: str) -> float:
         return statistics.median(self.samples[name])
@@ -87,9 +112,64 @@ def emit(result: Result) -> None:
 
 
 def parse_result(line: str) -> Result | None:
+    """The result on a C{RESULT <json>} line; None for any other line."""
     if not line.startswith("RESULT "):
         return None
-    return Result(**json.loads(line[len("RESULT ") :]))
+    return Result.from_dict(json.loads(line[len("RESULT ") :]))
+
+
+#: version of the results file's layout
+RESULTS_FORMAT = 1
+
+
+def results_document(
+    results: Sequence[Result], machine: dict[str, Any], quick: bool
+) -> dict[str, Any]:
+    """The JSON document L{save_results} writes."""
+    return {
+        "format": RESULTS_FORMAT,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "quick": quick,
+        "machine": machine,
+        "results": [asdict(r) for r in results],
+    }
+
+
+def save_results(
+    path: Path, results: Sequence[Result], machine: dict[str, Any], quick: bool
+) -> None:
+    """Write a run's results as JSON (atomically: never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results_document(results, machine, quick), indent=1)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text + "\n")
+    partial.replace(path)
+
+
+def read_results(text: str, origin: str = "results") -> list[Result]:
+    """The results in a document L{save_results} wrote."""
+    try:
+        document = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{origin}: not JSON: {e}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("results"), list):
+        raise ValueError(f"{origin}: no results list (not a bench results file)")
+    if document.get("format", RESULTS_FORMAT) > RESULTS_FORMAT:
+        raise ValueError(
+            f"{origin}: format {document['format']} is newer than this bench "
+            f"reads ({RESULTS_FORMAT})"
+        )
+    if not all(isinstance(item, dict) for item in document["results"]):
+        raise ValueError(f"{origin}: a result is not an object")
+    try:
+        return [Result.from_dict(item) for item in document["results"]]
+    except TypeError as e:
+        raise ValueError(f"{origin}: a result lacks a field: {e}") from None
+
+
+def load_results(path: Path) -> list[Result]:
+    """L{read_results} from a file."""
+    return read_results(path.read_text(), str(path))
 
 
 def paired_ratios(samples: dict[str, list[float]]) -> dict[str, list[float]]:
@@ -100,6 +180,14 @@ def paired_ratios(samples: dict[str, list[float]]) -> dict[str, list[float]]:
         for name, theirs in samples.items()
         if name != "sockd"
     }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The value at quantile C{q} (0-1, nearest rank); inf when there is none."""
+    if not values:
+        return math.inf
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
 
 
 def raise_nofile() -> int:
@@ -135,15 +223,23 @@ def loadgen(
     seconds: float = 2.0,
     warmup: float = 0.5,
 ) -> dict[str, float]:
-    """Run the load generator once; its key=value line as numbers."""
+    """
+    Run the load generator once; its key=value line as numbers: C{rate},
+    C{answers}, C{errors}, C{cpu}, and for TCP C{p50_us} and C{p99_us}.
+    """
     argv = [str(BIN / "loadgen"), mode, "127.0.0.1", str(port), str(conns)]
     argv += [str(size), str(depth), str(seconds), str(warmup)]
     done = subprocess.run(
         argv, capture_output=True, text=True, timeout=seconds + warmup + 30
     )
-    values = dict(re.findall(r"(\w+)=(-?[\d.]+)", done.stdout))
+    return parse_loadgen(done.stdout, done.stderr)
+
+
+def parse_loadgen(stdout: str, stderr: str = "") -> dict[str, float]:
+    """The load generator's C{key=value} line as numbers."""
+    values = dict(re.findall(r"(\w+)=(-?[\d.]+)", stdout))
     if "rate" not in values:
-        raise RuntimeError(f"loadgen failed: {done.stdout} {done.stderr}")
+        raise RuntimeError(f"loadgen failed: {stdout} {stderr}")
     return {k: float(v) for k, v in values.items()}
 
 
@@ -254,6 +350,10 @@ class Server:
         """Open descriptors, summed over L{pids}."""
         return int(self._summed(lambda pid: len(os.listdir(f"/proc/{pid}/fd"))))
 
+    def peak_rss(self) -> PeakRss:
+        """A context that samples L{rss} while it lasts; see L{PeakRss}."""
+        return PeakRss(self)
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
@@ -263,6 +363,37 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
+
+
+class PeakRss:
+    """
+    Samples a server's resident memory every C{interval} seconds from a
+    thread while the C{with} block runs; C{peak} is the largest seen.
+    """
+
+    def __init__(self, server: Server, interval: float = 0.1) -> None:
+        self.server = server
+        self.interval = interval
+        self.peak = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                self.peak = max(self.peak, self.server.rss())
+            if self._done.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        with contextlib.suppress(OSError):
+            self.peak = max(self.peak, self.server.rss())
 
 
 def python_server(name: str, module: str, *args: str) -> Server:

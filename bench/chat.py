@@ -1,6 +1,6 @@
 """
-Chat benchmarks: C{twistd sockd-chat} against a minimal asyncio relay
-(C{bench/ref_chat_asyncio.py}) doing the same relay work.
+Chat benchmarks: twistd sockd-chat against a minimal asyncio relay
+(bench/ref_chat_asyncio.py) doing the same relay work.
 
     python -m bench.chat [--quick] [--rounds N] [--seconds S] [--only WORD]
 
@@ -15,6 +15,7 @@ contenders, each bounded to a few seconds.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import re
 import selectors
@@ -38,6 +39,10 @@ from bench import (
 TOKEN = re.compile(rb"/v ([a-z2-7]{8})\b")
 HELLO = b"/hello bench".ljust(48) + b"\n"
 MESSAGE = b"m" * 47 + b"\n"
+#: a message carrying its send time (time.monotonic()), as relayed: the
+#: members' side takes the latency from it
+PROBE = b"probe %.6f"
+PROBE_END = b"!\n"
 
 SOCKD_INI = """\
     [echo]
@@ -57,8 +62,20 @@ SOCKD_INI = """\
 """
 
 #: run in the daemon before twistd: joining 10,000 members from one host
-#: should not wait on the handshake budget meant for spoofed floods
-PRELUDE = "import sockd.chat.state as c\nc.ChatState.handshake_rate = 1e9"
+#: should not wait on the handshake budget meant for spoofed floods; and
+#: no "joined"/"left" notices while rooms fill (N members joining one room
+#: would cost N*N/2 datagrams; the asyncio relay sends none either)
+PRELUDE = """\
+import sockd.chat.state as c
+c.ChatState.handshake_rate = 1e9
+def _quiet_enter(self, member, room, _enter=c.ChatState._enter):
+    self._fanout = lambda room, data, sender: True
+    try:
+        _enter(self, member, room)
+    finally:
+        del self._fanout
+c.ChatState._enter = _quiet_enter
+"""
 
 
 def start(name: str) -> Server:
@@ -67,11 +84,37 @@ def start(name: str) -> Server:
     return python_server("asyncio", "bench.ref_chat_asyncio").start()
 
 
-def member(port: int, room: str | None = None) -> socket.socket:
-    """A socket that has joined (validated, for sockd) and is in C{room}."""
+def probe(now: float) -> bytes:
+    """A 48-byte message that says when it was sent."""
+    return (PROBE % now).ljust(46, b"!") + PROBE_END
+
+
+def probe_sent(data: bytes) -> float | None:
+    """The send time in a relayed L{probe}; None for any other datagram."""
+    if not data.endswith(PROBE_END):
+        return None
+    start = data.find(b"probe ")
+    try:
+        return float(data[start + 6 : data.index(b"!", start)]) if start >= 0 else None
+    except ValueError:
+        return None
+
+
+def member_socket() -> socket.socket:
+    """A member's UDP socket on 127.0.0.1, not yet joined anywhere."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
     s.bind(("127.0.0.1", 0))
+    return s
+
+
+def member(port: int, room: str | None = None) -> socket.socket:
+    """A socket that has joined (validated, for sockd) and is in C{room}."""
+    return join(member_socket(), port, room)
+
+
+def join(s: socket.socket, port: int, room: str | None = None) -> socket.socket:
+    """Join C{s} to the relay on C{port} (validated, for sockd), in C{room}."""
     s.connect(("127.0.0.1", port))
     s.settimeout(5.0)
     s.send(HELLO)
@@ -145,11 +188,23 @@ class Room:
 
     def __init__(self, name: str, receivers: int) -> None:
         self.server = start(name)
-        port = self.server.ports["udp"]
-        self.sender = member(port, "bench")
-        self.receivers = [member(port, "bench") for _ in range(receivers)]
+        self.port = self.server.ports["udp"]
+        self.sender = member(self.port, "bench")
+        self.receivers = [member(self.port, "bench") for _ in range(receivers)]
         drain([*self.receivers, self.sender])
         self.sender.setblocking(True)
+
+    def admit(self, sockets: list[socket.socket]) -> None:
+        """
+        Join sockets that another room's server knows too: a UDP socket
+        hears only the server it is connected to, and L{run_window}
+        connects each receiver to this one first, so two servers can share
+        members.
+        """
+        for s in sockets:
+            join(s, self.port, "bench")
+        drain(sockets)
+        self.receivers.extend(sockets)
 
     def run(
         self, seconds: float, warmup: float, cpu: list[float], work: list[float]
@@ -188,6 +243,56 @@ class Room:
         child.join(10)
         drain(self.receivers, 0.1)
         return counted / seconds
+
+    def run_window(
+        self, seconds: float, warmup: float, window: int, latencies: list[float]
+    ) -> tuple[float, float]:
+        """
+        A closed loop, like the echo's lines in flight: at most C{window}
+        messages sent and not yet delivered to the last member to join (the
+        last one the relay sends each message to), which this process
+        watches; the queues stay short and latency means something.  Every
+        message is a L{probe}: C{latencies} gets, for each, the seconds from
+        sending it until the whole room had it.  The other members are not
+        read: their receive buffers are made small, and the kernel drops
+        what overflows them after the relay has done its work.  Returns
+        (datagrams relayed a second, server CPU seconds per datagram).
+        """
+        watch, others = self.receivers[-1], self.receivers[:-1]
+        for s in self.receivers:
+            s.connect(("127.0.0.1", self.port))
+        for s in others:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        drain([watch], 0.05)
+        watch.settimeout(0.5)
+        start_at = time.monotonic() + warmup
+        stop_at = start_at + seconds
+        before: float | None = None
+        in_flight = delivered = 0
+        while True:
+            now = time.monotonic()
+            if before is None and now >= start_at:
+                before = self.server.cpu()
+            if now >= stop_at:
+                break
+            while in_flight < window:
+                self.sender.send(probe(time.monotonic()))
+                in_flight += 1
+            try:
+                data = watch.recv(4096)
+            except TimeoutError:
+                in_flight = 0  # lost on the way: start the window over
+                continue
+            in_flight -= 1
+            arrived = time.monotonic()
+            sent = probe_sent(data)
+            if sent is not None and start_at <= arrived < stop_at:
+                delivered += 1
+                latencies.append(arrived - sent)
+        used = self.server.cpu() - (before or 0.0)
+        drain([watch], 0.05)
+        relayed = delivered * len(self.receivers)
+        return relayed / seconds, used / relayed if relayed else math.inf
 
     def close(self) -> None:
         for s in [self.sender, *self.receivers]:
@@ -271,7 +376,9 @@ def memory(count: int, opts: argparse.Namespace) -> list[Result]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="short runs")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)

@@ -1,5 +1,5 @@
 """
-Chat federation benchmark: two C{twistd sockd-chat} nodes on one private
+Chat federation benchmark: two twistd sockd-chat nodes on one private
 redis-server, 1,000 members in one room (half on each node).  One member
 on node A talks; the members on A get same-node delivery, the ones on B
 cross-node delivery (A -> Redis -> B), from the same messages.
@@ -164,7 +164,9 @@ def report(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--members", type=int, default=1000)
     parser.add_argument("--rates", default="20,100,200,400")
     parser.add_argument("--seconds", type=float, default=3.0)

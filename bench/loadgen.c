@@ -4,7 +4,9 @@
  *   loadgen tcp  HOST PORT CONNS SIZE DEPTH SECONDS [WARMUP]
  *       CONNS connections each keep DEPTH lines of SIZE bytes (newline
  *       included) in flight; DEPTH 1 is request/response.  Every answer is
- *       checked to be the upper-cased request.
+ *       checked to be the upper-cased request.  WARMUP starts once every
+ *       connection is connected (at most 10 s after the start; connect_s
+ *       says when), so connecting thousands is not what gets measured.
  *   loadgen udp  HOST PORT SOCKETS SIZE DEPTH SECONDS [WARMUP]
  *       The same with datagrams; lost ones are re-sent after a quiet 20 ms.
  *   loadgen idle HOST PORT CONNS SIZE 1 SECONDS
@@ -21,8 +23,13 @@
  *
  * Prints one line of key=value pairs: rate (answers a second), answers,
  * seconds, errors (bad bytes or failed connections), cpu (the share of one
- * core this process used: well under 1 means it was not the bottleneck).
- * Bounded in time.
+ * core this process used: well under 1 means it was not the bottleneck),
+ * and for tcp and fetch the latency percentiles p50_us and p99_us in
+ * microseconds: for a line, from handing its first byte to send() until its
+ * whole answer is read (the same for request/response and pipelined); for
+ * a download, from connect() until the server closes.  Latencies go into a
+ * fixed log-linear histogram (buckets about 3% wide), so recording one
+ * costs no allocation.  Bounded in time.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -47,7 +54,12 @@ struct conn {
     uint64_t received;  /* bytes received */
     uint64_t owed;      /* bytes due to be sent */
     double last;        /* last receive (udp) */
+    uint64_t *stamps;   /* tcp: send time (ns) of line k at [k % depth] */
+    uint64_t begun;     /* fetch: connect time (ns) of this download */
 };
+
+#define NEVER 1e300
+#define CONNECT_LIMIT 10.0 /* seconds to set up every tcp connection */
 
 static char *request;   /* DEPTH+1 lines of SIZE bytes */
 static char *expected;  /* the same, upper-cased */
@@ -59,6 +71,74 @@ static double now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/*
+ * Latency histogram in nanoseconds: values below SUB have a bucket each;
+ * above, each power of two is split into SUB equal buckets.
+ */
+#define SUB_BITS 5
+#define SUB (1u << SUB_BITS)
+#define BUCKETS ((64 - SUB_BITS + 1) * SUB)
+static uint64_t hist[BUCKETS];
+static uint64_t hist_count;
+static int recording; /* inside the measured window */
+
+static unsigned bucket_of(uint64_t ns)
+{
+    if (ns < SUB)
+        return (unsigned)ns;
+    unsigned e = 63 - (unsigned)__builtin_clzll(ns); /* e >= SUB_BITS */
+    return (e - SUB_BITS + 1) * SUB + (unsigned)((ns >> (e - SUB_BITS)) & (SUB - 1));
+}
+
+static void record(uint64_t ns)
+{
+    if (!recording)
+        return;
+    hist[bucket_of(ns)]++;
+    hist_count++;
+}
+
+static void hist_reset(void)
+{
+    memset(hist, 0, sizeof hist);
+    hist_count = 0;
+}
+
+/* The value at quantile q, in microseconds: the middle of its bucket. */
+static double percentile_us(double q)
+{
+    uint64_t rank = (uint64_t)(q * (double)hist_count + 0.999999);
+    if (rank < 1)
+        rank = 1;
+    uint64_t seen = 0;
+    for (unsigned i = 0; i < BUCKETS; i++) {
+        seen += hist[i];
+        if (seen < rank)
+            continue;
+        if (i < SUB)
+            return i / 1e3;
+        unsigned k = i / SUB;
+        double low = (double)((uint64_t)(SUB + i % SUB) << (k - 1));
+        double width = (double)((uint64_t)1 << (k - 1));
+        return (low + width / 2) / 1e3;
+    }
+    return 0;
+}
+
+static void print_latency(void)
+{
+    if (hist_count)
+        printf(" p50_us=%.1f p99_us=%.1f latencies=%llu", percentile_us(0.50),
+               percentile_us(0.99), (unsigned long long)hist_count);
 }
 
 static void die(const char *what)
@@ -90,6 +170,8 @@ static void pump(struct conn *c, int datagram)
         size_t len = datagram ? size : c->owed;
         if (!datagram && len > depth * size)
             len = depth * size;
+        /* Stamped before send(): on loopback the call itself delivers. */
+        uint64_t t = c->stamps ? now_ns() : 0;
         ssize_t n = send(c->fd, request + off, len, MSG_NOSIGNAL);
         if (n < 0) {
             if (errno == EINTR)
@@ -98,6 +180,12 @@ static void pump(struct conn *c, int datagram)
                 && errno != ECONNREFUSED)
                 errors++;
             return;
+        }
+        if (c->stamps && n > 0) {
+            /* Lines k with sent <= k * size < sent + n start now. */
+            uint64_t first = (c->sent + size - 1) / size, last = (c->sent + n - 1) / size;
+            for (uint64_t k = first; k <= last; k++)
+                c->stamps[k % depth] = t;
         }
         c->sent += n;
         c->owed -= n;
@@ -124,6 +212,7 @@ static int fetch_connect(int ep, struct sockaddr_in *sa, struct conn *c)
     if (c->fd < 0)
         return -1;
     c->connected = 0;
+    c->begun = now_ns();
     if (connect(c->fd, (struct sockaddr *)sa, sizeof *sa) < 0 && errno != EINPROGRESS)
         return -1;
     struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = c};
@@ -168,8 +257,9 @@ static int fetch_main(int argc, char **argv)
         if (t >= end)
             break;
         if (!counting && t >= measure_from) {
-            counting = 1;
+            counting = recording = 1;
             bytes = done = 0;
+            hist_reset();
         }
         int n = epoll_wait(ep, events, 256, 10);
         for (int e = 0; e < n; e++) {
@@ -196,10 +286,12 @@ static int fetch_main(int argc, char **argv)
                 }
                 if (got < 0 && (errno == EAGAIN || errno == EINTR))
                     break;
-                if (got < 0)
+                if (got < 0) {
                     errors++;
-                else if (counting)
+                } else if (counting) {
                     done++;
+                    record(now_ns() - c->begun);
+                }
                 goto again;
             }
             continue;
@@ -215,9 +307,11 @@ static int fetch_main(int argc, char **argv)
     getrusage(RUSAGE_SELF, &ru);
     double cpu = ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec
                  + ru.ru_stime.tv_usec / 1e6;
-    printf("rate=%.1f answers=%llu seconds=%.3f errors=%llu cpu=%.2f\n",
+    printf("rate=%.1f answers=%llu seconds=%.3f errors=%llu cpu=%.2f",
            bytes / elapsed, (unsigned long long)done, elapsed,
            (unsigned long long)errors, cpu / (now() - start));
+    print_latency();
+    printf("\n");
     return errors ? 1 : 0;
 }
 
@@ -257,11 +351,13 @@ int main(int argc, char **argv)
 
     int ep = epoll_create1(0);
     struct conn *conns = calloc(nconn, sizeof *conns);
-    if (ep < 0 || !conns)
+    uint64_t *stamps = udp || idle ? NULL : calloc(nconn * depth, sizeof *stamps);
+    if (ep < 0 || !conns || (!udp && !idle && !stamps))
         die("setup");
     double start = now();
     for (size_t i = 0; i < nconn; i++) {
         struct conn *c = &conns[i];
+        c->stamps = stamps ? stamps + i * depth : NULL;
         c->fd = socket(AF_INET, (udp ? SOCK_DGRAM : SOCK_STREAM) | SOCK_NONBLOCK, 0);
         if (c->fd < 0)
             die("socket");
@@ -295,19 +391,36 @@ int main(int argc, char **argv)
     struct epoll_event *events = malloc(sizeof *events * 1024);
     if (!buf || !events)
         die("malloc");
-    double measure_from = start + warmup, end = start + warmup + seconds;
+    /*
+     * tcp: the warm-up starts once every connection is set up (or failed),
+     * so that connecting thousands at once is not what gets measured; at
+     * most CONNECT_LIMIT seconds after the start.
+     */
+    int waiting = !udp && !idle;
+    size_t settled = 0;
+    double connect_s = 0;
+    double measure_from = waiting ? NEVER : start + warmup;
+    double end = waiting ? NEVER : measure_from + seconds;
     uint64_t answers = 0, answered_conns = 0;
     double all_answered = 0;
     int counting = warmup == 0;
+    recording = counting;
     double next_tick = start + 0.01;
 
     for (;;) {
         double t = now();
+        if (waiting && (settled >= nconn || t >= start + CONNECT_LIMIT)) {
+            waiting = 0;
+            connect_s = t - start;
+            measure_from = t + warmup;
+            end = measure_from + seconds;
+        }
         if (t >= end)
             break;
         if (!counting && t >= measure_from) {
-            counting = 1;
+            counting = recording = 1;
             answers = 0;
+            hist_reset();
         }
         int timeout = (int)((next_tick - t) * 1000) + 1;
         int n = epoll_wait(ep, events, 1024, timeout < 1 ? 1 : timeout);
@@ -324,6 +437,8 @@ int main(int argc, char **argv)
             uint32_t what = events[e].events;
             if (!udp && (what & (EPOLLERR | EPOLLHUP)) && !(what & EPOLLIN)) {
                 errors++;
+                if (!c->connected)
+                    settled++;
                 epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
                 close(c->fd);
                 continue;
@@ -342,6 +457,7 @@ int main(int argc, char **argv)
                     }
                     continue;
                 }
+                settled++;
                 struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
                 epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
                 pump(c, 0);
@@ -382,6 +498,11 @@ int main(int argc, char **argv)
                     uint64_t before = c->received / size;
                     c->received += got;
                     uint64_t lines = c->received / size - before;
+                    if (lines && recording) {
+                        uint64_t t_ns = now_ns();
+                        for (uint64_t k = before; k < before + lines; k++)
+                            record(t_ns - c->stamps[k % depth]);
+                    }
                     if (counting)
                         answers += lines;
                     if (lines) {
@@ -437,8 +558,12 @@ done:;
     getrusage(RUSAGE_SELF, &ru);
     double cpu = ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec
                  + ru.ru_stime.tv_usec / 1e6;
-    printf("rate=%.1f answers=%llu seconds=%.3f errors=%llu cpu=%.2f\n",
+    printf("rate=%.1f answers=%llu seconds=%.3f errors=%llu cpu=%.2f",
            answers / elapsed, (unsigned long long)answers, elapsed,
            (unsigned long long)errors, cpu / (now() - start));
+    if (!udp)
+        printf(" connect_s=%.3f", connect_s);
+    print_latency();
+    printf("\n");
     return errors ? 1 : 0;
 }
