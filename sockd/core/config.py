@@ -14,7 +14,6 @@ directory of that file, after symlinks are resolved.
 from __future__ import annotations
 
 import configparser
-import dataclasses
 import ipaddress
 import os
 import re
@@ -24,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 __all__ = [
     "SYSTEM_CONFIG",
@@ -264,7 +263,6 @@ def _endpoint_words(value: str) -> list[str]:
 def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
     """Twisted server endpoint descriptions (C{tcp:9000:interface=...})."""
     from twisted.internet.endpoints import serverFromString
-    from twisted.internet.testing import MemoryReactor
 
     from sockd.core.endpoints import check_stream
 
@@ -284,13 +282,23 @@ def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
             # What Twisted's parser lets through to bind time (port range,
             # interface, backlog; a FIFO as a key would hang its read).
             check_stream(word)
-            # Parsing with a reactor that never runs checks the syntax and,
-            # for ssl:, loads the key and certificate now rather than at bind.
-            serverFromString(MemoryReactor(), word)
+            # Twisted's own parser checks the syntax and, for ssl:, loads the
+            # key and certificate now rather than at bind.
+            serverFromString(_NotListening(), word)
         except Exception as e:
             raise ValueError(f"{word!r} is not a valid endpoint: {e}") from None
         result.append(word)
     return tuple(result)
+
+
+class _NotListening:
+    """
+    The reactor given to Twisted's endpoint parser when a description is only
+    checked.  The endpoint made keeps it for a C{listen()} that never comes;
+    it has nothing to call, so a parser that tried to bind would fail.
+    """
+
+    __slots__ = ()
 
 
 def _absolute_ssl_paths(word: str, base: Path) -> str:
@@ -801,10 +809,3 @@ def _read_regular(path: Path) -> bytes:
     finally:
         os.close(fd)
 
-
-T = TypeVar("T")
-
-
-def replace(settings: T, **changes: Any) -> T:
-    """A copy of frozen settings with some fields changed (for tests)."""
-    return dataclasses.replace(settings, **changes)  # type: ignore[type-var]

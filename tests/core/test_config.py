@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import socket
+import subprocess
+import sys
 import textwrap
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -308,6 +311,30 @@ class EndpointCheckTests(SynchronousTestCase):
             str(caught.exception),
         )
 
+    def test_checked_without_test_modules(self) -> None:
+        # Twisted's parser gets a stand-in reactor, not the test MemoryReactor.
+        code = textwrap.dedent(
+            """
+            import sys
+            import sockd.core.config as config
+            config.parse(
+                "[echo]\\nlisten = tcp:0:interface=127.0.0.1 unix:/tmp/sockd.s\\n"
+            )
+            print(sorted(m for m in sys.modules if m.startswith(
+                ("twisted.internet.testing", "twisted.test", "twisted.trial")
+            )))
+            """
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            cwd=ROOT,
+        )
+        self.assertEqual(result.stdout, "[]\n", result.stderr)
+
     def test_valid_endpoints_pass(self) -> None:
         c = parse(
             r"""
@@ -391,3 +418,21 @@ class RegularFileTests(SynchronousTestCase):
         path = self.dir / "big.ini"
         path.write_bytes(b"#" * (config.MAX_CONFIG_SIZE + 1))
         self.assertIn("larger than 1048576 bytes", self.refused(str(path)))
+
+
+class ProductionCodeTests(SynchronousTestCase):
+    def test_no_module_imports_test_helpers(self) -> None:
+        test_only = ("twisted.internet.testing", "twisted.test", "twisted.trial")
+        for path in sorted((ROOT / "sockd").rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    self.assertFalse(
+                        name.startswith(("tests.", *test_only)) or name == "tests",
+                        f"{path.relative_to(ROOT)} imports {name}",
+                    )
