@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass, fields
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -47,6 +48,72 @@ class DefaultsTests(SynchronousTestCase):
             settings = getattr(shipped, section)
             for description in settings.listen + getattr(settings, "listen_udp", ()):
                 self.assertIn("interface=127.0.0.1", description)
+
+
+class SchemaTests(SynchronousTestCase):
+    """The INI keys are the settings dataclasses' fields, with their parsers."""
+
+    def test_every_field_is_a_key_in_field_order(self) -> None:
+        classes = {
+            "sockd": config.SockdSettings,
+            "echo": config.EchoSettings,
+            "chat": config.ChatSettings,
+            "file": config.FileSettings,
+            "metrics": config.MetricsSettings,
+        }
+        self.assertEqual([f.name for f in fields(config.Config)], ["source", *classes])
+        self.assertEqual(list(config.SCHEMA), list(classes))
+        for section, settings in classes.items():
+            self.assertEqual(
+                list(config.SCHEMA[section]), [f.name for f in fields(settings)]
+            )
+
+    def test_field_parser_reads_the_file(self) -> None:
+        key = config.SCHEMA["chat"]["history"]
+        self.assertEqual(key.parser("7", ROOT), 7)
+        self.assertEqual(parse("[chat]\nhistory = 7\n").chat.history, 7)
+        self.assertEqual(key.doc, "messages shown to a member joining a room")
+
+    def test_defaults_are_class_attributes(self) -> None:
+        # GuardedFactory reads its handshake timeout default from the class.
+        self.assertEqual(config.SockdSettings.tls_handshake_timeout, 10.0)
+        self.assertEqual(config.FileSettings.root, None)
+        self.assertEqual(config.ChatSettings().redis_sentinels, ())
+
+    def test_lists_are_marked_many(self) -> None:
+        many = {
+            (section, key)
+            for section, keys in config.SCHEMA.items()
+            for key, spec in keys.items()
+            if spec.many
+        }
+        self.assertEqual(
+            many,
+            {
+                ("echo", "listen"),
+                ("echo", "listen_udp"),
+                ("chat", "listen"),
+                ("chat", "redis_sentinels"),
+                ("file", "listen"),
+                ("metrics", "listen"),
+            },
+        )
+
+    def test_a_plain_field_is_refused(self) -> None:
+        @dataclass(frozen=True)
+        class Settings:
+            fine: int = config.setting(1, config.integer(0, 9))
+            plain: int = 2
+
+        with self.assertRaises(TypeError) as caught:
+            config._keys(Settings)
+        self.assertEqual(str(caught.exception), "Settings.plain is not a setting()")
+
+    def test_option_needs_help_and_flags_start_false(self) -> None:
+        with self.assertRaises(TypeError):
+            config.setting(1, config.integer(0, 9), short="x")
+        with self.assertRaises(TypeError):
+            config.setting(True, config.boolean, "on", flag=True)
 
 
 class ValueTests(SynchronousTestCase):
