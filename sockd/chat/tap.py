@@ -25,35 +25,6 @@ class Options(DaemonOptions):
         "override it."
     )
     section = "chat"
-    optParameters = [
-        *DaemonOptions.optParameters,
-        ["default-room", None, None, "room new members join"],
-        ["idle-timeout", None, None, "seconds a silent member stays"],
-        ["history", None, None, "messages shown to a member joining a room"],
-        ["max-message", None, None, "largest message, in bytes"],
-        ["max-members", None, None, "members in total"],
-        ["max-rooms", None, None, "rooms in total"],
-        ["rate", None, None, "messages per second per member"],
-        ["burst", None, None, "messages a member may send at once"],
-        ["validation", None, None, "on or off: members prove they receive"],
-    ]
-    keyOptions = {
-        "default-room": "default_room",
-        "idle-timeout": "idle_timeout",
-        "history": "history",
-        "max-message": "max_message",
-        "max-members": "max_members",
-        "max-rooms": "max_rooms",
-        "rate": "rate",
-        "burst": "burst",
-        "validation": "validation",
-    }
-
-    def opt_listen(self, endpoint: str) -> None:
-        """UDP endpoint to listen on (repeatable), e.g. udp:8001."""
-        self._add_list("listen", endpoint)
-
-    opt_l = opt_listen
 
 
 def sweep_interval(idle_timeout: float) -> float:

@@ -14,31 +14,33 @@ directory of that file, after symlinks are resolved.
 from __future__ import annotations
 
 import configparser
-import dataclasses
 import ipaddress
 import os
 import re
 import stat
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_type_hints
 
 __all__ = [
+    "SCHEMA",
     "SYSTEM_CONFIG",
     "ChatSettings",
     "Config",
     "ConfigError",
     "EchoSettings",
     "FileSettings",
+    "Key",
     "MetricsSettings",
     "SockdSettings",
     "file_kind",
     "find_config",
     "load",
     "parse",
+    "setting",
 ]
 
 SYSTEM_CONFIG = "/etc/sockd/sockd.ini"
@@ -59,7 +61,9 @@ class ConfigError(Exception):
 # against, and returns the typed value or raises ValueError whose text says
 # what is allowed.
 
-Parser = Callable[[str, Path], Any]
+T = TypeVar("T")
+#: a value parser, giving the type of the field it fills
+Parser = Callable[[str, Path], T]
 
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*$")
@@ -74,7 +78,7 @@ def boolean(text: str, base: Path) -> bool:
     raise ValueError("expected true or false (also yes/no, on/off, 1/0)")
 
 
-def integer(low: int, high: int) -> Parser:
+def integer(low: int, high: int) -> Parser[int]:
     def parse(text: str, base: Path) -> int:
         try:
             value = int(text.strip(), 10)
@@ -87,7 +91,7 @@ def integer(low: int, high: int) -> Parser:
     return parse
 
 
-def workers(text: str, base: Path) -> int:
+def worker_count(text: str, base: Path) -> int:
     """A process count, or C{auto}: one per CPU this process may run on."""
     if text.strip().lower() == "auto":
         try:
@@ -102,7 +106,7 @@ def workers(text: str, base: Path) -> int:
         ) from None
 
 
-def size(low: int, high: int) -> Parser:
+def size(low: int, high: int) -> Parser[int]:
     """A byte count: C{4096}, C{64K}, C{10M}, C{1G} (powers of 1024)."""
 
     def parse(text: str, base: Path) -> int:
@@ -121,7 +125,7 @@ def size(low: int, high: int) -> Parser:
     return parse
 
 
-def _number(low: float, high: float, allowed: str) -> Parser:
+def _number(low: float, high: float, allowed: str) -> Parser[float]:
     def parse(text: str, base: Path) -> float:
         try:
             value = float(text.strip())
@@ -134,15 +138,15 @@ def _number(low: float, high: float, allowed: str) -> Parser:
     return parse
 
 
-def seconds(low: float, high: float) -> Parser:
+def seconds(low: float, high: float) -> Parser[float]:
     return _number(low, high, f"expected a number of seconds from {low:g} to {high:g}")
 
 
-def rate(low: float, high: float) -> Parser:
+def per_second(low: float, high: float) -> Parser[float]:
     return _number(low, high, f"expected a rate from {low:g} to {high:g} per second")
 
 
-def choice(*options: str) -> Parser:
+def choice(*options: str) -> Parser[str]:
     def parse(text: str, base: Path) -> str:
         value = text.strip().lower()
         if value not in options:
@@ -152,7 +156,7 @@ def choice(*options: str) -> Parser:
     return parse
 
 
-def name(pattern: str, what: str) -> Parser:
+def name(pattern: str, what: str) -> Parser[str]:
     compiled = re.compile(pattern)
 
     def parse(text: str, base: Path) -> str:
@@ -164,7 +168,7 @@ def name(pattern: str, what: str) -> Parser:
     return parse
 
 
-def text(max_length: int) -> Parser:
+def text(max_length: int) -> Parser[str]:
     def parse(value: str, base: Path) -> str:
         value = value.strip()
         if len(value) > max_length or any(
@@ -176,7 +180,7 @@ def text(max_length: int) -> Parser:
     return parse
 
 
-def redis_url(value: str, base: Path) -> str:
+def redis_address(value: str, base: Path) -> str:
     """
     C{redis://[:PASSWORD@]HOST[:PORT][/DB]}, or empty; with sentinels, no
     HOST (checked with the other keys).
@@ -264,7 +268,6 @@ def _endpoint_words(value: str) -> list[str]:
 def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
     """Twisted server endpoint descriptions (C{tcp:9000:interface=...})."""
     from twisted.internet.endpoints import serverFromString
-    from twisted.internet.testing import MemoryReactor
 
     from sockd.core.endpoints import check_stream
 
@@ -284,13 +287,23 @@ def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
             # What Twisted's parser lets through to bind time (port range,
             # interface, backlog; a FIFO as a key would hang its read).
             check_stream(word)
-            # Parsing with a reactor that never runs checks the syntax and,
-            # for ssl:, loads the key and certificate now rather than at bind.
-            serverFromString(MemoryReactor(), word)
+            # Twisted's own parser checks the syntax and, for ssl:, loads the
+            # key and certificate now rather than at bind.
+            serverFromString(_NotListening(), word)
         except Exception as e:
             raise ValueError(f"{word!r} is not a valid endpoint: {e}") from None
         result.append(word)
     return tuple(result)
+
+
+class _NotListening:
+    """
+    The reactor given to Twisted's endpoint parser when a description is only
+    checked.  The endpoint made keeps it for a C{listen()} that never comes;
+    it has nothing to call, so a parser that tried to bind would fail.
+    """
+
+    __slots__ = ()
 
 
 def _absolute_ssl_paths(word: str, base: Path) -> str:
@@ -317,6 +330,47 @@ def datagram_endpoints(value: str, base: Path) -> tuple[str, ...]:
 
 
 # --- the settings --------------------------------------------------------
+#
+# Each field of a settings dataclass is an INI key of its section: setting()
+# gives its default, its parser and, for keys that are also options of the
+# section's daemon, the option's help.  SCHEMA is made from these fields.
+
+_SECONDS_DAY = 86400.0
+#: the field metadata entry holding a field's L{Key}
+_KEY = "sockd"
+
+
+@dataclass(frozen=True)
+class Key:
+    """How one INI key is parsed, and how its daemon offers it as an option."""
+
+    parser: Parser[Any]
+    #: the help of its twistd option (C{--max-connections} for
+    #: C{max_connections}); empty: no option of its own, only C{--set}
+    doc: str = ""
+    #: the option's one-letter synonym
+    short: str | None = None
+    #: a flag setting the key true, rather than an option taking a value
+    flag: bool = False
+    #: a list of values: the option may be repeated, the values are joined
+    many: bool = False
+
+
+def setting(
+    default: T,
+    parser: Parser[T],
+    doc: str = "",
+    *,
+    short: str | None = None,
+    flag: bool = False,
+) -> T:
+    """A settings field: its default, its INI parser and its twistd option."""
+    if (short or flag) and not doc:
+        raise TypeError("an option needs its help text (doc)")
+    if flag and default is not False:
+        raise TypeError("a flag sets a key that is false by default")
+    key = Key(parser, doc, short, flag, many=isinstance(default, tuple))
+    return field(default=default, metadata={_KEY: key})
 
 
 @dataclass(frozen=True)
@@ -324,98 +378,188 @@ class SockdSettings:
     """C{[sockd]}: settings shared by every service."""
 
     #: listen queue length for TCP listeners that do not name one
-    backlog: int = 4096
+    backlog: int = setting(4096, integer(1, 65535))
     #: seconds a closing connection may take before it is aborted
-    abort_grace: float = 5.0
+    abort_grace: float = setting(5.0, seconds(0.1, 600))
     #: seconds a stopping daemon lets work in flight finish (SIGTERM)
-    shutdown_grace: float = 30.0
+    shutdown_grace: float = setting(30.0, seconds(0, 3600))
     #: processes serving echo and file (this one included); see sockd.core.workers
-    workers: int = 1
+    workers: int = setting(1, worker_count)
     #: seconds a client of an ssl: listener has to finish its TLS handshake
-    tls_handshake_timeout: float = 10.0
+    tls_handshake_timeout: float = setting(10.0, seconds(0.1, 3600))
 
 
 @dataclass(frozen=True)
 class EchoSettings:
     """C{[echo]}: line and raw echo over TCP, datagram echo over UDP."""
 
-    enabled: bool = True
-    listen: tuple[str, ...] = ("tcp:9000:interface=127.0.0.1",)
-    listen_udp: tuple[str, ...] = ("udp:9001:interface=127.0.0.1",)
-    mode: str = "line"
-    transform: str = "upper"
-    max_line_length: int = 8192
-    line_timeout: float = 60.0
-    idle_timeout: float = 300.0
-    max_connections: int = 1000
-    max_connections_per_ip: int = 64
-    udp_max_datagram: int = 8192
-    udp_rate: float = 100.0
-    udp_burst: int = 200
-    udp_total_rate: float = 50000.0
-    udp_allow_privileged_ports: bool = False
-    udp_loop_budget: int = 100
-    udp_loop_pause: float = 0.5
+    enabled: bool = setting(True, boolean)
+    listen: tuple[str, ...] = setting(
+        ("tcp:9000:interface=127.0.0.1",),
+        stream_endpoints,
+        "TCP endpoint to listen on (repeatable), e.g. tcp:7007.",
+        short="l",
+    )
+    listen_udp: tuple[str, ...] = setting(
+        ("udp:9001:interface=127.0.0.1",),
+        datagram_endpoints,
+        "UDP endpoint to listen on (repeatable), e.g. udp:7007.",
+        short="u",
+    )
+    mode: str = setting(
+        "line", choice("line", "raw"), "line or raw (RFC 862)", short="m"
+    )
+    transform: str = setting(
+        "upper", choice("upper", "none"), "upper or none", short="t"
+    )
+    max_line_length: int = setting(
+        8192, size(1, 16 * 1024**2), "longest line accepted, in bytes"
+    )
+    line_timeout: float = setting(60.0, seconds(0.1, _SECONDS_DAY))
+    idle_timeout: float = setting(
+        300.0,
+        seconds(0.1, _SECONDS_DAY),
+        "seconds a silent connection stays open",
+    )
+    max_connections: int = setting(1000, integer(1, 1_000_000))
+    max_connections_per_ip: int = setting(64, integer(1, 1_000_000))
+    udp_max_datagram: int = setting(8192, size(1, 65507))
+    udp_rate: float = setting(100.0, per_second(0.01, 1e9))
+    udp_burst: int = setting(200, integer(1, 1_000_000_000))
+    udp_total_rate: float = setting(50000.0, per_second(1, 1e9))
+    udp_allow_privileged_ports: bool = setting(False, boolean)
+    udp_loop_budget: int = setting(100, integer(0, 1_000_000_000))
+    udp_loop_pause: float = setting(0.5, seconds(0.01, 60))
 
 
 @dataclass(frozen=True)
 class ChatSettings:
     """C{[chat]}: the UDP chat relay."""
 
-    enabled: bool = False
-    listen: tuple[str, ...] = ("udp:8001:interface=127.0.0.1",)
-    default_room: str = "lobby"
-    idle_timeout: float = 300.0
-    history: int = 20
-    max_message: int = 1024
-    max_members: int = 10000
-    max_members_per_ip: int = 32
-    max_rooms: int = 1000
-    max_room_members: int = 1000
-    nick_max_length: int = 16
-    rate: float = 5.0
-    burst: int = 10
-    total_output_rate: float = 200000.0
-    validation: bool = True
-    backend: str = "local"
-    redis_url: str = ""
-    node_name: str = ""
-    redis_prefix: str = "sockd:chat:"
-    presence_timeout: float = 30.0
-    redis_sentinels: tuple[tuple[str, int], ...] = ()
-    redis_master: str = ""
+    enabled: bool = setting(False, boolean)
+    listen: tuple[str, ...] = setting(
+        ("udp:8001:interface=127.0.0.1",),
+        datagram_endpoints,
+        "UDP endpoint to listen on (repeatable), e.g. udp:8001.",
+        short="l",
+    )
+    default_room: str = setting(
+        "lobby",
+        name(
+            r"#?[A-Za-z0-9_-]{1,32}", "a room name of 1-32 letters, digits, '_' or '-'"
+        ),
+        "room new members join",
+    )
+    idle_timeout: float = setting(
+        300.0, seconds(1, _SECONDS_DAY), "seconds a silent member stays"
+    )
+    history: int = setting(
+        20, integer(0, 1000), "messages shown to a member joining a room"
+    )
+    max_message: int = setting(1024, size(16, 65507), "largest message, in bytes")
+    max_members: int = setting(10000, integer(1, 1_000_000), "members in total")
+    max_members_per_ip: int = setting(32, integer(1, 1_000_000))
+    max_rooms: int = setting(1000, integer(1, 1_000_000), "rooms in total")
+    max_room_members: int = setting(1000, integer(1, 1_000_000))
+    nick_max_length: int = setting(16, integer(2, 64))
+    rate: float = setting(5.0, per_second(0.01, 1e6), "messages per second per member")
+    burst: int = setting(
+        10, integer(1, 1_000_000), "messages a member may send at once"
+    )
+    total_output_rate: float = setting(200000.0, per_second(1, 1e9))
+    validation: bool = setting(True, boolean, "on or off: members prove they receive")
+    backend: str = setting("local", choice("local", "redis"))
+    redis_url: str = setting("", redis_address)
+    node_name: str = setting(
+        "",
+        name(
+            r"[A-Za-z0-9_.-]{0,64}",
+            "a node name of up to 64 letters, digits, '.', '_' or '-'",
+        ),
+    )
+    redis_prefix: str = setting(
+        "sockd:chat:",
+        name(
+            r"[A-Za-z0-9_.:-]{1,64}",
+            "a key prefix of 1-64 letters, digits, ':', '.', '_' or '-'",
+        ),
+    )
+    presence_timeout: float = setting(30.0, seconds(3, 3600))
+    redis_sentinels: tuple[tuple[str, int], ...] = setting((), sentinel_addresses)
+    redis_master: str = setting(
+        "",
+        name(
+            r"[A-Za-z0-9_.-]{0,64}",
+            "a master name of up to 64 letters, digits, '.', '_' or '-'",
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class FileSettings:
     """C{[file]}: the file server."""
 
-    enabled: bool = False
-    listen: tuple[str, ...] = ("tcp:8898:interface=127.0.0.1",)
-    root: Path | None = None
-    bare_errors: str = "close"
-    bare_pause: float = 0.3
-    symlinks: str = "inside"
-    hidden: bool = False
-    hardlinks: str = "allow"
-    writable: bool = False
-    overwrite: bool = False
-    max_upload: int = 100 * 1024**2
-    max_connections: int = 256
-    max_connections_per_ip: int = 16
-    request_timeout: float = 30.0
-    idle_timeout: float = 300.0
-    rate_limit: int = 0
-    total_rate_limit: int = 0
+    enabled: bool = setting(False, boolean)
+    listen: tuple[str, ...] = setting(
+        ("tcp:8898:interface=127.0.0.1",),
+        stream_endpoints,
+        "TCP endpoint to listen on (repeatable), e.g. tcp:8898.",
+        short="l",
+    )
+    root: Path | None = setting(None, directory, "directory served", short="r")
+    bare_errors: str = setting(
+        "close", choice("close", "line"), "bare requests that fail: close or line"
+    )
+    bare_pause: float = setting(0.3, seconds(0.01, 60))
+    symlinks: str = setting(
+        "inside",
+        choice("refuse", "inside"),
+        "inside (follow those staying inside root) or refuse",
+    )
+    hidden: bool = setting(False, boolean, "serve names starting with a dot", flag=True)
+    hardlinks: str = setting(
+        "allow",
+        choice("allow", "refuse"),
+        "allow or refuse files with more than one link",
+    )
+    writable: bool = setting(
+        False, boolean, "accept uploads (PUT)", short="w", flag=True
+    )
+    overwrite: bool = setting(
+        False, boolean, "let uploads replace existing files", flag=True
+    )
+    max_upload: int = setting(
+        100 * 1024**2, size(0, 2**50), "largest upload accepted, e.g. 100M"
+    )
+    max_connections: int = setting(256, integer(1, 1_000_000), "connections in total")
+    max_connections_per_ip: int = setting(
+        16, integer(1, 1_000_000), "connections per client address"
+    )
+    request_timeout: float = setting(
+        30.0, seconds(0.1, _SECONDS_DAY), "seconds a request line may take"
+    )
+    idle_timeout: float = setting(
+        300.0,
+        seconds(0.1, _SECONDS_DAY),
+        "seconds a silent connection stays open",
+    )
+    rate_limit: int = setting(
+        0, size(0, 2**50), "bytes per second per connection (0: no cap)"
+    )
+    total_rate_limit: int = setting(
+        0, size(0, 2**50), "bytes per second in total (0: no cap)"
+    )
 
 
 @dataclass(frozen=True)
 class MetricsSettings:
     """C{[metrics]}: Prometheus metrics over HTTP."""
 
-    enabled: bool = False
-    listen: tuple[str, ...] = ("tcp:9102:interface=127.0.0.1",)
-    max_connections: int = 64
+    enabled: bool = setting(False, boolean)
+    listen: tuple[str, ...] = setting(
+        ("tcp:9102:interface=127.0.0.1",), stream_endpoints
+    )
+    max_connections: int = setting(64, integer(1, 10_000))
 
 
 @dataclass(frozen=True)
@@ -430,104 +574,25 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
-_SECONDS_DAY = 86400.0
+def _keys(settings: type[Any]) -> dict[str, Key]:
+    """The keys of a settings dataclass, from its fields' metadata."""
+    keys: dict[str, Key] = {}
+    for each in fields(settings):
+        if _KEY not in each.metadata:
+            raise TypeError(f"{settings.__name__}.{each.name} is not a setting()")
+        keys[each.name] = each.metadata[_KEY]
+    return keys
 
-#: section -> key -> parser; the keys must match the dataclass fields
-SCHEMA: dict[str, dict[str, Parser]] = {
-    "sockd": {
-        "backlog": integer(1, 65535),
-        "abort_grace": seconds(0.1, 600),
-        "shutdown_grace": seconds(0, 3600),
-        "workers": workers,
-        "tls_handshake_timeout": seconds(0.1, 3600),
-    },
-    "echo": {
-        "enabled": boolean,
-        "listen": stream_endpoints,
-        "listen_udp": datagram_endpoints,
-        "mode": choice("line", "raw"),
-        "transform": choice("upper", "none"),
-        "max_line_length": size(1, 16 * 1024**2),
-        "line_timeout": seconds(0.1, _SECONDS_DAY),
-        "idle_timeout": seconds(0.1, _SECONDS_DAY),
-        "max_connections": integer(1, 1_000_000),
-        "max_connections_per_ip": integer(1, 1_000_000),
-        "udp_max_datagram": size(1, 65507),
-        "udp_rate": rate(0.01, 1e9),
-        "udp_burst": integer(1, 1_000_000_000),
-        "udp_total_rate": rate(1, 1e9),
-        "udp_allow_privileged_ports": boolean,
-        "udp_loop_budget": integer(0, 1_000_000_000),
-        "udp_loop_pause": seconds(0.01, 60),
-    },
-    "chat": {
-        "enabled": boolean,
-        "listen": datagram_endpoints,
-        "default_room": name(
-            r"#?[A-Za-z0-9_-]{1,32}", "a room name of 1-32 letters, digits, '_' or '-'"
-        ),
-        "idle_timeout": seconds(1, _SECONDS_DAY),
-        "history": integer(0, 1000),
-        "max_message": size(16, 65507),
-        "max_members": integer(1, 1_000_000),
-        "max_members_per_ip": integer(1, 1_000_000),
-        "max_rooms": integer(1, 1_000_000),
-        "max_room_members": integer(1, 1_000_000),
-        "nick_max_length": integer(2, 64),
-        "rate": rate(0.01, 1e6),
-        "burst": integer(1, 1_000_000),
-        "total_output_rate": rate(1, 1e9),
-        "validation": boolean,
-        "backend": choice("local", "redis"),
-        "redis_url": redis_url,
-        "node_name": name(
-            r"[A-Za-z0-9_.-]{0,64}",
-            "a node name of up to 64 letters, digits, '.', '_' or '-'",
-        ),
-        "redis_prefix": name(
-            r"[A-Za-z0-9_.:-]{1,64}",
-            "a key prefix of 1-64 letters, digits, ':', '.', '_' or '-'",
-        ),
-        "presence_timeout": seconds(3, 3600),
-        "redis_sentinels": sentinel_addresses,
-        "redis_master": name(
-            r"[A-Za-z0-9_.-]{0,64}",
-            "a master name of up to 64 letters, digits, '.', '_' or '-'",
-        ),
-    },
-    "file": {
-        "enabled": boolean,
-        "listen": stream_endpoints,
-        "root": directory,
-        "bare_errors": choice("close", "line"),
-        "bare_pause": seconds(0.01, 60),
-        "symlinks": choice("refuse", "inside"),
-        "hidden": boolean,
-        "hardlinks": choice("allow", "refuse"),
-        "writable": boolean,
-        "overwrite": boolean,
-        "max_upload": size(0, 2**50),
-        "max_connections": integer(1, 1_000_000),
-        "max_connections_per_ip": integer(1, 1_000_000),
-        "request_timeout": seconds(0.1, _SECONDS_DAY),
-        "idle_timeout": seconds(0.1, _SECONDS_DAY),
-        "rate_limit": size(0, 2**50),
-        "total_rate_limit": size(0, 2**50),
-    },
-}
 
-SCHEMA["metrics"] = {
-    "enabled": boolean,
-    "listen": stream_endpoints,
-    "max_connections": integer(1, 10_000),
-}
-
+#: section -> its settings class, in the order of L{Config}'s fields
 _SECTION_TYPES: dict[str, type[Any]] = {
-    "sockd": SockdSettings,
-    "echo": EchoSettings,
-    "chat": ChatSettings,
-    "file": FileSettings,
-    "metrics": MetricsSettings,
+    each.name: get_type_hints(Config)[each.name]
+    for each in fields(Config)
+    if each.name != "source"
+}
+#: section -> key -> how it is parsed and offered, made from the fields
+SCHEMA: dict[str, dict[str, Key]] = {
+    section: _keys(settings) for section, settings in _SECTION_TYPES.items()
 }
 
 
@@ -608,7 +673,7 @@ def parse(
             line = lines.get((section, key))
             at = f", line {line}" if line else ""
             values[key] = _convert(
-                schema[key], value, base, f"{source}{at}", section, key
+                schema[key].parser, value, base, f"{source}{at}", section, key
             )
         for key, value in (overrides or {}).get(section, {}).items():
             if key not in schema:
@@ -617,7 +682,7 @@ def parse(
                     "expected one of: " + ", ".join(schema)
                 )
             values[key] = _convert(
-                schema[key], value, Path.cwd(), "command line", section, key
+                schema[key].parser, value, Path.cwd(), "command line", section, key
             )
         sections[section] = _SECTION_TYPES[section](**values)
     config = Config(source=source, **sections)
@@ -627,7 +692,7 @@ def parse(
 
 
 def _convert(
-    parser: Parser, value: str, base: Path, where: str, section: str, key: str
+    parser: Parser[Any], value: str, base: Path, where: str, section: str, key: str
 ) -> Any:
     try:
         return parser(value, base)
@@ -800,11 +865,3 @@ def _read_regular(path: Path) -> bytes:
         raise refuse(e.strerror or str(e)) from None
     finally:
         os.close(fd)
-
-
-T = TypeVar("T")
-
-
-def replace(settings: T, **changes: Any) -> T:
-    """A copy of frozen settings with some fields changed (for tests)."""
-    return dataclasses.replace(settings, **changes)  # type: ignore[type-var]

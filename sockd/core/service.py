@@ -658,16 +658,26 @@ class Ready(Service):
         return None
 
 
+def _list_option(key: str, doc: str) -> Callable[[DaemonOptions, str], None]:
+    """The handler of an option giving one value of the list C{key}."""
+
+    def add(self: DaemonOptions, value: str) -> None:
+        self._add_list(key, value)
+
+    add.__doc__ = doc
+    return add
+
+
 class DaemonOptions(usage.Options):
     """
     Options every daemon shares: which INI file, and C{--set} overrides.
-    Subclasses name their C{section}, map their own options to keys in
-    C{keyOptions} (option name -> key), and collect repeatable ones (such
-    as C{--listen}) with L{_add_list}.
+    A subclass names its C{section}; each key of it with an option's help
+    (see L{sockd.core.config.setting}) becomes an option overriding it:
+    C{--max-connections} for C{max_connections}, a flag for a flag, an
+    option given once per value for a list.
     """
 
     section = ""
-    keyOptions: dict[str, str] = {}
 
     optParameters: list[list[Any]] = [
         [
@@ -678,6 +688,34 @@ class DaemonOptions(usage.Options):
             f"{_config.SYSTEM_CONFIG}, then the packaged default)",
         ],
     ]
+    optFlags: list[list[Any]] = []
+    #: option name -> the key of C{section} it sets, and how
+    keyOptions: dict[str, tuple[str, _config.Key]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "section" not in cls.__dict__ or not cls.section:
+            return
+        # usage.Options gathers these lists from every class of the MRO.
+        cls.optParameters = list(cls.__dict__.get("optParameters", []))
+        cls.optFlags = list(cls.__dict__.get("optFlags", []))
+        cls.keyOptions = {}
+        for key, spec in _config.SCHEMA[cls.section].items():
+            if not spec.doc:
+                continue
+            option = key.replace("_", "-")
+            if spec.many:
+                # A method: usage.Options calls it once per occurrence.
+                add = _list_option(key, spec.doc)
+                setattr(cls, f"opt_{key}", add)
+                if spec.short:
+                    setattr(cls, f"opt_{spec.short}", add)
+                continue
+            if spec.flag:
+                cls.optFlags.append([option, spec.short, spec.doc])
+            else:
+                cls.optParameters.append([option, spec.short, None, spec.doc])
+            cls.keyOptions[option] = (key, spec)
 
     def __init__(self) -> None:
         super().__init__()
@@ -723,9 +761,13 @@ class DaemonOptions(usage.Options):
         if parent is not None:
             # Under systemd, journald stamps each line: twistd should not.
             prefer_journal(parent, os.environ)
-        for option, key in self.keyOptions.items():
-            if self.get(option) is not None:
-                self.overrides.setdefault(self.section, {})[key] = str(self[option])
+        # Options win over --set, whatever their order.
+        for option, (key, spec) in self.keyOptions.items():
+            value = self[option]
+            if spec.flag:
+                value = "true" if value else None
+            if value is not None:
+                self.overrides.setdefault(self.section, {})[key] = value
         for key, values in self.lists.items():
             self.overrides.setdefault(self.section, {})[key] = " ".join(values)
         if self.section:

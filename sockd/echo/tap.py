@@ -28,30 +28,6 @@ class Options(DaemonOptions):
         "of the INI file; these options override it."
     )
     section = "echo"
-    optParameters = [
-        *DaemonOptions.optParameters,
-        ["mode", "m", None, "line or raw (RFC 862)"],
-        ["transform", "t", None, "upper or none"],
-        ["max-line-length", None, None, "longest line accepted, in bytes"],
-        ["idle-timeout", None, None, "seconds a silent connection stays open"],
-    ]
-    keyOptions = {
-        "mode": "mode",
-        "transform": "transform",
-        "max-line-length": "max_line_length",
-        "idle-timeout": "idle_timeout",
-    }
-
-    def opt_listen(self, endpoint: str) -> None:
-        """TCP endpoint to listen on (repeatable), e.g. tcp:7007."""
-        self._add_list("listen", endpoint)
-
-    def opt_listen_udp(self, endpoint: str) -> None:
-        """UDP endpoint to listen on (repeatable), e.g. udp:7007."""
-        self._add_list("listen_udp", endpoint)
-
-    opt_l = opt_listen
-    opt_u = opt_listen_udp
 
 
 def build(config: Config, reactor: Any) -> list[IService]:

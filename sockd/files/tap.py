@@ -24,50 +24,6 @@ class Options(DaemonOptions):
         "these options override it."
     )
     section = "file"
-    optParameters = [
-        *DaemonOptions.optParameters,
-        ["root", "r", None, "directory served"],
-        ["symlinks", None, None, "inside (follow those staying inside root) or refuse"],
-        ["hardlinks", None, None, "allow or refuse files with more than one link"],
-        ["bare-errors", None, None, "bare requests that fail: close or line"],
-        ["max-upload", None, None, "largest upload accepted, e.g. 100M"],
-        ["max-connections", None, None, "connections in total"],
-        ["max-connections-per-ip", None, None, "connections per client address"],
-        ["request-timeout", None, None, "seconds a request line may take"],
-        ["idle-timeout", None, None, "seconds a silent connection stays open"],
-        ["rate-limit", None, None, "bytes per second per connection (0: no cap)"],
-        ["total-rate-limit", None, None, "bytes per second in total (0: no cap)"],
-    ]
-    optFlags = [
-        ["writable", "w", "accept uploads (PUT)"],
-        ["overwrite", None, "let uploads replace existing files"],
-        ["hidden", None, "serve names starting with a dot"],
-    ]
-    keyOptions = {
-        "root": "root",
-        "symlinks": "symlinks",
-        "hardlinks": "hardlinks",
-        "bare-errors": "bare_errors",
-        "max-upload": "max_upload",
-        "max-connections": "max_connections",
-        "max-connections-per-ip": "max_connections_per_ip",
-        "request-timeout": "request_timeout",
-        "idle-timeout": "idle_timeout",
-        "rate-limit": "rate_limit",
-        "total-rate-limit": "total_rate_limit",
-    }
-
-    def opt_listen(self, endpoint: str) -> None:
-        """TCP endpoint to listen on (repeatable), e.g. tcp:8898."""
-        self._add_list("listen", endpoint)
-
-    opt_l = opt_listen
-
-    def postOptions(self) -> None:
-        for flag in ("writable", "overwrite", "hidden"):
-            if self[flag]:
-                self.overrides.setdefault("file", {})[flag] = "true"
-        super().postOptions()
 
 
 def build(config: Config, reactor: Any) -> list[IService]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import socket
+import subprocess
+import sys
 import textwrap
+from dataclasses import dataclass, fields
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -44,6 +48,72 @@ class DefaultsTests(SynchronousTestCase):
             settings = getattr(shipped, section)
             for description in settings.listen + getattr(settings, "listen_udp", ()):
                 self.assertIn("interface=127.0.0.1", description)
+
+
+class SchemaTests(SynchronousTestCase):
+    """The INI keys are the settings dataclasses' fields, with their parsers."""
+
+    def test_every_field_is_a_key_in_field_order(self) -> None:
+        classes = {
+            "sockd": config.SockdSettings,
+            "echo": config.EchoSettings,
+            "chat": config.ChatSettings,
+            "file": config.FileSettings,
+            "metrics": config.MetricsSettings,
+        }
+        self.assertEqual([f.name for f in fields(config.Config)], ["source", *classes])
+        self.assertEqual(list(config.SCHEMA), list(classes))
+        for section, settings in classes.items():
+            self.assertEqual(
+                list(config.SCHEMA[section]), [f.name for f in fields(settings)]
+            )
+
+    def test_field_parser_reads_the_file(self) -> None:
+        key = config.SCHEMA["chat"]["history"]
+        self.assertEqual(key.parser("7", ROOT), 7)
+        self.assertEqual(parse("[chat]\nhistory = 7\n").chat.history, 7)
+        self.assertEqual(key.doc, "messages shown to a member joining a room")
+
+    def test_defaults_are_class_attributes(self) -> None:
+        # GuardedFactory reads its handshake timeout default from the class.
+        self.assertEqual(config.SockdSettings.tls_handshake_timeout, 10.0)
+        self.assertEqual(config.FileSettings.root, None)
+        self.assertEqual(config.ChatSettings().redis_sentinels, ())
+
+    def test_lists_are_marked_many(self) -> None:
+        many = {
+            (section, key)
+            for section, keys in config.SCHEMA.items()
+            for key, spec in keys.items()
+            if spec.many
+        }
+        self.assertEqual(
+            many,
+            {
+                ("echo", "listen"),
+                ("echo", "listen_udp"),
+                ("chat", "listen"),
+                ("chat", "redis_sentinels"),
+                ("file", "listen"),
+                ("metrics", "listen"),
+            },
+        )
+
+    def test_a_plain_field_is_refused(self) -> None:
+        @dataclass(frozen=True)
+        class Settings:
+            fine: int = config.setting(1, config.integer(0, 9))
+            plain: int = 2
+
+        with self.assertRaises(TypeError) as caught:
+            config._keys(Settings)
+        self.assertEqual(str(caught.exception), "Settings.plain is not a setting()")
+
+    def test_option_needs_help_and_flags_start_false(self) -> None:
+        with self.assertRaises(TypeError):
+            config.setting(1, config.integer(0, 9), short="x")
+        with self.assertRaises(TypeError):
+            config.setting(True, config.boolean, "on", flag=True)
 
 
 class ValueTests(SynchronousTestCase):
@@ -308,6 +378,30 @@ class EndpointCheckTests(SynchronousTestCase):
             str(caught.exception),
         )
 
+    def test_checked_without_test_modules(self) -> None:
+        # Twisted's parser gets a stand-in reactor, not the test MemoryReactor.
+        code = textwrap.dedent(
+            """
+            import sys
+            import sockd.core.config as config
+            config.parse(
+                "[echo]\\nlisten = tcp:0:interface=127.0.0.1 unix:/tmp/sockd.s\\n"
+            )
+            print(sorted(m for m in sys.modules if m.startswith(
+                ("twisted.internet.testing", "twisted.test", "twisted.trial")
+            )))
+            """
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            cwd=ROOT,
+        )
+        self.assertEqual(result.stdout, "[]\n", result.stderr)
+
     def test_valid_endpoints_pass(self) -> None:
         c = parse(
             r"""
@@ -391,3 +485,21 @@ class RegularFileTests(SynchronousTestCase):
         path = self.dir / "big.ini"
         path.write_bytes(b"#" * (config.MAX_CONFIG_SIZE + 1))
         self.assertIn("larger than 1048576 bytes", self.refused(str(path)))
+
+
+class ProductionCodeTests(SynchronousTestCase):
+    def test_no_module_imports_test_helpers(self) -> None:
+        test_only = ("twisted.internet.testing", "twisted.test", "twisted.trial")
+        for path in sorted((ROOT / "sockd").rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    self.assertFalse(
+                        name.startswith(("tests.", *test_only)) or name == "tests",
+                        f"{path.relative_to(ROOT)} imports {name}",
+                    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import urllib.request
+from dataclasses import replace
 
 import pytest
 from prometheus_client import generate_latest
@@ -12,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 import sockd.core.metrics as metrics
-from sockd.core.config import EchoSettings, replace
+from sockd.core.config import EchoSettings
 from sockd.core.metrics import CappedFactory, SockdCollector, registry_for
 from sockd.core.service import make_daemon_service
 from sockd.echo.protocol import DatagramEcho, EchoFactory

@@ -15,8 +15,11 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+import sockd.chat.tap as chat_tap
 import sockd.echo.tap as echo_tap
+import sockd.files.tap as file_tap
 from sockd import tap
+from sockd.core import config
 from sockd.core.service import (
     DescriptorLimit,
     Listener,
@@ -133,6 +136,151 @@ class EchoOptionsTests(SynchronousTestCase):
     def test_bad_set(self) -> None:
         with self.assertRaises(usage.UsageError):
             echo_tap.Options().parseOptions(["--set", "novalue"])
+
+
+CONFIG_HELP = (
+    "INI file (default: $SOCKD_CONFIG, /etc/sockd/sockd.ini, then the packaged default)"
+)
+SET_HELP = "Override one setting: KEY=VALUE, or SECTION.KEY=VALUE."
+#: each daemon's options: name -> (short, takes a value, help)
+OPTIONS: dict[str, dict[str, tuple[str | None, bool, str]]] = {
+    "sockd": {"config": ("c", True, CONFIG_HELP), "set": (None, True, SET_HELP)},
+    "echo": {
+        "config": ("c", True, CONFIG_HELP),
+        "set": (None, True, SET_HELP),
+        "listen": ("l", True, "TCP endpoint to listen on (repeatable), e.g. tcp:7007."),
+        "listen-udp": (
+            "u",
+            True,
+            "UDP endpoint to listen on (repeatable), e.g. udp:7007.",
+        ),
+        "mode": ("m", True, "line or raw (RFC 862)"),
+        "transform": ("t", True, "upper or none"),
+        "max-line-length": (None, True, "longest line accepted, in bytes"),
+        "idle-timeout": (None, True, "seconds a silent connection stays open"),
+    },
+    "chat": {
+        "config": ("c", True, CONFIG_HELP),
+        "set": (None, True, SET_HELP),
+        "listen": ("l", True, "UDP endpoint to listen on (repeatable), e.g. udp:8001."),
+        "default-room": (None, True, "room new members join"),
+        "idle-timeout": (None, True, "seconds a silent member stays"),
+        "history": (None, True, "messages shown to a member joining a room"),
+        "max-message": (None, True, "largest message, in bytes"),
+        "max-members": (None, True, "members in total"),
+        "max-rooms": (None, True, "rooms in total"),
+        "rate": (None, True, "messages per second per member"),
+        "burst": (None, True, "messages a member may send at once"),
+        "validation": (None, True, "on or off: members prove they receive"),
+    },
+    "file": {
+        "config": ("c", True, CONFIG_HELP),
+        "set": (None, True, SET_HELP),
+        "listen": ("l", True, "TCP endpoint to listen on (repeatable), e.g. tcp:8898."),
+        "root": ("r", True, "directory served"),
+        "symlinks": (
+            None,
+            True,
+            "inside (follow those staying inside root) or refuse",
+        ),
+        "hardlinks": (None, True, "allow or refuse files with more than one link"),
+        "bare-errors": (None, True, "bare requests that fail: close or line"),
+        "max-upload": (None, True, "largest upload accepted, e.g. 100M"),
+        "max-connections": (None, True, "connections in total"),
+        "max-connections-per-ip": (None, True, "connections per client address"),
+        "request-timeout": (None, True, "seconds a request line may take"),
+        "idle-timeout": (None, True, "seconds a silent connection stays open"),
+        "rate-limit": (None, True, "bytes per second per connection (0: no cap)"),
+        "total-rate-limit": (None, True, "bytes per second in total (0: no cap)"),
+        "writable": ("w", False, "accept uploads (PUT)"),
+        "overwrite": (None, False, "let uploads replace existing files"),
+        "hidden": (None, False, "serve names starting with a dot"),
+    },
+}
+TAPS = {"sockd": tap, "echo": echo_tap, "chat": chat_tap, "file": file_tap}
+
+
+def described(options: usage.Options) -> dict[str, tuple[str | None, bool, str]]:
+    """An Options' own options as name -> (short, takes a value, help)."""
+    shorts = {
+        long: short for short, long in options.synonyms.items() if len(short) == 1
+    }
+    return {
+        name.rstrip("="): (
+            shorts.get(name.rstrip("=")),
+            name.endswith("="),
+            options.docs[name.rstrip("=")],
+        )
+        for name in options.longOpt
+        if name not in ("help", "version")
+    }
+
+
+class SchemaOptionsTests(SynchronousTestCase):
+    """Each daemon offers the keys of its section that have an option's help."""
+
+    def test_each_daemon_keeps_its_options(self) -> None:
+        for name, module in TAPS.items():
+            with self.subTest(daemon=name):
+                self.assertEqual(described(module.Options()), OPTIONS[name])
+
+    def test_a_subclass_offers_them_once(self) -> None:
+        class Options(echo_tap.Options):
+            pass
+
+        self.assertEqual(Options().longOpt, echo_tap.Options().longOpt)
+        self.assertEqual(Options().getUsage(), echo_tap.Options().getUsage())
+
+    def test_bad_value_gets_the_files_message(self) -> None:
+        ini = write_ini(self, "")
+        for section in ("echo", "chat", "file"):
+            for key, spec in config.SCHEMA[section].items():
+                if not spec.doc or spec.flag:
+                    continue
+                option = "--" + key.replace("_", "-")
+                with self.subTest(option=option), self.assertRaises(SystemExit) as cli:
+                    TAPS[section].Options().parseOptions(
+                        ["--config", ini, option, "?bad?"]
+                    )
+                with self.assertRaises(config.ConfigError) as in_file:
+                    config.parse(f"[{section}]\n{key} = ?bad?\n", "f.ini")
+                message = str(in_file.exception).replace(
+                    "f.ini, line 2:", "command line:"
+                )
+                self.assertIn("command line: [", message)
+                self.assertEqual(cli.exception.code, f"sockd: {message}")
+
+    def test_options_win_over_set_and_flags_only_turn_on(self) -> None:
+        root = tempdir(self)
+        ini = write_ini(self, f"[file]\nroot = {root}\nwritable = true\n")
+        options = file_tap.Options()
+        options.parseOptions(
+            [
+                "--config",
+                ini,
+                "--hidden",
+                "--set",
+                "hidden=false",
+                "--max-upload",
+                "1K",
+                "--set",
+                "max_upload=2K",
+            ]
+        )
+        settings = options.config.file
+        self.assertEqual(
+            (settings.writable, settings.hidden, settings.overwrite),
+            (True, True, False),
+        )
+        self.assertEqual(settings.max_upload, 1024)
+        self.assertEqual(
+            options.overrides["file"],
+            {
+                "hidden": "true",
+                "max_upload": "1K",
+                "enabled": "true",
+            },
+        )
 
 
 class MakeServiceTests(SynchronousTestCase):

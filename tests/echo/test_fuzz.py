@@ -8,6 +8,7 @@ than its request.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import given, settings
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.core.config import EchoSettings, replace
+from sockd.core.config import EchoSettings
 from sockd.echo.protocol import LOOP_PORTS, DatagramEcho, EchoFactory, upper_within
 from tests.helpers import FakeDatagramTransport, connect
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.core.config import EchoSettings, SockdSettings, replace
+from sockd.core.config import EchoSettings, SockdSettings
 from sockd.echo.protocol import (
     DatagramEcho,
     EchoFactory,
