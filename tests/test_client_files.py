@@ -21,7 +21,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from cryptography import x509
@@ -41,6 +41,7 @@ from sockd.client.files import (
 from sockd.client.main import main
 
 MTIME = 1_764_000_000
+S = TypeVar("S", bound=socketserver.BaseServer)
 
 
 def unquote_arg(word: bytes) -> bytes:
@@ -172,6 +173,10 @@ class FakeServer(socketserver.ThreadingTCPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # failed handshakes are counted; tests assert on the client side
 
+    def shutdown(self) -> None:
+        self.release.set()  # a handler stalling mid-body goes on and ends
+        super().shutdown()
+
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.server_address[1]}"
@@ -193,15 +198,17 @@ class FakeServer(socketserver.ThreadingTCPServer):
         return sorted(out.values(), key=lambda e: e[2])
 
 
-@pytest.fixture(name="serve")
-def serve_fixture() -> Iterator[Callable[..., FakeServer]]:
-    """C{serve(files, tls)} starts a L{FakeServer}; all stop at teardown."""
-    servers: list[FakeServer] = []
+def threaded_servers(
+    make: Callable[..., S],
+) -> Iterator[Callable[..., S]]:
+    """
+    For a fixture: a function that starts C{make(...)} serving in a thread;
+    every server started is shut down afterwards.
+    """
+    servers: list[S] = []
 
-    def start(
-        files: dict[bytes, bytes] | None = None, tls: ssl.SSLContext | None = None
-    ) -> FakeServer:
-        server = FakeServer(dict(files or {}), tls)
+    def start(*args: Any, **kwargs: Any) -> S:
+        server = make(*args, **kwargs)
         # A short poll interval keeps shutdown() quick at teardown.
         threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
         servers.append(server)
@@ -209,9 +216,20 @@ def serve_fixture() -> Iterator[Callable[..., FakeServer]]:
 
     yield start
     for server in servers:
-        server.release.set()
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(name="serve")
+def serve_fixture() -> Iterator[Callable[..., FakeServer]]:
+    """C{serve(files, tls)} starts a L{FakeServer}; all stop at teardown."""
+
+    def make(
+        files: dict[bytes, bytes] | None = None, tls: ssl.SSLContext | None = None
+    ) -> FakeServer:
+        return FakeServer(dict(files or {}), tls)
+
+    yield from threaded_servers(make)
 
 
 BLOB = bytes(range(256)) * 12_288  # 3 MiB: several 1 MiB reads

@@ -18,7 +18,7 @@ import pytest
 from sockd.client.fileproto import EXIT_NOT_FOUND, EXIT_SERVER, ServerError
 from sockd.client.gopher import MAX_ERROR, GopherError, answer_error
 from sockd.client.main import main
-from tests.test_client_files import BLOB, sockd
+from tests.test_client_files import BLOB, sockd, threaded_servers
 
 
 class Handler(socketserver.StreamRequestHandler):
@@ -47,18 +47,7 @@ class FakeGopher(socketserver.ThreadingTCPServer):
 
 @pytest.fixture
 def gopher_server() -> Iterator[Callable[[], FakeGopher]]:
-    servers: list[FakeGopher] = []
-
-    def start() -> FakeGopher:
-        server = FakeGopher()
-        threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    yield from threaded_servers(FakeGopher)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import hashlib
 import http.server
 import ipaddress
 import ssl
-import threading
 from collections.abc import Callable, Iterator
 from email.message import Message
 from pathlib import Path
@@ -22,7 +21,13 @@ from cryptography.hazmat.primitives import serialization
 
 from sockd.client import web
 from sockd.client.fileproto import ProtocolError
-from tests.test_client_files import BLOB, _server_context, make_ca, sockd
+from tests.test_client_files import (
+    BLOB,
+    _server_context,
+    make_ca,
+    sockd,
+    threaded_servers,
+)
 
 Answer = tuple[int, dict[str, str], bytes]
 
@@ -92,18 +97,7 @@ class FakeHTTP(http.server.ThreadingHTTPServer):
 
 @pytest.fixture
 def web_server() -> Iterator[Callable[..., FakeHTTP]]:
-    servers: list[FakeHTTP] = []
-
-    def start(tls: ssl.SSLContext | None = None) -> FakeHTTP:
-        server = FakeHTTP(tls)
-        threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    yield from threaded_servers(FakeHTTP)
 
 
 @pytest.fixture
