@@ -1,24 +1,27 @@
 """
-C{sockd get|ls|stat|put}: the sockd-file client.
+C{sockd get|ls|stat|put}: the file client.
 
-A plain blocking-socket program: one framed-mode connection per command.
-Downloads go to C{OUT.part}, are checked against the server's SHA-256 and
-only then renamed to C{OUT}; C{--continue} resumes a C{.part}.
+A plain blocking-socket program, one connection per command.  C{get}
+speaks the sockd-file framed protocol (C{sockd://} or C{HOST[:PORT] PATH}),
+Gopher and HTTP(S); the others only the framed protocol.  Downloads go to
+C{OUT.part}, are checked where the protocol allows and only then renamed
+to C{OUT}; C{--continue} resumes a C{.part}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
+import ssl
 import stat
 import sys
 import time
-import unicodedata
 from collections.abc import Callable
 from typing import TextIO
 
-from sockd.client.echo import split_address
+from sockd.client import framed
 from sockd.client.fileproto import (
     CHUNK,
     DEFAULT_PORT,
@@ -27,14 +30,16 @@ from sockd.client.fileproto import (
     ClientError,
     Connection,
     FileClient,
-    Pipeline,
-    ServerError,
     VerifyFailed,
 )
+from sockd.client.output import MeterFactory, Output, display, local_error
 from sockd.client.tls import client_context
+from sockd.client.urls import Location, is_url, parse_url
+from sockd.client.urls import framed as framed_location
 
 __all__ = [
     "EPILOG",
+    "PROTOCOLS",
     "Progress",
     "add_arguments",
     "display",
@@ -44,6 +49,23 @@ __all__ = [
     "run",
 ]
 
+PROTOCOLS = f"""\
+protocols:
+  sockd://HOST[:PORT]/PATH, or HOST[:PORT] PATH (port {DEFAULT_PORT})
+       the sockd-file framed protocol: --continue resumes, the SHA-256 is
+       always verified, -r fetches a directory tree; --tls for TLS
+  gopher://HOST[:PORT]/TYPE/SELECTOR (port 70; TYPE is one character)
+       no resume (Gopher has no offsets), no checksum; an empty answer or
+       an error item is an error
+  http://HOST[:PORT]/PATH (port 80), https://HOST[:PORT]/PATH (port 443)
+       --continue resumes (Range; If-Range with the ETag or Last-Modified
+       kept in OUT.part.meta, so a changed file is fetched again whole);
+       verified only if the server sends Repr-Digest or Digest with a
+       sha-256 value, else no checksum; at most 5 redirects, never from
+       https to http; https is verified against the system CAs or --cafile
+  The progress bar shows size and ETA when the protocol tells the size.
+"""
+
 EPILOG = """\
 exit status:
   0    success
@@ -51,13 +73,14 @@ exit status:
   2    usage error
   3    connection failure: cannot connect, TLS handshake failed, timeout,
        connection cut (a partial download stays in OUT.part: resume it with
-       --continue), or the server is busy or stopping (ERR 429, 503)
-  4    not found (ERR 404)
-  5    forbidden (ERR 403)
+       --continue), or the server is busy or stopping (ERR or HTTP 429, 503)
+  4    not found (ERR or HTTP 404; a Gopher error item saying not found)
+  5    forbidden (ERR 403; HTTP 401, 403)
   6    verification failure: SHA-256 mismatch, or TLS certificate or host
        name not accepted
-  7    other server error (ERR 400, 405, 409, 413, 414, 416, 500, ...) or
-       an answer the protocol does not allow
+  7    other server error (ERR 400, 405, 409, 413, 414, 416, 500, ...; other
+       HTTP statuses; other Gopher errors, or an empty Gopher answer) or an
+       answer the protocol does not allow (such as a refused redirect)
   130  interrupted
 """
 
@@ -89,7 +112,7 @@ def format_duration(seconds: float) -> str:
 def render_progress(
     label: str,
     done: int,
-    total: int,
+    total: int | None,
     elapsed: float,
     initial: int = 0,
     width: int = 80,
@@ -98,23 +121,25 @@ def render_progress(
     """
     One progress line, at most C{width - 1} characters: label, bar,
     percentage, bytes so far, rate of this run (bytes after C{initial}),
-    and the ETA (or, when C{final}, the time taken).
+    and the ETA (or, when C{final}, the time taken).  With no C{total}
+    (unknown), no bar, percentage or ETA.
     """
-    fraction = min(1.0, done / total) if total > 0 else 1.0
+    fraction = 1.0 if not total or total < 0 else min(1.0, done / total)
     rate = (done - initial) / elapsed if elapsed > 0 else 0.0
     if final:
-        tail = f"in {format_duration(elapsed)}"
+        tail = f"  in {format_duration(elapsed)}"
+    elif total is None:
+        tail = ""
     elif rate > 0:
-        tail = f"ETA {format_duration((total - done) / rate)}"
+        tail = f"  ETA {format_duration((total - done) / rate)}"
     else:
-        tail = "ETA --:--"
-    stats = (
-        f" {int(fraction * 100):3d}% {format_size(done)}  {format_size(rate)}/s  {tail}"
-    )
+        tail = "  ETA --:--"
+    percent = "" if total is None else f" {int(fraction * 100):3d}%"
+    stats = f"{percent} {format_size(done)}  {format_size(rate)}/s{tail}"
     room = width - 1 - len(stats)
     bar_width = min(30, room - min(len(label), 24) - 3)
     bar = ""
-    if bar_width >= 8:
+    if bar_width >= 8 and total is not None:
         filled = int(fraction * bar_width)
         bar = " [" + "#" * filled + "-" * (bar_width - filled) + "]"
     label_room = max(0, room - len(bar))
@@ -130,7 +155,7 @@ class Progress:
         self,
         stream: TextIO,
         label: str,
-        total: int,
+        total: int | None,
         initial: int = 0,
         enabled: bool = True,
         clock: Callable[[], float] = time.monotonic,
@@ -192,27 +217,6 @@ class Progress:
         self.drawn = True
 
 
-def display(name: bytes | str) -> str:
-    """A name from the server or the user, safe to print on a terminal."""
-    if isinstance(name, bytes):
-        name = name.decode("utf-8", "backslashreplace")
-    out = []
-    for ch in name:
-        # Controls, format characters (bidi, zero-width), line separators.
-        if ch == "\\" or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
-            code = ord(ch)
-            out.append(
-                "\\\\"
-                if ch == "\\"
-                else f"\\x{code:02x}"
-                if code < 0x100
-                else f"\\u{code:04x}"
-            )
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
 # Shared plumbing ----------------------------------------------------------
 
 
@@ -226,11 +230,13 @@ def _positive(text: str) -> float:
     return value
 
 
-def _address_argument(parser: argparse.ArgumentParser) -> None:
+def _address_argument(parser: argparse.ArgumentParser, framed_only: bool) -> None:
+    schemes = "sockd://" if framed_only else "sockd://, gopher://, http(s)://"
     parser.add_argument(
         "address",
-        metavar="HOST[:PORT]",
-        help=f"the sockd-file server (port {DEFAULT_PORT} if not given)",
+        metavar="URL|HOST[:PORT]",
+        help=f"a {schemes} URL, or the sockd-file server (port {DEFAULT_PORT} "
+        "if not given)",
     )
 
 
@@ -242,9 +248,10 @@ def _common_options(parser: argparse.ArgumentParser, quiet: bool = False) -> Non
     )
     parser.add_argument(
         "--cafile",
+        "--cacert",
         metavar="PATH",
         help="trust the CA certificates in PATH instead of the system's "
-        "(implies --tls)",
+        "(for https://; implies --tls for the framed protocol)",
     )
     parser.add_argument(
         "--timeout",
@@ -262,52 +269,104 @@ def _common_options(parser: argparse.ArgumentParser, quiet: bool = False) -> Non
         )
 
 
-def _connect(args: argparse.Namespace) -> Connection:
+def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """
+    The TLS context that C{--tls} or C{--cafile} ask for, or None; a usage
+    error if C{--cafile} cannot be loaded.
+    """
+    if not (args.tls or args.cafile):
+        return None
     try:
-        host, port = split_address(args.address, DEFAULT_PORT)
+        return client_context(args.cafile)
     except ValueError as e:
         raise UsageProblem(str(e)) from e
-    context = None
-    if args.tls or args.cafile:
+
+
+def _locate(args: argparse.Namespace, command: str, path: str | None) -> str | None:
+    """
+    Set C{args.location} from the address (and C{path}, its PATH argument);
+    return the remote path, from the URL or C{path}.
+    """
+    address: str = args.address
+    if not is_url(address):
+        if path is None and command == "get":
+            raise UsageProblem("PATH is missing: give HOST[:PORT] PATH, or a URL")
         try:
-            context = client_context(args.cafile)
+            args.location = framed_location(address, path or "")
         except ValueError as e:
             raise UsageProblem(str(e)) from e
-    return Connection.open(host, port, args.timeout, context)
+        return path
+    try:
+        location = parse_url(address)
+    except ValueError as e:
+        raise UsageProblem(str(e)) from e
+    args.location = location
+    if location.scheme != "sockd":
+        if command != "get":
+            raise UsageProblem(
+                f"sockd {command} speaks only the framed protocol: give "
+                "sockd://HOST[:PORT]/PATH or HOST[:PORT]"
+            )
+        if path is not None:
+            raise UsageProblem(f"{location.scheme}:// takes the path in the URL")
+        return None
+    if location.path.strip("/"):
+        if path is not None:
+            raise UsageProblem("give the path in the URL or after it, not both")
+        return location.path
+    return path
+
+
+def _connect(args: argparse.Namespace, tls: ssl.SSLContext | None = None) -> Connection:
+    location: Location = args.location
+    if tls is None:
+        tls = _tls(args)
+    return Connection.open(location.host, location.port, args.timeout, tls)
 
 
 def _progress(
-    args: argparse.Namespace, label: str, total: int, initial: int
+    args: argparse.Namespace, label: str, total: int | None, initial: int
 ) -> Progress:
     enabled = not args.quiet and sys.stderr.isatty()
     return Progress(sys.stderr, display(label), total, initial, enabled)
+
+
+def _meter(args: argparse.Namespace) -> MeterFactory:
+    def meter(label: str, total: int | None, initial: int) -> Progress:
+        return _progress(args, label, total, initial)
+
+    return meter
 
 
 def _basename(path: str) -> str:
     return path.rstrip("/").rpartition("/")[2]
 
 
-def _local_error(path: str, error: OSError, doing: str) -> ClientError:
-    return ClientError(f"{path}: {doing}: {error.strerror or error}")
+def _warn(command: str) -> Callable[[str], None]:
+    def warn(message: str) -> None:
+        print(f"sockd {command}: {message}", file=sys.stderr)
 
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view) :]
+    return warn
 
 
 # get ----------------------------------------------------------------------
 
 
 def _add_get(parser: argparse.ArgumentParser) -> None:
-    _address_argument(parser)
-    parser.add_argument("path", metavar="PATH", help="the remote file")
+    _address_argument(parser, framed_only=False)
+    parser.add_argument(
+        "path",
+        metavar="PATH",
+        nargs="?",
+        help="the remote file (or directory, with -r) after HOST[:PORT]",
+    )
     parser.add_argument(
         "-o",
         "--output",
         metavar="OUT",
         help="local file or directory (default: the remote file's name here; "
-        "'-' for standard output)",
+        "'-' for standard output); with -r, the directory that receives the "
+        "tree (default: the remote directory's name here)",
     )
     parser.add_argument(
         "-c",
@@ -319,181 +378,144 @@ def _add_get(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-f", "--force", action="store_true", help="replace OUT if it exists"
     )
+    parser.add_argument(
+        "-r",
+        "--recursive",
+        action="store_true",
+        help="fetch a directory tree (framed protocol only): files identical "
+        "to the remote ones (SHA-256) are skipped, others are fetched, "
+        "resumed (-c) or replaced (-f)",
+    )
     _common_options(parser, quiet=True)
 
 
-def _target(remote: str, output: str | None) -> str:
+def _target(name: str, remote: str, output: str | None) -> str:
     if output is not None and not os.path.isdir(output):
         if output.endswith("/"):
             raise UsageProblem(f"-o {output}: no such directory")
         return output
-    name = _basename(remote)
-    if name in ("", ".", ".."):
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
         raise UsageProblem(f"{display(remote)!r} names no file: give -o OUT")
     return os.path.join(output or "", name)
 
 
-def _open_partial(part: str) -> int | None:
-    """The existing C{.part} to resume, opened for appending; None if none."""
+def _open_dir(path: str) -> int:
     try:
-        # No symlinks or FIFOs: only a regular file this command left.
-        fd = os.open(part, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
+        return os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        raise _local_error(part, e, "cannot resume") from e
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ClientError(f"{part}: cannot resume: not a regular file")
-    return fd
-
-
-def _hash_prefix(fd: int, hasher: hashlib._Hash, path: str) -> int:
-    """Hash what C{fd} holds, leaving its position at the end."""
-    buffer = memoryview(bytearray(CHUNK))
-    total = 0
-    try:
-        while n := os.readv(fd, [buffer]):
-            hasher.update(buffer[:n])
-            total += n
-    except OSError as e:
-        raise _local_error(path, e, "cannot read") from e
-    return total
-
-
-def _install(part: str, target: str, force: bool) -> None:
-    """Give C{part} its final name; never replace a file unless C{force}."""
-    if force:
-        os.replace(part, target)
-        return
-    try:
-        # link() fails if target exists, so a file created meanwhile is safe.
-        os.link(part, target)
-    except FileExistsError:
-        raise ClientError(
-            f"{target} appeared during the download; data kept in {part}"
-        ) from None
-    except OSError:
-        # No hard links here (some filesystems): check, then rename.
-        if os.path.lexists(target):
-            raise ClientError(
-                f"{target} appeared during the download; data kept in {part}"
-            ) from None
-        os.rename(part, target)
-        return
-    os.unlink(part)
-
-
-class _Sink:
-    """Consumes the body: hash, write, count, progress."""
-
-    def __init__(
-        self, fd: int, hasher: hashlib._Hash, progress: Progress, done: int, path: str
-    ) -> None:
-        self.fd = fd
-        self.hasher = hasher
-        self.progress = progress
-        self.done = done
-        self.path = path
-
-    def __call__(self, view: memoryview) -> None:
-        self.hasher.update(view)
-        try:
-            _write_all(self.fd, view)
-        except OSError as e:
-            raise _local_error(self.path, e, "cannot write") from e
-        self.done += len(view)
-        self.progress.update(self.done)
+        raise local_error(path or ".", e, "cannot open directory") from e
 
 
 def _get(args: argparse.Namespace) -> int:
-    remote: str = args.path
-    if not remote:
-        raise UsageProblem("PATH is empty")
+    remote = _locate(args, "get", args.path)
+    location: Location = args.location
+    scheme = location.scheme
+    if scheme == "sockd":
+        remote = location.path if remote is None else remote
+        if not remote and not args.recursive:
+            raise UsageProblem("PATH is empty")
+        location = Location(scheme, location.host, location.port, remote or "/")
+    elif args.tls:
+        raise UsageProblem(f"--tls is for the framed protocol, not {scheme}://")
+    elif args.cafile and scheme == "gopher":
+        raise UsageProblem("--cafile: gopher:// has no TLS")
+    tls = _tls(args)
+    if args.recursive:
+        return _get_tree(args, location, tls)
     to_stdout = args.output == "-"
     if to_stdout and args.continue_:
         raise UsageProblem("--continue needs an output file, not '-'")
-    target = part = ""
-    fd: int | None = None
-    hasher = hashlib.sha256()
-    offset = 0
-    if not to_stdout:
-        target = _target(remote, args.output)
-        part = target + ".part"
-        if os.path.lexists(target) and not args.force:
-            raise ClientError(f"{target} exists: use --force to replace it")
-        if args.continue_:
-            fd = _open_partial(part)
-            if fd is not None:
-                offset = _hash_prefix(fd, hasher, part)
-        elif os.path.lexists(part):
-            raise ClientError(f"{part} exists: resume it with --continue, or remove it")
-    created = verified = False
-    progress = Progress(sys.stderr, "", 0, enabled=False)
+    if scheme == "gopher" and args.continue_:
+        raise UsageProblem("--continue: Gopher has no offsets, so cannot resume")
+    label = location.name
+    out: Output | None = None
+    dir_fd: int | None = None
     try:
-        with _connect(args) as connection:
-            client = FileClient(connection)
-            transfer = client.get(remote, offset)
-            if to_stdout:
-                sys.stdout.flush()
-                out = sys.stdout.buffer.fileno()
+        if not to_stdout:
+            target = _target(label, location.path, args.output)
+            head, name = os.path.split(target)
+            dir_fd = _open_dir(head)
+            out = Output(dir_fd, name, target, args.force)
+            out.prepare(args.continue_)
+        else:
+            sys.stdout.flush()
+        stdout = sys.stdout.fileno() if to_stdout else -1
+        meter = _meter(args)
+        try:
+            if scheme == "sockd":
+                with _connect(args, tls) as connection:
+                    framed.fetch(
+                        FileClient(connection), location.path, out, meter, label, stdout
+                    )
+            elif scheme == "gopher":
+                from sockd.client import gopher
+
+                gopher.fetch(location, out, meter, label, args.timeout, stdout)
             else:
-                if fd is None:
-                    try:
-                        fd = os.open(
-                            part,
-                            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                            0o666,
-                        )
-                    except OSError as e:
-                        raise _local_error(part, e, "cannot create") from e
-                    created = True
-                out = fd
-            progress = _progress(args, _basename(remote), transfer.size, offset)
-            sink = _Sink(out, hasher, progress, offset, part or "standard output")
-            with Pipeline(sink) as pipeline:
-                connection.receive(transfer.length, pipeline)
-                pipeline.close()
-            progress.finish()
-            digest, size, mtime = client.sum(remote)
-        if (size, mtime) != (transfer.size, transfer.mtime):
-            raise VerifyFailed(
-                "the remote file changed during the download (size or mtime "
-                "differs): download it again"
-            )
-        if digest != hasher.hexdigest():
-            raise VerifyFailed(
-                f"SHA-256 mismatch: received {hasher.hexdigest()}, "
-                f"the server has {digest}"
-            )
-        verified = True
-        if fd is not None:
-            try:
-                os.fsync(fd)
-            except OSError as e:
-                raise _local_error(part, e, "cannot sync") from e
-            os.close(fd)
-            fd = None
-            _install(part, target, args.force)
-    except (ClientError, KeyboardInterrupt) as e:
-        progress.abandon()
-        if fd is not None and created and os.fstat(fd).st_size == 0:
-            # Only ever remove the empty file this run created.
-            os.unlink(part)
-        elif not verified and part and os.path.lexists(part):
-            if isinstance(e, VerifyFailed):
-                e.add_note(f"data kept in {part}; remove it before trying again")
-            elif isinstance(e, ServerError) and e.code == 416 and offset:
-                e.add_note(
-                    f"{part} ({offset} bytes) is longer than the remote file; "
-                    "remove it before trying again"
+                # Imported when used: http.client and email cost 60 ms.
+                from sockd.client import web
+
+                web.fetch(
+                    location,
+                    out,
+                    meter,
+                    label,
+                    args.timeout,
+                    tls,
+                    _warn("get"),
+                    stdout,
                 )
-            else:
-                e.add_note(f"partial data kept in {part}: resume with --continue")
+        except (ClientError, KeyboardInterrupt) as e:
+            if out is not None:
+                out.failed(e, resumable=scheme != "gopher")
+            raise
+    finally:
+        if out is not None:
+            out.close()
+        if dir_fd is not None:
+            os.close(dir_fd)
+    return 0
+
+
+def _get_tree(
+    args: argparse.Namespace, location: Location, tls: ssl.SSLContext | None
+) -> int:
+    if location.scheme != "sockd":
+        raise UsageProblem(
+            "-r needs the framed protocol: sockd://HOST[:PORT]/DIR or HOST[:PORT] DIR"
+        )
+    if args.output == "-":
+        raise UsageProblem("-r writes a directory, not '-'")
+    target = args.output or _basename(location.path)
+    if target in ("", ".", "..") and args.output is None:
+        raise UsageProblem(f"{display(location.path)!r} has no name: give -o DIR")
+    created = False
+    try:
+        os.mkdir(target)
+        created = True
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise local_error(target, e, "cannot create directory") from e
+    root = _open_dir(target)
+    try:
+        with _connect(args, tls) as connection:
+            tree = framed.Tree(
+                FileClient(connection),
+                _meter(args),
+                _warn("get"),
+                args.continue_,
+                args.force,
+            )
+            tree.run(location.path, root, target)
+    except (ClientError, KeyboardInterrupt):
+        if created:
+            # Only the directory this run made, and only if still empty.
+            with contextlib.suppress(OSError):
+                os.rmdir(target)
         raise
     finally:
-        if fd is not None:
-            os.close(fd)
+        os.close(root)
     return 0
 
 
@@ -501,7 +523,7 @@ def _get(args: argparse.Namespace) -> int:
 
 
 def _add_ls(parser: argparse.ArgumentParser) -> None:
-    _address_argument(parser)
+    _address_argument(parser, framed_only=True)
     parser.add_argument(
         "dir", metavar="DIR", nargs="?", help="the remote directory (default: root)"
     )
@@ -537,8 +559,13 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _add_stat(parser: argparse.ArgumentParser) -> None:
-    _address_argument(parser)
-    parser.add_argument("path", metavar="PATH", help="the remote file or directory")
+    _address_argument(parser, framed_only=True)
+    parser.add_argument(
+        "path",
+        metavar="PATH",
+        nargs="?",
+        help="the remote file or directory (or give it in the URL)",
+    )
     parser.add_argument("--sum", action="store_true", help="also show a file's SHA-256")
     _common_options(parser)
 
@@ -564,14 +591,14 @@ def _stat(args: argparse.Namespace) -> int:
 
 
 def _add_put(parser: argparse.ArgumentParser) -> None:
-    _address_argument(parser)
+    _address_argument(parser, framed_only=True)
     parser.add_argument("local", metavar="LOCAL", help="the local file to upload")
     parser.add_argument(
         "remote",
         metavar="REMOTE",
         nargs="?",
-        help="remote path (default: LOCAL's name in the root; a trailing / "
-        "means that directory)",
+        help="remote path (default: the URL's path, or LOCAL's name in the "
+        "root; a trailing / means that directory)",
     )
     _common_options(parser, quiet=True)
 
@@ -587,7 +614,7 @@ def _put(args: argparse.Namespace) -> int:
     try:
         fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise _local_error(local, e, "cannot open") from e
+        raise local_error(local, e, "cannot open") from e
     progress = Progress(sys.stderr, "", 0, enabled=False)
     try:
         info = os.fstat(fd)
@@ -605,7 +632,7 @@ def _put(args: argparse.Namespace) -> int:
                 try:
                     n = os.readv(fd, [buffer[: min(CHUNK, length - sent)]])
                 except OSError as e:
-                    raise _local_error(local, e, "cannot read") from e
+                    raise local_error(local, e, "cannot read") from e
                 if n == 0:
                     # Closing short of the announced length: the server
                     # discards the upload.
@@ -657,13 +684,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     name = parser.prog.rsplit(" ", 1)[-1]
     _COMMANDS[name][0](parser)
     parser.set_defaults(_file_command=name)
-    parser.epilog = EPILOG
+    parser.epilog = (PROTOCOLS + "\n" if name == "get" else "") + EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _framed_paths(args: argparse.Namespace, name: str) -> None:
+    """C{ls}, C{stat}, C{put}: the remote path from the URL or the argument."""
+    if name == "ls":
+        args.dir = _locate(args, name, args.dir)
+    elif name == "stat":
+        args.path = _locate(args, name, args.path)
+        if args.path is None:
+            if not is_url(args.address):
+                raise UsageProblem("PATH is missing: give HOST[:PORT] PATH, or a URL")
+            args.path = "/"
+    elif name == "put":
+        args.remote = _locate(args, name, args.remote)
 
 
 def run(args: argparse.Namespace) -> int:
     name: str = args._file_command
     try:
+        if name != "get":
+            _framed_paths(args, name)
         return _COMMANDS[name][1](args)
     except (ClientError, KeyboardInterrupt) as e:
         interrupted = isinstance(e, KeyboardInterrupt)

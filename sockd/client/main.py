@@ -20,7 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "echo": ("sockd.client.echo", "send lines to an echo server, print answers"),
     "chat": ("sockd.client.chat", "talk in the UDP chat (interactive or piped)"),
     "cert": ("sockd.client.cert", "write a self-signed TLS certificate and key"),
-    "get": ("sockd.client.files", "download a file from a sockd-file server"),
+    "get": ("sockd.client.files", "download a file (sockd, gopher, http, https)"),
     "ls": ("sockd.client.files", "list a directory on a sockd-file server"),
     "stat": ("sockd.client.files", "show a remote file's type, size and mtime"),
     "put": ("sockd.client.files", "upload a file to a writable sockd-file server"),

@@ -21,7 +21,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from cryptography import x509
@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sockd.client import fileproto, files
+from sockd.client import fileproto, output
 from sockd.client.fileproto import quote, unquote
 from sockd.client.files import (
     Progress,
@@ -41,6 +41,7 @@ from sockd.client.files import (
 from sockd.client.main import main
 
 MTIME = 1_764_000_000
+S = TypeVar("S", bound=socketserver.BaseServer)
 
 
 def unquote_arg(word: bytes) -> bytes:
@@ -117,11 +118,11 @@ class Handler(socketserver.StreamRequestHandler):
                 else:
                     self.answer("ERR 404 not found")
             elif verb == "LIST":
-                if path not in srv.dirs():
+                if path not in srv.dirs() and path not in srv.listings:
                     self.answer("ERR 404 not found")
                     continue
                 self.answer("OK")
-                for kind, size, name in srv.entries(path):
+                for kind, size, name in srv.listings.get(path) or srv.entries(path):
                     self.answer(f"{kind} {size} {srv.mtime} {quote(name)}")
                 self.answer(".")
             elif verb == "PUT":
@@ -155,6 +156,8 @@ class FakeServer(socketserver.ThreadingTCPServer):
         self.tls = tls
         self.requests: list[bytes] = []
         self.errors: dict[str, tuple[int, str]] = {}
+        #: LIST answers as given, whatever the files (hostile servers)
+        self.listings: dict[bytes, list[tuple[str, int, bytes]]] = {}
         self.cut_after: int | None = None
         self.sum_override: str | None = None
         self.raw_answer: bytes | None = None
@@ -169,6 +172,10 @@ class FakeServer(socketserver.ThreadingTCPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # failed handshakes are counted; tests assert on the client side
+
+    def shutdown(self) -> None:
+        self.release.set()  # a handler stalling mid-body goes on and ends
+        super().shutdown()
 
     @property
     def address(self) -> str:
@@ -191,14 +198,17 @@ class FakeServer(socketserver.ThreadingTCPServer):
         return sorted(out.values(), key=lambda e: e[2])
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[..., FakeServer]]:
-    servers: list[FakeServer] = []
+def threaded_servers(
+    make: Callable[..., S],
+) -> Iterator[Callable[..., S]]:
+    """
+    For a fixture: a function that starts C{make(...)} serving in a thread;
+    every server started is shut down afterwards.
+    """
+    servers: list[S] = []
 
-    def start(
-        files: dict[bytes, bytes] | None = None, tls: ssl.SSLContext | None = None
-    ) -> FakeServer:
-        server = FakeServer(dict(files or {}), tls)
+    def start(*args: Any, **kwargs: Any) -> S:
+        server = make(*args, **kwargs)
         # A short poll interval keeps shutdown() quick at teardown.
         threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
         servers.append(server)
@@ -206,9 +216,20 @@ def serve() -> Iterator[Callable[..., FakeServer]]:
 
     yield start
     for server in servers:
-        server.release.set()
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(name="serve")
+def serve_fixture() -> Iterator[Callable[..., FakeServer]]:
+    """C{serve(files, tls)} starts a L{FakeServer}; all stop at teardown."""
+
+    def make(
+        files: dict[bytes, bytes] | None = None, tls: ssl.SSLContext | None = None
+    ) -> FakeServer:
+        return FakeServer(dict(files or {}), tls)
+
+    yield from threaded_servers(make)
 
 
 BLOB = bytes(range(256)) * 12_288  # 3 MiB: several 1 MiB reads
@@ -303,6 +324,14 @@ def test_render_progress_start_end_and_empty_file() -> None:
     assert final.endswith("100% 100 B  1 B/s  in 1:40")
     assert "[" + "#" * 30 + "]" in final
     assert " 100% 0 B" in render_progress("empty", 0, 0, 1.0)
+
+
+def test_render_progress_unknown_size() -> None:
+    # Gopher, chunked HTTP: no bar, percentage or ETA, just bytes and rate.
+    line = render_progress("menu", 3 * 1024**2, None, 2.0, width=80)
+    assert line == "menu 3.0 MiB  1.5 MiB/s"
+    final = render_progress("menu", 2048, None, 65.0, final=True)
+    assert final == "menu 2.0 KiB  32 B/s  in 1:05"
 
 
 def test_render_progress_narrow_terminal() -> None:
@@ -652,6 +681,14 @@ def test_help_documents_exit_statuses(capfd: Any) -> None:
         assert status == 0
         assert "exit status:" in out
         assert "6    verification failure" in out
+        assert ("protocols:" in out) == (command == "get")
+    status, out, _ = sockd(capfd, "get", "--help")
+    text = " ".join(out.split())
+    assert "--continue resumes, the SHA-256 is always verified" in text
+    assert "no resume (Gopher has no offsets), no checksum" in text
+    assert "--continue resumes (Range; If-Range" in text
+    assert "verified only if the server sends Repr-Digest or Digest" in text
+    assert "--cafile PATH, --cacert PATH" in text
 
 
 # ls and stat --------------------------------------------------------------
@@ -920,6 +957,29 @@ def test_tls_to_a_plain_server(serve: Any, capfd: Any, pki: dict[str, Any]) -> N
 # Pipeline and local failures ----------------------------------------------
 
 
+@pytest.mark.skipif(
+    not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux only"
+)
+def test_answer_lines_are_acknowledged_at_once() -> None:
+    # Else a server writing "OK ..." then a small body under Nagle's
+    # algorithm waits for the delayed ACK: 40 ms per file of a tree.
+    client, server = socket.socketpair(socket.AF_UNIX)
+    options: list[tuple[int, int, int]] = []
+
+    class Recording:
+        def recv_into(self, view: memoryview) -> int:
+            return client.recv_into(view)
+
+        def setsockopt(self, level: int, name: int, value: int) -> None:
+            options.append((level, name, value))
+
+    with client, server:
+        connection = fileproto.Connection(Recording(), "test")  # type: ignore[arg-type]
+        server.sendall(b"OK 3 size=3 mtime=1\r\nabc")
+        assert connection.readline() == b"OK 3 size=3 mtime=1"
+    assert options == [(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)]
+
+
 def test_pipeline_consumes_in_order() -> None:
     got = bytearray()
     with fileproto.Pipeline(got.extend, depth=2) as pipeline:
@@ -962,7 +1022,7 @@ def test_get_local_write_failure(
     def full(fd: int, view: memoryview) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(files, "_write_all", full)
+    monkeypatch.setattr(output, "write_all", full)
     status, _, err = sockd(capfd, "get", server.address, "blob.bin")
     assert status == 1
     assert "blob.bin.part: cannot write: No space left on device" in err
@@ -1035,10 +1095,14 @@ def test_install_never_replaces_a_file_that_appeared(tmp_path: Path) -> None:
     part, target = tmp_path / "f.part", tmp_path / "f"
     part.write_bytes(b"new")
     target.write_bytes(b"theirs")
-    with pytest.raises(fileproto.ClientError, match="appeared during the download"):
-        files._install(str(part), str(target), force=False)
-    assert (part.read_bytes(), target.read_bytes()) == (b"new", b"theirs")
-    files._install(str(part), str(target), force=True)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(fileproto.ClientError, match="appeared during the download"):
+            output.install(fd, "f.part", "f", False, str(target))
+        assert (part.read_bytes(), target.read_bytes()) == (b"new", b"theirs")
+        output.install(fd, "f.part", "f", True, str(target))
+    finally:
+        os.close(fd)
     assert target.read_bytes() == b"new" and not part.exists()
 
 
