@@ -18,7 +18,7 @@ import pytest
 from sockd.client.fileproto import EXIT_NOT_FOUND, EXIT_SERVER, ServerError
 from sockd.client.gopher import MAX_ERROR, GopherError, answer_error
 from sockd.client.main import main
-from tests.test_client_files import BLOB, sockd, threaded_servers
+from tests.client.test_files import BLOB, sockd, threaded_servers
 
 
 class Handler(socketserver.StreamRequestHandler):

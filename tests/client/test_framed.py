@@ -15,7 +15,7 @@ import pytest
 
 from sockd.client import framed
 from sockd.client.fileproto import EXIT_ERROR, EXIT_SERVER, ClientError
-from tests.test_client_files import BLOB, serve_fixture, sockd  # noqa: F401
+from tests.client.test_files import BLOB, serve_fixture, sockd  # noqa: F401
 
 TREE = {
     b"top.txt": b"top\n",

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from sockd.client import web
 from sockd.client.fileproto import ProtocolError
-from tests.test_client_files import (
+from tests.client.test_files import (
     BLOB,
     _server_context,
     make_ca,

@@ -12,7 +12,7 @@ import pytest
 
 from sockd.client.fileproto import EXIT_USAGE
 from sockd.client.urls import Location, framed, is_url, parse_url
-from tests.test_client_files import FILES, serve_fixture, sockd  # noqa: F401
+from tests.client.test_files import FILES, serve_fixture, sockd  # noqa: F401
 
 GOOD = [
     (
