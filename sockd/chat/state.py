@@ -26,7 +26,7 @@ import re
 import socket
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IReactorTime
@@ -503,10 +503,16 @@ class ChatState:
         elif text and self._charge(member, now):
             self._line(member, text)
 
-    def refuse(self, out: Sender, addr: Address, size: int, reason: str) -> None:
-        """A datagram that is too large or not UTF-8: one error line."""
-        key = "oversized" if "longer" in reason else "invalid"
-        self.stats[key] += 1
+    def refuse(
+        self,
+        out: Sender,
+        addr: Address,
+        size: int,
+        reason: str,
+        code: Literal["oversized", "invalid"],
+    ) -> None:
+        """A datagram too large or not UTF-8: one error line, counted by C{code}."""
+        self.stats[code] += 1
         line = f"*** error: {reason}\n".encode()
         member = self.members.get(addr)
         if member is None:
@@ -1159,19 +1165,27 @@ class ChatProtocol(DatagramProtocol):
         size = len(data)
         if size > self.max_datagram:
             self.state.refuse(
-                self, addr, size, f"message longer than {self.state.max_message} bytes"
+                self,
+                addr,
+                size,
+                f"message longer than {self.state.max_message} bytes",
+                "oversized",
             )
             return
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            self.state.refuse(self, addr, size, "message is not valid UTF-8")
+            self.state.refuse(self, addr, size, "message is not valid UTF-8", "invalid")
             return
         if size > self.state.max_message and (
             len(data.rstrip(b"\r\n")) > self.state.max_message
         ):
             self.state.refuse(
-                self, addr, size, f"message longer than {self.state.max_message} bytes"
+                self,
+                addr,
+                size,
+                f"message longer than {self.state.max_message} bytes",
+                "oversized",
             )
             return
         self.state.receive(self, addr, size, clean(text))
