@@ -32,8 +32,10 @@ from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from sockd.core.config import ChatSettings
+from sockd.core.config import ChatSettings, Config
+from sockd.core.interfaces import IMetricsSource, IReconfigurable
 from sockd.core.limits import LOOP_PORTS, RateLimiter, TokenBucket, peer_key
 from sockd.core.logs import escape
 
@@ -1123,6 +1125,7 @@ def listing(head: str, items: list[str]) -> str:
     return out + "\n"
 
 
+@implementer(IReconfigurable, IMetricsSource)
 class ChatProtocol(DatagramProtocol):
     """
     Parses chat datagrams (size, UTF-8, terminal safety) for a
@@ -1193,8 +1196,9 @@ class ChatProtocol(DatagramProtocol):
     def stopProtocol(self) -> None:
         self._sendto = None
 
-    def reconfigure(self, settings: ChatSettings, shared: object) -> None:
+    def reconfigure(self, config: Config) -> None:
         """A reload (SIGHUP): the shared state takes the new settings."""
+        settings = config.chat
         max_message = min(settings.max_message, self.port_limit)
         self.max_datagram = max_message + 2
         if self.state.settings is not settings:

@@ -16,21 +16,28 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
 from typing import Any, Protocol
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorFromThreads,
+    IReactorTime,
+)
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 import sockd.core.config as _config
 from sockd.core.config import Config, ConfigError
 from sockd.core.endpoints import bind_reusing_port, parse_datagram
 from sockd.core.epoll import lean_dispatch
+from sockd.core.interfaces import IDrainable, IReconfigurable
 from sockd.core.limits import GuardedFactory
 from sockd.core.logs import prefer_journal
 from sockd.core.notify import Notifier
@@ -48,6 +55,9 @@ __all__ = [
 ]
 
 log = Logger(namespace="sockd")
+
+#: what a signal handler may be (as signal.signal takes and returns it)
+_Handler = Callable[[int, FrameType | None], Any] | int | None
 
 #: section name -> module whose build(config, reactor) makes its listeners
 DAEMONS = {
@@ -385,31 +395,41 @@ def descriptor_budget(config: Config, sections: Sequence[str]) -> list[tuple[str
     as (what, how many), naming the key that sets each.  Workers hold no
     more than the main process: the same caps, no metrics page, no pipes.
     """
+    return [(what, count) for what, count, _ in _budget(config, sections)]
+
+
+def _budget(
+    config: Config, sections: Sequence[str]
+) -> list[tuple[str, int, str | None]]:
+    """L{descriptor_budget}, each with the connection cap to lower, if any."""
     listeners = 0
     for section in sections:
         settings = getattr(config, section)
         listeners += len(settings.listen) + len(getattr(settings, "listen_udp", ()))
-    budget = [("reserve", RESERVED_DESCRIPTORS)]
+    budget: list[tuple[str, int, str | None]] = [
+        ("reserve", RESERVED_DESCRIPTORS, None)
+    ]
     if "echo" in sections and config.echo.listen:
-        budget.append(("[echo] max_connections", config.echo.max_connections))
+        cap = "[echo] max_connections"
+        budget.append((cap, config.echo.max_connections, cap))
     if "file" in sections and config.file.listen:
         each = FILE_DESCRIPTORS[config.file.writable]
-        budget.append(
-            (f"[file] max_connections x {each}", config.file.max_connections * each)
-        )
+        cap = "[file] max_connections"
+        budget.append((f"{cap} x {each}", config.file.max_connections * each, cap))
     if config.metrics.enabled:
         listeners += len(config.metrics.listen)
-        budget.append(("[metrics] max_connections", config.metrics.max_connections))
+        cap = "[metrics] max_connections"
+        budget.append((cap, config.metrics.max_connections, cap))
     if "chat" in sections and config.chat.backend == "redis":
-        budget.append(("redis", REDIS_CONNECTIONS))
+        budget.append(("redis", REDIS_CONNECTIONS, None))
     if config.sockd.workers > 1 and {"echo", "file"} & set(sections):
-        budget.append(
-            ("[sockd] workers' pipes", WORKER_PIPES * (config.sockd.workers - 1))
-        )
-    budget.append(("listeners", listeners))
+        pipes = WORKER_PIPES * (config.sockd.workers - 1)
+        budget.append(("[sockd] workers' pipes", pipes, None))
+    budget.append(("listeners", listeners, None))
     return budget
 
 
+@implementer(IReconfigurable)
 class DescriptorLimit(Service):
     """
     Started first, in the main process: raises the soft limit on open
@@ -480,11 +500,11 @@ class DescriptorLimit(Service):
 
     def check(self, config: Config) -> bool:
         """Warn if C{config}'s caps can need more than the limit; False then."""
-        budget = descriptor_budget(config, self.sections)
-        needed = sum(count for _, count in budget)
+        budget = _budget(config, self.sections)
+        needed = sum(count for _, count, _ in budget)
         if self.limit is None or needed <= self.limit:
             return True
-        keys = [what.split(" x ")[0] for what, _ in budget if "max_conn" in what]
+        keys = [key for _, _, key in budget if key is not None]
         log.warn(
             "sockd: the connection caps can need {needed} open files "
             "({parts}) but this process may open {limit} (RLIMIT_NOFILE): "
@@ -492,13 +512,14 @@ class DescriptorLimit(Service):
             "refused with a message; lower {keys}, or raise the limit "
             "(LimitNOFILE= in the systemd unit, ulimit -n before starting)",
             needed=needed,
-            parts=", ".join(f"{what} {count}" for what, count in budget),
+            parts=", ".join(f"{what} {count}" for what, count, _ in budget),
             limit=self.limit,
             keys=" or ".join(keys),
         )
         return False
 
-    def reloaded(self, config: Config) -> None:
+    def reconfigure(self, config: Config) -> None:
+        """A reload: check the new caps against the limit."""
         self.config = config
         self.check(config)
 
@@ -507,11 +528,12 @@ class Lifecycle(Service):
     """
     Graceful stop and reload for every service in the tree.
 
-     - Stopping (SIGTERM): each factory with a C{drain(deadline)} method is
+     - Stopping (SIGTERM): each listener's factory that is L{IDrainable} is
        asked to let work in flight finish, for up to C{shutdown_grace}.
-     - SIGHUP: C{loader} reads the configuration again; each factory or
-       datagram protocol with C{reconfigure(settings, shared)} gets its
-       section's new settings.  An invalid file is logged and ignored.
+     - SIGHUP: C{loader} reads the configuration again; each listener's
+       factory or datagram protocol, then each service beside this one,
+       that is L{IReconfigurable} gets it.  An invalid file is logged and
+       ignored.
      - At start and on each reload, every L{GuardedFactory} gets the
        C{[sockd]} settings its connections use (the TLS handshake timeout).
     """
@@ -520,23 +542,22 @@ class Lifecycle(Service):
         self,
         config: Config,
         sections: Sequence[str],
-        reactor: Any,
+        reactor: IReactorFromThreads,
         loader: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
         self.sections = list(sections)
         self.reactor = reactor
         self.loader = loader
-        self._previous: Any = None
+        self._previous: _Handler = None
         self.setName("lifecycle")
 
-    def targets(self) -> list[tuple[str, Any]]:
+    def targets(self) -> list[tuple[str, object]]:
         """(section, factory or protocol) for each listener, once each."""
-        seen: dict[int, tuple[str, Any]] = {}
+        seen: dict[int, tuple[str, object]] = {}
         for child in self.parent or ():
-            target = getattr(child, "target", None)
-            if isinstance(child, Listener) and target is not None:
-                seen.setdefault(id(target), (child.service, target))
+            if isinstance(child, Listener) and child.target is not None:
+                seen.setdefault(id(child.target), (child.service, child.target))
         return list(seen.values())
 
     def _share(self, config: Config) -> None:
@@ -552,7 +573,7 @@ class Lifecycle(Service):
         ):
             self._previous = signal.signal(signal.SIGHUP, self._hangup)
 
-    def _hangup(self, signum: int, frame: Any) -> None:
+    def _hangup(self, signum: int, frame: FrameType | None) -> None:
         # Signal handlers run between bytecodes: hand over to the reactor.
         self.reactor.callFromThread(self.reload)
 
@@ -577,33 +598,34 @@ class Lifecycle(Service):
                         section=section,
                         key=key,
                     )
-            reconfigure = getattr(target, "reconfigure", None)
-            if reconfigure is not None:
-                reconfigure(new_settings, new.sockd)
+            reconfigurable = IReconfigurable(target, None)
+            if reconfigurable is not None:
+                reconfigurable.reconfigure(new)
         self._share(new)
         self.config = new
         log.info("sockd: configuration reloaded from {source}", source=new.source)
         for sibling in self.parent or ():
-            reloaded = getattr(sibling, "reloaded", None)
-            if reloaded is not None:
-                reloaded(new)
+            reconfigurable = IReconfigurable(sibling, None)
+            if reconfigurable is not None:
+                reconfigurable.reconfigure(new)
         return True
 
-    def stopService(self) -> Deferred[Any] | None:
+    def stopService(self) -> Deferred[list[None]] | None:
         super().stopService()
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
             self._previous = None
+        grace = self.config.sockd.shutdown_grace
         waits = [
-            target.drain(self.config.sockd.shutdown_grace)
-            for _, target in self.targets()
-            if hasattr(target, "drain")
+            drainable.drain(grace)
+            for drainable in (IDrainable(t, None) for _, t in self.targets())
+            if drainable is not None
         ]
         if not waits:
             return None
         log.info(
             "sockd: stopping; letting work in flight finish (up to {grace}s)",
-            grace=self.config.sockd.shutdown_grace,
+            grace=grace,
         )
         return gatherResults(waits)
 

@@ -56,7 +56,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import sockd
-from sockd.core.limits import Sample
+from sockd.core.config import Config
+from sockd.core.interfaces import IMetricsSource, IReconfigurable, Sample
 
 __all__ = ["SPEC_VARIABLE", "Workers", "main"]
 
@@ -211,6 +212,7 @@ class _Lines:
         self.buffer = b""
 
 
+@implementer(IReconfigurable, IMetricsSource)
 class Workers(Service):
     """
     Starts, watches and stops the worker processes, and sums their counters
@@ -357,7 +359,7 @@ class Workers(Service):
         )
         self._pending[index] = self.reactor.callLater(delay, self.spawn, index)
 
-    def reloaded(self, config: Any) -> None:
+    def reconfigure(self, config: Config) -> None:
         """The main process re-read its file: each worker re-reads it too."""
         if config.sockd.workers - 1 != self.count:
             log.warn("sockd: [sockd] workers changed; it applies at the next restart")
@@ -365,6 +367,7 @@ class Workers(Service):
             worker.signal("HUP")
 
     def metrics(self) -> list[Sample]:
+        """How many workers run and restarted, and what they counted."""
         samples: list[Sample] = [
             ("workers", "gauge", {}, float(len(self.alive))),
             ("worker_restarts_total", "counter", {}, float(self.restarts)),

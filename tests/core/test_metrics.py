@@ -10,9 +10,11 @@ from prometheus_client import generate_latest
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 import sockd.core.metrics as metrics
 from sockd.core.config import EchoSettings, replace
+from sockd.core.interfaces import IMetricsSource
 from sockd.core.metrics import CappedFactory, SockdCollector, registry_for
 from sockd.core.service import make_daemon_service
 from sockd.echo.protocol import DatagramEcho, EchoFactory
@@ -54,6 +56,7 @@ class CollectorTests(SynchronousTestCase):
             self.assertIn(line, text)
 
     def test_same_series_from_two_sources_is_summed(self) -> None:
+        @implementer(IMetricsSource)
         class Source:
             def metrics(self) -> list[tuple[str, str, dict[str, str], float]]:
                 return [("datagrams_answered_total", "counter", {"service": "x"}, 2)]

@@ -367,7 +367,7 @@ class DescriptorLimitTests(SynchronousTestCase):
         )
         self.assertEqual(warnings, [])
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        service.reloaded(settings("[echo]\nlisten_udp =\nmax_connections = 5000\n"))
+        service.reconfigure(settings("[echo]\nlisten_udp =\nmax_connections = 5000\n"))
         self.assertEqual(
             [e["needed"] for e in events if e["log_level"] == LogLevel.warn], [5065]
         )

@@ -269,10 +269,10 @@ class SupervisorTests(SynchronousTestCase):
 
     def test_reload_is_passed_on(self) -> None:
         self.top.startService()
-        self.workers.reloaded(settings("[sockd]\nworkers = 3\n"))
+        self.workers.reconfigure(settings("[sockd]\nworkers = 3\n"))
         for spawned in self.reactor.spawned:
             self.assertEqual(spawned["process"].signals, ["HUP"])
-        self.workers.reloaded(settings("[sockd]\nworkers = 5\n"))
+        self.workers.reconfigure(settings("[sockd]\nworkers = 5\n"))
         self.assertIn(
             "sockd: [sockd] workers changed; it applies at the next restart",
             self.logged(),
