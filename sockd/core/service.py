@@ -2,28 +2,30 @@
 Wiring shared by every daemon: command-line options over the INI file,
 listeners for stream and datagram endpoints, and the service tree.
 
-Each daemon's C{*_tap} module provides C{build(config, reactor)}, returning
-its listeners; the all-in-one daemon asks every enabled section for its own.
+Each service's C{tap} module provides C{build(config, reactor)} (a
+L{Builder}), returning its listeners; a daemon passes the builders of the
+sections it runs to L{make_daemon_service}, which never names a service.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import resource
 import signal
 import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, cast
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
+    IFileDescriptor,
     IListeningPort,
+    IProtocolFactory,
     IReactorFromThreads,
     IReactorTime,
 )
@@ -34,22 +36,31 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import sockd.core.config as _config
+import sockd.core.workers as workers
 from sockd.core.config import Config, ConfigError
 from sockd.core.endpoints import bind_reusing_port, parse_datagram
 from sockd.core.epoll import lean_dispatch
-from sockd.core.interfaces import IDrainable, IReconfigurable
+from sockd.core.interfaces import (
+    Builder,
+    IDaemonReactor,
+    IDrainable,
+    IReconfigurable,
+)
 from sockd.core.limits import GuardedFactory
 from sockd.core.logs import prefer_journal
 from sockd.core.notify import Notifier
 
 __all__ = [
-    "DAEMONS",
     "DaemonOptions",
     "DescriptorLimit",
+    "Lifecycle",
     "Listener",
+    "Ready",
     "datagram_listener",
     "descriptor_budget",
+    "global_reactor",
     "make_daemon_service",
+    "shared_sockets",
     "stream_listener",
     "with_backlog",
 ]
@@ -59,16 +70,16 @@ log = Logger(namespace="sockd")
 #: what a signal handler may be (as signal.signal takes and returns it)
 _Handler = Callable[[int, FrameType | None], Any] | int | None
 
-#: section name -> module whose build(config, reactor) makes its listeners
-DAEMONS = {
-    "echo": "sockd.echo.tap",
-    "chat": "sockd.chat.tap",
-    "file": "sockd.files.tap",
-}
 
+def global_reactor() -> IDaemonReactor:
+    """
+    The reactor twistd installed: where the running reactor gets its type.
+    Imported here, when asked for, since importing it installs the default
+    reactor if twistd has not chosen one yet.
+    """
+    from twisted.internet import reactor
 
-class Builder(Protocol):
-    def __call__(self, config: Config, reactor: Any) -> list[IService]: ...
+    return cast(IDaemonReactor, reactor)
 
 
 class Listener(Service):
@@ -84,7 +95,7 @@ class Listener(Service):
         self,
         service: str,
         description: str,
-        listen: Callable[[], Any],
+        listen: Callable[[], IListeningPort | Deferred[IListeningPort]],
         target: object = None,
         adopt: Callable[[int, socket.AddressFamily], IListeningPort] | None = None,
         rebind: Callable[[str, int], IListeningPort] | None = None,
@@ -153,7 +164,7 @@ class Listener(Service):
         except Exception as e:
             raise SystemExit(self._failed(e)) from None
         if isinstance(result, Deferred):
-            outcome: list[Any] = []
+            outcome: list[IListeningPort | Failure] = []
             result.addBoth(outcome.append)
             if not outcome:
                 raise SystemExit(
@@ -208,12 +219,16 @@ def with_backlog(description: str, backlog: int) -> str:
 
 
 def stream_listener(
-    service: str, description: str, factory: Factory, reactor: Any, backlog: int
+    service: str,
+    description: str,
+    factory: Factory,
+    reactor: IDaemonReactor,
+    backlog: int,
 ) -> Listener:
     endpoint = serverFromString(reactor, with_backlog(description, backlog))
 
     def adopt(fd: int, family: socket.AddressFamily) -> IListeningPort:
-        served: Any = factory
+        served: IProtocolFactory = factory
         # An ssl: endpoint wraps the factory as it listens; Twisted offers no
         # public way to reach its TLS settings but this attribute.
         context = getattr(endpoint, "_sslContextFactory", None)
@@ -221,7 +236,8 @@ def stream_listener(
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
             served = TLSMemoryBIOFactory(context, False, factory)
-        port: IListeningPort = reactor.adoptStreamPort(fd, family, served)
+        # Annotated as taking a ServerFactory; any protocol factory serves.
+        port: IListeningPort = reactor.adoptStreamPort(fd, family, served)  # type: ignore[arg-type]
         return port
 
     return Listener(
@@ -233,7 +249,7 @@ def datagram_listener(
     service: str,
     description: str,
     protocol: DatagramProtocol,
-    reactor: Any,
+    reactor: IDaemonReactor,
     max_packet_size: int,
     reuse_port: bool = False,
 ) -> Listener:
@@ -263,25 +279,43 @@ def datagram_listener(
     )
 
 
-def builder(section: str) -> Builder:
-    module = importlib.import_module(DAEMONS[section])
-    build: Builder = module.build
-    return build
+def shared_sockets(
+    services: Iterable[IService], sections: Collection[str]
+) -> list[workers.SharedSocket]:
+    """
+    (section, description, what) of each bound listener of C{sections}
+    among C{services}: what is its descriptor, for a worker to inherit, or
+    the (host, port) a worker binds beside it (UDP, see L{datagram_listener}).
+    """
+    shared: list[workers.SharedSocket] = []
+    for child in services:
+        if (
+            isinstance(child, Listener)
+            and child.service in sections
+            and child.port is not None
+        ):
+            address = child.shared_address()
+            descriptor = IFileDescriptor(child.port, None)
+            if address is not None:
+                shared.append((child.service, child.description, address))
+            elif descriptor is not None:
+                shared.append((child.service, child.description, descriptor.fileno()))
+    return shared
 
 
 def make_daemon_service(
     config: Config,
-    sections: Sequence[str],
-    reactor: Any = None,
+    builders: Mapping[str, Builder],
+    reactor: IDaemonReactor | None = None,
     loader: Callable[[], Config] | None = None,
     overrides: Mapping[str, Mapping[str, str]] | None = None,
     *,
     inherited: Mapping[tuple[str, str], int | tuple[str, int]] | None = None,
 ) -> MultiService:
     """
-    One service holding the listeners of each of C{sections}, and the
-    workers C{[sockd] workers} asks for (they load the same file with the
-    same C{overrides}).
+    One service holding the listeners each of C{builders} (section ->
+    L{Builder}) makes, and the workers C{[sockd] workers} asks for (they
+    load the same file with the same C{overrides}).
 
     In a worker, C{inherited} maps (section, description) to the descriptor
     of the socket the main process bound, or to the (host, port) to bind
@@ -289,16 +323,15 @@ def make_daemon_service(
     no further workers.
     """
     if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        reactor = global_reactor
+        reactor = global_reactor()
     lean_dispatch(reactor)
+    sections = list(builders)
     top = MultiService()
     if inherited is None:
         # First: workers inherit the raised limit.
         DescriptorLimit(config, sections).setServiceParent(top)
-    for section in sections:
-        for child in builder(section)(config, reactor):
+    for build in builders.values():
+        for child in build(config, reactor):
             if inherited is not None:
                 assert isinstance(child, Listener)
                 fd = inherited.get((child.service, child.description))
@@ -321,10 +354,8 @@ def make_daemon_service(
         lifecycle.setServiceParent(top)
         return top
     #: counted on the metrics page beside the listeners' targets
-    counted: list[Any] = []
+    counted: list[object] = []
     if config.sockd.workers > 1:
-        import sockd.core.workers as workers
-
         shared = workers.shareable(sections)
         if len(shared) < len(sections):
             log.info(
@@ -343,10 +374,13 @@ def make_daemon_service(
                 },
                 reactor,
                 grace=config.sockd.shutdown_grace + config.sockd.abort_grace + 5,
+                sockets=lambda: shared_sockets(top, shared),
             )
             supervisor.setServiceParent(top)
             counted.append(supervisor)
     if config.metrics.enabled:
+        # Only when asked for: prometheus_client and twisted.web take time
+        # to import, at every start.
         from twisted.web.server import Site
 
         import sockd.core.metrics as metrics
@@ -642,7 +676,7 @@ class Ready(Service):
     def __init__(
         self,
         sections: Sequence[str],
-        reactor: Any = None,
+        reactor: IReactorTime | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.sections = list(sections)
@@ -723,7 +757,7 @@ class DaemonOptions(usage.Options):
         return _config.load(self["config"], self.overrides)
 
     def make_service(
-        self, sections: Sequence[str], reactor: Any = None
+        self, builders: Mapping[str, Builder], reactor: IDaemonReactor | None = None
     ) -> MultiService:
         """
         L{make_daemon_service} for these options: reloads and workers read
@@ -731,7 +765,7 @@ class DaemonOptions(usage.Options):
         """
         return make_daemon_service(
             self.config,
-            sections,
+            builders,
             reactor,
             loader=self.load,
             overrides=self.overrides,

@@ -35,6 +35,7 @@ from sockd.core.service import (
     Listener,
     make_daemon_service,
 )
+from sockd.daemons import DAEMONS
 from sockd.echo.protocol import EchoFactory, RawEcho
 from tests.helpers import (
     ROOT,
@@ -215,7 +216,7 @@ class InterfaceTests(SynchronousTestCase):
             echo={"listen": "tcp:0", "listen_udp": "udp:0"},
             file={"enabled": "true", "root": str(ROOT / "sockd" / "data" / "files")},
         )
-        top = make_daemon_service(conf, ["echo", "chat", "file"], MemoryReactorClock())
+        top = make_daemon_service(conf, DAEMONS, MemoryReactorClock())
         lifecycle = top.getServiceNamed("lifecycle")
         assert isinstance(lifecycle, Lifecycle)
         every = (IReconfigurable, IDrainable, IMetricsSource)

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 import sockd.core.metrics as metrics
+import sockd.echo.tap as echo_tap
 from sockd.core.config import EchoSettings, replace
 from sockd.core.interfaces import IMetricsSource
 from sockd.core.metrics import CappedFactory, SockdCollector, registry_for
@@ -76,7 +77,7 @@ class CapTests(SynchronousTestCase):
         config = settings(
             "[echo]\nlisten_udp =\n[metrics]\nenabled = true\nmax_connections = 2\n"
         )
-        self.top = make_daemon_service(config, ["echo"], self.reactor)
+        self.top = make_daemon_service(config, {"echo": echo_tap.build}, self.reactor)
         self.top.privilegedStartService()
         (factory,) = [
             f for _, f, *_ in self.reactor.tcpServers if f.service_name == "metrics"

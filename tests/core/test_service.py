@@ -378,6 +378,6 @@ class DescriptorLimitTests(SynchronousTestCase):
         top = tap.makeService(options, reactor=UDPMemoryReactor())
         self.assertIsInstance(next(iter(top)), DescriptorLimit)
         worker = make_daemon_service(
-            options.config, ["echo"], UDPMemoryReactor(), inherited={}
+            options.config, {"echo": echo_tap.build}, UDPMemoryReactor(), inherited={}
         )
         self.assertFalse(any(isinstance(s, DescriptorLimit) for s in worker))
