@@ -23,11 +23,17 @@ from prometheus_client.metrics_core import (
     GaugeMetricFamily,
     Metric,
 )
-from twisted.internet.interfaces import IAddress, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IProtocolFactory,
+    IReactorFromThreads,
+    IReactorTime,
+)
 from twisted.internet.protocol import Protocol
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from sockd.core.config import Config
@@ -131,7 +137,7 @@ def registry_for(collector: SockdCollector) -> CollectorRegistry:
     return registry
 
 
-def resource(collector: SockdCollector) -> Any:
+def resource(collector: SockdCollector) -> IResource:
     """The HTTP resource serving C{/metrics} text (any path)."""
     from prometheus_client.twisted import MetricsResource
 
@@ -151,7 +157,11 @@ class CappedFactory(WrappingFactory):
     _KEY = "all"
 
     def __init__(
-        self, site: Any, max_connections: int, clock: IReactorTime, grace: float
+        self,
+        site: IProtocolFactory,
+        max_connections: int,
+        clock: IReactorTime,
+        grace: float,
     ) -> None:
         super().__init__(site)
         self.clock = clock
@@ -159,6 +169,8 @@ class CappedFactory(WrappingFactory):
         self.limiter = ConnectionLimiter(max_connections, max_connections)
         self.accepted = 0
 
+    # Any: a refused client gets a Refusal, not the ProtocolWrapper that
+    # WrappingFactory's annotation promises.
     def buildProtocol(self, addr: IAddress | None) -> Any:
         reason = self.limiter.acquire(self._KEY)
         if reason is not None:
