@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from sockd.core.service import DAEMONS, DaemonOptions
+from sockd.core.interfaces import IDaemonReactor
+from sockd.core.service import DaemonOptions
+from sockd.daemons import DAEMONS
 
 __all__ = ["Options", "makeService"]
 
@@ -33,5 +33,9 @@ class Options(DaemonOptions):
         return [s for s in DAEMONS if getattr(self.config, s).enabled]
 
 
-def makeService(options: Options, reactor: Any = None) -> MultiService:
-    return options.make_service(options.enabled_sections(), reactor)
+def makeService(
+    options: Options, reactor: IDaemonReactor | None = None
+) -> MultiService:
+    """Every enabled section's service, in one process."""
+    builders = {section: DAEMONS[section] for section in options.enabled_sections()}
+    return options.make_service(builders, reactor)

@@ -15,7 +15,8 @@ from twisted.python.reflect import namedAny
 
 import sockd.core.config as config
 from sockd.core.config import SockdSettings
-from sockd.core.service import DAEMONS, descriptor_budget
+from sockd.core.service import descriptor_budget
+from sockd.daemons import DAEMONS
 from tests.helpers import ROOT
 
 UNITS = ROOT / "etc" / "systemd"

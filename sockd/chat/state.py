@@ -26,14 +26,16 @@ import re
 import socket
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from sockd.core.config import ChatSettings
+from sockd.core.config import ChatSettings, Config
+from sockd.core.interfaces import IMetricsSource, IReconfigurable
 from sockd.core.limits import LOOP_PORTS, RateLimiter, TokenBucket, peer_key
 from sockd.core.logs import escape
 
@@ -503,10 +505,16 @@ class ChatState:
         elif text and self._charge(member, now):
             self._line(member, text)
 
-    def refuse(self, out: Sender, addr: Address, size: int, reason: str) -> None:
-        """A datagram that is too large or not UTF-8: one error line."""
-        key = "oversized" if "longer" in reason else "invalid"
-        self.stats[key] += 1
+    def refuse(
+        self,
+        out: Sender,
+        addr: Address,
+        size: int,
+        reason: str,
+        code: Literal["oversized", "invalid"],
+    ) -> None:
+        """A datagram too large or not UTF-8: one error line, counted by C{code}."""
+        self.stats[code] += 1
         line = f"*** error: {reason}\n".encode()
         member = self.members.get(addr)
         if member is None:
@@ -1117,6 +1125,7 @@ def listing(head: str, items: list[str]) -> str:
     return out + "\n"
 
 
+@implementer(IReconfigurable, IMetricsSource)
 class ChatProtocol(DatagramProtocol):
     """
     Parses chat datagrams (size, UTF-8, terminal safety) for a
@@ -1159,19 +1168,27 @@ class ChatProtocol(DatagramProtocol):
         size = len(data)
         if size > self.max_datagram:
             self.state.refuse(
-                self, addr, size, f"message longer than {self.state.max_message} bytes"
+                self,
+                addr,
+                size,
+                f"message longer than {self.state.max_message} bytes",
+                "oversized",
             )
             return
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            self.state.refuse(self, addr, size, "message is not valid UTF-8")
+            self.state.refuse(self, addr, size, "message is not valid UTF-8", "invalid")
             return
         if size > self.state.max_message and (
             len(data.rstrip(b"\r\n")) > self.state.max_message
         ):
             self.state.refuse(
-                self, addr, size, f"message longer than {self.state.max_message} bytes"
+                self,
+                addr,
+                size,
+                f"message longer than {self.state.max_message} bytes",
+                "oversized",
             )
             return
         self.state.receive(self, addr, size, clean(text))
@@ -1179,8 +1196,9 @@ class ChatProtocol(DatagramProtocol):
     def stopProtocol(self) -> None:
         self._sendto = None
 
-    def reconfigure(self, settings: ChatSettings, shared: object) -> None:
+    def reconfigure(self, config: Config) -> None:
         """A reload (SIGHUP): the shared state takes the new settings."""
+        settings = config.chat
         max_message = min(settings.max_message, self.port_limit)
         self.max_datagram = max_message + 2
         if self.state.settings is not settings:

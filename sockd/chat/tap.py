@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService
 
 from sockd.chat.state import ChatProtocol, ChatState
 from sockd.core.config import Config
 from sockd.core.endpoints import parse_datagram
+from sockd.core.interfaces import IDaemonReactor
 from sockd.core.service import DaemonOptions, datagram_listener
 
 __all__ = ["Options", "build", "makeService", "sweep_interval"]
@@ -32,7 +31,7 @@ def sweep_interval(idle_timeout: float) -> float:
     return max(0.5, min(idle_timeout / 10, 10.0))
 
 
-def build(config: Config, reactor: Any) -> list[IService]:
+def build(config: Config, reactor: IDaemonReactor) -> list[IService]:
     """The chat listeners described by C{config.chat}, sharing one state."""
     settings = config.chat
     own = frozenset(p for p in (parse_datagram(d).port for d in settings.listen) if p)
@@ -57,5 +56,7 @@ def build(config: Config, reactor: Any) -> list[IService]:
     return federation + services
 
 
-def makeService(options: Options, reactor: Any = None) -> MultiService:
-    return options.make_service(["chat"], reactor)
+def makeService(
+    options: Options, reactor: IDaemonReactor | None = None
+) -> MultiService:
+    return options.make_service({"chat": build}, reactor)

@@ -4,7 +4,7 @@ file (C{GET} from the resume offset, then C{SUM} to verify), or a whole
 tree (C{sockd get -r}: C{LIST} each directory, then each file as above).
 
 A tree is written beneath one local directory only: every name the server
-lists must be a single plain name (L{sockd.files.paths.parse_path}, the server's
+lists must be a single plain name (L{sockd.files.names.parse_path}, the server's
 own rules), and every local name is opened relative to its parent
 directory's descriptor without following symlinks.
 """
@@ -36,7 +36,7 @@ from sockd.client.output import (
     display,
     local_error,
 )
-from sockd.files.paths import PathError, parse_path
+from sockd.files.names import PathError, parse_path
 
 __all__ = ["MAX_DEPTH", "MAX_ENTRIES", "Incomplete", "Tree", "fetch"]
 

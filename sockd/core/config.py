@@ -25,6 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
+from sockd.core.filekind import file_kind
+
 __all__ = [
     "SCHEMA",
     "SYSTEM_CONFIG",
@@ -267,6 +269,8 @@ def _endpoint_words(value: str) -> list[str]:
 
 def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
     """Twisted server endpoint descriptions (C{tcp:9000:interface=...})."""
+    # Imported when an endpoint is checked: twisted.internet.endpoints takes
+    # a while to import, and a reader of the file may need none.
     from twisted.internet.endpoints import serverFromString
 
     from sockd.core.endpoints import check_stream
@@ -320,6 +324,7 @@ def _absolute_ssl_paths(word: str, base: Path) -> str:
 
 def datagram_endpoints(value: str, base: Path) -> tuple[str, ...]:
     """C{udp:PORT[:interface=ADDR]} or C{systemd:domain=INET:index=N}."""
+    # As above: endpoints imports twisted.internet.endpoints.
     from sockd.core.endpoints import parse_datagram
 
     result = []
@@ -811,20 +816,6 @@ def load(
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return parse(content, str(path), path.resolve().parent, overrides)
-
-
-def file_kind(mode: int) -> str:
-    """What a file of this C{st_mode} is, for messages: C{a FIFO}..."""
-    kinds = [
-        (stat.S_ISREG, "a regular file"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISLNK, "a symbolic link"),
-    ]
-    return next((what for test, what in kinds if test(mode)), "not a regular file")
 
 
 def _read_regular(path: Path) -> bytes:

@@ -26,7 +26,7 @@ from twisted.internet.endpoints import _SystemdParser
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 
-from sockd.core.config import file_kind
+from sockd.core.filekind import file_kind
 
 __all__ = [
     "DatagramEndpoint",

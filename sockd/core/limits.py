@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sockd.core.config import SockdSettings
+from sockd.core.interfaces import IDrainable, IMetricsSource, Sample
 
 __all__ = [
     "LOOP_PORTS",
@@ -45,14 +46,12 @@ __all__ = [
     "PeerBudget",
     "RateLimiter",
     "Refusal",
+    "Sample",
     "TokenBucket",
     "peer_key",
 ]
 
 log = Logger(namespace="sockd")
-
-#: one metric sample: (name, "counter" or "gauge", labels, value)
-Sample = tuple[str, str, dict[str, str], float]
 
 #: UDP source ports a datagram service never answers (before validation,
 #: for chat).  Behind each is a service that answers whatever it is sent,
@@ -723,6 +722,7 @@ class Refusal(Protocol):
             self._abort.cancel()
 
 
+@implementer(IDrainable, IMetricsSource)
 class GuardedFactory(ServerFactory):
     """
     Builds L{GuardedProtocol}s under a L{ConnectionLimiter}; clients over a

@@ -2,8 +2,8 @@
 Prometheus metrics over HTTP (the C{[metrics]} section), off by default.
 
 Nothing is counted for Prometheus on the hot path: at each scrape the
-collector asks every service object with a C{metrics()} method for its
-counters (see L{sockd.core.limits.Sample}).  The official client serves the page
+collector asks every service object that is an L{IMetricsSource} for its
+counters (see L{sockd.core.interfaces.Sample}).  The official client serves the page
 from a thread pool, so the snapshot is taken in the reactor thread.
 
 The page takes at most C{[metrics] max_connections} connections at once
@@ -23,13 +23,22 @@ from prometheus_client.metrics_core import (
     GaugeMetricFamily,
     Metric,
 )
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IProtocolFactory,
+    IReactorFromThreads,
+    IReactorTime,
+)
 from twisted.internet.protocol import Protocol
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.resource import IResource
+from zope.interface import implementer
 
-from sockd.core.limits import ConnectionLimiter, Refusal, Sample
+from sockd.core.config import Config
+from sockd.core.interfaces import IMetricsSource, IReconfigurable, Sample
+from sockd.core.limits import ConnectionLimiter, Refusal
 
 __all__ = ["IDLE_TIMEOUT", "PREFIX", "CappedFactory", "SockdCollector", "registry_for"]
 
@@ -79,18 +88,21 @@ class SockdCollector:
     """A custom collector over the running services' own counters."""
 
     def __init__(
-        self, sources: Callable[[], Iterable[Any]], reactor: Any = None
+        self,
+        sources: Callable[[], Iterable[object]],
+        reactor: IReactorFromThreads | None = None,
     ) -> None:
         self.sources = sources
         self.reactor = reactor
         self._reactor_thread = threading.current_thread()
 
     def snapshot(self) -> list[Sample]:
+        """The samples of every source that is an L{IMetricsSource}."""
         samples: list[Sample] = []
         for source in self.sources():
-            metrics = getattr(source, "metrics", None)
-            if metrics is not None:
-                samples.extend(metrics())
+            counted = IMetricsSource(source, None)
+            if counted is not None:
+                samples.extend(counted.metrics())
         return samples
 
     def collect(self) -> Iterator[Metric]:
@@ -125,13 +137,14 @@ def registry_for(collector: SockdCollector) -> CollectorRegistry:
     return registry
 
 
-def resource(collector: SockdCollector) -> Any:
+def resource(collector: SockdCollector) -> IResource:
     """The HTTP resource serving C{/metrics} text (any path)."""
     from prometheus_client.twisted import MetricsResource
 
     return MetricsResource(registry_for(collector))
 
 
+@implementer(IReconfigurable, IMetricsSource)
 class CappedFactory(WrappingFactory):
     """
     The page's HTTP factory, under a cap on connections open at once:
@@ -144,7 +157,11 @@ class CappedFactory(WrappingFactory):
     _KEY = "all"
 
     def __init__(
-        self, site: Any, max_connections: int, clock: IReactorTime, grace: float
+        self,
+        site: IProtocolFactory,
+        max_connections: int,
+        clock: IReactorTime,
+        grace: float,
     ) -> None:
         super().__init__(site)
         self.clock = clock
@@ -152,6 +169,8 @@ class CappedFactory(WrappingFactory):
         self.limiter = ConnectionLimiter(max_connections, max_connections)
         self.accepted = 0
 
+    # Any: a refused client gets a Refusal, not the ProtocolWrapper that
+    # WrappingFactory's annotation promises.
     def buildProtocol(self, addr: IAddress | None) -> Any:
         reason = self.limiter.acquire(self._KEY)
         if reason is not None:
@@ -169,9 +188,10 @@ class CappedFactory(WrappingFactory):
         super().unregisterProtocol(p)
         self.limiter.release(self._KEY)
 
-    def reconfigure(self, settings: Any, shared: Any) -> None:
+    def reconfigure(self, config: Config) -> None:
         """SIGHUP: a new C{max_connections} applies to the next connection."""
-        self.limiter.max_total = self.limiter.max_per_peer = settings.max_connections
+        cap = config.metrics.max_connections
+        self.limiter.max_total = self.limiter.max_per_peer = cap
 
     def metrics(self) -> list[Sample]:
         """The page's own connections, like any TCP service's."""

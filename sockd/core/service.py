@@ -2,63 +2,84 @@
 Wiring shared by every daemon: command-line options over the INI file,
 listeners for stream and datagram endpoints, and the service tree.
 
-Each daemon's C{*_tap} module provides C{build(config, reactor)}, returning
-its listeners; the all-in-one daemon asks every enabled section for its own.
+Each service's C{tap} module provides C{build(config, reactor)} (a
+L{Builder}), returning its listeners; a daemon passes the builders of the
+sections it runs to L{make_daemon_service}, which never names a service.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import resource
 import signal
 import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from types import FrameType
+from typing import Any, cast
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import (
+    IFileDescriptor,
+    IListeningPort,
+    IProtocolFactory,
+    IReactorFromThreads,
+    IReactorTime,
+)
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 import sockd.core.config as _config
+import sockd.core.workers as workers
 from sockd.core.config import Config, ConfigError
 from sockd.core.endpoints import bind_reusing_port, parse_datagram
 from sockd.core.epoll import lean_dispatch
+from sockd.core.interfaces import (
+    Builder,
+    IDaemonReactor,
+    IDrainable,
+    IReconfigurable,
+)
 from sockd.core.limits import GuardedFactory
 from sockd.core.logs import prefer_journal
 from sockd.core.notify import Notifier
 
 __all__ = [
-    "DAEMONS",
     "DaemonOptions",
     "DescriptorLimit",
+    "Lifecycle",
     "Listener",
+    "Ready",
     "datagram_listener",
     "descriptor_budget",
+    "global_reactor",
     "make_daemon_service",
+    "shared_sockets",
     "stream_listener",
     "with_backlog",
 ]
 
 log = Logger(namespace="sockd")
 
-#: section name -> module whose build(config, reactor) makes its listeners
-DAEMONS = {
-    "echo": "sockd.echo.tap",
-    "chat": "sockd.chat.tap",
-    "file": "sockd.files.tap",
-}
+#: what a signal handler may be (as signal.signal takes and returns it)
+_Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
-class Builder(Protocol):
-    def __call__(self, config: Config, reactor: Any) -> list[IService]: ...
+def global_reactor() -> IDaemonReactor:
+    """
+    The reactor twistd installed: where the running reactor gets its type.
+    Imported here, when asked for, since importing it installs the default
+    reactor if twistd has not chosen one yet.
+    """
+    from twisted.internet import reactor
+
+    return cast(IDaemonReactor, reactor)
 
 
 class Listener(Service):
@@ -74,7 +95,7 @@ class Listener(Service):
         self,
         service: str,
         description: str,
-        listen: Callable[[], Any],
+        listen: Callable[[], IListeningPort | Deferred[IListeningPort]],
         target: object = None,
         adopt: Callable[[int, socket.AddressFamily], IListeningPort] | None = None,
         rebind: Callable[[str, int], IListeningPort] | None = None,
@@ -143,7 +164,7 @@ class Listener(Service):
         except Exception as e:
             raise SystemExit(self._failed(e)) from None
         if isinstance(result, Deferred):
-            outcome: list[Any] = []
+            outcome: list[IListeningPort | Failure] = []
             result.addBoth(outcome.append)
             if not outcome:
                 raise SystemExit(
@@ -198,12 +219,16 @@ def with_backlog(description: str, backlog: int) -> str:
 
 
 def stream_listener(
-    service: str, description: str, factory: Factory, reactor: Any, backlog: int
+    service: str,
+    description: str,
+    factory: Factory,
+    reactor: IDaemonReactor,
+    backlog: int,
 ) -> Listener:
     endpoint = serverFromString(reactor, with_backlog(description, backlog))
 
     def adopt(fd: int, family: socket.AddressFamily) -> IListeningPort:
-        served: Any = factory
+        served: IProtocolFactory = factory
         # An ssl: endpoint wraps the factory as it listens; Twisted offers no
         # public way to reach its TLS settings but this attribute.
         context = getattr(endpoint, "_sslContextFactory", None)
@@ -211,7 +236,8 @@ def stream_listener(
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
             served = TLSMemoryBIOFactory(context, False, factory)
-        port: IListeningPort = reactor.adoptStreamPort(fd, family, served)
+        # Annotated as taking a ServerFactory; any protocol factory serves.
+        port: IListeningPort = reactor.adoptStreamPort(fd, family, served)  # type: ignore[arg-type]
         return port
 
     return Listener(
@@ -223,7 +249,7 @@ def datagram_listener(
     service: str,
     description: str,
     protocol: DatagramProtocol,
-    reactor: Any,
+    reactor: IDaemonReactor,
     max_packet_size: int,
     reuse_port: bool = False,
 ) -> Listener:
@@ -253,25 +279,43 @@ def datagram_listener(
     )
 
 
-def builder(section: str) -> Builder:
-    module = importlib.import_module(DAEMONS[section])
-    build: Builder = module.build
-    return build
+def shared_sockets(
+    services: Iterable[IService], sections: Collection[str]
+) -> list[workers.SharedSocket]:
+    """
+    (section, description, what) of each bound listener of C{sections}
+    among C{services}: what is its descriptor, for a worker to inherit, or
+    the (host, port) a worker binds beside it (UDP, see L{datagram_listener}).
+    """
+    shared: list[workers.SharedSocket] = []
+    for child in services:
+        if (
+            isinstance(child, Listener)
+            and child.service in sections
+            and child.port is not None
+        ):
+            address = child.shared_address()
+            descriptor = IFileDescriptor(child.port, None)
+            if address is not None:
+                shared.append((child.service, child.description, address))
+            elif descriptor is not None:
+                shared.append((child.service, child.description, descriptor.fileno()))
+    return shared
 
 
 def make_daemon_service(
     config: Config,
-    sections: Sequence[str],
-    reactor: Any = None,
+    builders: Mapping[str, Builder],
+    reactor: IDaemonReactor | None = None,
     loader: Callable[[], Config] | None = None,
     overrides: Mapping[str, Mapping[str, str]] | None = None,
     *,
     inherited: Mapping[tuple[str, str], int | tuple[str, int]] | None = None,
 ) -> MultiService:
     """
-    One service holding the listeners of each of C{sections}, and the
-    workers C{[sockd] workers} asks for (they load the same file with the
-    same C{overrides}).
+    One service holding the listeners each of C{builders} (section ->
+    L{Builder}) makes, and the workers C{[sockd] workers} asks for (they
+    load the same file with the same C{overrides}).
 
     In a worker, C{inherited} maps (section, description) to the descriptor
     of the socket the main process bound, or to the (host, port) to bind
@@ -279,16 +323,15 @@ def make_daemon_service(
     no further workers.
     """
     if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        reactor = global_reactor
+        reactor = global_reactor()
     lean_dispatch(reactor)
+    sections = list(builders)
     top = MultiService()
     if inherited is None:
         # First: workers inherit the raised limit.
         DescriptorLimit(config, sections).setServiceParent(top)
-    for section in sections:
-        for child in builder(section)(config, reactor):
+    for build in builders.values():
+        for child in build(config, reactor):
             if inherited is not None:
                 assert isinstance(child, Listener)
                 fd = inherited.get((child.service, child.description))
@@ -311,10 +354,8 @@ def make_daemon_service(
         lifecycle.setServiceParent(top)
         return top
     #: counted on the metrics page beside the listeners' targets
-    counted: list[Any] = []
+    counted: list[object] = []
     if config.sockd.workers > 1:
-        import sockd.core.workers as workers
-
         shared = workers.shareable(sections)
         if len(shared) < len(sections):
             log.info(
@@ -333,10 +374,13 @@ def make_daemon_service(
                 },
                 reactor,
                 grace=config.sockd.shutdown_grace + config.sockd.abort_grace + 5,
+                sockets=lambda: shared_sockets(top, shared),
             )
             supervisor.setServiceParent(top)
             counted.append(supervisor)
     if config.metrics.enabled:
+        # Only when asked for: prometheus_client and twisted.web take time
+        # to import, at every start.
         from twisted.web.server import Site
 
         import sockd.core.metrics as metrics
@@ -385,31 +429,41 @@ def descriptor_budget(config: Config, sections: Sequence[str]) -> list[tuple[str
     as (what, how many), naming the key that sets each.  Workers hold no
     more than the main process: the same caps, no metrics page, no pipes.
     """
+    return [(what, count) for what, count, _ in _budget(config, sections)]
+
+
+def _budget(
+    config: Config, sections: Sequence[str]
+) -> list[tuple[str, int, str | None]]:
+    """L{descriptor_budget}, each with the connection cap to lower, if any."""
     listeners = 0
     for section in sections:
         settings = getattr(config, section)
         listeners += len(settings.listen) + len(getattr(settings, "listen_udp", ()))
-    budget = [("reserve", RESERVED_DESCRIPTORS)]
+    budget: list[tuple[str, int, str | None]] = [
+        ("reserve", RESERVED_DESCRIPTORS, None)
+    ]
     if "echo" in sections and config.echo.listen:
-        budget.append(("[echo] max_connections", config.echo.max_connections))
+        cap = "[echo] max_connections"
+        budget.append((cap, config.echo.max_connections, cap))
     if "file" in sections and config.file.listen:
         each = FILE_DESCRIPTORS[config.file.writable]
-        budget.append(
-            (f"[file] max_connections x {each}", config.file.max_connections * each)
-        )
+        cap = "[file] max_connections"
+        budget.append((f"{cap} x {each}", config.file.max_connections * each, cap))
     if config.metrics.enabled:
         listeners += len(config.metrics.listen)
-        budget.append(("[metrics] max_connections", config.metrics.max_connections))
+        cap = "[metrics] max_connections"
+        budget.append((cap, config.metrics.max_connections, cap))
     if "chat" in sections and config.chat.backend == "redis":
-        budget.append(("redis", REDIS_CONNECTIONS))
+        budget.append(("redis", REDIS_CONNECTIONS, None))
     if config.sockd.workers > 1 and {"echo", "file"} & set(sections):
-        budget.append(
-            ("[sockd] workers' pipes", WORKER_PIPES * (config.sockd.workers - 1))
-        )
-    budget.append(("listeners", listeners))
+        pipes = WORKER_PIPES * (config.sockd.workers - 1)
+        budget.append(("[sockd] workers' pipes", pipes, None))
+    budget.append(("listeners", listeners, None))
     return budget
 
 
+@implementer(IReconfigurable)
 class DescriptorLimit(Service):
     """
     Started first, in the main process: raises the soft limit on open
@@ -480,11 +534,11 @@ class DescriptorLimit(Service):
 
     def check(self, config: Config) -> bool:
         """Warn if C{config}'s caps can need more than the limit; False then."""
-        budget = descriptor_budget(config, self.sections)
-        needed = sum(count for _, count in budget)
+        budget = _budget(config, self.sections)
+        needed = sum(count for _, count, _ in budget)
         if self.limit is None or needed <= self.limit:
             return True
-        keys = [what.split(" x ")[0] for what, _ in budget if "max_conn" in what]
+        keys = [key for _, _, key in budget if key is not None]
         log.warn(
             "sockd: the connection caps can need {needed} open files "
             "({parts}) but this process may open {limit} (RLIMIT_NOFILE): "
@@ -492,13 +546,14 @@ class DescriptorLimit(Service):
             "refused with a message; lower {keys}, or raise the limit "
             "(LimitNOFILE= in the systemd unit, ulimit -n before starting)",
             needed=needed,
-            parts=", ".join(f"{what} {count}" for what, count in budget),
+            parts=", ".join(f"{what} {count}" for what, count, _ in budget),
             limit=self.limit,
             keys=" or ".join(keys),
         )
         return False
 
-    def reloaded(self, config: Config) -> None:
+    def reconfigure(self, config: Config) -> None:
+        """A reload: check the new caps against the limit."""
         self.config = config
         self.check(config)
 
@@ -507,11 +562,12 @@ class Lifecycle(Service):
     """
     Graceful stop and reload for every service in the tree.
 
-     - Stopping (SIGTERM): each factory with a C{drain(deadline)} method is
+     - Stopping (SIGTERM): each listener's factory that is L{IDrainable} is
        asked to let work in flight finish, for up to C{shutdown_grace}.
-     - SIGHUP: C{loader} reads the configuration again; each factory or
-       datagram protocol with C{reconfigure(settings, shared)} gets its
-       section's new settings.  An invalid file is logged and ignored.
+     - SIGHUP: C{loader} reads the configuration again; each listener's
+       factory or datagram protocol, then each service beside this one,
+       that is L{IReconfigurable} gets it.  An invalid file is logged and
+       ignored.
      - At start and on each reload, every L{GuardedFactory} gets the
        C{[sockd]} settings its connections use (the TLS handshake timeout).
     """
@@ -520,23 +576,22 @@ class Lifecycle(Service):
         self,
         config: Config,
         sections: Sequence[str],
-        reactor: Any,
+        reactor: IReactorFromThreads,
         loader: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
         self.sections = list(sections)
         self.reactor = reactor
         self.loader = loader
-        self._previous: Any = None
+        self._previous: _Handler = None
         self.setName("lifecycle")
 
-    def targets(self) -> list[tuple[str, Any]]:
+    def targets(self) -> list[tuple[str, object]]:
         """(section, factory or protocol) for each listener, once each."""
-        seen: dict[int, tuple[str, Any]] = {}
+        seen: dict[int, tuple[str, object]] = {}
         for child in self.parent or ():
-            target = getattr(child, "target", None)
-            if isinstance(child, Listener) and target is not None:
-                seen.setdefault(id(target), (child.service, target))
+            if isinstance(child, Listener) and child.target is not None:
+                seen.setdefault(id(child.target), (child.service, child.target))
         return list(seen.values())
 
     def _share(self, config: Config) -> None:
@@ -552,7 +607,7 @@ class Lifecycle(Service):
         ):
             self._previous = signal.signal(signal.SIGHUP, self._hangup)
 
-    def _hangup(self, signum: int, frame: Any) -> None:
+    def _hangup(self, signum: int, frame: FrameType | None) -> None:
         # Signal handlers run between bytecodes: hand over to the reactor.
         self.reactor.callFromThread(self.reload)
 
@@ -577,33 +632,34 @@ class Lifecycle(Service):
                         section=section,
                         key=key,
                     )
-            reconfigure = getattr(target, "reconfigure", None)
-            if reconfigure is not None:
-                reconfigure(new_settings, new.sockd)
+            reconfigurable = IReconfigurable(target, None)
+            if reconfigurable is not None:
+                reconfigurable.reconfigure(new)
         self._share(new)
         self.config = new
         log.info("sockd: configuration reloaded from {source}", source=new.source)
         for sibling in self.parent or ():
-            reloaded = getattr(sibling, "reloaded", None)
-            if reloaded is not None:
-                reloaded(new)
+            reconfigurable = IReconfigurable(sibling, None)
+            if reconfigurable is not None:
+                reconfigurable.reconfigure(new)
         return True
 
-    def stopService(self) -> Deferred[Any] | None:
+    def stopService(self) -> Deferred[list[None]] | None:
         super().stopService()
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
             self._previous = None
+        grace = self.config.sockd.shutdown_grace
         waits = [
-            target.drain(self.config.sockd.shutdown_grace)
-            for _, target in self.targets()
-            if hasattr(target, "drain")
+            drainable.drain(grace)
+            for drainable in (IDrainable(t, None) for _, t in self.targets())
+            if drainable is not None
         ]
         if not waits:
             return None
         log.info(
             "sockd: stopping; letting work in flight finish (up to {grace}s)",
-            grace=self.config.sockd.shutdown_grace,
+            grace=grace,
         )
         return gatherResults(waits)
 
@@ -620,7 +676,7 @@ class Ready(Service):
     def __init__(
         self,
         sections: Sequence[str],
-        reactor: Any = None,
+        reactor: IReactorTime | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.sections = list(sections)
@@ -739,7 +795,7 @@ class DaemonOptions(usage.Options):
         return _config.load(self["config"], self.overrides)
 
     def make_service(
-        self, sections: Sequence[str], reactor: Any = None
+        self, builders: Mapping[str, Builder], reactor: IDaemonReactor | None = None
     ) -> MultiService:
         """
         L{make_daemon_service} for these options: reloads and workers read
@@ -747,7 +803,7 @@ class DaemonOptions(usage.Options):
         """
         return make_daemon_service(
             self.config,
-            sections,
+            builders,
             reactor,
             loader=self.load,
             overrides=self.overrides,

@@ -3,7 +3,7 @@ More processes on the same sockets: C{[sockd] workers = N}.
 
 One Twisted process uses one core.  With C{workers = N} the main process
 binds every listener as usual (or adopts what systemd passed), serves like a
-single-process daemon, and starts N-1 workers, C{python -m sockd.core.workers},
+single-process daemon, and starts N-1 workers, C{python -m sockd.worker},
 each inheriting the echo and file listening sockets and adopting them: the
 kernel hands each new connection (or datagram) to whichever process accepts
 it first.  UDP ports are the exception: the main process binds them with
@@ -26,6 +26,9 @@ The main process supervises (L{Workers}):
  - a worker whose standard input closes (the main process is gone, even
    killed) stops by itself, so no worker outlives the daemon holding its
    ports.
+
+The worker's side is L{Channel} here and its entry point, L{sockd.worker},
+which builds the services: this module names none.
 """
 
 from __future__ import annotations
@@ -35,16 +38,19 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProcessTransport,
+    IPushProducer,
+)
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import (
-    ILogObserver,
     Logger,
     LogLevel,
     eventAsJSON,
@@ -56,12 +62,28 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import sockd
-from sockd.core.limits import Sample
+from sockd.core.config import Config
+from sockd.core.interfaces import (
+    IDaemonReactor,
+    IMetricsSource,
+    IReconfigurable,
+    Sample,
+)
 
-__all__ = ["SPEC_VARIABLE", "Workers", "main"]
+__all__ = [
+    "ENTRY_POINT",
+    "SPEC_VARIABLE",
+    "Channel",
+    "SharedSocket",
+    "Workers",
+    "pretend_systemd",
+]
 
 log = Logger(namespace="sockd")
 
+#: the module a worker runs (C{python -m}): a daemon module, above the
+#: services, that builds them; the core may name it, never import it
+ENTRY_POINT = "sockd.worker"
 #: the environment variable carrying a worker's instructions (JSON)
 SPEC_VARIABLE = "SOCKD_WORKER"
 #: sections whose listeners workers share; chat keeps its state in one place
@@ -83,6 +105,11 @@ _PRIVATE_ENVIRONMENT = (
     "WATCHDOG_PID",
     "WATCHDOG_USEC",
 )
+
+
+#: a listener the workers share: (section, description, what), what being
+#: the descriptor they inherit, or the (host, port) they bind beside it
+SharedSocket = tuple[str, str, int | tuple[str, int]]
 
 
 def shareable(sections: Sequence[str]) -> list[str]:
@@ -107,7 +134,7 @@ class Worker(ProcessProtocol):
         self._err = _Lines(self._stderr)
 
     def connectionMade(self) -> None:
-        transport: Any = self.transport
+        transport = IProcessTransport(self.transport)
         self.pid = transport.pid
         self.started = self.supervisor.reactor.seconds()
 
@@ -188,7 +215,7 @@ class Worker(ProcessProtocol):
 class _Lines:
     """Splits a byte stream into lines, dropping lines over L{MAX_LINE}."""
 
-    def __init__(self, deliver: Any) -> None:
+    def __init__(self, deliver: Callable[[bytes], None]) -> None:
         self.deliver = deliver
         self.buffer = b""
         self.discarding = False
@@ -211,10 +238,12 @@ class _Lines:
         self.buffer = b""
 
 
+@implementer(IReconfigurable, IMetricsSource)
 class Workers(Service):
     """
     Starts, watches and stops the worker processes, and sums their counters
-    for the metrics page (L{metrics}).
+    for the metrics page (L{metrics}).  C{sockets} says, when a worker
+    starts, which listening sockets it shares (L{SharedSocket}).
     """
 
     stopping = False
@@ -223,8 +252,9 @@ class Workers(Service):
         self,
         count: int,
         spec: Mapping[str, Any],
-        reactor: Any,
+        reactor: IDaemonReactor,
         grace: float,
+        sockets: Callable[[], Sequence[SharedSocket]],
         executable: str = sys.executable,
     ) -> None:
         #: worker processes to run beside this one
@@ -232,6 +262,7 @@ class Workers(Service):
         self.spec = dict(spec)
         self.reactor = reactor
         self.grace = grace
+        self.sockets = sockets
         self.executable = executable
         self.alive: dict[int, Worker] = {}
         self.failures: dict[int, int] = {}
@@ -240,29 +271,6 @@ class Workers(Service):
         self._stopped: Deferred[None] | None = None
         self._kill: IDelayedCall | None = None
         self.setName("workers")
-
-    def inherited(self) -> list[tuple[str, str, int | tuple[str, int]]]:
-        """
-        (section, description, what) of each listener the workers share:
-        what is the descriptor they inherit, or the (host, port) they bind
-        beside ours (UDP, see L{sockd.core.service.datagram_listener}).
-        """
-        from sockd.core.service import Listener
-
-        shared: list[tuple[str, str, int | tuple[str, int]]] = []
-        for child in self.parent or ():
-            if (
-                isinstance(child, Listener)
-                and child.service in self.spec["sections"]
-                and child.port is not None
-            ):
-                address = child.shared_address()
-                fileno: Any = getattr(child.port, "fileno", None)
-                if address is not None:
-                    shared.append((child.service, child.description, address))
-                elif fileno is not None:
-                    shared.append((child.service, child.description, fileno()))
-        return shared
 
     def startService(self) -> None:
         super().startService()
@@ -278,7 +286,7 @@ class Workers(Service):
         self._pending.pop(index, None)
         if self.stopping:
             return
-        shared = self.inherited()
+        shared = self.sockets()
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         listeners = []
         number = 3
@@ -310,7 +318,7 @@ class Workers(Service):
             self.reactor.spawnProcess(
                 worker,
                 self.executable,
-                [self.executable, "-m", "sockd.core.workers"],
+                [self.executable, "-m", ENTRY_POINT],
                 env=env,
                 childFDs=child_fds,
             )
@@ -357,7 +365,7 @@ class Workers(Service):
         )
         self._pending[index] = self.reactor.callLater(delay, self.spawn, index)
 
-    def reloaded(self, config: Any) -> None:
+    def reconfigure(self, config: Config) -> None:
         """The main process re-read its file: each worker re-reads it too."""
         if config.sockd.workers - 1 != self.count:
             log.warn("sockd: [sockd] workers changed; it applies at the next restart")
@@ -365,6 +373,7 @@ class Workers(Service):
             worker.signal("HUP")
 
     def metrics(self) -> list[Sample]:
+        """How many workers run and restarted, and what they counted."""
         samples: list[Sample] = [
             ("workers", "gauge", {}, float(len(self.alive))),
             ("worker_restarts_total", "counter", {}, float(self.restarts)),
@@ -421,16 +430,18 @@ def _systemd_record() -> dict[str, Any] | None:
 
 
 def _describe_exit(reason: Failure) -> str:
-    if reason.check(ProcessDone):
+    value = reason.value
+    if isinstance(value, ProcessDone):
         return "exited"
-    value: Any = reason.value
-    if getattr(value, "signal", None):
+    if not isinstance(value, ProcessTerminated):
+        return "exited with status ?"
+    if value.signal:
         try:
             name = signal.Signals(value.signal).name
         except ValueError:
             name = str(value.signal)
         return f"was killed by {name}"
-    return f"exited with status {getattr(value, 'exitCode', '?')}"
+    return f"exited with status {value.exitCode}"
 
 
 # --- the worker's side -------------------------------------------------------
@@ -448,7 +459,7 @@ class Channel(Protocol):
     paused = False
     dropped = 0
 
-    def __init__(self, on_orphaned: Any) -> None:
+    def __init__(self, on_orphaned: Callable[[], object]) -> None:
         self.on_orphaned = on_orphaned
 
     def connectionMade(self) -> None:
@@ -484,32 +495,11 @@ class Channel(Protocol):
         self.on_orphaned()
 
 
-def main() -> None:
-    """Run one worker, as the main process's L{Workers} describes it."""
-    from twisted.internet import reactor as _reactor
-    from twisted.internet import stdio, task
-    from twisted.logger import globalLogBeginner
-
-    import sockd.core.config as _config
-    from sockd.core.service import Lifecycle, Listener, make_daemon_service
-
-    reactor: Any = _reactor
-    spec = json.loads(os.environ.pop(SPEC_VARIABLE))
-    # Ctrl-C reaches the whole process group; the main process decides.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    stopping: list[bool] = []
-
-    def stop() -> None:
-        if not stopping and reactor.running:
-            stopping.append(True)
-            reactor.stop()
-
-    channel = Channel(lambda: reactor.callLater(0, stop))
-    stdio.StandardIO(channel, reactor=reactor)
-    observer = cast(ILogObserver, channel.log_event)
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-
+def pretend_systemd(spec: Mapping[str, Any]) -> None:
+    """
+    In a worker, let C{systemd:} descriptions parse as in the main process,
+    which passes the count and names of the sockets systemd gave it.
+    """
     systemd = spec.get("systemd")
     if systemd:
         from twisted.internet.endpoints import _SystemdParser
@@ -521,49 +511,3 @@ def main() -> None:
         _SystemdParser._sddaemon = ListenFDs(
             [-1] * int(systemd["count"]), tuple(systemd["names"])
         )
-    overrides = spec.get("overrides") or {}
-
-    def loader() -> _config.Config:
-        return _config.load(spec["config"], overrides)
-
-    try:
-        config = loader()
-    except _config.ConfigError as e:
-        raise SystemExit(f"sockd: {e}") from None
-    inherited: dict[tuple[str, str], int | tuple[str, int]] = {
-        (entry["section"], entry["description"]): (
-            int(entry["fd"])
-            if "fd" in entry
-            else (str(entry["address"][0]), int(entry["address"][1]))
-        )
-        for entry in spec["listeners"]
-    }
-    top = make_daemon_service(
-        config, spec["sections"], reactor, loader, inherited=inherited
-    )
-    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(stop))
-    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-
-    # Adopting the sockets needs no running reactor: a failure exits here,
-    # its message on standard error, which the main process logs.
-    top.startService()
-    lifecycle = top.getServiceNamed("lifecycle")
-    assert isinstance(lifecycle, Lifecycle)
-    if spec.get("metrics"):
-        from sockd.core.metrics import SockdCollector
-
-        counters = SockdCollector(lambda: [t for _, t in lifecycle.targets()])
-        task.LoopingCall(lambda: channel.send({"metrics": counters.snapshot()})).start(
-            REPORT_INTERVAL
-        )
-    where = "; ".join(
-        f"{child.service} {' '.join(child.where())}"
-        for child in top
-        if isinstance(child, Listener) and child.port is not None
-    )
-    channel.send({"ready": where or "nothing"})
-    reactor.run(installSignalHandlers=False)
-
-
-if __name__ == "__main__":
-    main()

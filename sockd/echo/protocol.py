@@ -18,9 +18,11 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from sockd.core.config import EchoSettings, SockdSettings
+from sockd.core.config import Config, EchoSettings
 from sockd.core.eager import eager_write, send_datagram
+from sockd.core.interfaces import IMetricsSource, IReconfigurable
 from sockd.core.limits import (
     LOOP_PORTS,
     PRIVILEGED_PORTS,
@@ -255,6 +257,7 @@ class RawEcho(GuardedProtocol):
         eager_write(self.transport, self.factory.transform_bytes(data))
 
 
+@implementer(IReconfigurable)
 class EchoFactory(GuardedFactory):
     """Line or raw echo over TCP, under the limits of C{[echo]}."""
 
@@ -277,12 +280,14 @@ class EchoFactory(GuardedFactory):
         self.max_line_length = settings.max_line_length
         self.transform_lines, self.transform_bytes = TRANSFORMS[settings.transform]
 
-    def reconfigure(self, settings: EchoSettings, shared: SockdSettings) -> None:
+    def reconfigure(self, config: Config) -> None:
         """A reload: new connections get the new mode; limits apply now."""
-        self.set_limits(settings, settings.line_timeout, shared.abort_grace)
+        settings = config.echo
+        self.set_limits(settings, settings.line_timeout, config.sockd.abort_grace)
         self._apply(settings)
 
 
+@implementer(IReconfigurable, IMetricsSource)
 class DatagramEcho(DatagramProtocol):
     """
     UDP echo: one transformed datagram back to the sender, never larger than
@@ -328,8 +333,9 @@ class DatagramEcho(DatagramProtocol):
             blocked |= PRIVILEGED_PORTS
         self.blocked_ports = blocked
 
-    def reconfigure(self, settings: EchoSettings, shared: SockdSettings) -> None:
+    def reconfigure(self, config: Config) -> None:
         """A reload: new rates, ports, loop budget and transform at once."""
+        settings = config.echo
         # The port reads at most the size it was opened with (plus one), so a
         # larger limit would need a restart; a smaller one applies now.
         self.max_datagram = min(settings.udp_max_datagram, self.port_limit)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.application.service import IService, MultiService
 
 from sockd.core.config import Config
 from sockd.core.endpoints import parse_datagram
+from sockd.core.interfaces import IDaemonReactor
 from sockd.core.service import (
     DaemonOptions,
     datagram_listener,
@@ -30,7 +29,7 @@ class Options(DaemonOptions):
     section = "echo"
 
 
-def build(config: Config, reactor: Any) -> list[IService]:
+def build(config: Config, reactor: IDaemonReactor) -> list[IService]:
     """The echo listeners described by C{config.echo}."""
     settings = config.echo
     factory = EchoFactory(settings, reactor, config.sockd.abort_grace)
@@ -53,5 +52,7 @@ def build(config: Config, reactor: Any) -> list[IService]:
     return services
 
 
-def makeService(options: Options, reactor: Any = None) -> MultiService:
-    return options.make_service(["echo"], reactor)
+def makeService(
+    options: Options, reactor: IDaemonReactor | None = None
+) -> MultiService:
+    return options.make_service({"echo": build}, reactor)

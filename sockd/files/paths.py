@@ -36,9 +36,16 @@ import errno
 import os
 import platform
 import stat
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from sockd.files.names import (
+    MAX_COMPONENT,
+    MAX_PATH,
+    RESERVED_PREFIX,
+    PathError,
+    parse_path,
+)
 
 __all__ = [
     "MAX_COMPONENT",
@@ -51,16 +58,8 @@ __all__ = [
     "parse_path",
 ]
 
-#: longest path accepted, in bytes (Linux PATH_MAX counts the NUL too)
-MAX_PATH = 4096
-#: longest single name, in bytes (NAME_MAX)
-MAX_COMPONENT = 255
 #: symlinks followed in one resolution, as the kernel allows
 MAX_SYMLINKS = 40
-#: names sockd keeps for itself (uploads in progress): never served or
-#: listed, even with hidden names served, and never uploaded to
-RESERVED_PREFIX = ".sockd-upload."
-
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
@@ -70,18 +69,6 @@ _O_PATH = getattr(os, "O_PATH", 0)
 _LOOK = _O_PATH | os.O_CLOEXEC
 _READ_FILE = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-
-
-class PathError(Exception):
-    """A request that cannot be served: a protocol code and a reason."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -97,40 +84,6 @@ class Opened:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-def parse_path(raw: bytes, hidden: bool = False) -> tuple[str, ...]:
-    """
-    Check a requested path and split it into names; C{""} and C{"/"} are the
-    root.  Raises L{PathError} saying what is wrong.
-    """
-    if len(raw) > MAX_PATH:
-        raise PathError(414, f"path longer than {MAX_PATH} bytes")
-    if b"\x00" in raw:
-        raise PathError(400, "NUL byte in path")
-    if b"\\" in raw:
-        raise PathError(400, "backslash in path; use / between names")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PathError(400, "path is not valid UTF-8") from None
-    if any(c < " " or "\x7f" <= c <= "\x9f" for c in text):
-        raise PathError(400, "control character in path")
-    parts = []
-    for part in text.split("/"):
-        if not part:
-            continue  # leading "/" means the root; "a//b" is "a/b"
-        if len(part.encode("utf-8")) > MAX_COMPONENT:
-            raise PathError(414, f"path component longer than {MAX_COMPONENT} bytes")
-        # Look-alikes (fullwidth dots and slashes) fold to ASCII under NFKC;
-        # refuse them so no later normalisation can turn them into "..".
-        folded = unicodedata.normalize("NFKC", part)
-        if folded.strip(".") == "" or "/" in folded or "\\" in folded:
-            raise PathError(403, "path segments . and .. are not allowed")
-        if part.startswith(".") and not hidden:
-            raise PathError(403, "hidden files are not served")
-        parts.append(part)
-    return tuple(parts)
 
 
 class _OpenHow(ctypes.Structure):

@@ -34,9 +34,11 @@ from twisted.internet.protocol import connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from sockd.core.config import FileSettings, SockdSettings
+from sockd.core.config import Config, FileSettings
 from sockd.core.eager import eager_write
+from sockd.core.interfaces import IReconfigurable
 from sockd.core.limits import GuardedFactory, GuardedProtocol, Sample, idle_granularity
 from sockd.core.logs import escape
 from sockd.files.paths import RESERVED_PREFIX, Opened, PathError, Root
@@ -1116,6 +1118,7 @@ class FileProtocol(GuardedProtocol):
         super().connectionLost(reason)
 
 
+@implementer(IReconfigurable)
 class FileFactory(GuardedFactory):
     """The file service under the limits of C{[file]}."""
 
@@ -1165,9 +1168,10 @@ class FileFactory(GuardedFactory):
         done.addBoth(cleanup)
         return done
 
-    def reconfigure(self, settings: FileSettings, shared: SockdSettings) -> None:
+    def reconfigure(self, config: Config) -> None:
         """A reload: limits, rules and the root apply to what comes next."""
-        self.set_limits(settings, settings.request_timeout, shared.abort_grace)
+        settings = config.file
+        self.set_limits(settings, settings.request_timeout, config.sockd.abort_grace)
         self.state.reconfigure(settings)
 
     def metrics(self) -> list[Sample]:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.application.service import IService, MultiService
 
 from sockd.core.config import Config
+from sockd.core.interfaces import IDaemonReactor
 from sockd.core.service import DaemonOptions, stream_listener
 from sockd.files.protocol import FileFactory, FileState, open_root
 
@@ -26,7 +25,7 @@ class Options(DaemonOptions):
     section = "file"
 
 
-def build(config: Config, reactor: Any) -> list[IService]:
+def build(config: Config, reactor: IDaemonReactor) -> list[IService]:
     """The file listeners described by C{config.file}."""
     settings = config.file
     if settings.root is None:
@@ -45,5 +44,7 @@ def build(config: Config, reactor: Any) -> list[IService]:
     ]
 
 
-def makeService(options: Options, reactor: Any = None) -> MultiService:
-    return options.make_service(["file"], reactor)
+def makeService(
+    options: Options, reactor: IDaemonReactor | None = None
+) -> MultiService:
+    return options.make_service({"file": build}, reactor)

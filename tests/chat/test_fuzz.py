@@ -288,7 +288,7 @@ class ChatMachine(RuleBasedStateMachine):
     def reload(self, config: dict[str, str]) -> None:
         """SIGHUP: new limits, rules and default room at once."""
         settings = parse_settings(chat={**BASE, **config})
-        self.protocol.reconfigure(settings.chat, settings.sockd)
+        self.protocol.reconfigure(settings)
         self.applied(settings.chat)
 
     @rule(seconds=st.sampled_from([0.0, 0.05, 0.3, 1.0, 5.0, 31.0, 125.0, 400.0]))
@@ -456,7 +456,7 @@ class DatagramFuzzTests(SynchronousTestCase):
         assert member.room is not None
         self.assertEqual(member.room.name, "Lobby")
         reload = parse_settings(chat={"default_room": "#Dev", "validation": "false"})
-        protocol.reconfigure(reload.chat, reload.sockd)
+        protocol.reconfigure(reload)
         protocol.datagramReceived(b"hello\n", HONEST[1])
         member = state.members[HONEST[1]]
         assert member.room is not None

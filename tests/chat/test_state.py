@@ -117,10 +117,12 @@ class ValidationTests(SynchronousTestCase):
             try:
                 text = data.decode()
             except UnicodeDecodeError:
-                state.refuse(out, A, len(data), "message is not valid UTF-8")
+                state.refuse(out, A, len(data), "message is not valid UTF-8", "invalid")
             else:
                 if len(data) > 1026:
-                    state.refuse(out, A, len(data), "message longer than 1024 bytes")
+                    state.refuse(
+                        out, A, len(data), "message longer than 1024 bytes", "oversized"
+                    )
                 else:
                     state.receive(out, A, len(data), clean(text))
             clock.advance(0.01)
@@ -421,7 +423,7 @@ class PresenceTests(SynchronousTestCase):
         join(state, out, A, "alice")
         for _ in range(4):
             clock.advance(30)
-            state.refuse(out, A, 2, "message is not valid UTF-8")
+            state.refuse(out, A, 2, "message is not valid UTF-8", "invalid")
             state.expire()
         self.assertIn(A, state.members)
 
@@ -451,6 +453,15 @@ class LimitTests(SynchronousTestCase):
         clock.advance(1)
         say(state, out, A, "later\n")
         self.assertEqual(out.to(B)[-1], "<alice> later\n")
+
+    def test_refusals_counted_by_code_not_text(self) -> None:
+        state, out, clock = make()
+        join(state, out, A, "alice")
+        # The text is the client's to read; the code picks the counter.
+        state.refuse(out, A, 3000, "no longer than that, please", "invalid")
+        state.refuse(out, A, 3000, "too big", "oversized")
+        self.assertEqual((state.stats["invalid"], state.stats["oversized"]), (1, 1))
+        self.assertIn("*** error: too big\n", out.to(A))
 
     def three_on_a_small_budget(self) -> tuple[ChatState, Recorder, Clock]:
         """alice, bob and carol (three hosts) in one room; 5 datagrams/s."""

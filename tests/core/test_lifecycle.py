@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import (
     EventLoggingObserver,
     MemoryReactorClock,
@@ -20,15 +22,27 @@ from twisted.internet.testing import (
 )
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import classImplementsOnly, implementer
+from zope.interface.verify import verifyObject
 
 import sockd.echo.tap as echo_tap
-from sockd.core.config import EchoSettings
-from sockd.core.service import Lifecycle
+from sockd.core.config import Config, EchoSettings
+from sockd.core.interfaces import IDrainable, IMetricsSource, IReconfigurable, Sample
+from sockd.core.metrics import SockdCollector
+from sockd.core.service import (
+    DescriptorLimit,
+    Lifecycle,
+    Listener,
+    make_daemon_service,
+)
+from sockd.daemons import DAEMONS
 from sockd.echo.protocol import EchoFactory, RawEcho
 from tests.helpers import (
+    ROOT,
     connect,
     run_bounded,
     running,
+    settings,
     tcp_exchange,
     tempdir,
     unblock_fifo,
@@ -132,6 +146,100 @@ class ReloadTests(SynchronousTestCase):
         self.assertTrue(self.lifecycle.reload())
         self.assertEqual([p[0] for p in self.reactor.tcpServers], [7007])
         self.assertTrue(any(e.get("key") == "listen" for e in events))
+
+
+@implementer(IReconfigurable, IDrainable, IMetricsSource)
+class Declared:
+    """A listener's target that says what it offers."""
+
+    def __init__(self) -> None:
+        self.calls: list[object] = []
+
+    def reconfigure(self, config: Config) -> None:
+        self.calls.append(config)
+
+    def drain(self, deadline: float) -> Deferred[None]:
+        self.calls.append(deadline)
+        return succeed(None)
+
+    def metrics(self) -> list[Sample]:
+        return [("connections_total", "counter", {"service": "x"}, 1.0)]
+
+
+class Undeclared(Declared):
+    """The same methods, but no declaration: the core leaves it alone."""
+
+
+# Interfaces a subclass inherits; this one declares that it offers none.
+classImplementsOnly(Undeclared)
+
+
+class InterfaceTests(SynchronousTestCase):
+    """The core finds what a service offers by its declarations only."""
+
+    def tree(self) -> tuple[Lifecycle, Declared, Undeclared, Config]:
+        new = settings("[sockd]\nshutdown_grace = 7\n")
+        top = MultiService()
+        declared, undeclared = Declared(), Undeclared()
+        for n, target in enumerate((declared, undeclared)):
+            listener = Listener("echo", f"tcp:{n}", lambda: None, target)  # type: ignore[arg-type,return-value]
+            listener.setServiceParent(top)
+        lifecycle = Lifecycle(settings(), ["echo"], MemoryReactorClock(), lambda: new)
+        lifecycle.setServiceParent(top)
+        return lifecycle, declared, undeclared, new
+
+    def test_reload_and_stop_reach_declared_providers_only(self) -> None:
+        lifecycle, declared, undeclared, new = self.tree()
+        self.assertTrue(lifecycle.reload())
+        # One signature: the whole configuration, each picks its section.
+        self.assertEqual(declared.calls, [new])
+        lifecycle.startService()
+        self.successResultOf(lifecycle.stopService())  # type: ignore[arg-type]
+        self.assertEqual(declared.calls, [new, 7.0])
+        self.assertEqual(undeclared.calls, [])
+        collector = SockdCollector(lambda: [declared, undeclared])
+        self.assertEqual(collector.snapshot(), declared.metrics())
+
+    def test_siblings_are_reconfigured_after_the_listeners(self) -> None:
+        lifecycle, declared, _, new = self.tree()
+        sibling = DescriptorLimit(settings(), ["echo"], lambda _: (1024, 1024))
+        assert lifecycle.parent is not None
+        sibling.setServiceParent(lifecycle.parent)
+        self.assertTrue(lifecycle.reload())
+        self.assertIs(sibling.config, new)
+        self.assertEqual(declared.calls, [new])
+
+    def test_every_service_declares_what_it_offers(self) -> None:
+        conf = settings(
+            "[sockd]\nworkers = 2\n[metrics]\nenabled = true\n"
+            "[chat]\nenabled = true\nlisten = udp:0\n",
+            echo={"listen": "tcp:0", "listen_udp": "udp:0"},
+            file={"enabled": "true", "root": str(ROOT / "sockd" / "data" / "files")},
+        )
+        top = make_daemon_service(conf, DAEMONS, MemoryReactorClock())
+        lifecycle = top.getServiceNamed("lifecycle")
+        assert isinstance(lifecycle, Lifecycle)
+        every = (IReconfigurable, IDrainable, IMetricsSource)
+        expected = {
+            "EchoFactory": every,
+            "DatagramEcho": (IReconfigurable, IMetricsSource),
+            "ChatProtocol": (IReconfigurable, IMetricsSource),
+            "FileFactory": every,
+            "CappedFactory": (IReconfigurable, IMetricsSource),
+            "DescriptorLimit": (IReconfigurable,),
+            "Workers": (IReconfigurable, IMetricsSource),
+        }
+        found = {type(t).__name__: t for _, t in lifecycle.targets()}
+        found.update({type(s).__name__: s for s in top})
+        for name, interfaces in expected.items():
+            for interface in every:
+                offered = interface in interfaces
+                self.assertEqual(
+                    interface.providedBy(found[name]), offered, (name, interface)
+                )
+                if offered:
+                    # Each method, with the interface's signature.
+                    verifyObject(interface, found[name])
 
 
 class ReadyTests(SynchronousTestCase):

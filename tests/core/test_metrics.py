@@ -11,9 +11,12 @@ from prometheus_client import generate_latest
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 import sockd.core.metrics as metrics
+import sockd.echo.tap as echo_tap
 from sockd.core.config import EchoSettings
+from sockd.core.interfaces import IMetricsSource
 from sockd.core.metrics import CappedFactory, SockdCollector, registry_for
 from sockd.core.service import make_daemon_service
 from sockd.echo.protocol import DatagramEcho, EchoFactory
@@ -55,6 +58,7 @@ class CollectorTests(SynchronousTestCase):
             self.assertIn(line, text)
 
     def test_same_series_from_two_sources_is_summed(self) -> None:
+        @implementer(IMetricsSource)
         class Source:
             def metrics(self) -> list[tuple[str, str, dict[str, str], float]]:
                 return [("datagrams_answered_total", "counter", {"service": "x"}, 2)]
@@ -74,7 +78,7 @@ class CapTests(SynchronousTestCase):
         config = settings(
             "[echo]\nlisten_udp =\n[metrics]\nenabled = true\nmax_connections = 2\n"
         )
-        self.top = make_daemon_service(config, ["echo"], self.reactor)
+        self.top = make_daemon_service(config, {"echo": echo_tap.build}, self.reactor)
         self.top.privilegedStartService()
         (factory,) = [
             f for _, f, *_ in self.reactor.tcpServers if f.service_name == "metrics"

@@ -14,6 +14,7 @@ from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+import sockd.echo.tap as echo_tap
 from sockd.core.logs import journal_observer, json_observer, prefer_journal
 from sockd.core.notify import Notifier, notify_address, watchdog_interval
 from sockd.core.service import Ready, make_daemon_service
@@ -178,7 +179,7 @@ class ReadyServiceTests(SynchronousTestCase):
                 "listen_udp": "",
             }
         )
-        top = make_daemon_service(config, ["echo"], reactor)
+        top = make_daemon_service(config, {"echo": echo_tap.build}, reactor)
         ready = top.getServiceNamed("ready")
         assert isinstance(ready, Ready)
         ready.environ = env

@@ -515,7 +515,7 @@ class DescriptorLimitTests(SynchronousTestCase):
         )
         self.assertEqual(warnings, [])
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        service.reloaded(settings("[echo]\nlisten_udp =\nmax_connections = 5000\n"))
+        service.reconfigure(settings("[echo]\nlisten_udp =\nmax_connections = 5000\n"))
         self.assertEqual(
             [e["needed"] for e in events if e["log_level"] == LogLevel.warn], [5065]
         )
@@ -526,6 +526,6 @@ class DescriptorLimitTests(SynchronousTestCase):
         top = tap.makeService(options, reactor=UDPMemoryReactor())
         self.assertIsInstance(next(iter(top)), DescriptorLimit)
         worker = make_daemon_service(
-            options.config, ["echo"], UDPMemoryReactor(), inherited={}
+            options.config, {"echo": echo_tap.build}, UDPMemoryReactor(), inherited={}
         )
         self.assertFalse(any(isinstance(s, DescriptorLimit) for s in worker))

@@ -10,6 +10,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IFileDescriptor, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import (
@@ -21,6 +22,7 @@ from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 import sockd.core.config as config
 import sockd.core.metrics as metrics
@@ -31,12 +33,15 @@ from sockd.core.service import (
     Listener,
     datagram_listener,
     make_daemon_service,
+    shared_sockets,
     stream_listener,
 )
+from sockd.daemons import DAEMONS
 from sockd.echo.protocol import EchoFactory
 from tests.helpers import settings, tempdir
 
 
+@implementer(IProcessTransport)
 class FakeProcess:
     """What spawnProcess returns: records the signals it is sent."""
 
@@ -87,6 +92,7 @@ class ProcessReactor(Clock):
         return process
 
 
+@implementer(IFileDescriptor)
 class FakePort:
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -148,6 +154,7 @@ class SupervisorTests(SynchronousTestCase):
             },
             self.reactor,
             grace=10,
+            sockets=lambda: shared_sockets(self.top, ["echo", "file"]),
             executable="/usr/bin/python3",
         )
         self.workers.setServiceParent(self.top)
@@ -162,9 +169,7 @@ class SupervisorTests(SynchronousTestCase):
         self.top.startService()
         self.assertEqual(len(self.reactor.spawned), 2)
         first = self.reactor.spawned[0]
-        self.assertEqual(
-            first["args"], ["/usr/bin/python3", "-m", "sockd.core.workers"]
-        )
+        self.assertEqual(first["args"], ["/usr/bin/python3", "-m", "sockd.worker"])
         # Chat (fd 12) and metrics (fd 13) stay in the main process; the UDP
         # port is bound again beside ours, not inherited.
         self.assertEqual(first["fds"], {0: "w", 1: "r", 2: "r", 3: 10, 4: 14})
@@ -269,10 +274,10 @@ class SupervisorTests(SynchronousTestCase):
 
     def test_reload_is_passed_on(self) -> None:
         self.top.startService()
-        self.workers.reloaded(settings("[sockd]\nworkers = 3\n"))
+        self.workers.reconfigure(settings("[sockd]\nworkers = 3\n"))
         for spawned in self.reactor.spawned:
             self.assertEqual(spawned["process"].signals, ["HUP"])
-        self.workers.reloaded(settings("[sockd]\nworkers = 5\n"))
+        self.workers.reconfigure(settings("[sockd]\nworkers = 5\n"))
         self.assertIn(
             "sockd: [sockd] workers changed; it applies at the next restart",
             self.logged(),
@@ -350,6 +355,11 @@ def _exposition(collector: metrics.SockdCollector) -> str:
     return generate_latest(metrics.registry_for(collector)).decode()
 
 
+def daemons(*sections: str) -> dict[str, Any]:
+    """The builders of C{sections}, as the daemons pass them."""
+    return {section: DAEMONS[section] for section in sections}
+
+
 def make_tree() -> Any:
     from twisted.application.service import MultiService
 
@@ -399,6 +409,17 @@ class ChannelTests(SynchronousTestCase):
         )
         channel.log_event({"log_level": LogLevel.info, "log_namespace": "sockd"})
         self.assertEqual(transport.value().count(b"\n"), 2)
+
+
+class EntryPointTests(SynchronousTestCase):
+    def test_started_by_hand_says_how_workers_start(self) -> None:
+        from sockd import worker
+
+        self.patch(os, "environ", {})
+        with self.assertRaises(SystemExit) as caught:
+            worker.main()
+        self.assertIn("no SOCKD_WORKER in the environment", str(caught.exception))
+        self.assertIn("[sockd] workers", str(caught.exception))
 
 
 class AdoptionTests(SynchronousTestCase):
@@ -504,7 +525,10 @@ class TreeTests(SynchronousTestCase):
             "[sockd]\nworkers = 3\n[chat]\nenabled = true\nlisten = udp:0\n"
         )
         top = make_daemon_service(
-            conf, ["echo", "chat"], MemoryReactorClock(), overrides={"x": {"y": "z"}}
+            conf,
+            daemons("echo", "chat"),
+            MemoryReactorClock(),
+            overrides={"x": {"y": "z"}},
         )
         supervisor = top.getServiceNamed("workers")
         assert isinstance(supervisor, workers.Workers)
@@ -515,11 +539,11 @@ class TreeTests(SynchronousTestCase):
 
     def test_chat_alone_starts_no_worker(self) -> None:
         conf = settings("[sockd]\nworkers = 3\n[chat]\nenabled = true\n")
-        top = make_daemon_service(conf, ["chat"], MemoryReactorClock())
+        top = make_daemon_service(conf, daemons("chat"), MemoryReactorClock())
         self.assertNotIn("workers", [s.name for s in top])
 
     def test_one_process_by_default(self) -> None:
-        top = make_daemon_service(settings(), ["echo"], MemoryReactorClock())
+        top = make_daemon_service(settings(), daemons("echo"), MemoryReactorClock())
         self.assertNotIn("workers", [s.name for s in top])
 
     def test_worker_tree_serves_inherited_sockets_only(self) -> None:
@@ -532,7 +556,7 @@ class TreeTests(SynchronousTestCase):
             fd = os.dup(bound.fileno())
             top = make_daemon_service(
                 conf,
-                ["echo"],
+                daemons("echo"),
                 reactor,
                 inherited={("echo", "tcp:0:interface=127.0.0.1"): fd},
             )
@@ -545,7 +569,9 @@ class TreeTests(SynchronousTestCase):
     def test_worker_skips_a_listener_the_main_process_lacks(self) -> None:
         conf = settings(echo={"listen": "tcp:0", "listen_udp": ""})
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        top = make_daemon_service(conf, ["echo"], MemoryReactorClock(), inherited={})
+        top = make_daemon_service(
+            conf, daemons("echo"), MemoryReactorClock(), inherited={}
+        )
         self.assertEqual([s.name for s in top], ["lifecycle"])
         self.assertIn(
             "sockd: echo tcp:0 is not in the main process's listeners (the file "

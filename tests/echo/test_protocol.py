@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.core.config import EchoSettings, SockdSettings
+from sockd.core.config import Config, EchoSettings
 from sockd.echo.protocol import (
     DatagramEcho,
     EchoFactory,
@@ -408,7 +408,7 @@ class DatagramEchoTests(SynchronousTestCase):
         self.proto.datagramReceived(b"x", ("127.0.0.1", 1024))
         self.assertEqual(self.transport.written, [(b"X", ("127.0.0.1", 1024))])
         allowed = replace(EchoSettings(), udp_allow_privileged_ports=True)
-        self.proto.reconfigure(allowed, SockdSettings())
+        self.proto.reconfigure(Config(echo=allowed))
         self.proto.datagramReceived(b"y", ("127.0.0.1", 500))
         self.proto.datagramReceived(b"z", ("127.0.0.1", 53))  # still in the table
         self.proto.datagramReceived(b"w", ("127.0.0.1", 9001))  # still our own
@@ -492,7 +492,7 @@ class DatagramEchoTests(SynchronousTestCase):
         for _ in range(500):
             proto.datagramReceived(b"x", ("127.0.0.1", 40000))
         self.assertEqual(proto.answered, 500)
-        proto.reconfigure(replace(settings, udp_loop_budget=10), SockdSettings())
+        proto.reconfigure(Config(echo=replace(settings, udp_loop_budget=10)))
         for _ in range(20):
             proto.datagramReceived(b"x", ("127.0.0.1", 40001))
         self.assertEqual(proto.answered, 510)

@@ -602,7 +602,7 @@ class LifecycleTests(Base):
                 "total_rate_limit": "1M",
             }
         )
-        self.factory.reconfigure(new.file, new.sockd)
+        self.factory.reconfigure(new)
         self.addCleanup(self.factory.state.root.close)
         self.assertEqual(self.factory.limiter.max_total, 7)
         self.assertEqual(self.factory.state.settings.root, second)
@@ -809,7 +809,7 @@ class UploadTests(Base):
         cut, cut_t = self.connect(port=40001)
         cut.dataReceived(b"PUT cut.bin 6\nabc")
         new = settings(file={"root": str(second), "enabled": "true", "writable": "1"})
-        self.factory.reconfigure(new.file, new.sockd)
+        self.factory.reconfigure(new)
         self.addCleanup(self.factory.state.root.close)
         protocol.dataReceived(b"def")
         cut_t.loseConnection()
@@ -1088,7 +1088,7 @@ class SweepTests(Base):
         second.mkdir()
         stale = self.plant(second / self.STALE)
         new = settings(file={"root": str(second), "enabled": "true", "writable": "1"})
-        self.factory.reconfigure(new.file, new.sockd)
+        self.factory.reconfigure(new)
         self.addCleanup(self.factory.state.root.close)
         self.assertFalse(stale.exists())
 

@@ -1,0 +1,84 @@
+"""
+What a service shows the core, declared rather than found: a service object
+that can be reloaded, drained or scraped says so with C{@implementer}, and
+the core asks with C{providedBy} or adaptation, never by probing attributes.
+
+A service gives the core a L{Builder} per INI section; the table of them
+lives above the services (C{sockd.daemons}) and is passed in, so the core
+never names a service.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorProcess,
+    IReactorSocket,
+    IReactorTCP,
+    IReactorTime,
+    IReactorUDP,
+)
+from zope.interface import Interface
+
+from sockd.core.config import Config
+
+__all__ = [
+    "Builder",
+    "IDaemonReactor",
+    "IDrainable",
+    "IMetricsSource",
+    "IReconfigurable",
+    "Sample",
+]
+
+#: one metric sample: (name, "counter" or "gauge", labels, value)
+Sample = tuple[str, str, dict[str, str], float]
+
+
+class IReconfigurable(Interface):
+    """Takes a new configuration on reload (SIGHUP)."""
+
+    def reconfigure(config: Config) -> None:
+        """Apply C{config} now; each object reads its own section of it."""
+
+
+class IDrainable(Interface):
+    """Lets work in flight finish before the process stops."""
+
+    def drain(deadline: float) -> Deferred[None]:
+        """Finish what is under way; fire when done, cutting off at C{deadline}s."""
+
+
+class IMetricsSource(Interface):
+    """Counts what it serves, for the metrics page and workers' reports."""
+
+    def metrics() -> list[Sample]:
+        """The counters and gauges as they are now."""
+
+
+class IDaemonReactor(
+    IReactorCore,
+    IReactorTime,
+    IReactorTCP,
+    IReactorUDP,
+    IReactorSocket,
+    IReactorProcess,
+    IReactorFromThreads,
+):
+    """
+    The reactor interfaces a daemon uses, together: a type for the checker
+    only.  Twisted's reactors provide each of them but declare no such
+    union, so never test it with C{providedBy}; the reactor gets this type
+    where twistd (or a worker's entry point) hands it over.
+    """
+
+
+class Builder(Protocol):
+    """A service's C{build}: the listeners (and helpers) of its section."""
+
+    def __call__(self, config: Config, reactor: IDaemonReactor) -> list[IService]: ...

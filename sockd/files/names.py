@@ -1,0 +1,72 @@
+"""
+Request paths of the file protocol, sans I/O: the rules a requested name
+must follow before anything is opened (L{parse_path}), shared by the server
+(L{sockd.files.paths}) and the client (C{sockd get -r} checks every name a
+server lists with the same rules).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+__all__ = [
+    "MAX_COMPONENT",
+    "MAX_PATH",
+    "RESERVED_PREFIX",
+    "PathError",
+    "parse_path",
+]
+
+#: longest path accepted, in bytes (Linux PATH_MAX counts the NUL too)
+MAX_PATH = 4096
+#: longest single name, in bytes (NAME_MAX)
+MAX_COMPONENT = 255
+#: names sockd keeps for itself (uploads in progress): never served or
+#: listed, even with hidden names served, and never uploaded to
+RESERVED_PREFIX = ".sockd-upload."
+
+
+class PathError(Exception):
+    """A request that cannot be served: a protocol code and a reason."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.reason}"
+
+
+def parse_path(raw: bytes, hidden: bool = False) -> tuple[str, ...]:
+    """
+    Check a requested path and split it into names; C{""} and C{"/"} are the
+    root.  Raises L{PathError} saying what is wrong.
+    """
+    if len(raw) > MAX_PATH:
+        raise PathError(414, f"path longer than {MAX_PATH} bytes")
+    if b"\x00" in raw:
+        raise PathError(400, "NUL byte in path")
+    if b"\\" in raw:
+        raise PathError(400, "backslash in path; use / between names")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PathError(400, "path is not valid UTF-8") from None
+    if any(c < " " or "\x7f" <= c <= "\x9f" for c in text):
+        raise PathError(400, "control character in path")
+    parts = []
+    for part in text.split("/"):
+        if not part:
+            continue  # leading "/" means the root; "a//b" is "a/b"
+        if len(part.encode("utf-8")) > MAX_COMPONENT:
+            raise PathError(414, f"path component longer than {MAX_COMPONENT} bytes")
+        # Look-alikes (fullwidth dots and slashes) fold to ASCII under NFKC;
+        # refuse them so no later normalisation can turn them into "..".
+        folded = unicodedata.normalize("NFKC", part)
+        if folded.strip(".") == "" or "/" in folded or "\\" in folded:
+            raise PathError(403, "path segments . and .. are not allowed")
+        if part.startswith(".") and not hidden:
+            raise PathError(403, "hidden files are not served")
+        parts.append(part)
+    return tuple(parts)
