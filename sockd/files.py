@@ -35,10 +35,10 @@ from twisted.python.failure import Failure
 
 from sockd.config import FileSettings, SockdSettings
 from sockd.eager import eager_write
-from sockd.limits import GuardedFactory, GuardedProtocol, Sample
+from sockd.limits import GuardedFactory, GuardedProtocol, Sample, TokenBucket
 from sockd.logs import escape
 from sockd.paths import Opened, PathError, Root
-from sockd.sendfile import Bucket, Pacer, TransferError, send_file
+from sockd.sendfile import Pacer, TransferError, send_file
 
 __all__ = [
     "KEYWORDS",
@@ -117,6 +117,11 @@ def _number(text: bytes) -> int:
 
 def _line(text: str) -> bytes:
     return text.encode("utf-8") + b"\r\n"
+
+
+def _byte_bucket(rate: int, clock: IReactorTime) -> TokenBucket | None:
+    """A cap of C{rate} bytes a second saving one second's worth; 0: none."""
+    return TokenBucket(rate, rate, clock) if rate else None
 
 
 class Upload:
@@ -213,11 +218,7 @@ class FileState:
         self.use_sendfile = use_sendfile
         self.token = token
         self.sums: OrderedDict[tuple[int, int, int, int], str] = OrderedDict()
-        self.total_bucket = (
-            Bucket(settings.total_rate_limit, clock)
-            if settings.total_rate_limit
-            else None
-        )
+        self.total_bucket = _byte_bucket(settings.total_rate_limit, clock)
         self.served = 0
         self.bytes_sent = 0
         self.refused = 0
@@ -254,11 +255,7 @@ class FileState:
                 log.info("file: now serving {root}", root=str(settings.root))
         self.settings = settings
         if settings.total_rate_limit != old.total_rate_limit:
-            self.total_bucket = (
-                Bucket(settings.total_rate_limit, self.clock)
-                if settings.total_rate_limit
-                else None
-            )
+            self.total_bucket = _byte_bucket(settings.total_rate_limit, self.clock)
 
     # --- reading --------------------------------------------------------
 
@@ -269,8 +266,7 @@ class FileState:
         return parts, self.root.open(parts, want)
 
     def pacer(self) -> Pacer | None:
-        rate = self.settings.rate_limit
-        own = Bucket(rate, self.clock) if rate else None
+        own = _byte_bucket(self.settings.rate_limit, self.clock)
         if own is None and self.total_bucket is None:
             return None
         return Pacer(own, self.total_bucket)
