@@ -351,6 +351,7 @@ class FileSettings:
     idle_timeout: float = 300.0
     rate_limit: int = 0
     total_rate_limit: int = 0
+    max_list_entries: int = 10000
 
 
 @dataclass(frozen=True)
@@ -445,6 +446,7 @@ SCHEMA: dict[str, dict[str, Parser]] = {
         "idle_timeout": seconds(0.1, _SECONDS_DAY),
         "rate_limit": size(0, 2**50),
         "total_rate_limit": size(0, 2**50),
+        "max_list_entries": integer(1, 100_000),
     },
 }
 

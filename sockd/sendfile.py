@@ -51,6 +51,7 @@ __all__ = [
     "SendfileProducer",
     "TransferError",
     "can_sendfile",
+    "release",
     "send_file",
 ]
 
@@ -157,6 +158,15 @@ class Pacer:
         self.paid = 0
 
 
+def release(transport: Any, producer: object) -> None:
+    """Unregister C{producer} from C{transport}, if it is still registered."""
+    # A TCP transport shows its producer: leave it alone if that is no
+    # longer us.  A TLS wrapper does not (its attribute lookups fall
+    # through to the TCP transport below it).
+    if not isinstance(transport, FileDescriptor) or transport.producer is producer:
+        transport.unregisterProducer()
+
+
 def can_sendfile(transport: Any) -> bool:
     """Whether C{transport} is a plain socket whose buffer we can see."""
     from twisted.internet.tcp import Connection
@@ -257,14 +267,8 @@ class _Producer:
         if self.pacer is not None:
             self.pacer.close()
         os.close(self.fd)
-        transport = self.transport
-        # A TCP transport shows its producer: leave it alone if that is no
-        # longer us.  A TLS wrapper does not (its attribute lookups fall
-        # through to the TCP transport below it).
-        if unregister and (
-            not isinstance(transport, FileDescriptor) or transport.producer is self
-        ):
-            transport.unregisterProducer()
+        if unregister:
+            release(self.transport, self)
         if error is None:
             self.deferred.callback(self.sent)
         else:
