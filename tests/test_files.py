@@ -623,6 +623,17 @@ class ListingTests(Base):
         self.assertNotIn(b"truncated", transport.value())
         self.assertTrue(transport.value().endswith(b" README.txt\r\n.\r\n"))
 
+    def test_cap_setting_checked(self) -> None:
+        for bad in ("0", "100001", "lots"):
+            with self.assertRaises(config.ConfigError) as caught:
+                settings(file={"max_list_entries": bad})
+            self.assertIn(
+                "[file] max_list_entries = %r: expected a whole number from 1 "
+                "to 100000" % bad,
+                str(caught.exception),
+            )
+        self.assertEqual(settings().file.max_list_entries, files.MAX_LISTING)
+
     def test_menu_sliced_and_truncated(self) -> None:
         """A Gopher menu the same way, with an informational marker line."""
         protocol, transport = self.connect(self.make(max_list_entries="2000"))
