@@ -628,8 +628,8 @@ class ListingTests(Base):
             with self.assertRaises(config.ConfigError) as caught:
                 settings(file={"max_list_entries": bad})
             self.assertIn(
-                "[file] max_list_entries = %r: expected a whole number from 1 "
-                "to 100000" % bad,
+                f"[file] max_list_entries = {bad!r}: expected a whole number "
+                "from 1 to 100000",
                 str(caught.exception),
             )
         self.assertEqual(settings().file.max_list_entries, files.MAX_LISTING)
