@@ -7,9 +7,13 @@ download loop: one stream of a 1 GiB file (goal: at least 1.0x nginx) and
 memory growth under 50 MiB.  nginx runs in both settings of tcp_nopush:
 on (TCP_CORK, as people run it; the goals are against it) and off.
 
+Then capped downloads: server CPU per MB of an 8 MiB download under
+C{rate_limit = 2M}, under C{total_rate_limit = 2M}, and under C{rate_limit}
+over TLS, each against the same download uncapped (goal: at most 1.5x).
+
     python -m bench.files [--quick] [--rounds N] [--seconds S]
 
-Skipped, saying so, when nginx is not installed.
+The nginx rows are skipped, saying so, when nginx is not installed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -50,6 +55,20 @@ SCENARIOS = [
 RSS_GROWTH_MIB = 50
 #: the two nginx contenders; goals are against the first
 NGINX_ON, NGINX_OFF = "nginx, tcp_nopush on", "nginx, tcp_nopush off"
+
+#: capped downloads: (scenario, [file] keys, over TLS); each against the
+#: same download with no cap, on a daemon of its own
+CAPPED = [
+    ("rate_limit 2M", "rate_limit = 2M", False),
+    ("total_rate_limit 2M", "total_rate_limit = 2M", False),
+    ("rate_limit 2M, TLS", "rate_limit = 2M", True),
+]
+#: 3 s at 2 MiB/s after the first second's burst
+CAPPED_SIZE = 8 * MIB
+#: uncapped downloads per sample: one costs only a few ms of CPU
+UNCAPPED_REPEAT = 10
+#: most server CPU a capped download may cost, relative to an uncapped one
+CAPPED_GOAL = 1.5
 
 NGINX_CONF = """\
     daemon off;
@@ -161,9 +180,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)
     opts = parser.parse_args()
+    capped(opts.rounds or (1 if opts.quick else 3))
     if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
         print("bench files: nginx is not installed (apt-get install nginx-light)")
-        print("bench files: skipped")
+        print("bench files: nginx rows skipped")
         return 0
     rounds = opts.rounds or (3 if opts.quick else 5)
     seconds = opts.seconds or (1.0 if opts.quick else 2.0)
@@ -237,6 +257,105 @@ def main() -> int:
         nginx_off.stop()
         shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def capped(rounds: int) -> None:
+    """Server CPU per MB of capped downloads against uncapped ones."""
+    from sockd.client.cert import make_certificate
+
+    root = Path(tempfile.mkdtemp(prefix="sockd-bench-capped-"))
+    with open(root / "capped.bin", "wb") as out:
+        out.write(os.urandom(CAPPED_SIZE))
+    pem, key = make_certificate("localhost")
+    (root / "cert.pem").write_bytes(pem)
+    (root / "key.pem").write_bytes(key)
+    try:
+        for scenario, keys, tls in CAPPED:
+            emit(capped_row(root, scenario, keys, tls, rounds))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def capped_row(root: Path, scenario: str, keys: str, tls: bool, rounds: int) -> Result:
+    listen = (
+        f"ssl:0:interface=127.0.0.1:privateKey={root}/key.pem:certKey={root}/cert.pem"
+        if tls
+        else "tcp:0:interface=127.0.0.1"
+    )
+    ini = f"[file]\nenabled = true\nlisten = {listen}\nroot = {root}\n"
+    capped = sockd_daemon("sockd capped", "sockd-file", ini + keys + "\n")
+    uncapped = sockd_daemon("sockd uncapped", "sockd-file", ini)
+    capped.start()
+    try:
+        uncapped.start()
+        try:
+            samples = alternate(
+                rounds,
+                {
+                    "sockd": lambda: cpu_per_mb(capped, tls, 1),
+                    "uncapped": lambda: cpu_per_mb(uncapped, tls, UNCAPPED_REPEAT),
+                },
+            )
+        finally:
+            uncapped.stop()
+    finally:
+        capped.stop()
+    return Result(
+        "files",
+        f"{CAPPED_SIZE // MIB} MiB download, {scenario}",
+        "CPU ms/MB",
+        samples,
+        paired_ratios(samples),
+        higher_is_better=False,
+        goals={"uncapped": CAPPED_GOAL},
+        note="server CPU (user + system, from schedstat) per MB downloaded, "
+        "capped against the same download uncapped",
+    )
+
+
+def cpu_per_mb(server: Server, tls: bool, times: int) -> float:
+    """Download the capped file C{times} times; the server's CPU ms per MB."""
+    before = precise_cpu(server)
+    port = server.ports["tcp"]
+    received = sum(download(port, "capped.bin", tls) for _ in range(times))
+    return (precise_cpu(server) - before) * 1000 / (received / 1e6)
+
+
+def download(port: int, name: str, tls: bool) -> int:
+    """A bare request; the byte count of the answer."""
+    sock = socket.create_connection(("127.0.0.1", port), 30)
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # our own throwaway certificate
+        sock = context.wrap_socket(sock)
+    with sock:
+        sock.sendall(name.encode() + b"\n")
+        received = 0
+        while chunk := sock.recv(1024 * 1024):
+            received += len(chunk)
+    return received
+
+
+def precise_cpu(server: Server) -> float:
+    """
+    CPU seconds of the server's processes, every thread, to the nanosecond
+    (C{/proc/PID/task/TID/schedstat}): an uncapped download costs a few
+    milliseconds, below the 10 ms resolution of L{Server.cpu}.
+    """
+    total = 0
+    for pid in server.pids():
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                text = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text()
+            except OSError:
+                continue
+            total += int(text.split()[0])
+    return total / 1e9
 
 
 def loadgen_fetch(

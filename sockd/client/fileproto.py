@@ -430,6 +430,8 @@ class FileClient:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
+        #: why the server cut the last listing short ("" if it did not)
+        self.truncated = ""
 
     def stat(self, path: str) -> Found:
         self.connection.send_line(f"STAT {quote(path)}")
@@ -453,11 +455,20 @@ class FileClient:
         return digest, _number(fields, "size", text), _number(fields, "mtime", text)
 
     def list(self, path: str | None) -> Iterator[Entry]:
-        """The entries of a directory, as the server sends them."""
+        """
+        The entries of a directory, as the server sends them; afterwards
+        L{truncated} says why the server listed only some, if it did.
+        """
         line = "LIST" if path is None else f"LIST {quote(path)}"
+        self.truncated = ""
         self.connection.send_line(line)
         self.connection.answer()
         while (raw := self.connection.readline()) != b".":
+            word, _, reason = raw.partition(b" ")
+            if word == b"truncated":
+                text = _printable(reason.decode("utf-8", "replace"))
+                self.truncated = text or "no reason given"
+                continue
             parts = raw.split(b" ", 3)
             if (
                 len(parts) != 4

@@ -543,7 +543,8 @@ def _when(mtime: int) -> str:
 def _ls(args: argparse.Namespace) -> int:
     out = sys.stdout
     with _connect(args) as connection:
-        for entry in FileClient(connection).list(args.dir):
+        client = FileClient(connection)
+        for entry in client.list(args.dir):
             name = display(entry.name) + ("/" if entry.kind == "d" else "")
             if args.long:
                 out.write(
@@ -552,6 +553,12 @@ def _ls(args: argparse.Namespace) -> int:
             else:
                 out.write(name + "\n")
     out.flush()
+    if client.truncated:
+        print(
+            f"sockd ls: the server listed only part of the directory: "
+            f"{client.truncated}",
+            file=sys.stderr,
+        )
     return 0
 
 

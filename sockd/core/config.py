@@ -554,6 +554,7 @@ class FileSettings:
     total_rate_limit: int = setting(
         0, size(0, 2**50), "bytes per second in total (0: no cap)"
     )
+    max_list_entries: int = setting(10000, integer(1, 100_000))
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,14 @@ class ConnectionLimiter:
 
 
 class TokenBucket:
-    """A token bucket: C{rate} tokens a second, at most C{burst} saved."""
+    """
+    A token bucket: C{rate} tokens a second, at most C{burst} saved.
+
+    L{take} charges only when the tokens are there.  A pacer instead pays in
+    advance with L{spend}, which may leave the bucket in debt, and waits
+    L{delay} before using what it paid for: whoever pays next waits longer,
+    so users of a shared bucket queue up in order instead of all polling.
+    """
 
     __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
 
@@ -252,14 +259,34 @@ class TokenBucket:
         self.stamp = clock.seconds()
 
     def take(self, cost: float = 1.0) -> bool:
-        now = self.clock.seconds()
-        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
+        """Charge C{cost} if that many tokens are there; say whether it was."""
+        tokens = self.available()
         if tokens >= cost:
             self.tokens = tokens - cost
             return True
-        self.tokens = tokens
         return False
+
+    def available(self) -> float:
+        """The tokens there now; negative while in debt."""
+        now = self.clock.seconds()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return self.tokens
+
+    def spend(self, cost: float) -> None:
+        """Charge C{cost} whether or not the tokens are there."""
+        self.tokens = self.available() - cost
+
+    def refund(self, cost: float) -> None:
+        """Give back C{cost} paid for and not used (never beyond C{burst})."""
+        self.tokens = min(self.burst, self.available() + cost)
+
+    def delay(self, cost: float = 0.0) -> float:
+        """Seconds until C{cost} tokens are there (0: they are now)."""
+        missing = cost - self.available()
+        if missing <= 0:
+            return 0.0
+        return missing / self.rate if self.rate > 0 else math.inf
 
 
 class RateLimiter:

@@ -20,16 +20,22 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
+import heapq
 import itertools
 import os
 import re
 import stat
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorThreads,
+    IReactorTime,
+)
 from twisted.internet.protocol import connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -39,14 +45,21 @@ from zope.interface import implementer
 from sockd.core.config import Config, FileSettings
 from sockd.core.eager import eager_write
 from sockd.core.interfaces import IReconfigurable
-from sockd.core.limits import GuardedFactory, GuardedProtocol, Sample, idle_granularity
+from sockd.core.limits import (
+    GuardedFactory,
+    GuardedProtocol,
+    Sample,
+    TokenBucket,
+    idle_granularity,
+)
 from sockd.core.logs import escape
 from sockd.files.paths import RESERVED_PREFIX, Opened, PathError, Root
-from sockd.files.sendfile import Bucket, Pacer, TransferError, send_file
+from sockd.files.sendfile import Pacer, TransferError, release, send_file
 
 __all__ = [
     "KEYWORDS",
     "MAX_LINE",
+    "DirectoryScan",
     "FileFactory",
     "FileProtocol",
     "FileState",
@@ -62,9 +75,14 @@ log = Logger(namespace="sockd.file")
 KEYWORDS = frozenset({b"GET", b"STAT", b"SUM", b"LIST", b"HELP", b"QUIT", b"PUT"})
 #: longest request line; room for a 4096-byte path written with %XX escapes
 MAX_LINE = 16384
-#: entries listed from one directory at most, and names read to find them
+#: entries listed from one directory at most (the default of [file]
+#: max_list_entries), and names read to find them
 MAX_LISTING = 10000
 MAX_SCAN = 10 * MAX_LISTING
+#: a listing's work per reactor turn: names read (and sorted), then names
+#: checked (each an open and a stat); each is about 2 ms here
+SCAN_NAMES = 2048
+SCAN_ENTRIES = 128
 #: pipelined requests answered for one connection in one reactor turn
 REQUESTS_PER_TURN = 64
 #: bytes hashed per reactor turn
@@ -126,6 +144,11 @@ def _number(text: bytes) -> int:
 
 def _line(text: str) -> bytes:
     return text.encode("utf-8") + b"\r\n"
+
+
+def _byte_bucket(rate: int, clock: IReactorTime) -> TokenBucket | None:
+    """A cap of C{rate} bytes a second saving one second's worth; 0: none."""
+    return TokenBucket(rate, rate, clock) if rate else None
 
 
 class Upload:
@@ -296,6 +319,122 @@ def open_root(settings: FileSettings) -> Root:
     )
 
 
+#: one entry of a listing: kind (f or d), name, stat
+Entry = tuple[str, str, os.stat_result]
+
+
+class DirectoryScan:
+    """
+    A directory listing worked out a slice at a time, so that a big
+    directory never holds the reactor: L{step} reads L{SCAN_NAMES} names
+    (up to L{MAX_SCAN} in all, each batch sorted), then, once all are read,
+    takes them in name order and checks L{SCAN_ENTRIES} of them, keeping
+    those a client could request, at most C{limit}.  L{truncated} says why
+    a finished listing stopped short ("" if it did not).
+    """
+
+    def __init__(
+        self, root: Root, parts: tuple[str, ...], opened: Opened, limit: int
+    ) -> None:
+        self.root = root
+        self.parts = parts
+        self.limit = limit
+        self.found = 0
+        self.truncated = ""
+        self.done = False
+        self._read = 0
+        self._runs: list[list[str]] = []
+        #: every name in order, once all have been read
+        self.names: Iterator[str] | None = None
+        try:
+            # scandir() reads a duplicate of the descriptor.
+            self._dir: os._ScandirIterator[str] | None = os.scandir(opened.fd)
+        finally:
+            opened.close()
+
+    def step(self) -> list[Entry]:
+        """
+        One slice of work; the entries found in it, in name order.  An
+        error reading the directory (C{OSError}) ends the scan.
+        """
+        if self.done:
+            return []
+        try:
+            if self.names is None:
+                self._readNames()
+            if self.names is None:
+                return []
+            return self._check(self.names)
+        except BaseException:
+            self.close()
+            raise
+
+    def _readNames(self) -> None:
+        directory = self._dir
+        assert directory is not None
+        want = min(SCAN_NAMES, MAX_SCAN - self._read)
+        batch = [entry.name for entry in itertools.islice(directory, want)]
+        self._read += len(batch)
+        if batch:
+            self._runs.append(sorted(batch))
+        if len(batch) == want and self._read < MAX_SCAN:
+            return  # more to read on the next step
+        if self._read >= MAX_SCAN and next(directory, None) is not None:
+            self.truncated = f"more than {MAX_SCAN} names in the directory"
+        self._closeDir()
+        self.names = heapq.merge(*self._runs)
+        self._runs = []
+
+    def _check(self, names: Iterator[str]) -> list[Entry]:
+        found: list[Entry] = []
+        if self.root.fd < 0:
+            # A reload closed the root these names are opened under.
+            self.truncated = "the server was reconfigured during the listing"
+            self.close()
+            return found
+        for checked, name in enumerate(names, 1):
+            entry = self._entry(name)
+            if entry is not None:
+                if self.found >= self.limit:
+                    self.truncated = f"more than {self.limit} entries"
+                    break
+                self.found += 1
+                found.append(entry)
+            if checked >= SCAN_ENTRIES:
+                return found
+        self.close()
+        return found
+
+    def _entry(self, name: str) -> Entry | None:
+        # Only names a client could request: UTF-8, no control characters,
+        # not hidden unless allowed.
+        try:
+            if self.root.parse(os.fsencode(name)) != (name,):
+                return None
+        except PathError:
+            return None
+        if name.startswith(_UPLOAD_PREFIX):
+            return None
+        try:
+            child = self.root.open((*self.parts, name), "any")
+        except PathError:
+            return None  # FIFOs, sockets, symlinks out of the root...
+        child.close()
+        return ("d" if child.is_dir else "f", name, child.stat)
+
+    def _closeDir(self) -> None:
+        directory, self._dir = self._dir, None
+        if directory is not None:
+            directory.close()
+
+    def close(self) -> None:
+        """Finished, or abandoned: release the directory."""
+        self.done = True
+        self._closeDir()
+        self._runs = []
+        self.names = None
+
+
 class FileState:
     """
     The file service's decisions and long-lived state: what may be served,
@@ -321,11 +460,7 @@ class FileState:
         self.use_sendfile = use_sendfile
         self.token = token
         self.sums: OrderedDict[tuple[int, int, int, int], str] = OrderedDict()
-        self.total_bucket = (
-            Bucket(settings.total_rate_limit, clock)
-            if settings.total_rate_limit
-            else None
-        )
+        self.total_bucket = _byte_bucket(settings.total_rate_limit, clock)
         self.served = 0
         self.bytes_sent = 0
         self.refused = 0
@@ -364,11 +499,7 @@ class FileState:
         if settings.writable and (settings.root != old.root or not old.writable):
             self.sweep()
         if settings.total_rate_limit != old.total_rate_limit:
-            self.total_bucket = (
-                Bucket(settings.total_rate_limit, self.clock)
-                if settings.total_rate_limit
-                else None
-            )
+            self.total_bucket = _byte_bucket(settings.total_rate_limit, self.clock)
 
     # --- reading --------------------------------------------------------
 
@@ -377,43 +508,14 @@ class FileState:
         return parts, self.root.open(parts, want)
 
     def pacer(self) -> Pacer | None:
-        rate = self.settings.rate_limit
-        own = Bucket(rate, self.clock) if rate else None
+        own = _byte_bucket(self.settings.rate_limit, self.clock)
         if own is None and self.total_bucket is None:
             return None
         return Pacer(own, self.total_bucket)
 
-    def listing(
-        self, parts: tuple[str, ...], opened: Opened
-    ) -> list[tuple[str, str, os.stat_result]]:
-        """(kind f or d, name, stat) for each servable entry, sorted by name."""
-        try:
-            # Bounded: a directory of millions of names costs no more than
-            # reading MAX_SCAN of them.
-            with os.scandir(opened.fd) as entries_:
-                names = sorted(itertools.islice((e.name for e in entries_), MAX_SCAN))
-        finally:
-            opened.close()
-        entries: list[tuple[str, str, os.stat_result]] = []
-        for name in names:
-            if len(entries) >= MAX_LISTING:
-                break
-            # Only names a client could request: UTF-8, no control
-            # characters, not hidden unless allowed.
-            try:
-                if self.root.parse(os.fsencode(name)) != (name,):
-                    continue
-            except PathError:
-                continue
-            if name.startswith(_UPLOAD_PREFIX):
-                continue
-            try:
-                child = self.root.open((*parts, name), "any")
-            except PathError:
-                continue  # FIFOs, sockets, symlinks out of the root...
-            child.close()
-            entries.append(("d" if child.is_dir else "f", name, child.stat))
-        return entries
+    def scan(self, parts: tuple[str, ...], opened: Opened) -> DirectoryScan:
+        """Begin listing the directory C{opened} (the path C{parts})."""
+        return DirectoryScan(self.root, parts, opened, self.settings.max_list_entries)
 
     def checksum(self, opened: Opened) -> Deferred[str]:
         """SHA-256 of an open file, remembered by inode, size and mtime."""
@@ -616,6 +718,165 @@ def _write_code(error: OSError) -> int:
     return 500
 
 
+class _ListFormat:
+    """A framed C{LIST} answer: C{OK}, C{<f|d> <size> <mtime> <name>} lines, C{.}."""
+
+    head = b"OK\r\n"
+
+    def lines(self, entries: list[Entry]) -> bytes:
+        return b"".join(
+            b"%s %d %d %s\r\n"
+            % (
+                kind.encode(),
+                info.st_size,
+                int(info.st_mtime),
+                percent_encode(name.encode("utf-8")),
+            )
+            for kind, name, info in entries
+        )
+
+    def end(self, truncated: str) -> bytes:
+        marker = _line(f"truncated {truncated}") if truncated else b""
+        return marker + b".\r\n"
+
+
+class _MenuFormat:
+    """A Gopher menu (RFC 1436 type 1) of a directory."""
+
+    head = b""
+
+    def __init__(self, parts: tuple[str, ...], host: object, port: object) -> None:
+        self.parts = parts
+        self.where = f"\t{host}\t{port}"
+
+    def lines(self, entries: list[Entry]) -> bytes:
+        out = []
+        for kind, name, _info in entries:
+            if kind == "d":
+                kind = "1"
+            else:
+                kind = (
+                    "0" if os.path.splitext(name)[1].lower() in TEXT_SUFFIXES else "9"
+                )
+            selector = "/" + "/".join((*self.parts, name))
+            out.append(f"{kind}{name}\t{selector}{self.where}\r\n")
+        return "".join(out).encode("utf-8")
+
+    def end(self, truncated: str) -> bytes:
+        # An informational line (type i), as Gopher servers write them.
+        marker = f"itruncated: {truncated}\t{self.where}\r\n" if truncated else ""
+        return marker.encode("utf-8") + b".\r\n"
+
+
+@implementer(IPushProducer)
+class ListSender:
+    """
+    Writes a listing (L{DirectoryScan}) as the transport's push producer:
+    one slice per reactor turn while the transport has room, nothing while
+    it is paused (a client that does not read), then the end line.  Like
+    the file senders: L{start} gives a L{Deferred} of the bytes written,
+    and the scan is released whatever happens.
+    """
+
+    def __init__(
+        self,
+        scan: DirectoryScan,
+        form: _ListFormat | _MenuFormat,
+        clock: IReactorTime,
+        write: Callable[[bytes], None],
+        progress: Callable[[], None],
+    ) -> None:
+        self.scan = scan
+        self.form = form
+        self.clock = clock
+        self.write = write
+        self.progress = progress
+        self.transport: Any = None
+        self.deferred: Deferred[int] = Deferred()
+        self.sent = 0
+        self.done = False
+        self.paused = False
+        self._begun = False
+        self._call: IDelayedCall | None = None
+
+    def start(self, transport: Any) -> Deferred[int]:
+        """Register with C{transport}; the first slice goes on the next turn."""
+        self.transport = transport
+        transport.registerProducer(self, True)
+        if not self.done:
+            self._call = self.clock.callLater(0, self._step)
+        return self.deferred
+
+    def _step(self) -> None:
+        self._call = None
+        if self.done or self.paused:
+            return
+        transport = self.transport
+        if getattr(transport, "disconnecting", False) or getattr(
+            transport, "disconnected", False
+        ):
+            self._finish(TransferError("connection closing", self.sent))
+            return
+        try:
+            entries = self.scan.step()
+        except OSError as e:
+            reason = f"internal error: {e.strerror}"
+            # Nothing written yet: the client can still get an ERR line.
+            self._finish(
+                TransferError(reason, self.sent)
+                if self._begun
+                else PathError(500, reason)
+            )
+            return
+        data = b""
+        if not self._begun and (self.scan.names is not None or self.scan.done):
+            data = self.form.head  # once every name is read: no more ERR
+            self._begun = True
+        data += self.form.lines(entries)
+        if self.scan.done:
+            data += self.form.end(self.scan.truncated)
+        if data:
+            self.sent += len(data)
+            self.write(data)  # may pause us: the transport's buffer is full
+            self.progress()
+        if self.scan.done:
+            self._finish(None)
+        elif not self.paused and not self.done:
+            self._call = self.clock.callLater(0, self._step)
+
+    def _finish(self, error: Exception | None, unregister: bool = True) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self.scan.close()
+        if unregister:
+            release(self.transport, self)
+        if error is None:
+            self.deferred.callback(self.sent)
+        else:
+            self.deferred.errback(error)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def resumeProducing(self) -> None:
+        """The transport has room again: the next slice, now."""
+        self.paused = False
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._step()
+
+    def stopProducing(self) -> None:
+        """The connection is gone."""
+        self._finish(TransferError("connection lost", self.sent), unregister=False)
+
+
 class FileProtocol(GuardedProtocol):
     """One connection: a bare request, or framed requests one after another."""
 
@@ -788,7 +1049,11 @@ class FileProtocol(GuardedProtocol):
         try:
             parts, opened = state.open(selector)
             if opened.is_dir:
-                self.close(self._menu(parts, opened))
+                host = self.transport.getHost()  # type: ignore[union-attr]
+                form = _MenuFormat(
+                    parts, getattr(host, "host", "localhost"), getattr(host, "port", 0)
+                )
+                self._listing(parts, opened, form, self.close, b"", selector)
                 return
         except PathError as e:
             self._error(e.code, e.reason, b"", selector, close=True)
@@ -798,23 +1063,6 @@ class FileProtocol(GuardedProtocol):
             return
         self._log("bare", selector, opened.stat.st_size)
         self._send(opened, 0, opened.stat.st_size, self.close)
-
-    def _menu(self, parts: tuple[str, ...], opened: Opened) -> bytes:
-        """A Gopher menu (RFC 1436 type 1) of a directory."""
-        host = self.transport.getHost()  # type: ignore[union-attr]
-        where = f"\t{getattr(host, 'host', 'localhost')}\t{getattr(host, 'port', 0)}"
-        lines = []
-        for kind, name, _info in self.factory.state.listing(parts, opened):
-            if kind == "d":
-                kind = "1"
-            else:
-                kind = (
-                    "0" if os.path.splitext(name)[1].lower() in TEXT_SUFFIXES else "9"
-                )
-            selector = "/" + "/".join((*parts, name))
-            lines.append(f"{kind}{name}\t{selector}{where}\r\n")
-        lines.append(".\r\n")
-        return "".join(lines).encode("utf-8")
 
     def _get(self, args: list[bytes]) -> None:
         if not 1 <= len(args) <= 3:
@@ -876,15 +1124,26 @@ class FileProtocol(GuardedProtocol):
             raise PathError(400, "usage: LIST [<dir>]")
         path = percent_decode(args[0]) if args else b""
         parts, opened = self.factory.state.open(path, "dir")
-        out = [b"OK\r\n"]
-        for kind, name, info in self.factory.state.listing(parts, opened):
-            encoded = percent_encode(name.encode("utf-8"))
-            out.append(
-                b"%s %d %d %s\r\n"
-                % (kind.encode(), info.st_size, int(info.st_mtime), encoded)
-            )
-        out.append(b".\r\n")
-        self._write(b"".join(out))
+        self._listing(parts, opened, _ListFormat(), self._next, b"LIST", path)
+
+    def _listing(
+        self,
+        parts: tuple[str, ...],
+        opened: Opened,
+        form: _ListFormat | _MenuFormat,
+        then: Callable[[], None],
+        command: bytes,
+        path: bytes,
+    ) -> None:
+        """Send a listing of C{opened}, a slice per turn; then C{then}."""
+        state = self.factory.state
+        scan = state.scan(parts, opened)
+
+        def begin() -> tuple[ListSender, Deferred[int]]:
+            sender = ListSender(scan, form, state.clock, self._write, self.touch)
+            return sender, sender.start(self.transport)
+
+        self._stream(begin, then, command, path)
 
     def _help(self, args: list[bytes]) -> None:
         body = b"".join(line + b"\r\n" for line in HELP.splitlines())
@@ -974,27 +1233,48 @@ class FileProtocol(GuardedProtocol):
         self, opened: Opened, offset: int, count: int, then: Callable[[], None]
     ) -> None:
         state = self.factory.state
+
+        def begin() -> tuple[Any, Deferred[int]]:
+            sender, result = send_file(
+                self.transport,
+                opened.fd,
+                offset,
+                count,
+                state.clock,
+                state.pacer(),
+                self._progress,
+                state.use_sendfile,
+            )
+            return sender, result.addCallback(self._served)
+
+        self._stream(begin, then, b"GET", b"")
+
+    def _served(self, count: int) -> int:
+        self.factory.state.served += 1
+        return count
+
+    def _stream(
+        self,
+        begin: Callable[[], tuple[Any, Deferred[int]]],
+        then: Callable[[], None],
+        command: bytes,
+        path: bytes,
+    ) -> None:
+        """
+        Hand the transport to a producer (a file body, a listing) until it
+        is done, then call C{then}; requests that follow wait till then.
+        """
         transport = self.transport
         self._setBusy(True)
         # The transport is registered as its own producer (backpressure on
-        # reading); the file sender takes that place during the transfer.
+        # reading); the sender takes that place meanwhile.
         if getattr(transport, "producer", None) is not None:
             transport.unregisterProducer()  # type: ignore[union-attr]
-        sender, result = send_file(
-            transport,
-            opened.fd,
-            offset,
-            count,
-            state.clock,
-            state.pacer(),
-            self._progress,
-            state.use_sendfile,
-        )
+        sender, result = begin()
         self._sender = sender
 
         def sent(count: int) -> None:
             self._sender = None
-            state.served += 1
             if not self._lost:
                 self._setBusy(False)
                 then()
@@ -1002,6 +1282,11 @@ class FileProtocol(GuardedProtocol):
         def failed(failure: Failure) -> None:
             self._sender = None
             error = failure.value
+            if isinstance(error, PathError):
+                # Failed before writing anything: the client hears why.
+                if not self._lost:
+                    self._error(error.code, error.reason, command, path, close=True)
+                return
             if not isinstance(error, TransferError):
                 log.failure("file: transfer failed", failure)
             elif not self._lost:

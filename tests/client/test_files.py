@@ -124,6 +124,8 @@ class Handler(socketserver.StreamRequestHandler):
                 self.answer("OK")
                 for kind, size, name in srv.listings.get(path) or srv.entries(path):
                     self.answer(f"{kind} {size} {srv.mtime} {quote(name)}")
+                if srv.truncated:
+                    self.answer(f"truncated {srv.truncated}")
                 self.answer(".")
             elif verb == "PUT":
                 if not srv.writable:
@@ -167,6 +169,7 @@ class FakeServer(socketserver.ThreadingTCPServer):
         self.mtime = MTIME
         self.mtime_step = 0
         self.writable = False
+        self.truncated = ""
         self.discarded = 0
         self.handshake_failures = 0
 
@@ -716,6 +719,19 @@ def test_ls_long_subdirectory(serve: Any, capfd: Any) -> None:
         "f              8 2025-11-24 16:00 README.txt",
         "d           4096 2025-11-24 16:00 deep/",
     ]
+
+
+def test_ls_truncated(serve: Any, capfd: Any) -> None:
+    """The server's truncation line is no entry: the user is told on stderr."""
+    server = serve(FILES)
+    server.truncated = "more than 10000 entries"
+    status, out, err = sockd(capfd, "ls", server.address, "docs")
+    assert status == 0
+    assert out.splitlines() == ["README.txt", "deep/"]
+    assert err == (
+        "sockd ls: the server listed only part of the directory: "
+        "more than 10000 entries\n"
+    )
 
 
 def test_ls_missing_directory(serve: Any, capfd: Any) -> None:

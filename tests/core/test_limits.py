@@ -159,6 +159,29 @@ class TokenBucketTests(SynchronousTestCase):
         clock.advance(100)
         self.assertEqual(sum(bucket.take() for _ in range(10)), 4)
 
+    def test_pay_in_advance(self) -> None:
+        """A pacer's use: spend into debt, wait it out, refund what was unused."""
+        clock = Clock()
+        bucket = TokenBucket(1000, 1000, clock)
+        self.assertEqual(bucket.available(), 1000)
+        self.assertEqual(bucket.delay(1000), 0)
+        bucket.spend(1500)
+        self.assertEqual(bucket.available(), -500)
+        self.assertAlmostEqual(bucket.delay(), 0.5)
+        self.assertAlmostEqual(bucket.delay(500), 1.0)
+        self.assertFalse(bucket.take(1))  # a debtor's bucket allows nothing
+        clock.advance(0.5)
+        self.assertAlmostEqual(bucket.available(), 0)
+        bucket.refund(5000)
+        self.assertEqual(bucket.available(), 1000)  # never beyond the burst
+        clock.advance(10)
+        self.assertEqual(bucket.available(), 1000)
+
+    def test_zero_rate_never_refills(self) -> None:
+        bucket = TokenBucket(0, 1, Clock())
+        self.assertTrue(bucket.take())
+        self.assertEqual(bucket.delay(1), float("inf"))
+
 
 class RateLimiterTests(SynchronousTestCase):
     def test_sources_bounded(self) -> None:

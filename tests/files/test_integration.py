@@ -361,3 +361,53 @@ def test_sigterm_removes_a_stalled_upload_and_start_sweeps(tmp_path: Path) -> No
         assert os.listdir(root / "sub") == []
     finally:
         daemon.stop()
+
+
+def test_pipelined_listings_do_not_stall_echo(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """
+    A client pipelines LISTs of a 20,000-entry directory and stops reading:
+    the same daemon's echo still answers at once (listings are produced a
+    slice per turn, and not at all while the client's buffer is full).
+    """
+    root = tmp_path_factory.mktemp("crowded")
+    crowded = root / "crowded"
+    crowded.mkdir()
+    (crowded / "entry").touch()
+    for i in range(20_000):  # links: ten times faster to make than files
+        os.link(crowded / "entry", crowded / f"entry-{i:05d}")
+    with (
+        running(
+            "sockd",
+            f"""
+            [echo]
+            enabled = true
+            listen = tcp:0:interface=127.0.0.1
+            listen_udp =
+            [chat]
+            enabled = false
+            [file]
+            enabled = true
+            listen = tcp:0:interface=127.0.0.1
+            root = {root}
+            """,
+        ) as d,
+        socket.create_connection(("127.0.0.1", d.port("file")), 10) as lister,
+        socket.create_connection(("127.0.0.1", d.port("echo")), 10) as echo,
+    ):
+        lister.sendall(b"LIST crowded\n" * 20)
+        # The first answer has begun: the daemon is busy with the listings.
+        head = b""
+        while not head.startswith(b"OK\r\n"):
+            head += lister.recv(4)
+        slowest = 0.0
+        for i in range(5):
+            started = time.monotonic()
+            echo.sendall(b"ping %d\n" % i)
+            answer = b""
+            while not answer.endswith(b"\n"):
+                answer += echo.recv(64)
+            slowest = max(slowest, time.monotonic() - started)
+            assert answer == b"PING %d\n" % i
+        assert slowest < 1.0  # seconds on the old code, which listed in one turn

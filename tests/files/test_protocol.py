@@ -167,6 +167,7 @@ class BareTests(Base):
     def test_menu(self) -> None:
         protocol, transport = self.connect()
         protocol.dataReceived(b"\r\n")
+        self.clock.advance(0)  # a listing starts on the next turn
         self.assertFalse(transport.connected)
         lines = transport.value().split(b"\r\n")
         self.assertEqual(lines[-2:], [b".", b""])
@@ -357,6 +358,7 @@ class FramedTests(Base):
     def test_list(self) -> None:
         protocol, transport = self.connect()
         protocol.dataReceived(b"LIST\n")
+        self.clock.advance(0)
         lines = transport.value().split(b"\r\n")
         mtime = int((self.root / "notes.txt").stat().st_mtime)
         self.assertEqual(lines[0], b"OK")
@@ -369,6 +371,7 @@ class FramedTests(Base):
         self.assertTrue(lines[2].startswith(b"d "))
         transport.clear()
         protocol.dataReceived(b"LIST docs\n")
+        self.clock.advance(0)
         self.assertEqual(transport.value().count(b"README.txt"), 1)
 
     def test_help_and_quit(self) -> None:
@@ -535,6 +538,266 @@ class LimitTests(Base):
         self.assertGreater(self.clock.seconds(), 2.9)
 
 
+def turn(clock: Clock) -> None:
+    """One reactor iteration: the calls due now, not those they schedule."""
+    now = clock.seconds()
+    for call in [c for c in clock.getDelayedCalls() if c.getTime() <= now]:
+        if call.active():
+            clock.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+
+
+MANY = 3000  # entries in the directory "many": listed over many turns
+
+
+class ListingTests(Base):
+    """
+    Listings of a big directory are produced a slice per reactor turn, stop
+    while the transport is paused, are capped with a marker, and release
+    the directory when the connection goes.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        many = self.root / "many"
+        many.mkdir()
+        for i in range(MANY):
+            (many / f"n{i:05d}.txt").write_bytes(b"x" * (i % 7))
+        for i in range(50):
+            (many / f".hidden{i}").write_bytes(b"")  # read, never listed
+        os.mkfifo(many / "z-fifo")
+
+    def expected_list(self, limit: int = MANY) -> bytes:
+        many = self.root / "many"
+        lines = [b"OK\r\n"]
+        for i in range(min(limit, MANY)):
+            info = (many / f"n{i:05d}.txt").stat()
+            lines.append(b"f %d %d n%05d.txt\r\n" % (i % 7, int(info.st_mtime), i))
+        if limit < MANY:
+            lines.append(b"truncated more than %d entries\r\n" % limit)
+        return b"".join(lines) + b".\r\n"
+
+    def turns(self, transport: Any, most: int = 1000) -> list[int]:
+        """Run turns until the listing is done; the bytes written in each."""
+        written = []
+        for _ in range(most):
+            if transport.producer is transport or not transport.connected:
+                return written
+            before = len(transport.value())
+            turn(self.clock)
+            written.append(len(transport.value()) - before)
+        raise AssertionError("the listing did not finish")
+
+    def test_sliced_over_turns(self) -> None:
+        """3000 entries: many turns, each bounded; the same bytes as ever."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"LIST many\n")
+        self.assertEqual(transport.value(), b"")  # not in the request's turn
+        written = self.turns(transport)
+        self.assertEqual(transport.value(), self.expected_list())
+        self.assertGreaterEqual(len(written), MANY // files.SCAN_ENTRIES)
+        # A turn checks at most SCAN_ENTRIES names: that many lines at most.
+        longest = max(len(line) + 2 for line in transport.value().split(b"\r\n"))
+        self.assertLessEqual(max(written), files.SCAN_ENTRIES * longest)
+
+    def test_paused_transport_gets_nothing(self) -> None:
+        """A client that does not read: no entries, no timer, until resumed."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"LIST many\n")
+        for _ in range(5):
+            turn(self.clock)
+        sender = transport.producer
+        self.assertIsInstance(sender, files.ListSender)
+        sender.pauseProducing()  # as a transport whose buffer is full does
+        so_far = transport.value()
+        self.assertGreater(len(so_far), 0)
+        for _ in range(50):
+            turn(self.clock)
+            self.clock.advance(1)
+        self.assertEqual(transport.value(), so_far)
+        self.assertEqual(
+            [c for c in self.clock.getDelayedCalls() if c.getTime() < 60], []
+        )  # only the idle timer: nothing polls
+        sender.resumeProducing()
+        self.turns(transport)
+        self.assertEqual(transport.value(), self.expected_list())
+
+    def test_truncated_at_the_cap(self) -> None:
+        factory = self.make(max_list_entries="100")
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(b"LIST many\n")
+        self.turns(transport)
+        self.assertEqual(transport.value(), self.expected_list(100))
+        # Exactly at the cap is complete: no marker.
+        protocol, transport = self.connect(self.make(max_list_entries="1"))
+        protocol.dataReceived(b"LIST docs\n")
+        self.turns(transport)
+        self.assertNotIn(b"truncated", transport.value())
+        self.assertTrue(transport.value().endswith(b" README.txt\r\n.\r\n"))
+
+    def test_cap_setting_checked(self) -> None:
+        for bad in ("0", "100001", "lots"):
+            with self.assertRaises(config.ConfigError) as caught:
+                settings(file={"max_list_entries": bad})
+            self.assertIn(
+                f"[file] max_list_entries = {bad!r}: expected a whole number "
+                "from 1 to 100000",
+                str(caught.exception),
+            )
+        self.assertEqual(settings().file.max_list_entries, files.MAX_LISTING)
+
+    def test_menu_sliced_and_truncated(self) -> None:
+        """A Gopher menu the same way, with an informational marker line."""
+        protocol, transport = self.connect(self.make(max_list_entries="2000"))
+        protocol.dataReceived(b"/many\r\n")
+        written = self.turns(transport)
+        self.assertGreater(len(written), 10)
+        lines = transport.value().split(b"\r\n")
+        self.assertEqual(len(lines), 2000 + 3)
+        self.assertEqual(lines[0], b"0n00000.txt\t/many/n00000.txt\t127.0.0.1\t9000")
+        self.assertEqual(
+            lines[-3:],
+            [b"itruncated: more than 2000 entries\t\t127.0.0.1\t9000", b".", b""],
+        )
+        self.assertFalse(transport.connected)
+
+    def test_names_read_at_most(self) -> None:
+        """Past MAX_SCAN names the rest is not read, and the listing says so."""
+        self.patch(files, "MAX_SCAN", 1000)
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"LIST many\n")
+        self.turns(transport)
+        lines = transport.value().split(b"\r\n")
+        self.assertLess(len(lines), 1000)
+        self.assertEqual(
+            lines[-3:], [b"truncated more than 1000 names in the directory", b".", b""]
+        )
+
+    def test_pipelined_in_order(self) -> None:
+        """Pipelined LISTs: one after another, each whole, as if alone."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"LIST many\nLIST docs\nLIST many\nSTAT docs\n")
+        written = self.turns(transport)
+        docs = b"OK\r\nf 7 %d README.txt\r\n.\r\n" % int(
+            (self.root / "docs" / "README.txt").stat().st_mtime
+        )
+        stat_ = b"OK type=dir size=%d mtime=%d\r\n" % (
+            (self.root / "docs").stat().st_size,
+            int((self.root / "docs").stat().st_mtime),
+        )
+        whole = self.expected_list()
+        self.assertEqual(transport.value(), whole + docs + whole + stat_)
+        longest = max(len(line) + 2 for line in whole.split(b"\r\n"))
+        self.assertLessEqual(max(written), files.SCAN_ENTRIES * longest + len(docs))
+
+    def test_small_pipelined_one_per_turn(self) -> None:
+        """Many small LISTs at once: answered one per turn, not all at once."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"LIST docs\n" * 50)
+        for done in range(1, 6):
+            turn(self.clock)
+            self.assertEqual(transport.value().count(b"\r\n.\r\n"), done)
+        self.turns(transport)
+        self.assertEqual(transport.value().count(b"\r\n.\r\n"), 50)
+
+    def test_lost_mid_listing_releases_everything(self) -> None:
+        before = len(os.listdir("/proc/self/fd"))
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"LIST many\n")
+        turn(self.clock)  # reading names: the directory is open
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before + 1)
+        transport.loseConnection()
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertIsNone(protocol._sender)
+
+    def test_read_error_mid_scan(self) -> None:
+        """The directory fails while its names are read: ERR 500, closed."""
+        real = os.scandir
+        closed: list[bool] = []
+
+        class Failing:
+            def __init__(self, fd: int) -> None:
+                self.entries = real(fd)
+
+            def __iter__(self) -> Failing:
+                return self
+
+            def __next__(self) -> os.DirEntry[str]:
+                if len(closed) == 0 and self.entries:
+                    closed.append(False)
+                    return next(self.entries)
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+            def close(self) -> None:
+                self.entries.close()
+                closed.append(True)
+
+        self.patch(files.os, "scandir", Failing)
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"LIST many\nSTAT docs\n")
+        self.turns(transport)
+        self.assertEqual(
+            transport.value(), b"ERR 500 internal error: Input/output error\r\n"
+        )
+        self.assertFalse(transport.connected)
+        self.assertEqual(closed[-1], True)
+
+    def test_reload_mid_listing(self) -> None:
+        """A new root while listing under the old: cut short, and said so."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"LIST many\n")
+        for _ in range(3):
+            turn(self.clock)
+        second = self.base / "second"
+        second.mkdir()
+        new = settings(file={"root": str(second), "enabled": "true"})
+        self.factory.reconfigure(new)
+        self.addCleanup(self.factory.state.root.close)
+        self.turns(transport)
+        self.assertTrue(
+            transport.value().endswith(
+                b"\r\ntruncated the server was reconfigured during the listing\r\n.\r\n"
+            )
+        )
+
+
+class TotalRateTests(Base):
+    def test_total_rate_limit_shared(self) -> None:
+        """
+        Two downloads under one total cap: together no faster than the
+        cap (plus its one-second burst), both moving, a few large writes.
+        """
+        factory = self.make(total_rate_limit="256K")
+        rate = 256 * 1024
+        writes: list[tuple[float, int]] = []
+        transports = []
+        for port in (40001, 40002):
+            protocol, transport = self.connect(factory, port=port)
+            write = transport.write
+
+            def record(data: bytes, write: Any = write) -> None:
+                writes.append((self.clock.seconds(), len(data)))
+                write(data)
+
+            transport.write = record  # type: ignore[method-assign]
+            protocol.dataReceived(b"big.bin\n")
+            transports.append(transport)
+        step = 1 / 128  # exact in binary: times do not drift
+        for _ in range(int(10 / step)):
+            self.clock.advance(step)
+            sent = sum(n for when, n in writes)
+            self.assertLessEqual(sent, rate * self.clock.seconds() + rate)
+            if self.clock.seconds() >= 1 and sent < len(BODY):
+                # Both move: the first does not have it all to itself.
+                self.assertGreater(min(len(t.value()) for t in transports), 0)
+        self.assertTrue(all(t.value() == BODY for t in transports))
+        self.assertGreater(self.clock.seconds(), 2 * len(BODY) / rate - 1)
+        self.assertFalse(any(t.connected for t in transports))
+        self.assertLessEqual(len(writes), 2 * len(BODY) // (64 * 1024) + 2)
+
+
 class LifecycleTests(Base):
     def test_drain_finishes_transfer(self) -> None:
         """Stopping lets a transfer in flight end, then closes."""
@@ -654,6 +917,7 @@ class UploadTests(Base):
     def test_put_empty_and_subdir(self) -> None:
         protocol, transport = self.connect()
         protocol.dataReceived(b"PUT docs/e%20mpty 0\nLIST docs\n")
+        self.clock.advance(0)
         self.assertIn(b"OK stored 0 sha256=", transport.value())
         self.assertIn(b" e%20mpty\r\n", transport.value())
         self.assertEqual((self.root / "docs" / "e mpty").read_bytes(), b"")
@@ -862,6 +1126,7 @@ class UploadTests(Base):
         (temp,) = self.leftovers()
         protocol, transport = self.connect(factory)
         protocol.dataReceived(b"GET %s\nLIST\n" % temp.encode())
+        self.clock.advance(0)
         self.assertTrue(transport.value().startswith(b"ERR 404 not found\r\nOK\r\n"))
         self.assertNotIn(b"sockd-upload", transport.value())
 
@@ -926,6 +1191,7 @@ class LinkPolicyTests(Base):
     def test_listing_leaves_them_out(self) -> None:
         protocol, transport = self.connect()
         protocol.dataReceived(b"LIST\n")
+        self.clock.advance(0)  # listings are produced from the next turn on
         names = [line.split(b" ")[-1] for line in transport.value().split(b"\r\n")]
         self.assertIn(b"plain_link", names)
         for name in (b"vis.txt", b"gitlink", b"pub"):
@@ -947,6 +1213,7 @@ class LinkPolicyTests(Base):
             os.symlink(".", self.root / "here")
             protocol, transport = self.connect(factory)
             protocol.dataReceived(b"GET peek\nSTAT here/peek\nLIST\n")
+            self.clock.advance(0)
             value = transport.value()
             self.assertTrue(
                 value.startswith(b"ERR 404 not found\r\nERR 404 not found\r\nOK\r\n"),
@@ -982,6 +1249,7 @@ class LinkPolicyTests(Base):
         refuse = self.make(hardlinks="refuse", bare_errors="line")
         protocol, transport = self.connect(refuse)
         protocol.dataReceived(b"GET twin.txt\nSTAT notes.txt\nSUM plain_link\nLIST\n")
+        self.clock.advance(0)
         lines = transport.value().split(b"\r\n")
         refused = b"ERR 403 a file with more than one hard link is not served"
         self.assertEqual(lines[:3], [refused] * 3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 import sockd.files.sendfile as sendfile
+from sockd.core.limits import TokenBucket
 from sockd.files.sendfile import (
-    Bucket,
     ChunkProducer,
     Pacer,
     SendfileProducer,
@@ -66,6 +67,11 @@ def self_signed_pem() -> str:
         serialization.NoEncryption(),
     )
     return (key_pem + cert.public_bytes(serialization.Encoding.PEM)).decode()
+
+
+def cap(rate: int, clock: Any) -> TokenBucket:
+    """A byte-rate cap as the file service makes one: one second's burst."""
+    return TokenBucket(rate, rate, clock)
 
 
 def open_fds() -> int:
@@ -392,7 +398,7 @@ class MemoryTests(SynchronousTestCase):
         producer, result = send_file(transport, fd, 0, 1024 * 1024, Clock())
         self.assertIsInstance(producer, ChunkProducer)
         self.assertIs(transport.producer, producer)
-        self.assertFalse(transport.streaming)
+        self.assertTrue(transport.streaming)  # paused by the transport, not polled
         self.pump(transport)
         self.assertEqual(self.successResultOf(result), 1024 * 1024)
         self.assertEqual(transport.value(), self.path.read_bytes())
@@ -420,11 +426,11 @@ class MemoryTests(SynchronousTestCase):
         self.assertEqual(len(transport.value()), sendfile.CHUNK)
 
     def test_rate_limited(self) -> None:
-        """256 KiB/s per connection: 1 MiB takes about four seconds."""
+        """256 KiB/s per connection: 1 MiB takes three seconds after the burst."""
         clock = Clock()
         transport = StringTransport()
         fd = os.open(self.path, os.O_RDONLY)
-        pacer = Pacer(Bucket(256 * 1024, clock))
+        pacer = Pacer(cap(256 * 1024, clock))
         producer, result = send_file(transport, fd, 0, 1024 * 1024, clock, pacer)
         self.pump(transport)
         sent_at_start = len(transport.value())
@@ -440,7 +446,7 @@ class MemoryTests(SynchronousTestCase):
     def test_total_bucket_shared(self) -> None:
         """Two transfers under one total cap share it."""
         clock = Clock()
-        total = Bucket(256 * 1024, clock)
+        total = cap(256 * 1024, clock)
         transports = [StringTransport(), StringTransport()]
         for transport in transports:
             fd = os.open(self.path, os.O_RDONLY)
@@ -452,27 +458,324 @@ class MemoryTests(SynchronousTestCase):
             self.pump(transport)
         self.assertEqual(sum(len(t.value()) for t in transports), 512 * 1024)
 
-    def test_bucket(self) -> None:
-        clock = Clock()
-        bucket = Bucket(1000, clock)
-        self.assertEqual(bucket.available(), 1000)
-        bucket.spend(1000)
-        self.assertEqual(bucket.available(), 0)
-        self.assertAlmostEqual(bucket.wait(500), 0.5)
-        clock.advance(10)
-        self.assertEqual(bucket.available(), 1000)  # at most one second saved
-
 
 @pytest_twisted.ensureDeferred
 async def test_sendfile_paced(tmp_path: Path) -> None:
-    """A 512 KiB/s cap on sendfile: 1 MiB takes about a second."""
+    """
+    A 512 KiB/s cap on sendfile: 1 MiB takes about a second, in a few
+    large sends (a burst, then a second's worth), not one per refill.
+    """
     size = 2 * 512 * 1024
     path = make_file(tmp_path, size)
-    server = Server(path)
-    server.pacer = Pacer(Bucket(512 * 1024, reactor))
+    sends: list[int] = []
+    server = Server(path, progress=lambda s, n: sends.append(n) if n else None)
+    server.pacer = Pacer(cap(512 * 1024, reactor))
     started = reactor.seconds()
     data, result, _ = await exchange(server)
     assert isinstance(server.producer, SendfileProducer)
     assert result == size
     assert split_header(data)[1] == path.read_bytes()
     assert reactor.seconds() - started >= 0.9
+    # Two quanta; a full socket buffer may split each into a few calls.
+    assert len(sends) < 50, sends
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_paced_is_not_polled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Under TLS a paced transfer sleeps on its timer: the producer is asked
+    for more only when the connection has room (a pull producer there is
+    polled in a loop by Twisted's TLS wrapper, burning a core).
+    """
+    asked: list[None] = []
+
+    class Counting(ChunkProducer):
+        def resumeProducing(self) -> None:
+            asked.append(None)
+            super().resumeProducing()
+
+    monkeypatch.setattr(sendfile, "ChunkProducer", Counting)
+    size = 768 * 1024
+    path = make_file(tmp_path, size)
+    certificate = ssl.PrivateCertificate.loadPEM(self_signed_pem())
+    server = Server(path)
+    server.pacer = Pacer(cap(512 * 1024, reactor))
+    factory = Factory.forProtocol(lambda: server)
+    port = reactor.listenSSL(0, factory, certificate.options(), interface="127.0.0.1")
+    started = reactor.seconds()
+    try:
+        client = Client()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        tls = wrapClientTLS(ssl.CertificateOptions(verify=False), endpoint)
+        await timed(connectProtocol(tls, client))
+        data = await timed(client.lost)
+        result = await timed(server.done)
+        await timed(server.closed)
+    finally:
+        await port.stopListening()
+    assert isinstance(server.producer, Counting)
+    assert result == size
+    assert split_header(data)[1] == path.read_bytes()
+    assert reactor.seconds() - started >= 0.45  # 256 KiB after the burst
+    assert len(asked) < 50
+
+
+class SocketTransport:
+    """
+    Just enough of a TCP transport for L{SendfileProducer}, over one end of
+    a socket pair: the test plays the reactor, calling L{doWrite} while the
+    producer has asked for it (C{startWriting}).
+    """
+
+    disconnected = False
+    disconnecting = False
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.dataBuffer = b""
+        self.offset = 0
+        self._tempDataLen = 0
+        self.producer: Any = None
+        self.writing = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def startWriting(self) -> None:
+        self.writing = True
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert not streaming
+        self.producer = producer
+        producer.resumeProducing()  # as a TCP transport does for a pull producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def doWrite(self) -> None:
+        """The socket is writable and our buffer empty: ask for more."""
+        self.writing = False
+        if self.producer is not None:
+            self.producer.resumeProducing()
+
+
+class PausingTransport(StringTransport):
+    """Pauses a push producer once more than 64 KiB is queued, as TCP does."""
+
+    queued = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.queued += len(data)
+        if self.streaming and self.queued > 64 * 1024:
+            self.producerState = "paused"
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        """The queue went out: resume the producer."""
+        self.queued = 0
+        if self.producer is not None and self.producerState == "paused":
+            self.producerState = "producing"
+            self.producer.resumeProducing()
+
+
+class PacingTests(SynchronousTestCase):
+    """
+    Throttled transfers in memory, on a clock advanced in 10 ms steps:
+    they send in quanta (not a crumb per refill), hold to the rate, do
+    not delay the tail, and share a total cap fairly.
+    """
+
+    RATE = 128 * 1024
+    STEP = 1 / 128  # exact in binary: times do not drift
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir()
+        self.path = self.dir / "f.bin"
+        self.size = 1024 * 1024 + 1000  # eight quanta and a tail
+        self.path.write_bytes(pattern(self.size))
+        #: (clock time, bytes) for each send, per transfer
+        self.sends: list[list[tuple[float, int]]] = []
+
+    def progress(self, index: int) -> Callable[[int], None]:
+        def record(count: int) -> None:
+            if count:
+                self.sends[index].append((self.clock.seconds(), count))
+
+        return record
+
+    def sendfile(self, pacer: Pacer) -> tuple[Deferred[int], Callable[[], bytes]]:
+        """A sendfile transfer to a socket pair; returns its result and a reader."""
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        transport = SocketTransport(ours)
+        self.transports.append(transport)
+        self.sends.append([])
+        received: list[bytes] = []
+
+        def read() -> bytes:
+            while True:
+                try:
+                    data = theirs.recv(1024 * 1024)
+                except BlockingIOError:
+                    return b"".join(received)
+                received.append(data)
+
+        self.readers.append(read)
+        fd = os.open(self.path, os.O_RDONLY)
+        producer = SendfileProducer(
+            fd, 0, self.size, self.clock, pacer, self.progress(len(self.sends) - 1)
+        )
+        return producer.start(transport), read
+
+    transports: list[SocketTransport]
+    readers: list[Callable[[], bytes]]
+
+    def run_until(self, until: float) -> None:
+        """Play the reactor: writes the producers asked for, reads, time."""
+        while self.clock.seconds() < until - 1e-9:
+            for transport, read in zip(self.transports, self.readers, strict=True):
+                for _ in range(1000):
+                    read()
+                    if not transport.writing:
+                        break
+                    transport.doWrite()
+                # Waiting on a timer, never on a call due at once (a spin).
+                now = self.clock.seconds()
+                self.assertTrue(
+                    all(c.getTime() > now for c in self.clock.getDelayedCalls())
+                )
+            self.clock.advance(self.STEP)
+
+    def per_instant(self, index: int) -> list[int]:
+        """Bytes sent at each clock instant (a full socket splits a send)."""
+        sums: dict[float, int] = {}
+        for when, count in self.sends[index]:
+            sums[when] = sums.get(when, 0) + count
+        return list(sums.values())
+
+    def test_sends_in_quanta(self) -> None:
+        """
+        128 KiB/s: a second's worth at a time, so nine sends for eight
+        quanta and the tail, not one per 10 ms of refill.
+        """
+        self.transports, self.readers = [], []
+        result, read = self.sendfile(Pacer(cap(self.RATE, self.clock)))
+        self.run_until(10)
+        self.assertEqual(self.successResultOf(result), self.size)
+        self.assertEqual(read(), self.path.read_bytes())
+        sizes = self.per_instant(0)
+        self.assertEqual(sizes, [self.RATE] * 8 + [1000])
+        self.assertLess(len(self.sends[0]), 40)  # sendfile calls, all told
+
+    def test_rate_honoured_and_tail_not_delayed(self) -> None:
+        """Bytes by time t <= rate * t + burst; the 1000-byte tail waits
+        for its own 8 ms of refill, not for a whole quantum."""
+        self.transports, self.readers = [], []
+        result, _ = self.sendfile(Pacer(cap(self.RATE, self.clock)))
+        sent = 0
+        for when, count in self.sends[0]:
+            self.assertLessEqual(sent + count, self.RATE * when + self.RATE)
+            sent += count
+        self.run_until(10)
+        self.successResultOf(result)
+        sent = 0
+        for when, count in self.sends[0]:
+            sent += count
+            self.assertLessEqual(sent, self.RATE * when + self.RATE + 1)
+        last = self.sends[0][-1][0]
+        self.assertLess(last, 7.02)  # the eighth quantum went at 7.0
+
+    def test_shared_total_bucket(self) -> None:
+        """
+        Three transfers under one total cap take turns: the total holds to
+        the rate, each gets a third, each send is a fair share.
+        """
+        self.transports, self.readers = [], []
+        total = cap(3 * self.RATE, self.clock)
+        results = [self.sendfile(Pacer(None, total))[0] for _ in range(3)]
+        self.run_until(4)
+        for result in results:
+            self.assertNoResult(result)
+        totals = [sum(count for _, count in sends) for sends in self.sends]
+        self.assertLessEqual(sum(totals), 3 * self.RATE * 4 + 3 * self.RATE)
+        self.assertGreater(sum(totals), 3 * self.RATE * 3)
+        self.assertLessEqual(max(totals) - min(totals), 3 * self.RATE)
+        for index in range(3):
+            sizes = self.per_instant(index)
+            self.assertTrue(all(size >= self.RATE for size in sizes), sizes)
+        self.run_until(12)
+        self.assertEqual([self.successResultOf(r) for r in results], [self.size] * 3)
+        # Every transfer has left the bucket: nothing paid is outstanding.
+        self.assertNotIn(total, Pacer._sharing)
+
+    def test_chunks_paced_in_quanta(self) -> None:
+        """The TLS fallback too: a write per quantum, asleep in between."""
+        transport = StringTransport()
+        writes: list[tuple[float, int]] = []
+        fd = os.open(self.path, os.O_RDONLY)
+        _, result = send_file(
+            transport,
+            fd,
+            0,
+            self.size,
+            self.clock,
+            Pacer(cap(self.RATE, self.clock)),
+            lambda n: writes.append((self.clock.seconds(), n)),
+        )
+        self.assertTrue(transport.streaming)
+        for _ in range(1000):
+            now = self.clock.seconds()
+            self.assertTrue(
+                all(c.getTime() > now for c in self.clock.getDelayedCalls())
+                or not writes
+            )
+            self.clock.advance(self.STEP)
+            if transport.producer is None:
+                break
+        self.assertEqual(self.successResultOf(result), self.size)
+        self.assertEqual(transport.value(), self.path.read_bytes())
+        self.assertEqual([n for _, n in writes], [self.RATE] * 8 + [1000])
+
+    def test_paused_chunks_wait_for_resume(self) -> None:
+        """
+        A transport that pauses the producer when its buffer fills (as a
+        TCP or TLS transport does) gets nothing more until it resumes it.
+        """
+        transport = PausingTransport()
+        fd = os.open(self.path, os.O_RDONLY)
+        producer, result = send_file(transport, fd, 0, self.size, self.clock)
+        self.clock.advance(0)
+        self.assertEqual(len(transport.value()), sendfile.CHUNK)
+        self.clock.advance(1)
+        self.assertEqual(len(transport.value()), sendfile.CHUNK)
+        for turn in range(2, 10):
+            transport.drain()
+            self.clock.advance(0)
+            if transport.producer is None:
+                break
+            self.assertEqual(len(transport.value()), turn * sendfile.CHUNK)
+        self.assertEqual(self.successResultOf(result), self.size)
+        self.assertEqual(transport.value(), self.path.read_bytes())
+
+    def test_ended_transfer_refunds(self) -> None:
+        """A transfer cut short gives back what it paid for and did not send."""
+        total = cap(self.RATE, self.clock)
+        transport = StringTransport()
+        fd = os.open(self.path, os.O_RDONLY)
+        producer, result = send_file(
+            transport, fd, 0, self.size, self.clock, Pacer(None, total)
+        )
+        self.clock.advance(0)  # the burst
+        producer.resumeProducing()  # pays for the next quantum, in debt
+        self.assertLess(total.available(), 0)
+        producer.stopProducing()
+        self.failureResultOf(result, TransferError)
+        self.assertEqual(total.available(), 0)
