@@ -1,12 +1,13 @@
 """
-UDP chat relay: one message per datagram, UTF-8 text, a client is its
-source address.  The wire protocol is in C{docs/protocol-chat.md}.
+The chat relay's decisions, with no I/O: one message per datagram, UTF-8
+text, a client is its source address.  The wire protocol is in
+C{docs/protocol-chat.md}.
 
- - L{ChatState} decides everything (members, rooms, nicknames, presence,
-   history, address validation, rate limits) and talks back through a
-   L{Sender}; it does no I/O and reads time from the clock it is given.
- - L{ChatProtocol} parses datagrams (size, UTF-8, terminal safety) and
-   sends what the state decides, counting C{sendto} errors.
+L{ChatState} decides everything (members, rooms, nicknames, presence,
+history, address validation, rate limits) and talks back through a
+L{Sender}; it reads time from the clock it is given.  L{Backend} is what it
+tells other nodes (L{sockd.chat.federation}); L{sockd.chat.protocol} is the
+datagram I/O and L{sockd.chat.text} the text rules.
 
 Address validation follows the QUIC rule (RFC 9000, section 8.1): until an
 address returns the cookie it was sent (an HMAC of address and epoch under a
@@ -17,37 +18,33 @@ no room traffic at all.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import math
 import os
-import re
-import socket
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from sockd.chat.text import clip, listing, nick_problem, room_name
 from sockd.core.config import ChatSettings
 from sockd.core.limits import RateLimiter, TokenBucket, peer_key
 from sockd.core.logs import escape
 
 __all__ = [
     "AMPLIFICATION",
+    "EPOCH",
+    "HELP",
     "Backend",
-    "ChatProtocol",
     "ChatState",
     "FairShare",
     "LocalBackend",
     "Member",
     "Room",
     "Sender",
-    "clean",
 ]
 
 log = Logger(namespace="sockd.chat")
@@ -61,82 +58,9 @@ AMPLIFICATION = 3
 #: port 0 cannot be answered and the small services would bounce replies
 LOOP_PORTS = frozenset({0, 7, 9, 13, 17, 19, 37, 53, 123})
 
-#: code points that never reach another terminal or the log raw (each
-#: becomes U+FFFD, a tab a space): C0 controls but newline, DEL, C1
-#: controls; every format character (Unicode category Cf: bidi marks,
-#: embeddings, overrides and isolates, zero-width space, word joiner, BOM,
-#: soft hyphen, tags...) except the zero-width non-joiner and joiner, which
-#: emoji sequences and several scripts need; the line and paragraph
-#: separators (Zl, Zp); and the other characters that render as nothing
-#: (combining grapheme joiner, Hangul fillers, Khmer inherent vowels), with
-#: the unassigned code points reserved for more of them.  Variation
-#: selectors stay: they only pick the glyph of the character before them.
-UNSAFE_RANGES = (
-    (0x00, 0x09),
-    (0x0B, 0x1F),
-    (0x7F, 0x9F),
-    (0xAD, 0xAD),
-    (0x034F, 0x034F),
-    (0x0600, 0x0605),
-    (0x061C, 0x061C),
-    (0x06DD, 0x06DD),
-    (0x070F, 0x070F),
-    (0x0890, 0x0891),
-    (0x08E2, 0x08E2),
-    (0x115F, 0x1160),
-    (0x17B4, 0x17B5),
-    (0x180E, 0x180E),
-    (0x200B, 0x200B),
-    (0x200E, 0x200F),
-    (0x2028, 0x202E),
-    (0x2060, 0x206F),
-    (0x3164, 0x3164),
-    (0xFEFF, 0xFEFF),
-    (0xFFA0, 0xFFA0),
-    (0xFFF0, 0xFFFB),
-    (0x110BD, 0x110BD),
-    (0x110CD, 0x110CD),
-    (0x13430, 0x1343F),
-    (0x1BCA0, 0x1BCA3),
-    (0x1D173, 0x1D17A),
-    (0xE0000, 0xE00FF),
-    (0xE01F0, 0xE0FFF),
-)
-
-
-def _character_class(low: int, high: int) -> re.Pattern[str]:
-    """A regex for the code points of L{UNSAFE_RANGES} from C{low} to C{high}."""
-    parts = [
-        f"\\U{max(a, low):08x}-\\U{min(b, high):08x}"
-        for a, b in UNSAFE_RANGES
-        if a <= high and b >= low
-    ]
-    return re.compile("[" + "".join(parts) + "]")
-
-
-# Searched in steps, as a regex over every range is three times slower on
-# typical text: ASCII text (the usual case) for its few ranges only; other
-# text for those of the BMP (a bitmap), and past the BMP only if needed.
-_UNSAFE_ASCII = _character_class(0, 0x7F)
-_UNSAFE_BMP = _character_class(0, 0xFFFF)
-_UNSAFE_ASTRAL = _character_class(0x10000, 0x10FFFF)
-_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
-_SAFE_TABLE = {c: "\ufffd" for a, b in UNSAFE_RANGES for c in range(a, b + 1)}
-_SAFE_TABLE[0x09] = " "
-
-_NICK = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
-_ROOM = re.compile(r"#?([A-Za-z0-9_-]{1,32})")
-_RESERVED = frozenset(
-    {"server", "sockd", "admin", "root", "system", "operator", "nickserv"}
-    | {"chanserv", "you", "me", "nobody", "all", "everyone"}
-)
-
 #: cookies are good for the epoch they were made in and the next one
 EPOCH = 120.0
 TOKEN_LENGTH = 8
-
-#: longest reply built from a list (/who, /rooms), in bytes
-LIST_LIMIT = 1200
 
 HELP = (
     "*** commands:\n"
@@ -152,25 +76,6 @@ HELP = (
     "***   /ping           keep your place (silent members time out)\n"
     "***   /quit           leave the chat\n"
 )
-
-
-def clean(text: str) -> str:
-    """
-    Make untrusted text safe for a terminal: line endings become C{\\n},
-    a tab a space, and every other control (C0, DEL, C1, bare CR), format
-    character, line separator or invisible filler (L{UNSAFE_RANGES}) U+FFFD.
-    Other valid text is kept as it is.
-    """
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\ufffd")
-    if text.isascii():
-        if _UNSAFE_ASCII.search(text) is None:
-            return text
-    elif _UNSAFE_BMP.search(text) is None and (
-        _ASTRAL.search(text) is None or _UNSAFE_ASTRAL.search(text) is None
-    ):
-        return text
-    return text.translate(_SAFE_TABLE)
 
 
 class Sender(Protocol):
@@ -405,9 +310,9 @@ class ChatState:
         self.members: dict[Address, Member] = {}
         self.nicks: dict[str, Member] = {}
         self.rooms: dict[str, Room] = {}
-        default = _ROOM.fullmatch(settings.default_room)
-        assert default is not None
-        self.default_room = default.group(1)
+        default = room_name(settings.default_room)
+        assert default is not None  # checked by the config
+        self.default_room = default
         self._room(self.default_room)
         #: address -> [bytes received, bytes sent] until it is validated
         self.pending: OrderedDict[Address, list[int]] = OrderedDict()
@@ -478,18 +383,23 @@ class ChatState:
         self.output.rate = settings.total_output_rate
         self.output.burst = max(settings.total_output_rate, settings.max_room_members)
         self.shares.floor = settings.max_room_members
-        default = _ROOM.fullmatch(settings.default_room)
+        default = room_name(settings.default_room)
         assert default is not None
-        if self._room(default.group(1)) is not None:
-            self.default_room = default.group(1)
+        if self._room(default) is not None:
+            self.default_room = default
         for room in self.rooms.values():
             if room.history.maxlen != settings.history:
                 room.history = deque(room.history, maxlen=settings.history)
 
+    def use_backend(self, backend: Backend) -> None:
+        """Tell and ask C{backend} from now on (a federation attaching)."""
+        self.backend = backend
+        self._federated = backend.federated
+
     # --- datagrams in ----------------------------------------------------
 
     def receive(self, out: Sender, addr: Address, size: int, text: str) -> None:
-        """One datagram of C{size} bytes, decoded and made safe by L{clean}."""
+        """One datagram of C{size} bytes, decoded and made terminal-safe."""
         member = self.members.get(addr)
         if member is None:
             self._stranger(out, addr, size, text)
@@ -919,21 +829,8 @@ class ChatState:
 
     # --- commands ------------------------------------------------------------
 
-    def nick_problem(self, nick: str) -> str | None:
-        """Why C{nick} cannot be taken, or None."""
-        limit = self.settings.nick_max_length
-        if not nick or len(nick) > limit or not _NICK.fullmatch(nick):
-            return (
-                f"a nickname is 1 to {limit} letters, digits, '_' or '-', "
-                "starting with a letter"
-            )
-        lowered = nick.lower()
-        if lowered in _RESERVED or lowered.startswith("guest"):
-            return f"{nick} is reserved"
-        return None
-
     def do_nick(self, member: Member, argument: str) -> None:
-        problem = self.nick_problem(argument)
+        problem = nick_problem(argument, self.settings.nick_max_length)
         if problem is not None:
             self._tell(member, f"*** error: {clip(problem)}\n".encode())
             return
@@ -975,15 +872,14 @@ class ChatState:
         self.backend.renamed(member, old)
 
     def do_join(self, member: Member, argument: str) -> None:
-        match = _ROOM.fullmatch(argument)
-        if match is None:
+        name = room_name(argument)
+        if name is None:
             self._tell(
                 member,
                 b"*** error: usage: /join ROOM; a room name is 1 to 32 letters, "
                 b"digits, '_' or '-'\n",
             )
             return
-        name = match.group(1)
         if member.room is not None and member.room.name.lower() == name.lower():
             self._tell(member, f"*** you are already in #{member.room.name}\n".encode())
             return
@@ -1104,156 +1000,3 @@ class ChatState:
         "hello": do_hello,
         "v": do_hello,
     }
-
-
-def clip(text: str, limit: int = 64) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def listing(head: str, items: list[str]) -> str:
-    """C{head} and the items, comma-separated, within L{LIST_LIMIT} bytes."""
-    out = head
-    for i, item in enumerate(items):
-        piece = item if i == 0 else ", " + item
-        if len(out.encode()) + len(piece.encode()) > LIST_LIMIT:
-            return out + f" ... and {len(items) - i} more\n"
-        out += piece
-    return out + "\n"
-
-
-class ChatProtocol(DatagramProtocol):
-    """
-    Parses chat datagrams (size, UTF-8, terminal safety) for a
-    L{ChatState}, and sends what it decides.  The listening port must read
-    at least C{max_datagram + 1} bytes, so an oversized datagram is seen as
-    such instead of being silently truncated.
-    """
-
-    noisy = False
-    #: kernel buffer sizes asked for (the kernel caps them at
-    #: net.core.rmem_max and wmem_max): a burst of datagrams, spoofed or
-    #: not, or a fan-out to a large room should not overflow them
-    socket_buffer = 4 * 1024 * 1024
-
-    def __init__(self, state: ChatState) -> None:
-        self.state = state
-        # A message may end in CRLF on top of the limit.
-        self.max_datagram = state.max_message + 2
-        #: what the port reads is fixed when it opens: a reload may lower
-        #: the message limit, not raise it past this
-        self.port_limit = state.max_message
-        self.send_errors = 0
-        if state.reporter is None:
-            state.reporter = self
-        self._sendto: Callable[[bytes, Address], object] | None = None
-
-    def startProtocol(self) -> None:
-        sock = getattr(self.transport, "socket", None)
-        if sock is None:
-            return
-        # Port.write checks the address's syntax (three parses) on every
-        # datagram; ours come from recvfrom, so send straight away: this
-        # nearly doubles fan-out.  Errors are the same OSErrors.
-        self._sendto = sock.sendto
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            with contextlib.suppress(OSError):  # else keep the default
-                sock.setsockopt(socket.SOL_SOCKET, option, self.socket_buffer)
-
-    def datagramReceived(self, data: bytes, addr: Address) -> None:
-        size = len(data)
-        if size > self.max_datagram:
-            self.state.refuse(
-                self, addr, size, f"message longer than {self.state.max_message} bytes"
-            )
-            return
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            self.state.refuse(self, addr, size, "message is not valid UTF-8")
-            return
-        if size > self.state.max_message and (
-            len(data.rstrip(b"\r\n")) > self.state.max_message
-        ):
-            self.state.refuse(
-                self, addr, size, f"message longer than {self.state.max_message} bytes"
-            )
-            return
-        self.state.receive(self, addr, size, clean(text))
-
-    def stopProtocol(self) -> None:
-        self._sendto = None
-
-    def reconfigure(self, settings: ChatSettings, shared: object) -> None:
-        """A reload (SIGHUP): the shared state takes the new settings."""
-        max_message = min(settings.max_message, self.port_limit)
-        self.max_datagram = max_message + 2
-        if self.state.settings is not settings:
-            self.state.reconfigure(settings, max_message)
-
-    def metrics(self) -> list[tuple[str, str, dict[str, str], float]]:
-        """Counters for L{sockd.core.metrics}; the shared state's only once."""
-        chat = {"service": "chat"}
-        samples: list[tuple[str, str, dict[str, str], float]] = [
-            (
-                "datagrams_dropped_total",
-                "counter",
-                {**chat, "reason": "send_error"},
-                self.send_errors,
-            )
-        ]
-        state = self.state
-        if state.reporter is not self:
-            return samples
-        samples += state.backend.metrics()
-        stats = state.stats
-        samples += [
-            ("chat_members", "gauge", chat, len(state.members)),
-            ("chat_rooms", "gauge", chat, len(state.rooms)),
-            ("chat_relayed_total", "counter", chat, stats["relayed"]),
-            ("chat_joined_total", "counter", chat, stats["joined"]),
-            ("chat_timed_out_total", "counter", chat, stats["timed_out"]),
-            (
-                "chat_refused_total",
-                "counter",
-                {**chat, "reason": "total"},
-                stats["refused_full"],
-            ),
-            (
-                "chat_refused_total",
-                "counter",
-                {**chat, "reason": "per_ip"},
-                stats["refused_per_ip"],
-            ),
-        ]
-        for reason in (
-            "rate_limited",
-            "output_dropped",
-            "address_share",
-            "oversized",
-            "invalid",
-            "stranger_dropped",
-        ):
-            samples.append(
-                (
-                    "datagrams_dropped_total",
-                    "counter",
-                    {**chat, "reason": reason},
-                    stats[reason],
-                )
-            )
-        return samples
-
-    def send(self, data: bytes, addr: Address) -> None:
-        try:
-            if self._sendto is not None:
-                self._sendto(data, addr)
-            else:
-                self.transport.write(data, addr)  # type: ignore[union-attr]
-        except (OSError, MessageLengthError) as e:
-            # ENOBUFS, EAGAIN, EHOSTUNREACH...: count it, serve the others.
-            self.send_errors += 1
-            log.debug(
-                "chat: sendto {peer} failed: {error}",
-                peer=escape(str(addr)),
-                error=str(e),
-            )

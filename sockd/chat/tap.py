@@ -7,7 +7,8 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService
 
-from sockd.chat.state import ChatProtocol, ChatState
+from sockd.chat.protocol import ChatProtocol
+from sockd.chat.state import ChatState
 from sockd.core.config import Config
 from sockd.core.endpoints import parse_datagram
 from sockd.core.service import DaemonOptions, datagram_listener
@@ -68,7 +69,7 @@ def build(config: Config, reactor: Any) -> list[IService]:
     state = ChatState(settings, reactor, own_ports=own)
     federation: list[IService] = []
     if settings.backend == "redis":
-        import sockd.chat.federation as chat_redis
+        import sockd.chat.redis as chat_redis
 
         federation.append(chat_redis.federate(state, settings, reactor))
     # Read more than the largest datagram accepted, so a larger one is seen

@@ -32,7 +32,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sockd.chat.state import clean
+from sockd.chat.text import clean
 from sockd.client.echo import split_address
 from sockd.core.limits import TokenBucket
 

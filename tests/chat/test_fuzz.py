@@ -1,9 +1,9 @@
 """
 Property-based fuzzing of the chat relay: a hypothesis state machine drives
-L{sockd.chat.state.ChatProtocol} and its L{sockd.chat.state.ChatState} with datagrams
-from validated and spoofed addresses, commands, arbitrary text and bytes,
-clock advances, reloads and failing sends, and checks the relay's
-invariants after every step.
+L{sockd.chat.protocol.ChatProtocol} and its L{sockd.chat.state.ChatState}
+with datagrams from validated and spoofed addresses, commands, arbitrary
+text and bytes, clock advances, reloads and failing sends, and checks the
+relay's invariants after every step.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.chat.state import AMPLIFICATION, ChatProtocol, ChatState
+from sockd.chat.protocol import ChatProtocol
+from sockd.chat.state import AMPLIFICATION, ChatState
 from sockd.core.config import ChatSettings
 from sockd.core.limits import peer_key
 from tests.helpers import FakeDatagramTransport

@@ -9,7 +9,8 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.chat.state import ChatState, clean
+from sockd.chat.state import ChatState
+from sockd.chat.text import clean
 from sockd.client import main
 from sockd.client.chat import HELLO, ChatClient
 from tests.helpers import settings
