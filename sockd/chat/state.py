@@ -29,7 +29,15 @@ from typing import Any, Protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from sockd.chat.text import clip, listing, nick_problem, room_name
+from sockd.chat.text import (
+    BYE,
+    PONG,
+    clip,
+    event_line,
+    listing,
+    nick_problem,
+    room_name,
+)
 from sockd.core.config import ChatSettings
 from sockd.core.limits import RateLimiter, TokenBucket, peer_key
 from sockd.core.logs import escape
@@ -550,17 +558,17 @@ class ChatState:
             return
         token = self.token(addr)
         room = self.default_room
-        self._to_stranger(
-            out,
-            addr,
-            [
-                f"*** welcome to sockd chat. To join #{room}, send: /v {token} "
-                "(then /nick NAME to pick a name, /help for commands)\n".encode(),
-                f"*** welcome to sockd chat; to join, send: /v {token}\n".encode(),
-                f"*** to join, send: /v {token}\n".encode(),
-                f"*** /v {token}\n".encode(),
-            ],
-        )
+        # Each ends in the machine line with the cookie; that line alone is
+        # the shortest, so a tiny first datagram's credit still buys it.
+        event = event_line("v", token)
+        prompts = [
+            f"*** welcome to sockd chat. To join #{room}, send: /v {token} "
+            "(then /nick NAME to pick a name, /help for commands)\n",
+            f"*** welcome to sockd chat; to join, send: /v {token}\n",
+            f"*** to join, send: /v {token}\n",
+            "",
+        ]
+        self._to_stranger(out, addr, [(p + event).encode() for p in prompts])
 
     def _to_stranger(self, out: Sender, addr: Address, choices: list[bytes]) -> None:
         """Send the first of C{choices} that fits the address's credit."""
@@ -622,7 +630,8 @@ class ChatState:
             member,
             f"*** welcome, you are {member.nick}. /nick NAME to pick a name, "
             f"/help for commands; silent members leave after "
-            f"{self.idle_timeout:g}s (/ping keeps you here)\n".encode(),
+            f"{self.idle_timeout:g}s (/ping keeps you here)\n"
+            f"{event_line('welcome', nick=member.nick)}".encode(),
         )
         self._enter(member, self.rooms[self.default_room.lower()])
         return member
@@ -653,7 +662,8 @@ class ChatState:
         self._tell(
             member,
             f"*** you joined #{room.name} ({count} "
-            f"member{'s' if count != 1 else ''})\n".encode(),
+            f"member{'s' if count != 1 else ''})\n"
+            f"{event_line('room', room.name)}".encode(),
         )
         if room.topic:
             self._tell(member, f"*** topic: {room.topic}\n".encode())
@@ -705,7 +715,7 @@ class ChatState:
             self._tell(
                 member,
                 f"*** you were dropped after {self.idle_timeout:g}s of silence; "
-                "send anything to come back\n".encode(),
+                f"send anything to come back\n{event_line('dropped')}".encode(),
             )
             self._remove(member, "timed out from")
         return len(silent)
@@ -861,7 +871,10 @@ class ChatState:
             del self.nicks[member.key]
         member.nick, member.key = argument, key
         self.nicks[key] = member
-        self._tell(member, f"*** you are now {argument}\n".encode())
+        self._tell(
+            member,
+            f"*** you are now {argument}\n{event_line('nick', argument)}".encode(),
+        )
         if member.room is not None:
             self._fanout(
                 member.room,
@@ -972,18 +985,20 @@ class ChatState:
         self.backend.topic(member, room)
 
     def do_ping(self, member: Member, argument: str) -> None:
-        self._tell(member, b"*** pong\n")
+        self._tell(member, f"{PONG}\n".encode())
 
     def do_help(self, member: Member, argument: str) -> None:
         self._tell(member, HELP.encode())
 
     def do_quit(self, member: Member, argument: str) -> None:
-        self._tell(member, b"*** bye\n")
+        self._tell(member, f"{BYE}\n".encode())
         self._remove(member, "quit")
 
     def do_hello(self, member: Member, argument: str) -> None:
-        where = f"#{member.room.name}" if member.room else "no room"
-        self._tell(member, f"*** you are {member.nick} in {where}\n".encode())
+        room = member.room.name if member.room else None
+        where = f"#{room}" if room else "no room"
+        event = event_line("member", nick=member.nick, room=room)
+        self._tell(member, f"*** you are {member.nick} in {where}\n{event}".encode())
 
     _commands: dict[str, Callable[[ChatState, Member, str], None]] = {
         "nick": do_nick,

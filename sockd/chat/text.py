@@ -1,23 +1,33 @@
 """
 The chat's text rules, with no I/O, shared by the relay and the C{sockd
 chat} client: the terminal-safety filter (L{clean}), the syntax of
-nicknames and room names, and the helpers that keep replies short.
+nicknames and room names, the helpers that keep replies short, and the
+machine lines (L{event_line}, L{parse_event}) that tell a client program
+what a notice means without parsing its prose.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 __all__ = [
+    "BYE",
+    "EVENT_PREFIX",
     "LIST_LIMIT",
     "NICK",
+    "PONG",
     "RESERVED",
     "ROOM",
     "UNSAFE_RANGES",
+    "Event",
     "clean",
     "clip",
+    "event_line",
     "listing",
     "nick_problem",
+    "parse_event",
     "room_name",
 ]
 
@@ -97,6 +107,18 @@ RESERVED = frozenset(
 #: longest reply built from a list (/who, /rooms), in bytes
 LIST_LIMIT = 1200
 
+#: the replies to C{/ping} and C{/quit}, without their newline
+PONG = "*** pong"
+BYE = "*** bye"
+
+#: what starts a machine line; no line a member causes can start so (see
+#: docs/protocol-chat.md, "Machine lines")
+EVENT_PREFIX = "*** @"
+#: longest machine line read, in characters
+EVENT_LIMIT = 256
+_KEY = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_VALUE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
 
 def clean(text: str) -> str:
     """
@@ -150,3 +172,61 @@ def listing(head: str, items: list[str]) -> str:
             return out + f" ... and {len(items) - i} more\n"
         out += piece
     return out + "\n"
+
+
+@dataclass(frozen=True)
+class Event:
+    """
+    What a machine line says: the event's C{name}, its own C{value} (empty
+    if none) and the other fields.
+    """
+
+    name: str
+    value: str = ""
+    fields: Mapping[str, str] = field(default_factory=dict)
+
+
+def _field_text(key: str, value: str) -> str:
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"machine line: bad field name {key!r}")
+    if not value:
+        return key
+    if not _VALUE.fullmatch(value):
+        raise ValueError(f"machine line: bad value {value!r} for {key}")
+    return f"{key}={value}"
+
+
+def event_line(name: str, value: str = "", /, **fields: str | None) -> str:
+    """
+    The machine line for event C{name}, newline included:
+    C{*** @NAME[=VALUE][ KEY=VALUE]...}, fields that are None left out.
+    Raises L{ValueError} for a name or value outside that syntax.
+    """
+    if name in fields:
+        raise ValueError(f"machine line: {name} given twice")
+    parts = [_field_text(name, value)]
+    parts += [_field_text(key, v) for key, v in fields.items() if v is not None]
+    line = EVENT_PREFIX + " ".join(parts)
+    if len(line) > EVENT_LIMIT:
+        raise ValueError(f"machine line: longer than {EVENT_LIMIT} characters")
+    return line + "\n"
+
+
+def parse_event(line: str) -> Event | None:
+    """
+    The L{Event} in C{line} (one line, without its newline), or None if
+    C{line} is not exactly a machine line.
+    """
+    if not line.startswith(EVENT_PREFIX) or len(line) > EVENT_LIMIT:
+        return None
+    found: dict[str, str] = {}
+    for text in line[len(EVENT_PREFIX) :].split(" "):
+        key, equals, value = text.partition("=")
+        if not _KEY.fullmatch(key) or key in found:
+            return None
+        if equals and not _VALUE.fullmatch(value):
+            return None
+        found[key] = value
+    name = next(iter(found))
+    value = found.pop(name)
+    return Event(name, value, found)

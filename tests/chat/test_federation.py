@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sockd.chat.federation import Federation
 from sockd.chat.protocol import ChatProtocol
 from sockd.chat.state import Backend, ChatState
+from sockd.chat.text import parse_event
 from sockd.core.config import ChatSettings
 from tests.chat.test_state import Recorder, say
 from tests.helpers import FakeDatagramTransport, settings
@@ -163,7 +164,7 @@ class Node:
     def join(self, addr: Any, nick: str) -> None:
         say(self.state, self.out, addr, "/hello")
         say(self.state, self.out, addr, f"/nick {nick}")
-        assert self.out.take(addr)[-1] == f"*** you are now {nick}\n"
+        assert self.out.take(addr)[-1] == f"*** you are now {nick}\n*** @nick={nick}\n"
         self.redis.flush()
 
     def say(self, addr: Any, text: str) -> None:
@@ -252,7 +253,7 @@ class AcrossNodesTests(Cluster):
         self.assertEqual(
             self.a.take(A1),
             [
-                "*** you joined #dev (1 member)\n",
+                "*** you joined #dev (1 member)\n*** @room=dev\n",
                 "*** topic: plans\n",
                 "*** last 2 messages in #dev:\n",
                 "<bob> first\n",
@@ -287,7 +288,7 @@ class NicknameTests(Cluster):
         self.assertIsNone(self.redis.get("nick:ann"))
         self.b.take(B1)
         self.b.say(B1, "/nick ann")
-        self.assertEqual(self.b.take(B1), ["*** you are now ann\n"])
+        self.assertEqual(self.b.take(B1), ["*** you are now ann\n*** @nick=ann\n"])
         self.b.say(B1, "/quit")
         self.assertIsNone(self.redis.get("nick:ann"))
 
@@ -297,7 +298,7 @@ class NicknameTests(Cluster):
 
     def test_case_change_keeps_the_claim(self) -> None:
         self.a.say(A1, "/nick Ann")
-        self.assertEqual(self.a.take(A1), ["*** you are now Ann\n"])
+        self.assertEqual(self.a.take(A1), ["*** you are now Ann\n*** @nick=Ann\n"])
         self.assertEqual(self.b.take(B1), ["*** ann is now known as Ann\n"])
         self.tick(5)
         self.assertEqual(self.redis.get("nick:ann"), "a\tann")
@@ -314,7 +315,7 @@ class NodeLossTests(Cluster):
         self.a.say(A1, "still here")
         self.assertEqual(self.a.take(A2), ["<ann> still here\n"])
         self.a.say(A2, "/nick bob")  # its claim expired with it
-        self.assertEqual(self.a.take(A2), ["*** you are now bob\n"])
+        self.assertEqual(self.a.take(A2), ["*** you are now bob\n*** @nick=bob\n"])
         self.assertNotIn("b", self.redis.get("nodes"))
 
     def test_a_silent_member_times_out_everywhere(self) -> None:
@@ -384,7 +385,7 @@ class DegradedTests(Cluster):
             [
                 "*** ann was taken on another node while this one was cut off; "
                 "/nick NAME to pick another\n",
-                "*** you are now guest-2-a\n",
+                "*** you are now guest-2-a\n*** @nick=guest-2-a\n",
             ],
         )
         self.assertEqual(self.redis.get("nick:bob"), "b\tbob")
@@ -445,6 +446,26 @@ class UntrustedRedisTests(Cluster):
         self.a.state.reconfigure(chat_settings(max_message="32"), 32)
         self.assertEqual(self.deliver(self.event(x="y" * 33)), [])
         self.assertEqual(self.deliver(self.event(x="y" * 32)), [f"<bob> {'y' * 32}\n"])
+
+    def test_no_event_from_another_node_passes_for_a_machine_line(self) -> None:
+        hostile = "*** @v=abcdefgh"
+        lines = []
+        for event in [
+            self.event(x=hostile),
+            self.event(k="me", x=hostile),
+            self.event(x=f"ok\r{hostile}"),
+            self.event(x=f"ok\r\n{hostile}"),
+            self.event(k="topic", x=hostile),
+            self.event(k="msg", t="ann", x=hostile),
+            self.event(k="enter", f="@v"),
+            self.event(k="nick", t="x", f="*** @dropped"),
+        ]:
+            lines += [
+                line for data in self.deliver(event) for line in data.splitlines()
+            ]
+        self.assertEqual(len(lines), 5)  # CRLF and the bad names: dropped
+        for line in lines:
+            self.assertIsNone(parse_event(line), line)
 
     def test_own_events_are_ignored(self) -> None:
         self.assertEqual(self.deliver(self.event(n="a", x="echo")), [])
@@ -541,7 +562,7 @@ class FailoverTests(Cluster):
             [
                 "*** amy was taken on another node while this one was cut off; "
                 "/nick NAME to pick another\n",
-                "*** you are now guest-3-a\n",
+                "*** you are now guest-3-a\n*** @nick=guest-3-a\n",
             ],
         )
         self.assertEqual(replica.get("nick:amy"), "b\tamy")

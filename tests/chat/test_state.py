@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockd.chat.state import AMPLIFICATION, EPOCH, ChatState, FairShare
-from sockd.chat.text import clean
+from sockd.chat.text import Event, clean, parse_event
 from sockd.core.limits import TokenBucket
 from tests.helpers import settings
 
@@ -20,6 +20,15 @@ C = ("127.0.0.1", 40003)
 B2 = ("127.0.0.2", 40002)
 C3 = ("127.0.0.3", 40003)
 TOKEN = re.compile(r"/v ([a-z2-7]{8})\b")
+
+
+def cookie(reply: str) -> str | None:
+    """The cookie in a join prompt's machine line, as a client reads it."""
+    for line in reply.splitlines():
+        event = parse_event(line)
+        if event is not None and event.name == "v":
+            return event.value
+    return None
 
 
 class Recorder:
@@ -93,7 +102,7 @@ class ValidationTests(SynchronousTestCase):
             say(state, out, addr, text)
             (reply,) = out.to(addr)
             self.assertLessEqual(len(reply), AMPLIFICATION * len(text))
-            self.assertRegex(reply, TOKEN)
+            self.assertEqual(cookie(reply), state.token(addr))
 
     def test_tiny_datagram_gets_nothing_then_credit_accumulates(self) -> None:
         state, out, _ = make()
@@ -102,7 +111,7 @@ class ValidationTests(SynchronousTestCase):
         say(state, out, A, "hi\n")
         (reply,) = out.to(A)
         self.assertLessEqual(len(reply), AMPLIFICATION * 6)
-        self.assertRegex(reply, TOKEN)
+        self.assertEqual(cookie(reply), state.token(A))
 
     def test_spoofed_source_never_gets_more_than_three_times(self) -> None:
         # An attacker sends, under the victim's address, every kind of
@@ -299,7 +308,9 @@ class RoomTests(SynchronousTestCase):
     def test_join_and_part(self) -> None:
         say(self.state, self.out, A, "/join #Dev\n")
         self.assertIn("*** alice left #lobby\n", self.out.take(B))
-        self.assertIn("*** you joined #Dev (1 member)\n", self.out.take(A))
+        self.assertIn(
+            "*** you joined #Dev (1 member)\n*** @room=Dev\n", self.out.take(A)
+        )
         say(self.state, self.out, B, "/join dev\n")
         self.assertIn("*** bob joined #Dev\n", self.out.take(A))
         say(self.state, self.out, A, "/part\n")
@@ -331,7 +342,7 @@ class RoomTests(SynchronousTestCase):
         state, out, _ = make(max_rooms="2", max_room_members="1", max_members="2")
         join(state, out, A, "alice")  # alone in lobby
         say(state, out, A, "/join one\n")
-        self.assertIn("*** you joined #one (1 member)\n", out.take(A))
+        self.assertIn("*** you joined #one (1 member)\n*** @room=one\n", out.take(A))
         join(state, out, B, "bob")
         say(state, out, B, "/join two\n")
         self.assertEqual(
@@ -623,7 +634,7 @@ class PerAddressTests(SynchronousTestCase):
         self.assertLessEqual(len(state.pending), 5)
         say(state, out, shy, "hi\n")  # 6 bytes in all: the shortest welcome
         (welcome,) = out.to(shy)
-        self.assertRegex(welcome, TOKEN)
+        self.assertEqual(cookie(welcome), state.token(shy))
 
     def test_handshake_budget_not_taken_by_one_host(self) -> None:
         state, out, clock = make(rate="1", burst="1", max_members_per_ip="4")
@@ -758,3 +769,108 @@ class RelayedTextTests(SynchronousTestCase):
         self.assertNotIn("\u202e", line)
         self.assertNotIn("\r", line)
         self.assertTrue(line.startswith("<alice> "))
+
+
+def lines_to(out: Recorder, addr: Any) -> list[str]:
+    """Every line C{addr} was sent, datagram after datagram."""
+    return [line for data in out.to(addr) for line in data.splitlines()]
+
+
+class MachineLineTests(SynchronousTestCase):
+    """The machine lines that go with the join prompts and notices."""
+
+    def test_join_prompts_byte_by_byte(self) -> None:
+        state, out, _ = make()
+        full = (
+            "*** welcome to sockd chat. To join #lobby, send: /v {t} "
+            "(then /nick NAME to pick a name, /help for commands)\n*** @v={t}\n"
+        )
+        medium = "*** welcome to sockd chat; to join, send: /v {t}\n*** @v={t}\n"
+        short = "*** to join, send: /v {t}\n*** @v={t}\n"
+        bare = "*** @v={t}\n"
+        for size, prompt in [(44, full), (24, medium), (16, short), (6, bare)]:
+            addr = ("127.0.0.9", 1000 + size)
+            say(state, out, addr, "x" * (size - 1) + "\n")
+            expected = prompt.format(t=state.token(addr))
+            self.assertEqual(out.to(addr), [expected])
+            self.assertLessEqual(len(expected), AMPLIFICATION * size)
+            self.assertGreater(len(expected), AMPLIFICATION * (size - 1))
+        # README: "a first datagram of 5 bytes or fewer gets no answer".
+        say(state, out, B, "five\n")
+        self.assertEqual(out.to(B), [])
+
+    def test_notices_carry_their_machine_lines(self) -> None:
+        state, out, clock = make(idle_timeout="60")
+        say(state, out, A, "hello, is anyone there?\n")
+        say(state, out, A, f"/v {cookie(out.take(A)[0])}\n")
+        self.assertEqual(
+            out.take(A),
+            [
+                "*** welcome, you are guest-1. /nick NAME to pick a name, /help "
+                "for commands; silent members leave after 60s (/ping keeps you "
+                "here)\n*** @welcome nick=guest-1\n",
+                "*** you joined #lobby (1 member)\n*** @room=lobby\n",
+            ],
+        )
+        say(state, out, A, "/nick alice\n/join #Dev\n/hello\n/part\n/v\n")
+        self.assertEqual(
+            out.take(A),
+            [
+                "*** you are now alice\n*** @nick=alice\n",
+                "*** you joined #Dev (1 member)\n*** @room=Dev\n",
+                "*** you are alice in #Dev\n*** @member nick=alice room=Dev\n",
+                "*** you left #Dev; /join ROOM to enter one\n",
+                "*** you are alice in no room\n*** @member nick=alice\n",
+            ],
+        )
+        clock.advance(61)
+        state.expire()
+        self.assertEqual(
+            out.take(A),
+            [
+                "*** you were dropped after 60s of silence; send anything to "
+                "come back\n*** @dropped\n"
+            ],
+        )
+
+    def test_members_cannot_write_machine_lines(self) -> None:
+        # Only the server's own notices carry them: a member's text, however
+        # it is sent, is never read as one by anybody.
+        state, out, _ = make(rate="1000", burst="1000")
+        join(state, out, A, "alice")
+        join(state, out, B, "bob")
+        hostile = "*** @v=abcdefgh"
+        for text in [
+            hostile,
+            "*** @welcome nick=mallory",
+            "*** @dropped",
+            "//*** @v=abcdefgh",
+            f"/me {hostile}",
+            f"/msg bob {hostile}",
+            f"/msg {hostile}",
+            f"/topic {hostile}",
+            "/topic",
+            f"ok\n{hostile}\n/me x\n*** @nick=mallory",
+            f"ok\r\n{hostile}",
+            f"ok\r{hostile}",
+            f"ok\u2028{hostile}",
+            f"ok\u0085{hostile}",
+            "/nick @v=abcdefgh",
+            "/nick *** @nick=x",
+            "/join @v=abcdefgh",
+            "/join *** @room=x",
+            "/*** @v=abcdefgh",
+            "/@v=abcdefgh",
+        ]:
+            say(state, out, A, text + "\n")
+        say(state, out, B, "/who\n/rooms\n/topic\n")
+        for addr, count in ((A, 12), (B, 19)):  # everything was answered
+            lines = lines_to(out, addr)
+            self.assertEqual(len(lines), count, lines)
+            for line in lines:
+                self.assertIsNone(parse_event(line), (addr, line))
+        # What the server says itself is read: bob renames himself.
+        out.sent.clear()
+        say(state, out, B, "/nick bobby\n")
+        events = [parse_event(line) for line in lines_to(out, B)]
+        self.assertEqual([e for e in events if e], [Event("nick", "bobby")])

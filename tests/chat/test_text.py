@@ -1,4 +1,4 @@
-"""The chat's text rules: the terminal-safety filter, names, listings."""
+"""The chat's text rules: the terminal-safety filter, names, listings, machine lines."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ import unicodedata
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.chat.text import clean, clip, listing, nick_problem, room_name
+from sockd.chat.text import (
+    Event,
+    clean,
+    clip,
+    event_line,
+    listing,
+    nick_problem,
+    parse_event,
+    room_name,
+)
 
 
 class CleanTests(SynchronousTestCase):
@@ -99,3 +108,108 @@ class ListingTests(SynchronousTestCase):
         self.assertEqual(listing("*** none: ", []), "*** none: \n")
         self.assertEqual(clip("x" * 64), "x" * 64)
         self.assertEqual(clip("x" * 65), "x" * 64 + "...")
+
+
+class EventLineTests(SynchronousTestCase):
+    """The machine lines: written by the relay, read by the client."""
+
+    LINES = [
+        ("*** @v=k3xq7m2a\n", Event("v", "k3xq7m2a")),
+        ("*** @dropped\n", Event("dropped")),
+        ("*** @nick=Ann_9-x\n", Event("nick", "Ann_9-x")),
+        (
+            "*** @welcome nick=guest-7-1z\n",
+            Event("welcome", "", {"nick": "guest-7-1z"}),
+        ),
+        (
+            "*** @member nick=ann room=dev\n",
+            Event("member", "", {"nick": "ann", "room": "dev"}),
+        ),
+        ("*** @x=1 flag y=2\n", Event("x", "1", {"flag": "", "y": "2"})),
+    ]
+
+    def test_written_byte_by_byte(self) -> None:
+        self.assertEqual(event_line("v", "k3xq7m2a"), "*** @v=k3xq7m2a\n")
+        self.assertEqual(event_line("dropped"), "*** @dropped\n")
+        self.assertEqual(
+            event_line("member", nick="ann", room="dev"),
+            "*** @member nick=ann room=dev\n",
+        )
+        self.assertEqual(
+            event_line("member", nick="ann", room=None), "*** @member nick=ann\n"
+        )
+        self.assertEqual(event_line("x", "1", flag="", y="2"), "*** @x=1 flag y=2\n")
+
+    def test_read_back_exactly(self) -> None:
+        for line, event in self.LINES:
+            self.assertEqual(parse_event(line[:-1]), event, line)
+            self.assertEqual(
+                event_line(event.name, event.value, **event.fields), line, line
+            )
+
+    def test_reads_only_what_it_could_have_written(self) -> None:
+        # Every cut and every one-character change of a machine line is
+        # either no event or a line the writer makes exactly so: one syntax.
+        for line, _ in self.LINES:
+            line = line[:-1]
+            variants = [line[:cut] for cut in range(len(line))]
+            for at in range(len(line)):
+                for c in " =@*\t\ufffd\u00e9A9_-":
+                    variants.append(line[:at] + c + line[at + 1 :])
+                    variants.append(line[:at] + c + line[at:])
+            for variant in variants:
+                event = parse_event(variant)
+                if event is not None:
+                    written = event_line(event.name, event.value, **event.fields)
+                    self.assertEqual(written, variant + "\n")
+
+    def test_nothing_else_is_an_event(self) -> None:
+        for line in [
+            "",
+            "*** @",
+            "***@v=abcdefgh",
+            "*** v=abcdefgh",
+            " *** @v=abcdefgh",
+            "*** @v=abcdefgh ",
+            "*** @v=abcdefgh\n",
+            "*** @v=abcdefgh\r",
+            "*** @v=abcdefgh  x",
+            "*** @v=",
+            "*** @=abcdefgh",
+            "*** @V=abcdefgh",
+            "*** @v=abc=def",
+            "*** @v=abc\ufffd",
+            "*** @v=\u0430bcdefgh",  # a Cyrillic a
+            "*** @v=\uff41bcdefgh",  # a fullwidth a
+            "*** @v=abcdefgh v=hgfedcba",
+            "*** @nick=ann nick=bob",
+            "*** @9=x",
+            "*** @v=" + "a" * 65,
+            "*** @v=a " + "x " * 130,
+            "\ufeff*** @v=abcdefgh",
+            "<bob> *** @v=abcdefgh",
+            "* bob *** @v=abcdefgh",
+            "[msg] <bob> *** @v=abcdefgh",
+            "[msg -> bob] *** @v=abcdefgh",
+            "*** bob set the topic of #lobby: *** @v=abcdefgh",
+            "*** topic: @v=abcdefgh",
+            "*** error: no one is called @v=abcdefgh",
+        ]:
+            self.assertIsNone(parse_event(line), repr(line))
+
+    def test_what_cannot_be_written_is_refused(self) -> None:
+        for name, value, fields in [
+            ("", "", {}),
+            ("Nick", "ann", {}),
+            ("v", "a b", {}),
+            ("v", "a=b", {}),
+            ("v", "\u00e9", {}),
+            ("v", "x" * 65, {}),
+            ("v", "abc\n", {}),
+            ("member", "", {"nick": "a\nb"}),
+            ("member", "", {"Nick": "ann"}),
+            ("nick", "ann", {"nick": "bob"}),
+            ("x", "", {f"k{i}": "v" * 60 for i in range(4)}),
+        ]:
+            with self.assertRaises(ValueError, msg=(name, value, fields)):
+                event_line(name, value, **fields)
