@@ -51,6 +51,7 @@ __all__ = [
     "FairShare",
     "LocalBackend",
     "Member",
+    "MemberBucket",
     "Room",
     "Sender",
 ]
@@ -155,23 +156,48 @@ class Backend:
 LocalBackend = Backend
 
 
+class MemberBucket(TokenBucket):
+    """
+    A member's L{TokenBucket}, with L{take} written without C{min()}: it runs
+    for every message, and this form costs about as much as the inline
+    arithmetic it replaced (C{TokenBucket.take} took about 80 ns more).
+    Same state, same answers (tested against L{TokenBucket}); once
+    C{TokenBucket.take} is written so, this class can go.
+    """
+
+    __slots__ = ()
+
+    def take(self, cost: float = 1.0) -> bool:
+        now = self.clock.seconds()
+        tokens = self.tokens + (now - self.stamp) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        self.stamp = now
+        if tokens >= cost:
+            self.tokens = tokens - cost
+            return True
+        self.tokens = tokens
+        return False
+
+
 class Member:
     """A validated address in the chat."""
 
     __slots__ = (
         "addr",
+        "bucket",
         "key",
         "nick",
         "out",
         "peer",
         "room",
         "seen",
-        "stamp",
         "throttled",
-        "tokens",
     )
 
-    def __init__(self, addr: Address, nick: str, out: Sender, now: float) -> None:
+    def __init__(
+        self, addr: Address, nick: str, out: Sender, bucket: MemberBucket
+    ) -> None:
         self.addr = addr
         #: the client address it counts under (L{peer_key}: IPv4, IPv6 /64)
         self.peer = peer_key(addr[0])
@@ -179,9 +205,10 @@ class Member:
         self.key = nick.lower()
         self.out = out
         self.room: Room | None = None
-        self.seen = now
-        self.stamp = now
-        self.tokens = 0.0
+        self.seen = bucket.stamp  # now: the bucket was just made
+        #: its messages, at the chat's C{rate} and C{burst}
+        self.bucket = bucket
+        #: told it is too fast, and nothing passed since
         self.throttled = False
 
 
@@ -384,6 +411,8 @@ class ChatState:
         self.idle_timeout = settings.idle_timeout
         self.max_message = max_message
         self.max_members_per_ip = settings.max_members_per_ip
+        for member in self.members.values():
+            member.bucket.rate, member.bucket.burst = self.rate, self.burst
         self.strangers.rate = settings.rate
         self.strangers.burst = settings.burst
         self.stranger_hosts.rate = settings.rate * settings.max_members_per_ip
@@ -412,17 +441,16 @@ class ChatState:
         if member is None:
             self._stranger(out, addr, size, text)
             return
-        now = self.clock.seconds()
-        member.seen = now
+        member.seen = self.clock.seconds()
         member.out = out
         text = text.rstrip("\n")
         if "\n" in text:
             for line in text.split("\n"):
                 if addr not in self.members:
                     return  # /quit on an earlier line
-                if line and self._charge(member, now):
+                if line and self._charge(member):
                     self._line(member, line)
-        elif text and self._charge(member, now):
+        elif text and self._charge(member):
             self._line(member, text)
 
     def refuse(self, out: Sender, addr: Address, size: int, reason: str) -> None:
@@ -435,22 +463,15 @@ class ChatState:
             if self._stranger_allowed(addr, size):
                 self._to_stranger(out, addr, [line])
             return
-        now = self.clock.seconds()
-        member.seen = now
-        if self._charge(member, now):
+        member.seen = self.clock.seconds()
+        if self._charge(member):
             self._tell(member, line)
 
-    def _charge(self, member: Member, now: float) -> bool:
-        # The member's own token bucket, inline: this is the hot path.
-        tokens = member.tokens + (now - member.stamp) * self.rate
-        if tokens > self.burst:
-            tokens = self.burst
-        member.stamp = now
-        if tokens >= 1.0:
-            member.tokens = tokens - 1.0
+    def _charge(self, member: Member) -> bool:
+        """May C{member} send one more message now?  Tells it once if not."""
+        if member.bucket.take():
             member.throttled = False
             return True
-        member.tokens = tokens
         self.stats["rate_limited"] += 1
         if not member.throttled:
             member.throttled = True
@@ -612,10 +633,9 @@ class ChatState:
                 self._to_stranger(out, addr, refusal)
             return None
         self._forget(addr)
-        now = self.clock.seconds()
         self._guests += 1
-        member = Member(addr, self.backend.guest_name(self._guests), out, now)
-        member.tokens = self.burst
+        bucket = MemberBucket(self.rate, self.burst, self.clock)  # a full one
+        member = Member(addr, self.backend.guest_name(self._guests), out, bucket)
         self.members[addr] = member
         self.peers[member.peer] = self.peers.get(member.peer, 0) + 1
         self.nicks[member.key] = member

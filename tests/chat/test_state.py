@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.chat.state import AMPLIFICATION, EPOCH, ChatState, FairShare
+from sockd.chat.state import AMPLIFICATION, EPOCH, ChatState, FairShare, MemberBucket
 from sockd.chat.text import Event, clean, parse_event
 from sockd.core.limits import TokenBucket
 from tests.helpers import settings
@@ -452,6 +454,27 @@ class LimitTests(SynchronousTestCase):
         say(state, out, A, "later\n")
         self.assertEqual(out.to(B)[-1], "<alice> later\n")
 
+    def test_reload_applies_the_new_rate_to_members(self) -> None:
+        state, out, clock = make(rate="1", burst="3")
+        join(state, out, A, "alice")
+        join(state, out, B, "bob")
+        raised = settings(chat={"rate": "10", "burst": "20"}).chat
+        state.reconfigure(raised, state.max_message)
+        clock.advance(10)
+        out.sent.clear()
+        for i in range(30):
+            say(state, out, A, f"m{i}\n")
+        said = [line for line in out.to(B) if line.startswith("<alice>")]
+        self.assertEqual(len(said), 20)
+        lowered = settings(chat={"rate": "1", "burst": "2"}).chat
+        state.reconfigure(lowered, state.max_message)
+        clock.advance(100)
+        out.sent.clear()
+        for i in range(5):
+            say(state, out, A, f"n{i}\n")
+        said = [line for line in out.to(B) if line.startswith("<alice>")]
+        self.assertEqual(said, ["<alice> n0\n", "<alice> n1\n"])
+
     def three_on_a_small_budget(self) -> tuple[ChatState, Recorder, Clock]:
         """alice, bob and carol (three hosts) in one room; 5 datagrams/s."""
         state, out, clock = make(total_output_rate="5", max_room_members="3")
@@ -647,6 +670,41 @@ class PerAddressTests(SynchronousTestCase):
         say(state, out, newcomer, "hello, is anyone there?\n")
         (welcome,) = out.to(newcomer)
         self.assertRegex(welcome, TOKEN)
+
+
+class MemberBucketTests(SynchronousTestCase):
+    """A member's bucket is a L{TokenBucket} in all but the cost of C{take}."""
+
+    @given(
+        rate=st.floats(0.01, 1e6),
+        burst=st.floats(1, 1e6),
+        steps=st.lists(
+            st.tuples(
+                st.floats(0, 100),  # seconds before the step
+                st.sampled_from([0.5, 1.0, 1.0, 1.0, 3.0]),  # cost
+                st.one_of(
+                    st.none(), st.tuples(st.floats(0.01, 1e6), st.floats(1, 1e6))
+                ),
+            ),
+            max_size=40,
+        ),
+    )
+    def test_same_answers_and_state_as_a_token_bucket(
+        self,
+        rate: float,
+        burst: float,
+        steps: list[tuple[float, float, tuple[float, float] | None]],
+    ) -> None:
+        clock = Clock()
+        clock.advance(1000)
+        mine, stock = MemberBucket(rate, burst, clock), TokenBucket(rate, burst, clock)
+        for wait, cost, reload in steps:
+            clock.advance(wait)
+            if reload is not None:  # as ChatState.reconfigure does
+                for bucket in (mine, stock):
+                    bucket.rate, bucket.burst = reload
+            self.assertEqual(mine.take(cost), stock.take(cost))
+            self.assertEqual((mine.tokens, mine.stamp), (stock.tokens, stock.stamp))
 
 
 class FairShareTests(SynchronousTestCase):
