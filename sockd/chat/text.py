@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "BYE",
+    "EVENT_LIMIT",
     "EVENT_PREFIX",
     "LIST_LIMIT",
     "NICK",

@@ -6,9 +6,10 @@ It shows incoming lines (with timestamps) while you type, completes the
 address validation by itself (the join prompts are not shown), keeps its
 place with C{/ping}, and joins again under the same nickname and room when
 the server restarts.  What the server's notices mean it learns from their
-machine lines (L{sockd.chat.text.parse_event}), which it does not show.  With standard
-input from a pipe it sends each line (paced under the server's rate limit)
-and exits a moment after the end of input, or on C{/quit}.
+machine lines (L{sockd.chat.text.parse_event}), which it does not show.
+With standard input from a pipe it sends each line (paced under the
+server's rate limit) and exits a moment after the end of input, or on
+C{/quit}.
 """
 
 from __future__ import annotations

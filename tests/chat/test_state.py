@@ -458,22 +458,21 @@ class LimitTests(SynchronousTestCase):
         state, out, clock = make(rate="1", burst="3")
         join(state, out, A, "alice")
         join(state, out, B, "bob")
-        raised = settings(chat={"rate": "10", "burst": "20"}).chat
-        state.reconfigure(raised, state.max_message)
-        clock.advance(10)
-        out.sent.clear()
-        for i in range(30):
-            say(state, out, A, f"m{i}\n")
-        said = [line for line in out.to(B) if line.startswith("<alice>")]
-        self.assertEqual(len(said), 20)
-        lowered = settings(chat={"rate": "1", "burst": "2"}).chat
-        state.reconfigure(lowered, state.max_message)
-        clock.advance(100)
-        out.sent.clear()
-        for i in range(5):
-            say(state, out, A, f"n{i}\n")
-        said = [line for line in out.to(B) if line.startswith("<alice>")]
-        self.assertEqual(said, ["<alice> n0\n", "<alice> n1\n"])
+
+        def passed(chat: dict[str, str], wait: float, tries: int) -> list[str]:
+            """Reload with C{chat}; after C{wait}, what alice gets said."""
+            state.reconfigure(settings(chat=chat).chat, state.max_message)
+            clock.advance(wait)
+            out.sent.clear()
+            for i in range(tries):
+                say(state, out, A, f"m{i}\n")
+            return [line for line in out.to(B) if line.startswith("<alice>")]
+
+        self.assertEqual(len(passed({"rate": "10", "burst": "20"}, 10, 30)), 20)
+        self.assertEqual(
+            passed({"rate": "1", "burst": "2"}, 100, 5),
+            ["<alice> m0\n", "<alice> m1\n"],
+        )
 
     def three_on_a_small_budget(self) -> tuple[ChatState, Recorder, Clock]:
         """alice, bob and carol (three hosts) in one room; 5 datagrams/s."""
