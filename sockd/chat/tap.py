@@ -5,7 +5,8 @@ from __future__ import annotations
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService
 
-from sockd.chat.state import ChatProtocol, ChatState
+from sockd.chat.protocol import ChatProtocol
+from sockd.chat.state import ChatState
 from sockd.core.config import Config
 from sockd.core.endpoints import parse_datagram
 from sockd.core.interfaces import IDaemonReactor
@@ -38,7 +39,7 @@ def build(config: Config, reactor: IDaemonReactor) -> list[IService]:
     state = ChatState(settings, reactor, own_ports=own)
     federation: list[IService] = []
     if settings.backend == "redis":
-        import sockd.chat.federation as chat_redis
+        import sockd.chat.redis as chat_redis
 
         federation.append(chat_redis.federate(state, settings, reactor))
     # Read more than the largest datagram accepted, so a larger one is seen

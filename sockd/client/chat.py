@@ -3,10 +3,13 @@ C{sockd chat HOST[:PORT] [--nick NAME] [--room ROOM]}: a terminal client
 for the sockd UDP chat.
 
 It shows incoming lines (with timestamps) while you type, completes the
-address validation by itself, keeps its place with C{/ping}, and joins again
-under the same nickname and room when the server restarts.  With standard
-input from a pipe it sends each line (paced under the server's rate limit)
-and exits a moment after the end of input, or on C{/quit}.
+address validation by itself (the join prompts are not shown), keeps its
+place with C{/ping}, and joins again under the same nickname and room when
+the server restarts.  What the server's notices mean it learns from their
+machine lines (L{sockd.chat.text.parse_event}), which it does not show.
+With standard input from a pipe it sends each line (paced under the
+server's rate limit) and exits a moment after the end of input, or on
+C{/quit}.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import re
 import socket
 import sys
 import time
@@ -32,26 +34,13 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sockd.chat.state import clean
+from sockd.chat.text import BYE, PONG, Event, clean, parse_event
 from sockd.client.echo import split_address
 from sockd.core.limits import TokenBucket
 
 __all__ = ["ChatClient", "add_arguments", "run"]
 
 DEFAULT_PORT = 8001
-
-# Only the server's welcome lines (never a topic or other notice a member
-# could word) carry a cookie to return.
-_TOKEN = re.compile(
-    r"^\*\*\* (?:welcome to sockd chat\. To join #\S+, send: "
-    r"|welcome to sockd chat; to join, send: |to join, send: )?"
-    r"/v ([A-Za-z2-7]{8})\b"
-)
-_YOU_ARE = re.compile(r"^\*\*\* you are (\S+) in ")
-_WELCOMED = re.compile(r"^\*\*\* welcome, you are (\S+)\.")
-_NICK = re.compile(r"^\*\*\* you are now (\S+)$")
-_JOINED = re.compile(r"^\*\*\* you joined #(\S+) ")
-_DROPPED = re.compile(r"^\*\*\* you were dropped ")
 
 #: the first datagram is padded so the server's reply (at most three times
 #: what it received) can be the full welcome
@@ -210,44 +199,45 @@ class ChatClient:
     def received(self, data: bytes) -> None:
         """One datagram from the server."""
         self.heard = True
-        text = clean(data.decode("utf-8", "replace")).rstrip("\n")
-        for line in text.split("\n"):
-            self._line(line)
+        lines = clean(data.decode("utf-8", "replace")).rstrip("\n").split("\n")
+        events = [parse_event(line) for line in lines]
+        # A join prompt (its machine line gives the cookie) is answered
+        # here: none of its lines is shown.
+        prompt = any(event is not None and event.name == "v" for event in events)
+        for line, event in zip(lines, events, strict=True):
+            if event is not None:
+                self._event(event)
+            elif not prompt:
+                self._line(line)
 
     def _line(self, line: str) -> None:
-        if line == "*** pong" and self.auto_pings > 0:
+        if line == PONG and self.auto_pings > 0:
             self.auto_pings -= 1
             return
         self.show(self._stamp() + line)
-        token = _TOKEN.match(line)
-        if token is not None:
-            # A welcome: first contact, or the server forgot us (restart).
-            self._prompted(token.group(1))
-            return
-        match = _WELCOMED.match(line)
-        if match is not None:
-            self._welcomed()
-            return
-        match = _YOU_ARE.match(line)
-        if match is not None and not self.joined:
-            self._member()
-            self._schedule()
-            return
-        match = _NICK.match(line)
-        if match is not None:
-            self.nick = match.group(1)
-            return
-        match = _JOINED.match(line)
-        if match is not None:
-            self.room = match.group(1)
-            return
-        if _DROPPED.match(line):
-            if self.joined:
-                self._lost()
-                if not self._active(self._hello):
-                    self._say_hello()
-        elif line == "*** bye" and self.quitting:
+        if line == BYE and self.quitting:
             self.finish(0)
+
+    def _event(self, event: Event) -> None:
+        """What a machine line says (docs/protocol-chat.md, "Machine lines")."""
+        name, value = event.name, event.value
+        if name == "v" and value:
+            # First contact, or the server forgot us (a restart).
+            self._prompted(value)
+        elif name == "welcome":
+            self._welcomed()
+        elif name == "member":
+            if not self.joined:
+                self._member()
+                self._schedule()
+        elif name == "nick" and value:
+            self.nick = value
+        elif name == "room" and value:
+            self.room = value
+        elif name == "dropped" and self.joined:
+            self._lost()
+            if not self._active(self._hello):
+                self._say_hello()
 
     def _lost(self) -> None:
         """The server no longer counts us as a member."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from sockd.chat.federation import Sentinels, check, parse_url
+from sockd.chat.redis import Sentinels, check, parse_url
 from tests.helpers import Daemon
 
 pytestmark = pytest.mark.integration

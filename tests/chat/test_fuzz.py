@@ -1,9 +1,9 @@
 """
 Property-based fuzzing of the chat relay: a hypothesis state machine drives
-L{sockd.chat.state.ChatProtocol} and its L{sockd.chat.state.ChatState} with datagrams
-from validated and spoofed addresses, commands, arbitrary text and bytes,
-clock advances, reloads and failing sends, and checks the relay's
-invariants after every step.
+L{sockd.chat.protocol.ChatProtocol} and its L{sockd.chat.state.ChatState}
+with datagrams from validated and spoofed addresses, commands, arbitrary
+text and bytes, clock advances, reloads and failing sends, and checks the
+relay's invariants after every step.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.chat.state import AMPLIFICATION, ChatProtocol, ChatState
+from sockd.chat.protocol import ChatProtocol
+from sockd.chat.state import AMPLIFICATION, ChatState
+from sockd.chat.text import parse_event
 from sockd.core.config import ChatSettings
 from sockd.core.limits import peer_key
 from tests.helpers import FakeDatagramTransport
@@ -41,19 +43,24 @@ HONEST += [("127.0.0.6", 40010), ("::ffff:127.0.0.6", 40011)]
 #: sources that never see their replies: spoofed, or small services
 SPOOFED = [("127.0.0.2", 50001), ("127.0.0.3", 50002), ("127.0.0.4", 7)]
 SPOOFED += [("127.0.0.4", 0), ("127.0.0.5", 53)]
-TOKEN = re.compile(rb"/v ([a-z2-7]{8})\b")
+TOKEN = re.compile(rb"(?:/v |@v=)([a-z2-7]{8})\b")
 
 #: what the server may send to an address that is not a member: a welcome
-#: with a cookie, or an error about the datagram; never room traffic
+#: with a cookie (and its machine line), or an error about the datagram;
+#: never room traffic
 STRANGER_REPLY = re.compile(
-    r"\*\*\* (welcome to sockd chat[.;] .*/v [a-z2-7]{8}.*"
-    r"|to join, send: /v [a-z2-7]{8}"
-    r"|/v [a-z2-7]{8}"
+    r"\*\*\* (welcome to sockd chat[.;] .*/v [a-z2-7]{8}.*\n\*\*\* @v=[a-z2-7]{8}"
+    r"|to join, send: /v [a-z2-7]{8}\n\*\*\* @v=[a-z2-7]{8}"
+    r"|@v=[a-z2-7]{8}"
     r"|error: message longer than \d+ bytes"
     r"|error: message is not valid UTF-8"
     r"|error: the chat is full; try later"
     r"|error: too many members from your address( \(at most \d+\); try later)?)\n"
 )
+#: the machine lines the server writes (docs/protocol-chat.md)
+EVENTS = frozenset({"v", "welcome", "member", "nick", "room", "dropped"})
+#: how every line a member causes starts
+MEMBER_TEXT = ("<", "* ", "[msg] <", "[msg -> ")
 #: characters that render as nothing although they are not format
 #: characters (the rule in docs/protocol-chat.md, "Terminal safety")
 BLANK = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0")
@@ -365,6 +372,16 @@ class ChatMachine(RuleBasedStateMachine):
             else:
                 # Never room traffic, /who or history to a non-member.
                 assert STRANGER_REPLY.fullmatch(text), (addr, data)
+            # Machine lines: only the server's, each at the end of a notice.
+            lines = text[:-1].split("\n")
+            events = [parse_event(line) for line in lines]
+            if lines[0].startswith(MEMBER_TEXT):
+                assert events == [None], data  # one line, whatever was said
+            assert all(event is None for event in events[:-1]), data
+            if events[-1] is not None:
+                assert events[-1].name in EVENTS, data
+                if events[-1].name == "v":
+                    assert events[-1].value == self.state.token(addr), data
             self.sent[addr] = self.sent.get(addr, 0) + len(data)
         self.checked = len(log)
         for addr, count in self.sent.items():

@@ -16,7 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import sockd.chat.tap as chat_tap
 from sockd import tap
-from sockd.chat.state import AMPLIFICATION, ChatProtocol, ChatState
+from sockd.chat.protocol import ChatProtocol
+from sockd.chat.state import AMPLIFICATION, ChatState
 from tests.helpers import FakeDatagramTransport, settings, tempdir
 
 A = ("127.0.0.1", 40001)

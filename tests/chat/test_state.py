@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.chat.state import AMPLIFICATION, EPOCH, ChatState, FairShare, clean, listing
+from sockd.chat.state import AMPLIFICATION, EPOCH, ChatState, FairShare, MemberBucket
+from sockd.chat.text import Event, clean, parse_event
 from sockd.core.limits import TokenBucket
 from tests.helpers import settings
 
@@ -20,6 +22,15 @@ C = ("127.0.0.1", 40003)
 B2 = ("127.0.0.2", 40002)
 C3 = ("127.0.0.3", 40003)
 TOKEN = re.compile(r"/v ([a-z2-7]{8})\b")
+
+
+def cookie(reply: str) -> str | None:
+    """The cookie in a join prompt's machine line, as a client reads it."""
+    for line in reply.splitlines():
+        event = parse_event(line)
+        if event is not None and event.name == "v":
+            return event.value
+    return None
 
 
 class Recorder:
@@ -93,7 +104,7 @@ class ValidationTests(SynchronousTestCase):
             say(state, out, addr, text)
             (reply,) = out.to(addr)
             self.assertLessEqual(len(reply), AMPLIFICATION * len(text))
-            self.assertRegex(reply, TOKEN)
+            self.assertEqual(cookie(reply), state.token(addr))
 
     def test_tiny_datagram_gets_nothing_then_credit_accumulates(self) -> None:
         state, out, _ = make()
@@ -102,7 +113,7 @@ class ValidationTests(SynchronousTestCase):
         say(state, out, A, "hi\n")
         (reply,) = out.to(A)
         self.assertLessEqual(len(reply), AMPLIFICATION * 6)
-        self.assertRegex(reply, TOKEN)
+        self.assertEqual(cookie(reply), state.token(A))
 
     def test_spoofed_source_never_gets_more_than_three_times(self) -> None:
         # An attacker sends, under the victim's address, every kind of
@@ -307,7 +318,9 @@ class RoomTests(SynchronousTestCase):
     def test_join_and_part(self) -> None:
         say(self.state, self.out, A, "/join #Dev\n")
         self.assertIn("*** alice left #lobby\n", self.out.take(B))
-        self.assertIn("*** you joined #Dev (1 member)\n", self.out.take(A))
+        self.assertIn(
+            "*** you joined #Dev (1 member)\n*** @room=Dev\n", self.out.take(A)
+        )
         say(self.state, self.out, B, "/join dev\n")
         self.assertIn("*** bob joined #Dev\n", self.out.take(A))
         say(self.state, self.out, A, "/part\n")
@@ -339,7 +352,7 @@ class RoomTests(SynchronousTestCase):
         state, out, _ = make(max_rooms="2", max_room_members="1", max_members="2")
         join(state, out, A, "alice")  # alone in lobby
         say(state, out, A, "/join one\n")
-        self.assertIn("*** you joined #one (1 member)\n", out.take(A))
+        self.assertIn("*** you joined #one (1 member)\n*** @room=one\n", out.take(A))
         join(state, out, B, "bob")
         say(state, out, B, "/join two\n")
         self.assertEqual(
@@ -395,11 +408,6 @@ class RoomTests(SynchronousTestCase):
         self.assertEqual(self.out.to(B), ["*** alice quit #lobby\n"])
         self.assertNotIn(A, self.state.members)
         self.assertNotIn("alice", self.state.nicks)
-
-    def test_who_listing_is_bounded(self) -> None:
-        text = listing("*** #x (500): ", [f"user{i:04d}" for i in range(500)])
-        self.assertLessEqual(len(text.encode()), 1300)
-        self.assertIn("more", text)
 
 
 class PresenceTests(SynchronousTestCase):
@@ -462,6 +470,26 @@ class LimitTests(SynchronousTestCase):
         state.refuse(out, A, 3000, "too big", "oversized")
         self.assertEqual((state.stats["invalid"], state.stats["oversized"]), (1, 1))
         self.assertIn("*** error: too big\n", out.to(A))
+
+    def test_reload_applies_the_new_rate_to_members(self) -> None:
+        state, out, clock = make(rate="1", burst="3")
+        join(state, out, A, "alice")
+        join(state, out, B, "bob")
+
+        def passed(chat: dict[str, str], wait: float, tries: int) -> list[str]:
+            """Reload with C{chat}; after C{wait}, what alice gets said."""
+            state.reconfigure(settings(chat=chat).chat, state.max_message)
+            clock.advance(wait)
+            out.sent.clear()
+            for i in range(tries):
+                say(state, out, A, f"m{i}\n")
+            return [line for line in out.to(B) if line.startswith("<alice>")]
+
+        self.assertEqual(len(passed({"rate": "10", "burst": "20"}, 10, 30)), 20)
+        self.assertEqual(
+            passed({"rate": "1", "burst": "2"}, 100, 5),
+            ["<alice> m0\n", "<alice> m1\n"],
+        )
 
     def three_on_a_small_budget(self) -> tuple[ChatState, Recorder, Clock]:
         """alice, bob and carol (three hosts) in one room; 5 datagrams/s."""
@@ -645,7 +673,7 @@ class PerAddressTests(SynchronousTestCase):
         self.assertLessEqual(len(state.pending), 5)
         say(state, out, shy, "hi\n")  # 6 bytes in all: the shortest welcome
         (welcome,) = out.to(shy)
-        self.assertRegex(welcome, TOKEN)
+        self.assertEqual(cookie(welcome), state.token(shy))
 
     def test_handshake_budget_not_taken_by_one_host(self) -> None:
         state, out, clock = make(rate="1", burst="1", max_members_per_ip="4")
@@ -658,6 +686,41 @@ class PerAddressTests(SynchronousTestCase):
         say(state, out, newcomer, "hello, is anyone there?\n")
         (welcome,) = out.to(newcomer)
         self.assertRegex(welcome, TOKEN)
+
+
+class MemberBucketTests(SynchronousTestCase):
+    """A member's bucket is a L{TokenBucket} in all but the cost of C{take}."""
+
+    @given(
+        rate=st.floats(0.01, 1e6),
+        burst=st.floats(1, 1e6),
+        steps=st.lists(
+            st.tuples(
+                st.floats(0, 100),  # seconds before the step
+                st.sampled_from([0.5, 1.0, 1.0, 1.0, 3.0]),  # cost
+                st.one_of(
+                    st.none(), st.tuples(st.floats(0.01, 1e6), st.floats(1, 1e6))
+                ),
+            ),
+            max_size=40,
+        ),
+    )
+    def test_same_answers_and_state_as_a_token_bucket(
+        self,
+        rate: float,
+        burst: float,
+        steps: list[tuple[float, float, tuple[float, float] | None]],
+    ) -> None:
+        clock = Clock()
+        clock.advance(1000)
+        mine, stock = MemberBucket(rate, burst, clock), TokenBucket(rate, burst, clock)
+        for wait, cost, reload in steps:
+            clock.advance(wait)
+            if reload is not None:  # as ChatState.reconfigure does
+                for bucket in (mine, stock):
+                    bucket.rate, bucket.burst = reload
+            self.assertEqual(mine.take(cost), stock.take(cost))
+            self.assertEqual((mine.tokens, mine.stamp), (stock.tokens, stock.stamp))
 
 
 class FairShareTests(SynchronousTestCase):
@@ -756,44 +819,8 @@ class FloodTests(SynchronousTestCase):
         self.assertLessEqual(len(out.sent), 1000 * 15 + 1000)
 
 
-class CleanTests(SynchronousTestCase):
-    def test_controls_replaced(self) -> None:
-        for raw in [
-            "\x1b[31mred",
-            "a\x07b",
-            "a\x00b",
-            "del\x7f",
-            "c1\u009b2J",
-            "bare\rcr",
-            "bidi\u202eevil",
-            "iso\u2066x\u2069",
-        ]:
-            cleaned = clean(raw)
-            self.assertIsNone(
-                re.search(
-                    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", cleaned
-                ),
-                repr(cleaned),
-            )
-            self.assertIn("\ufffd", cleaned)
-
-    def test_invisible_and_direction_marks_replaced(self) -> None:
-        for mark in [
-            *("\u2028", "\u2029", "\u200e", "\u200f", "\u061c", "\u200b"),
-            *("\ufeff", "\u2060", "\u2061", "\u2064", "\u180e", "\u00ad"),
-            *("\u115f", "\u1160", "\u3164", "\uffa0", "\u034f", "\U000e0041"),
-        ]:
-            self.assertEqual(clean(f"a{mark}b"), "a\ufffdb", repr(mark))
-            self.assertEqual(clean(f"\u00e9{mark}"), "\u00e9\ufffd", repr(mark))
-
-    def test_every_format_and_separator_character_replaced(self) -> None:
-        # Decided by category, for whatever this Python's Unicode knows.
-        kept = {0x200C, 0x200D}  # joiners: emoji sequences, Indic, Persian
-        for code in range(0x110000):
-            c = chr(code)
-            if code in kept or unicodedata.category(c) not in ("Cf", "Zl", "Zp"):
-                continue
-            self.assertEqual(clean("x" + c), "x\ufffd", hex(code))
+class RelayedTextTests(SynchronousTestCase):
+    """What members say reaches the others terminal-safe."""
 
     def test_a_line_cannot_pass_for_two(self) -> None:
         state, out, _ = make()
@@ -803,19 +830,6 @@ class CleanTests(SynchronousTestCase):
         self.assertEqual(
             out.to(B), ["<alice> ok\ufffd<bob> \ufffdI owe alice 100\ufffd\n"]
         )
-
-    def test_text_kept(self) -> None:
-        for text in ["plain", "caf\u00e9 \u65e5\u672c \U0001f600", "a\nb", "x\u200dy"]:
-            self.assertEqual(clean(text), text)
-        # Joiners and variation selectors: emoji sequences stay whole.
-        for text in [
-            "\U0001f469\u200d\U0001f4bb",
-            "\u2764\ufe0f",
-            "\u0645\u200c\u06cc",
-        ]:
-            self.assertEqual(clean(text), text)
-        self.assertEqual(clean("a\r\nb\r\n"), "a\nb\n")
-        self.assertEqual(clean("tab\there"), "tab here")
 
     def test_relayed_escape_is_neutralised(self) -> None:
         state, out, _ = make()
@@ -829,3 +843,108 @@ class CleanTests(SynchronousTestCase):
         self.assertNotIn("\u202e", line)
         self.assertNotIn("\r", line)
         self.assertTrue(line.startswith("<alice> "))
+
+
+def lines_to(out: Recorder, addr: Any) -> list[str]:
+    """Every line C{addr} was sent, datagram after datagram."""
+    return [line for data in out.to(addr) for line in data.splitlines()]
+
+
+class MachineLineTests(SynchronousTestCase):
+    """The machine lines that go with the join prompts and notices."""
+
+    def test_join_prompts_byte_by_byte(self) -> None:
+        state, out, _ = make()
+        full = (
+            "*** welcome to sockd chat. To join #lobby, send: /v {t} "
+            "(then /nick NAME to pick a name, /help for commands)\n*** @v={t}\n"
+        )
+        medium = "*** welcome to sockd chat; to join, send: /v {t}\n*** @v={t}\n"
+        short = "*** to join, send: /v {t}\n*** @v={t}\n"
+        bare = "*** @v={t}\n"
+        for size, prompt in [(44, full), (24, medium), (16, short), (6, bare)]:
+            addr = ("127.0.0.9", 1000 + size)
+            say(state, out, addr, "x" * (size - 1) + "\n")
+            expected = prompt.format(t=state.token(addr))
+            self.assertEqual(out.to(addr), [expected])
+            self.assertLessEqual(len(expected), AMPLIFICATION * size)
+            self.assertGreater(len(expected), AMPLIFICATION * (size - 1))
+        # README: "a first datagram of 5 bytes or fewer gets no answer".
+        say(state, out, B, "five\n")
+        self.assertEqual(out.to(B), [])
+
+    def test_notices_carry_their_machine_lines(self) -> None:
+        state, out, clock = make(idle_timeout="60")
+        say(state, out, A, "hello, is anyone there?\n")
+        say(state, out, A, f"/v {cookie(out.take(A)[0])}\n")
+        self.assertEqual(
+            out.take(A),
+            [
+                "*** welcome, you are guest-1. /nick NAME to pick a name, /help "
+                "for commands; silent members leave after 60s (/ping keeps you "
+                "here)\n*** @welcome nick=guest-1\n",
+                "*** you joined #lobby (1 member)\n*** @room=lobby\n",
+            ],
+        )
+        say(state, out, A, "/nick alice\n/join #Dev\n/hello\n/part\n/v\n")
+        self.assertEqual(
+            out.take(A),
+            [
+                "*** you are now alice\n*** @nick=alice\n",
+                "*** you joined #Dev (1 member)\n*** @room=Dev\n",
+                "*** you are alice in #Dev\n*** @member nick=alice room=Dev\n",
+                "*** you left #Dev; /join ROOM to enter one\n",
+                "*** you are alice in no room\n*** @member nick=alice\n",
+            ],
+        )
+        clock.advance(61)
+        state.expire()
+        self.assertEqual(
+            out.take(A),
+            [
+                "*** you were dropped after 60s of silence; send anything to "
+                "come back\n*** @dropped\n"
+            ],
+        )
+
+    def test_members_cannot_write_machine_lines(self) -> None:
+        # Only the server's own notices carry them: a member's text, however
+        # it is sent, is never read as one by anybody.
+        state, out, _ = make(rate="1000", burst="1000")
+        join(state, out, A, "alice")
+        join(state, out, B, "bob")
+        hostile = "*** @v=abcdefgh"
+        for text in [
+            hostile,
+            "*** @welcome nick=mallory",
+            "*** @dropped",
+            "//*** @v=abcdefgh",
+            f"/me {hostile}",
+            f"/msg bob {hostile}",
+            f"/msg {hostile}",
+            f"/topic {hostile}",
+            "/topic",
+            f"ok\n{hostile}\n/me x\n*** @nick=mallory",
+            f"ok\r\n{hostile}",
+            f"ok\r{hostile}",
+            f"ok\u2028{hostile}",
+            f"ok\u0085{hostile}",
+            "/nick @v=abcdefgh",
+            "/nick *** @nick=x",
+            "/join @v=abcdefgh",
+            "/join *** @room=x",
+            "/*** @v=abcdefgh",
+            "/@v=abcdefgh",
+        ]:
+            say(state, out, A, text + "\n")
+        say(state, out, B, "/who\n/rooms\n/topic\n")
+        for addr, count in ((A, 12), (B, 19)):  # everything was answered
+            lines = lines_to(out, addr)
+            self.assertEqual(len(lines), count, lines)
+            for line in lines:
+                self.assertIsNone(parse_event(line), (addr, line))
+        # What the server says itself is read: bob renames himself.
+        out.sent.clear()
+        say(state, out, B, "/nick bobby\n")
+        events = [parse_event(line) for line in lines_to(out, B)]
+        self.assertEqual([e for e in events if e], [Event("nick", "bobby")])

@@ -9,7 +9,8 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.chat.state import ChatState, clean
+from sockd.chat.state import ChatState
+from sockd.chat.text import clean, event_line, parse_event
 from sockd.client import main
 from sockd.client.chat import HELLO, ChatClient
 from tests.helpers import settings
@@ -30,6 +31,8 @@ class Wire:
         self.others: list[tuple[bytes, Any]] = []
         self.status: list[int] = []
         self.from_client: list[bytes] = []
+        #: what the server sent the client
+        self.to_client: list[bytes] = []
         #: when each of them was sent
         self.times: list[float] = []
 
@@ -40,6 +43,7 @@ class Wire:
     # the server's Sender
     def send(self, data: bytes, addr: Any) -> None:
         if addr == ME:
+            self.to_client.append(data)
             # delivered on the next turn, as a socket would
             self.clock.callLater(0, self.client.received, data)
         else:
@@ -100,7 +104,37 @@ class ClientTests(SynchronousTestCase):
         client = self.wire.make_client()
         client.start()
         self.clock.advance(0)
-        self.assertTrue(self.wire.screen[0].startswith("*** welcome to sockd chat."))
+        prompt = self.wire.to_client[0].decode()
+        self.assertTrue(prompt.startswith("*** welcome to sockd chat."))
+        self.assertTrue(prompt.endswith("*** @v=" + self.wire.state.token(ME) + "\n"))
+
+    def test_join_prompts_and_machine_lines_are_not_shown(self) -> None:
+        client = self.wire.make_client(nick="alice", room="dev", keepalive=30.0)
+        client.start()
+        self.clock.advance(0)
+        self.wire.restart()
+        self.clock.advance(30)  # a stranger's prompt, then a new welcome
+        self.assertTrue(client.joined)
+        self.assertEqual(self.wire.state.members[ME].nick, "alice")
+        sent = [line for d in self.wire.to_client for line in d.decode().splitlines()]
+        events = [e.name for e in map(parse_event, sent) if e is not None]
+        self.assertEqual(events, ["v", "welcome", "room", "nick", "room"] * 2)
+        # The full prompt (a hello's credit), then the bare line (a ping's).
+        self.assertEqual(len([line for line in sent if "/v " in line]), 1)
+        for line in self.wire.screen:
+            self.assertIsNone(parse_event(line), line)
+            self.assertNotIn("/v ", line)
+        self.assertEqual(
+            [line for line in self.wire.screen if line.startswith("*** welcome")],
+            [
+                "*** welcome, you are guest-1. /nick NAME to pick a name, /help "
+                "for commands; silent members leave after 300s (/ping keeps you "
+                "here)",
+                "*** welcome, you are guest-1. /nick NAME to pick a name, /help "
+                "for commands; silent members leave after 300s (/ping keeps you "
+                "here)",
+            ],
+        )
 
     def test_lines_queued_until_joined_then_paced(self) -> None:
         self.wire.up = False
@@ -186,14 +220,35 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(self.wire.from_client, [HELLO.encode()] * 3)
 
     def test_topic_cannot_fake_a_welcome(self) -> None:
-        client = self.wire.make_client()
+        client = self.wire.make_client(nick="alice", room="dev")
         client.start()
         self.clock.advance(0)
         sent = len(self.wire.from_client)
-        client.received(b"*** bob set the topic of #lobby: /v abcdefgh\n")
-        client.received(b"<bob> *** /v abcdefgh\n")
+        shown = len(self.wire.screen)
+        forged = [
+            b"*** bob set the topic of #lobby: /v abcdefgh\n",
+            b"<bob> *** /v abcdefgh\n",
+            b"*** bob set the topic of #lobby: *** @v=abcdefgh\n",
+            b"*** topic: *** @dropped\n",
+            b"<bob> *** @v=abcdefgh\n",
+            b"* bob *** @dropped\n",
+            b"[msg] <bob> *** @welcome nick=bob\n",
+            b"[msg -> bob] *** @nick=bob\n",
+            b"<bob> ok\xe2\x80\xa8*** @room=evil\n",
+            b"<bob> ok\r*** @room=evil\n",
+            b"*** error: no one is called *** @room=evil\n",
+        ]
+        for data in forged:
+            client.received(data)
         self.assertEqual(len(self.wire.from_client), sent)
+        self.assertEqual(len(self.wire.screen), shown + len(forged))  # as text
         self.assertTrue(client.joined)
+        self.assertEqual((client.nick, client.room), ("alice", "dev"))
+        # The same machine lines from the server itself are heeded.
+        client.received(b"*** you are now bob\n*** @nick=bob\n")
+        self.assertEqual(client.nick, "bob")
+        client.received(b"*** you were dropped ...\n*** @dropped\n")
+        self.assertFalse(client.joined)
 
     def test_unsafe_server_text_cleaned(self) -> None:
         client = self.wire.make_client()
@@ -258,7 +313,8 @@ class Hostile:
 
 
 def prompt(n: int) -> list[bytes]:
-    return [f"*** to join, send: /v {'abcdefgh'[n % 8]}bcdefgh\n".encode()]
+    token = f"{'abcdefgh'[n % 8]}bcdefgh"
+    return [f"*** to join, send: /v {token}\n{event_line('v', token)}".encode()]
 
 
 class HostileServerTests(SynchronousTestCase):
@@ -309,7 +365,8 @@ class HostileServerTests(SynchronousTestCase):
     def test_welcome_then_prompt_for_every_datagram(self) -> None:
         # A membership that breaks at once is no reason to start afresh.
         def flapping(n: int) -> list[bytes]:
-            return [b"*** welcome, you are ann. /nick NAME\n", *prompt(n)]
+            welcome = "*** welcome, you are ann. /nick NAME\n"
+            return [(welcome + event_line("welcome", nick="ann")).encode(), *prompt(n)]
 
         server = Hostile(self.clock, flapping)
         server.make_client(nick="ann", random=lambda: 0.0)
@@ -326,7 +383,10 @@ class HostileServerTests(SynchronousTestCase):
 
         def flood(i: int = 0) -> None:
             for j in range(10):
-                client.received(b"*** welcome, you are guest-1. /nick NAME\n")
+                client.received(
+                    b"*** welcome, you are guest-1. /nick NAME\n"
+                    b"*** @welcome nick=guest-1\n"
+                )
                 client.received(prompt(i + j)[0])
             self.clock.callLater(0.01, flood, i + 10)
 

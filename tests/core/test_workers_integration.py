@@ -165,8 +165,9 @@ def test_workers_serve_the_shared_sockets(daemon: Daemon) -> None:
     # Chat is served by the main process alone, as before.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(5)
-        s.sendto(b"/nick alice\n", ("127.0.0.1", daemon.port("chat", "UDP")))
-        # (Its first answer asks a new address to prove it can receive.)
+        s.sendto(b"/nick alice, I am new\n", ("127.0.0.1", daemon.port("chat", "UDP")))
+        # (Its first answer asks a new address to prove it can receive; 22
+        # bytes buy this prompt and its machine line, 47 bytes.)
         assert s.recv(65536).startswith(b"*** to join, send: /v ")
 
 
