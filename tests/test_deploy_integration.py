@@ -21,7 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TWISTD, Daemon, need, tcp_exchange
+from tests.helpers import (
+    ROOT,
+    TWISTD,
+    Daemon,
+    free_port_pair,
+    socket_activation,
+    tcp_exchange,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -101,21 +108,6 @@ def test_ready_watchdog_and_stopping_from_real_twistd(
         daemon.stop()
 
 
-def free_port_pair() -> int:
-    """A port number free for both TCP and UDP on 127.0.0.1."""
-    for _ in range(20):
-        with socket.socket() as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port: int = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no port free for both TCP and UDP")
-
-
 def private_network() -> list[str]:
     """C{unshare --net}, where this machine permits it."""
     unshare = shutil.which("unshare")
@@ -136,12 +128,10 @@ class ActivatedDaemon(JournalDaemon):
     """
 
     def __init__(self, port: int, ini: str) -> None:
-        activate = need("systemd-socket-activate")
         address = f"127.0.0.1:{port}"
-        wrapper = [activate, "-l", address, "--"]
-        # Twisted's systemd: endpoint wants LISTEN_FDNAMES, which systemd
-        # always sets and this tool only with --fdname.
-        wrapper += [activate, "--datagram", "--fdname=echo", "-l", address, "--"]
+        wrapper = socket_activation(
+            [("stream", address), ("datagram", address)], "echo"
+        )
         # As with PrivateNetwork=yes: a network namespace of its own, where
         # it could bind nothing that a client could reach.
         self.private_network = private_network()

@@ -320,11 +320,16 @@ def _absolute_ssl_paths(word: str, base: Path) -> str:
 
 def datagram_endpoints(value: str, base: Path) -> tuple[str, ...]:
     """C{udp:PORT[:interface=ADDR]} or C{systemd:domain=INET:index=N}."""
-    from sockd.core.endpoints import parse_datagram
+    from sockd.core.endpoints import check_systemd_index, parse_datagram
 
     result = []
     for word in _endpoint_words(value):
-        parse_datagram(word)  # raises ValueError with the reason
+        endpoint = parse_datagram(word)  # raises ValueError with the reason
+        if endpoint.systemd_index is not None:
+            try:
+                check_systemd_index(endpoint.systemd_index)
+            except ValueError as e:
+                raise ValueError(f"{word!r}: {e}") from None
         result.append(word)
     return tuple(result)
 
