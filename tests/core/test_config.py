@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from twisted.internet.endpoints import _SystemdParser
 from twisted.python.systemd import ListenFDs
@@ -26,16 +27,31 @@ def parse(text: str, **overrides: dict[str, str]) -> config.Config:
 
 class DefaultsTests(SynchronousTestCase):
     def test_shipped_file_matches_dataclass_defaults(self) -> None:
-        # Every key is present in the shipped file, with the documented
-        # default; the dataclasses and the file must not drift apart.
+        # Every key is present in the shipped file with its default, except
+        # the lines marked as not the default; the dataclasses and the file
+        # must not drift apart.
+        text = (ROOT / "etc" / "sockd.ini").read_text()
+        marked, section = set(), ""
+        for line in text.splitlines():
+            if line.startswith("["):
+                section = line.strip("[]")
+            elif "# not the default" in line:
+                marked.add((section, line.partition("=")[0].strip()))
+        self.assertEqual(
+            marked, {("chat", "enabled"), ("file", "enabled"), ("file", "root")}
+        )
+        self.assertIn("except the three lines marked", " ".join(text.split()))
         shipped = config.load(str(ROOT / "etc" / "sockd.ini"))
-        for section in config.SCHEMA:
-            keys = set(config.SCHEMA[section])
-            text = (ROOT / "etc" / "sockd.ini").read_text()
+        for section, keys in config.SCHEMA.items():
+            defaults = getattr(config.Config(), section)
             for key in keys:
                 self.assertRegex(text, rf"(?m)^{key} = ", f"[{section}] {key}")
-        self.assertEqual(shipped.echo, config.EchoSettings())
-        self.assertEqual(shipped.sockd, config.SockdSettings())
+                if (section, key) not in marked:
+                    self.assertEqual(
+                        getattr(getattr(shipped, section), key),
+                        getattr(defaults, key),
+                        f"[{section}] {key}",
+                    )
 
     def test_etc_is_the_packaged_default(self) -> None:
         self.assertEqual(
@@ -508,6 +524,19 @@ class ProductionCodeTests(SynchronousTestCase):
                     )
 
 
+def doc_block(path: Path, containing: str) -> str:
+    """The indented (code) block of a Markdown file holding C{containing}."""
+    blocks, current = [], []
+    for line in (path.read_text() + "\n").splitlines():
+        if line.startswith("    ") or (current and not line.strip()):
+            current.append(line)
+        else:
+            blocks.append(textwrap.dedent("\n".join(current)))
+            current = []
+    (block,) = [b for b in blocks if containing in b]
+    return block
+
+
 def fake_systemd(case: SynchronousTestCase, count: int) -> None:
     """As if systemd had passed C{count} named sockets."""
     case.patch(
@@ -573,6 +602,21 @@ class CommentTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             parse("[echo]\nidle_timeout = soon\n")
         self.assertNotIn("comment", str(caught.exception))
+
+    def test_readme_examples(self) -> None:
+        readme = ROOT / "README.md"
+        c = parse(doc_block(readme, "node_name = chat-1          # unique per node"))
+        self.assertEqual((c.chat.node_name, c.chat.backend), ("chat-1", "redis"))
+        c = parse(doc_block(readme, "# the old port"))
+        self.assertEqual(c.echo.listen, ("tcp:7007:interface=127.0.0.1",))
+        self.assertEqual((c.echo.mode, c.echo.listen_udp), ("raw", ()))
+
+    def test_deploy_socket_activation_example(self) -> None:
+        fake_systemd(self, 2)
+        block = doc_block(ROOT / "docs" / "deploy.md", "# ListenStream=127.0.0.1:7")
+        c = parse(block)
+        self.assertEqual(c.echo.listen, ("systemd:domain=INET:index=0",))
+        self.assertEqual(c.echo.listen_udp, ("systemd:domain=INET:index=1",))
 
 
 class ListenDefaultsTests(SynchronousTestCase):
@@ -663,6 +707,32 @@ class RunsTests(SynchronousTestCase):
         text = "[metrics]\nenabled = false\nmax_connections = lots\n"
         c = config.parse(text, "test.ini", ROOT, runs=("echo",))
         self.assertFalse(c.metrics.enabled)
+
+    def test_daemons_on_the_socket_activated_sample(self) -> None:
+        # Each daemon under its own .socket unit, or started without one
+        # on an address of its own: the other sections' sockets are not
+        # looked up.
+        import sockd.chat.tap
+        import sockd.echo.tap
+        import sockd.files.tap
+
+        sample = str(ROOT / "etc" / "sockd-socket-activated.ini")
+        chat = sockd.chat.tap.Options()
+        chat.parseOptions(["--config", sample, "--listen", "udp:0"])
+        self.assertEqual(chat.config.chat.listen, ("udp:0",))
+        fake_systemd(self, 1)
+        files = sockd.files.tap.Options()
+        files.parseOptions(["--config", sample, "--root", str(ROOT)])
+        self.assertEqual(files.config.file.root, ROOT)
+        with self.assertRaises(SystemExit) as caught:
+            sockd.echo.tap.Options().parseOptions(["--config", sample])
+        self.assertIn("[echo] listen_udp", str(caught.exception))
+        fake_systemd(self, 2)
+        echo = sockd.echo.tap.Options()
+        echo.parseOptions(["--config", sample])
+        self.assertEqual(
+            (echo.config.echo.mode, echo.config.echo.transform), ("raw", "none")
+        )
 
     def test_single_daemon_runs_its_section_even_if_disabled(self) -> None:
         import sockd.files.tap
