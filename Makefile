@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 CONFIG ?= etc/sockd.ini
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck unit bench soak clean
+.PHONY: run test lint typecheck unit bench soak dist clean
 
 # The venv, with sockd installed in "compat" editable mode: twistd finds the
 # plugin through a path entry (the default editable mode hides it).
@@ -53,6 +53,18 @@ bench: $(VENV)/.installed-bench
 # flat.  SOAK_ARGS=--minutes 10 for longer.
 soak: $(VENV)/.installed-test
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
+# build, and what pyproject.toml's [build-system] requires, so that dist
+# builds offline once they are installed.
+$(VENV)/.installed-build: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet build 'setuptools>=68' wheel
+	touch $@
+
+# dist/sockd-VERSION.tar.gz and the wheel built from it, for
+# `pip install dist/sockd-*.whl` (docs/deploy.md).
+dist: $(VENV)/.installed-build
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist .
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp* .mypy_cache .ruff_cache

@@ -27,7 +27,7 @@ import time
 
 from bench import Server, raise_nofile, sockd_daemon
 from bench.chat import drain
-from tests.chat.test_federation_integration import RedisServer
+from bench.redis_server import RedisServer
 
 NODE_INI = """\
     [echo]

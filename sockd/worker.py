@@ -62,7 +62,7 @@ def main() -> None:
     overrides = spec.get("overrides") or {}
 
     def loader() -> _config.Config:
-        return _config.load(spec["config"], overrides)
+        return _config.load(spec["config"], overrides, runs=spec["sections"])
 
     try:
         config = loader()

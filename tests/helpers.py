@@ -85,6 +85,42 @@ def need(tool: str) -> str:
     return path
 
 
+def free_port_pair() -> int:
+    """A port number free for both TCP and UDP on 127.0.0.1."""
+    for _ in range(20):
+        with socket.socket() as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port: int = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no port free for both TCP and UDP")
+
+
+def socket_activation(sockets: Sequence[tuple[str, str]], name: str) -> list[str]:
+    """
+    The command prefix that passes C{sockets} ("stream" or "datagram",
+    HOST:PORT), in order, as a .socket unit listing them would:
+    C{systemd-socket-activate} once per socket, nested (one of them binds
+    one kind only), the last naming them all (Twisted's C{systemd:}
+    endpoint wants C{LISTEN_FDNAMES}).  The command starts on the first
+    connection or datagram to any of them.
+    """
+    activate = need("systemd-socket-activate")
+    wrapper: list[str] = []
+    for number, (kind, address) in enumerate(sockets, 1):
+        wrapper.append(activate)
+        if kind == "datagram":
+            wrapper.append("--datagram")
+        if number == len(sockets):
+            wrapper.append("--fdname=" + ":".join([name] * len(sockets)))
+        wrapper += ["-l", address, "--"]
+    return wrapper
+
+
 class Daemon:
     """
     A real C{twistd -n} on loopback.  Listeners bind port 0; the daemon's log

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import json
 import math
+import subprocess
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +31,7 @@ from bench.compare import Change, compare, ratio_and_spread, report
 from bench.ref_udp_asyncio import CheckedEcho
 from bench.scaling import chat_window, finite_ratios, measure
 from sockd.echo.protocol import LOOP_PORTS
+from tests.helpers import ROOT
 
 
 def result(
@@ -444,3 +448,39 @@ class ChartTests(SynchronousTestCase):
         self.assertEqual(drawn[0], drawn[1])
         self.assertIn(b"<svg", drawn[0])
         self.assertIn(b"echo request/response", drawn[0])
+
+
+class StandaloneTests(SynchronousTestCase):
+    """The benchmarks run from a checkout without the test dependencies."""
+
+    def test_no_module_imports_the_tests(self) -> None:
+        for path in sorted((ROOT / "bench").glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                elif isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                else:
+                    continue
+                for name in names:
+                    self.assertFalse(
+                        name.split(".")[0] in ("tests", "pytest"),
+                        f"{path.relative_to(ROOT)} imports {name}",
+                    )
+
+    def test_chat_federation_runs_without_pytest(self) -> None:
+        blocked = (
+            "import runpy, sys; sys.modules['pytest'] = None; "
+            "sys.argv = ['chat_federation', '--help']; "
+            "runpy.run_module('bench.chat_federation', run_name='__main__')"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", blocked],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("--members", result.stdout)

@@ -21,7 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TWISTD, Daemon, need, tcp_exchange
+from tests.helpers import (
+    ROOT,
+    TWISTD,
+    Daemon,
+    free_port_pair,
+    socket_activation,
+    tcp_exchange,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -101,21 +108,6 @@ def test_ready_watchdog_and_stopping_from_real_twistd(
         daemon.stop()
 
 
-def free_port_pair() -> int:
-    """A port number free for both TCP and UDP on 127.0.0.1."""
-    for _ in range(20):
-        with socket.socket() as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port: int = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no port free for both TCP and UDP")
-
-
 def private_network() -> list[str]:
     """C{unshare --net}, where this machine permits it."""
     unshare = shutil.which("unshare")
@@ -136,12 +128,10 @@ class ActivatedDaemon(JournalDaemon):
     """
 
     def __init__(self, port: int, ini: str) -> None:
-        activate = need("systemd-socket-activate")
         address = f"127.0.0.1:{port}"
-        wrapper = [activate, "-l", address, "--"]
-        # Twisted's systemd: endpoint wants LISTEN_FDNAMES, which systemd
-        # always sets and this tool only with --fdname.
-        wrapper += [activate, "--datagram", "--fdname=echo", "-l", address, "--"]
+        wrapper = socket_activation(
+            [("stream", address), ("datagram", address)], "echo"
+        )
         # As with PrivateNetwork=yes: a network namespace of its own, where
         # it could bind nothing that a client could reach.
         self.private_network = private_network()
@@ -160,7 +150,8 @@ class ActivatedDaemon(JournalDaemon):
         with socket.create_connection(("127.0.0.1", self.listen_port), timeout=10) as s:
             s.sendall(b"activated\n")
             self.wait_for(self.READY, 20)
-            assert s.recv(100) == b"ACTIVATED\n"
+            # The sample's echo is raw and unchanged, as inetd's.
+            assert s.recv(100) == b"activated\n"
 
 
 def test_socket_activation_tcp_and_udp() -> None:
@@ -176,10 +167,10 @@ def test_socket_activation_tcp_and_udp() -> None:
             udp.settimeout(5)
             udp.bind(("127.0.0.1", 0))
             udp.sendto(b"datagram", ("127.0.0.1", port))
-            assert udp.recvfrom(100) == (b"DATAGRAM", ("127.0.0.1", port))
+            assert udp.recvfrom(100) == (b"datagram", ("127.0.0.1", port))
         # TCP still served after a datagram: systemd passes blocking sockets,
         # and an adopted blocking UDP socket once hung the reactor here.
-        assert tcp_exchange(port, b"again\n") == b"AGAIN\n", daemon.log()
+        assert tcp_exchange(port, b"again\n") == b"again\n", daemon.log()
         assert not re.search(r"Traceback|Unhandled", daemon.log())
         # As the units run it: --logger, no timestamps from twistd.
         assert not any(re.match(r"\d{4}-\d\d-\d\dT", line) for line in daemon.lines)
@@ -201,11 +192,11 @@ def test_socket_activation_with_workers() -> None:
         main = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
         os.kill(main, signal.SIGSTOP)
         try:
-            assert tcp_exchange(port, b"worker\n") == b"WORKER\n"
+            assert tcp_exchange(port, b"worker\n") == b"worker\n"
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 udp.settimeout(5)
                 udp.sendto(b"datagram", ("127.0.0.1", port))
-                assert udp.recv(100) == b"DATAGRAM"
+                assert udp.recv(100) == b"datagram"
         finally:
             os.kill(main, signal.SIGCONT)
     finally:

@@ -1,17 +1,22 @@
 """
-Build the wheel, install it into a fresh venv (not editable), and check that
-twistd sees every plugin and that nothing of Twisted's own is overwritten.
+Build the sdist and wheel with C{make dist}, install the wheel into a fresh
+venv (not editable), and check that twistd sees every plugin, that nothing
+of Twisted's own is overwritten, and that what the units name is installed.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,35 +29,56 @@ TAPNAMES = ("sockd", "sockd-echo", "sockd-chat", "sockd-file")
 
 
 @pytest.fixture(scope="module")
-def wheel() -> Path:
-    out = Path(tempfile.mkdtemp(prefix="sockd-wheel-"))
-    # Build from a copy of what a build reads, so a stale build/ or
-    # egg-info, or files other tests create meanwhile, cannot leak in.
+def dist() -> Iterator[Path]:
+    """What C{make dist} writes, run in a copy of what it reads."""
+    out = Path(tempfile.mkdtemp(prefix="sockd-dist-"))
+    # A copy, so a stale build/ or egg-info, or files other tests create
+    # meanwhile, cannot leak in.
     src = out / "src"
     src.mkdir()
-    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "MANIFEST.in", "Makefile"):
         shutil.copy(ROOT / name, src / name)
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "dropin.cache")
-    shutil.copytree(ROOT / "sockd", src / "sockd", ignore=skip)
-    shutil.copytree(ROOT / "twisted", src / "twisted", ignore=skip)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "build",
-            "--wheel",
-            "--no-isolation",
-            "--outdir",
-            str(out),
-            str(src),
-        ],
-        check=True,
+    for tree in ("sockd", "twisted", "docs", "tests"):
+        shutil.copytree(ROOT / tree, src / tree, ignore=skip)
+    # make's venv is this interpreter's (build, setuptools and wheel are
+    # test dependencies), marked as set up so that make runs no pip.
+    venv = out / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
+    (venv / ".installed-build").touch()
+    made = subprocess.run(
+        ["make", "-C", str(src), "dist", f"VENV={venv}"],
         capture_output=True,
-        timeout=180,
+        text=True,
+        timeout=300,
+        check=False,
     )
-    (built,) = out.glob("sockd-*.whl")
-    yield built
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert "pip install" not in made.stdout
+    yield src / "dist"
     shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def wheel(dist: Path) -> Path:
+    (built,) = dist.glob("sockd-*.whl")
+    return built
+
+
+def test_dist_is_an_sdist_and_the_wheel_built_from_it(dist: Path) -> None:
+    (sdist,) = dist.glob("sockd-*.tar.gz")
+    assert sorted(p.name for p in dist.iterdir()) == sorted(
+        [sdist.name, sdist.name.removesuffix(".tar.gz") + "-py3-none-any.whl"]
+    )
+    with tarfile.open(sdist) as archive:
+        names = [n.partition("/")[2] for n in archive.getnames()]
+    for needed in ("setup.cfg", "README.md", "docs/deploy.md", "sockd/data/sockd.ini"):
+        assert needed in names
+    assert "twisted/plugins/sockd_plugins.py" in names
+    assert not [n for n in names if n.startswith("tests")]
 
 
 def test_wheel_contents(wheel: Path) -> None:
@@ -61,6 +87,9 @@ def test_wheel_contents(wheel: Path) -> None:
     assert "sockd/data/sockd.ini" in names
     assert "sockd/py.typed" in names
     assert any(n.startswith("sockd/data/files/") for n in names)
+    # What the units' Documentation= names, installed beside the venv's bin/.
+    docs = [n.partition(".data/data/")[2] for n in names if ".data/data/" in n]
+    assert "share/doc/sockd/deploy.md" in docs
     forbidden = [
         n
         for n in names
@@ -130,6 +159,11 @@ def test_installed_wheel_shows_plugins(wheel: Path, tmp_path: Path) -> None:
     for name in TAPNAMES:
         assert f"    {name} " in result.stdout
     assert result.stderr == ""
+    # The units' Documentation= names a file of their venv, /opt/sockd.
+    for unit in sorted((ROOT / "etc" / "systemd").glob("sockd*.s*")):
+        (url,) = re.findall(r"(?m)^Documentation=(\S+)$", unit.read_text())
+        assert url.startswith("file:///opt/sockd/"), unit.name
+        assert (venv / url.removeprefix("file:///opt/sockd/")).is_file(), url
     # The packaged default configuration loads from the installed package.
     loaded = subprocess.run(
         [

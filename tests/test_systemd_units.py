@@ -96,6 +96,21 @@ def test_service_runs_twistd_in_the_foreground(name: str) -> None:
     assert stop and int(stop.group(1)) > SockdSettings().shutdown_grace
 
 
+def test_documentation_is_in_the_venv_the_units_run() -> None:
+    """
+    C{Documentation=} names the deploy guide the wheel installs beside the
+    venv's C{bin/} (setup.cfg's data_files; tests/test_packaging.py checks an
+    installed wheel), in the venv C{ExecStart=} runs twistd from.
+    """
+    for unit in sorted(UNITS.glob("*.s*")):
+        (url,) = [v for k, v in directives(unit)["Unit"] if k == "Documentation"]
+        assert url == "file:///opt/sockd/share/doc/sockd/deploy.md", unit.name
+    for name in SERVICES:
+        service = directives(UNITS / f"{name}.service")["Service"]
+        command = last(service, "ExecStart") or ""
+        assert command.startswith("/opt/sockd/bin/twistd "), name
+
+
 def test_tapnames_exist() -> None:
     taps = {p.tapname for p in getPlugins(IServiceMaker)}  # type: ignore[attr-defined]
     assert set(SERVICES.values()) <= taps

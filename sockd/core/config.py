@@ -9,6 +9,13 @@ Lookup order for the file: C{--config PATH}, then C{$SOCKD_CONFIG}, then
 C{/etc/sockd/sockd.ini}, then the default shipped inside the package.
 Relative paths inside a file (the file root, TLS keys) are relative to the
 directory of that file, after symlinks are resolved.
+
+A C{#} or C{;} starts a comment at the start of a line or after whitespace
+(C{listen = tcp:7007   # the old port}); elsewhere it is part of the value.
+A section that gives an address in one of its listen keys (C{listen},
+C{listen_udp}) gets no default for the others.  A daemon reads in full only
+the sections it runs (see L{parse}); a key set on the command line is not
+read from the file.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import os
 import re
 import stat
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -325,11 +332,16 @@ def _absolute_ssl_paths(word: str, base: Path) -> str:
 def datagram_endpoints(value: str, base: Path) -> tuple[str, ...]:
     """C{udp:PORT[:interface=ADDR]} or C{systemd:domain=INET:index=N}."""
     # As above: endpoints imports twisted.internet.endpoints.
-    from sockd.core.endpoints import parse_datagram
+    from sockd.core.endpoints import check_systemd_index, parse_datagram
 
     result = []
     for word in _endpoint_words(value):
-        parse_datagram(word)  # raises ValueError with the reason
+        endpoint = parse_datagram(word)  # raises ValueError with the reason
+        if endpoint.systemd_index is not None:
+            try:
+                check_systemd_index(endpoint.systemd_index)
+            except ValueError as e:
+                raise ValueError(f"{word!r}: {e}") from None
         result.append(word)
     return tuple(result)
 
@@ -630,10 +642,18 @@ def parse(
     source: str = "<string>",
     base: Path | None = None,
     overrides: Mapping[str, Mapping[str, str]] | None = None,
+    *,
+    runs: Collection[str] | None = None,
 ) -> Config:
     """
     Parse INI text into a L{Config}, applying command-line C{overrides}
     (section -> key -> raw string) on top.  Raises L{ConfigError}.
+
+    C{runs} names the services the daemon runs: their sections, C{[sockd]}
+    and an enabled C{[metrics]} are read in full.  Of every other section
+    only C{enabled} is read and the key names are checked, so that one file
+    serves several daemons, each with its own sockets, mounts and
+    credentials.  C{None} reads every section in full.
     """
     base = base if base is not None else Path.cwd()
     parser = configparser.ConfigParser(
@@ -641,7 +661,8 @@ def parse(
         default_section="\x00no-default-section",
         strict=True,
         empty_lines_in_values=False,
-        inline_comment_prefixes=None,
+        # Only after whitespace, so that a#b stays one value.
+        inline_comment_prefixes=("#", ";"),
     )
     parser.optionxform = str.lower  # type: ignore[assignment,method-assign]
     try:
@@ -649,7 +670,8 @@ def parse(
     except configparser.Error as e:
         raise ConfigError(f"{source}: {_one_line(str(e))}") from None
 
-    lines = _key_lines(text_.splitlines())
+    text_lines = text_.splitlines()
+    lines = _key_lines(text_lines)
     sections: dict[str, Any] = {}
     for section in parser.sections():
         if section not in SCHEMA:
@@ -664,9 +686,11 @@ def parse(
                 f"command line: {named}: unknown section [{section}]; "
                 "expected: " + ", ".join(f"[{s}]" for s in SCHEMA)
             )
+    where = _Where(source, base, lines, text_lines)
+    read: set[str] = set()
     for section, schema in SCHEMA.items():
-        values: dict[str, Any] = {}
         raw = dict(parser.items(section)) if parser.has_section(section) else {}
+        given = dict((overrides or {}).get(section, {}))
         for key in raw:
             if key not in schema:
                 line = lines.get((section, key))
@@ -675,61 +699,134 @@ def parse(
                     f"{source}{at}: [{section}] unknown key {key!r}; "
                     "expected one of: " + ", ".join(schema)
                 )
-        for key, value in raw.items():
-            line = lines.get((section, key))
-            at = f", line {line}" if line else ""
-            values[key] = _convert(
-                schema[key].parser, value, base, f"{source}{at}", section, key
-            )
-        for key, value in (overrides or {}).get(section, {}).items():
+        for key in given:
             if key not in schema:
                 raise ConfigError(
                     f"command line: [{section}] unknown key {key!r}; "
                     "expected one of: " + ", ".join(schema)
                 )
-            values[key] = _convert(
-                schema[key].parser, value, Path.cwd(), "command line", section, key
-            )
-        sections[section] = _SECTION_TYPES[section](**values)
+
+        settings = _SECTION_TYPES[section]
+        values = where.convert(section, raw, given, ("enabled",))
+        if (
+            runs is None
+            or section == "sockd"
+            or section in runs
+            or (section == "metrics" and values.get("enabled", settings.enabled))
+        ):
+            read.add(section)
+            values = where.convert(section, raw, given)
+            listen = [k for k in schema if k == "listen" or k.startswith("listen_")]
+            if any(values.get(k) for k in listen):
+                # Naming where a section listens names all of it: an address
+                # of one kind must not keep the default of another.
+                values.update({k: () for k in listen if k not in values})
+        sections[section] = settings(**values)
     config = Config(source=source, **sections)
-    _check(config)
-    _check_redis(config, lines)
+    _check(config, read)
+    if "chat" in read:
+        _check_redis(config, lines)
     return config
 
 
+@dataclass(frozen=True)
+class _Where:
+    """The text being parsed, for converting its values and saying where."""
+
+    source: str
+    base: Path
+    lines: Mapping[tuple[str, str], int]
+    text: list[str]
+
+    def convert(
+        self,
+        section: str,
+        raw: Mapping[str, str],
+        given: Mapping[str, str],
+        only: Collection[str] | None = None,
+    ) -> dict[str, Any]:
+        """The typed values of C{section}'s keys (of C{only}), C{given} first."""
+        schema = SCHEMA[section]
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if (only is not None and key not in only) or key in given:
+                continue  # not read, or the command line's value wins
+            line = self.lines.get((section, key))
+            at = f", line {line}" if line else ""
+            note = _comment_note(self.text[line - 1]) if line else ""
+            values[key] = _convert(
+                schema[key].parser,
+                value,
+                self.base,
+                f"{self.source}{at}",
+                section,
+                key,
+                note,
+            )
+        for key, value in given.items():
+            if only is None or key in only:
+                values[key] = _convert(
+                    schema[key].parser, value, Path.cwd(), "command line", section, key
+                )
+        return values
+
+
 def _convert(
-    parser: Parser[Any], value: str, base: Path, where: str, section: str, key: str
+    parser: Parser[Any],
+    value: str,
+    base: Path,
+    where: str,
+    section: str,
+    key: str,
+    note: str = "",
 ) -> Any:
     try:
         return parser(value, base)
     except ValueError as e:
         raise ConfigError(
-            f"{where}: [{section}] {key} = {_describe(value)}: {e}"
+            f"{where}: [{section}] {key} = {_describe(value)}: {e}{note}"
         ) from None
+
+
+def _comment_note(line: str) -> str:
+    """For a value refused: say that part of its line was a comment."""
+    value = re.split(r"[=:]", line, maxsplit=1)[-1]
+    match = re.search(r"(?:^|\s)([#;])", value)
+    if match is None:
+        return ""
+    return (
+        f" (from {match.group(1)!r} on, the line is a comment: after whitespace, "
+        "'#' and ';' start one)"
+    )
 
 
 def _one_line(message: str) -> str:
     return " ".join(message.split())
 
 
-def _check(config: Config) -> None:
-    """Rules that span keys."""
+def _check(config: Config, read: Collection[str]) -> None:
+    """Rules that span keys, in the sections read in full."""
     src = config.source
-    if config.echo.enabled and not (config.echo.listen or config.echo.listen_udp):
+    echo = "echo" in read
+    if (
+        echo
+        and config.echo.enabled
+        and not (config.echo.listen or config.echo.listen_udp)
+    ):
         raise ConfigError(
             f"{src}: [echo] is enabled but both listen and listen_udp are empty"
         )
-    if config.echo.max_connections_per_ip > config.echo.max_connections:
+    if echo and config.echo.max_connections_per_ip > config.echo.max_connections:
         raise ConfigError(
             f"{src}: [echo] max_connections_per_ip = "
             f"{config.echo.max_connections_per_ip} is larger than "
             f"max_connections = {config.echo.max_connections}"
         )
-    if config.metrics.enabled and not config.metrics.listen:
+    if "metrics" in read and config.metrics.enabled and not config.metrics.listen:
         raise ConfigError(f"{src}: [metrics] is enabled but listen is empty")
-    if config.chat.enabled and not config.chat.listen:
+    if "chat" in read and config.chat.enabled and not config.chat.listen:
         raise ConfigError(f"{src}: [chat] is enabled but listen is empty")
-    if config.file.enabled:
+    if "file" in read and config.file.enabled:
         if not config.file.listen:
             raise ConfigError(f"{src}: [file] is enabled but listen is empty")
         if config.file.root is None:
@@ -808,15 +905,20 @@ def load(
     explicit: str | None = None,
     overrides: Mapping[str, Mapping[str, str]] | None = None,
     environ: Mapping[str, str] | None = None,
+    *,
+    runs: Collection[str] | None = None,
 ) -> Config:
-    """Find, read and parse the configuration.  Raises L{ConfigError}."""
+    """
+    Find, read and parse the configuration for a daemon running C{runs}
+    (see L{parse}).  Raises L{ConfigError}.
+    """
     path = find_config(explicit, environ)
     data = _read_regular(path)
     try:
         content = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    return parse(content, str(path), path.resolve().parent, overrides)
+    return parse(content, str(path), path.resolve().parent, overrides, runs=runs)
 
 
 def _read_regular(path: Path) -> bytes:

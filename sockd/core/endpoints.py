@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "DatagramEndpoint",
     "bind_reusing_port",
     "check_stream",
+    "check_systemd_index",
     "inherited_fds",
     "parse_datagram",
 ]
@@ -82,13 +84,11 @@ class DatagramEndpoint:
     ) -> IListeningPort:
         size = self.max_packet_size or max_packet_size
         if self.systemd_index is not None:
-            fds = inherited_fds()
-            if self.systemd_index >= len(fds):
-                raise ValueError(
-                    f"{self.description}: systemd passed {len(fds)} socket(s); "
-                    f"there is no index {self.systemd_index}"
-                )
-            fd = fds[self.systemd_index]
+            try:
+                check_systemd_index(self.systemd_index)
+            except ValueError as e:
+                raise ValueError(f"{self.description}: {e}") from None
+            fd = inherited_fds()[self.systemd_index]
             kind = socket.socket(fileno=os.dup(fd))
             try:
                 if kind.type != socket.SOCK_DGRAM:
@@ -160,6 +160,66 @@ def inherited_fds() -> list[int]:
     except ValueError:
         return []
     return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
+
+
+def check_systemd_index(
+    index: int,
+    started_with: Mapping[str, str] | None = None,
+    passed: Sequence[int] | None = None,
+) -> None:
+    """
+    Check that systemd passed a socket at C{index}; ValueError says which
+    index was asked for, how many sockets were passed and, when Twisted
+    ignored them, why.  C{started_with}: the environment this process
+    started with (default: read from /proc, since Twisted deletes
+    C{LISTEN_FDS} once it has read it); C{passed}: the descriptors the
+    index counts in (default: L{inherited_fds}).
+    """
+    count = len(inherited_fds() if passed is None else passed)
+    if index < count:
+        return
+    asked = f"index {index} was asked for"
+    if count:
+        raise ValueError(
+            f"{asked}, but systemd passed {count} socket(s), indexes 0 to "
+            f"{count - 1} (the .socket unit's Listen...= lines, in order)"
+        )
+    env = _start_environment() if started_with is None else started_with
+    given = (
+        env.get("LISTEN_FDS", "") if env.get("LISTEN_PID") == str(os.getpid()) else ""
+    )
+    if not given.isdigit() or int(given) == 0:
+        raise ValueError(
+            f"{asked}, but no socket was passed to this process (LISTEN_FDS "
+            "is not set for it): start the daemon through its .socket unit"
+        )
+    names = env.get("LISTEN_FDNAMES")
+    if not names:
+        why = (
+            "LISTEN_FDNAMES is missing, and Twisted ignores sockets without "
+            "names (systemd always names them; systemd-socket-activate needs "
+            "--fdname=NAME)"
+        )
+    else:
+        why = (
+            f"LISTEN_FDNAMES names {len(names.split(':'))} socket(s), and "
+            "Twisted ignores the sockets when the counts differ"
+        )
+    raise ValueError(
+        f"{asked}; {given} socket(s) were passed (LISTEN_FDS={given}), but "
+        f"none can be used: {why}"
+    )
+
+
+def _start_environment() -> dict[str, str]:
+    """The environment this process started with, as far as /proc shows it."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            data = f.read()
+    except OSError:
+        return {}
+    pairs = (entry.partition(b"=") for entry in data.split(b"\0") if entry)
+    return {os.fsdecode(k): os.fsdecode(v) for k, _, v in pairs}
 
 
 def _split(description: str) -> tuple[list[str], dict[str, str]]:
@@ -239,13 +299,11 @@ def check_stream(description: str) -> None:
     if kind == "unix":
         _check_unix_path(values.get("address", ""))
     if kind == "systemd" and values.get("index", "").isdigit():
-        # The record Twisted's parser looks the index up in.
-        count = len(_SystemdParser._sddaemon.inheritedDescriptors())
-        if int(values["index"]) >= count:
-            raise ValueError(
-                f"systemd passed {count} socket(s); there is no index "
-                f"{values['index']} (start the daemon through its .socket unit)"
-            )
+        # Counted in the record Twisted's parser looks the index up in.
+        check_systemd_index(
+            int(values["index"]),
+            passed=_SystemdParser._sddaemon.inheritedDescriptors(),
+        )
     if kind == "ssl":
         for key in _SSL_FILES:
             if key in values or key == "privateKey":

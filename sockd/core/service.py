@@ -792,7 +792,10 @@ class DaemonOptions(usage.Options):
 
     def load(self) -> Config:
         """Read the configuration these options name (again, on SIGHUP)."""
-        return _config.load(self["config"], self.overrides)
+        # A single daemon reads its own section: the others may name
+        # sockets, mounts and credentials of other units.
+        runs = (self.section,) if self.section else None
+        return _config.load(self["config"], self.overrides, runs=runs)
 
     def make_service(
         self, builders: Mapping[str, Builder], reactor: IDaemonReactor | None = None

@@ -9,11 +9,15 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass, fields
+from pathlib import Path
 
+from twisted.internet.endpoints import _SystemdParser
+from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import SynchronousTestCase
 
 import sockd.core.config as config
 from sockd.core.config import ConfigError
+from tests.files.test_sendfile import self_signed_pem
 from tests.helpers import ROOT, run_bounded, tempdir, unblock_fifo
 
 
@@ -23,16 +27,31 @@ def parse(text: str, **overrides: dict[str, str]) -> config.Config:
 
 class DefaultsTests(SynchronousTestCase):
     def test_shipped_file_matches_dataclass_defaults(self) -> None:
-        # Every key is present in the shipped file, with the documented
-        # default; the dataclasses and the file must not drift apart.
+        # Every key is present in the shipped file with its default, except
+        # the lines marked as not the default; the dataclasses and the file
+        # must not drift apart.
+        text = (ROOT / "etc" / "sockd.ini").read_text()
+        marked, section = set(), ""
+        for line in text.splitlines():
+            if line.startswith("["):
+                section = line.strip("[]")
+            elif "# not the default" in line:
+                marked.add((section, line.partition("=")[0].strip()))
+        self.assertEqual(
+            marked, {("chat", "enabled"), ("file", "enabled"), ("file", "root")}
+        )
+        self.assertIn("except the three lines marked", " ".join(text.split()))
         shipped = config.load(str(ROOT / "etc" / "sockd.ini"))
-        for section in config.SCHEMA:
-            keys = set(config.SCHEMA[section])
-            text = (ROOT / "etc" / "sockd.ini").read_text()
+        for section, keys in config.SCHEMA.items():
+            defaults = getattr(config.Config(), section)
             for key in keys:
                 self.assertRegex(text, rf"(?m)^{key} = ", f"[{section}] {key}")
-        self.assertEqual(shipped.echo, config.EchoSettings())
-        self.assertEqual(shipped.sockd, config.SockdSettings())
+                if (section, key) not in marked:
+                    self.assertEqual(
+                        getattr(getattr(shipped, section), key),
+                        getattr(defaults, key),
+                        f"[{section}] {key}",
+                    )
 
     def test_etc_is_the_packaged_default(self) -> None:
         self.assertEqual(
@@ -503,3 +522,249 @@ class ProductionCodeTests(SynchronousTestCase):
                         name.startswith(("tests.", *test_only)) or name == "tests",
                         f"{path.relative_to(ROOT)} imports {name}",
                     )
+
+
+def doc_block(path: Path, containing: str) -> str:
+    """The indented (code) block of a Markdown file holding C{containing}."""
+    blocks, current = [], []
+    for line in (path.read_text() + "\n").splitlines():
+        if line.startswith("    ") or (current and not line.strip()):
+            current.append(line)
+        else:
+            blocks.append(textwrap.dedent("\n".join(current)))
+            current = []
+    (block,) = [b for b in blocks if containing in b]
+    return block
+
+
+def fake_systemd(case: SynchronousTestCase, count: int) -> None:
+    """As if systemd had passed C{count} named sockets."""
+    case.patch(
+        _SystemdParser,
+        "_sddaemon",
+        ListenFDs(list(range(3, 3 + count)), ("sockd",) * count),
+    )
+
+
+class CommentTests(SynchronousTestCase):
+    """A # or ; after whitespace starts a comment; elsewhere it is kept."""
+
+    def test_trailing_comments(self) -> None:
+        c = parse(
+            """
+            [echo]   # the echo
+            listen = tcp:7007:interface=127.0.0.1    # the old port
+                     tcp:7008:interface=127.0.0.1    # and one more
+            mode = raw                               ; RFC 862
+            max_line_length = 1K\t# tab before it
+            """
+        )
+        self.assertEqual(
+            c.echo.listen,
+            ("tcp:7007:interface=127.0.0.1", "tcp:7008:interface=127.0.0.1"),
+        )
+        self.assertEqual((c.echo.mode, c.echo.max_line_length), ("raw", 1024))
+
+    def test_hash_without_whitespace_before_it_is_kept(self) -> None:
+        # Kept whole, so the value is refused as it is, not cut short.
+        with self.assertRaises(ConfigError) as caught:
+            parse("[echo]\nlisten = tcp:7007#x\n")
+        self.assertIn("'tcp:7007#x'", str(caught.exception))
+        with self.assertRaises(ConfigError) as caught:
+            parse("[chat]\nredis_url = redis://:pa#ss@127.0.0.1:6379\n")
+        self.assertIn("'redis://:pa#ss@127.0.0.1:6379'", str(caught.exception))
+
+    def test_redis_password_hash_is_percent_encoded(self) -> None:
+        from sockd.chat.redis import parse_url
+
+        c = parse(
+            "[chat]\nbackend = redis\n"
+            "redis_url = redis://:pa%23ss@127.0.0.1:6379/0   # '#' as %23\n"
+        )
+        self.assertEqual(c.chat.redis_url, "redis://:pa%23ss@127.0.0.1:6379/0")
+        self.assertEqual(parse_url(c.chat.redis_url).password, "pa#ss")
+
+    def test_value_cut_by_a_comment_says_so(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse("[chat]\ndefault_room = #lobby\n")
+        message = str(caught.exception)
+        self.assertIn("test.ini, line 2: [chat] default_room = ''", message)
+        self.assertIn("from '#' on, the line is a comment", message)
+        with self.assertRaises(ConfigError) as caught:
+            parse("[echo]\nidle_timeout = 30s ;x\n")
+        self.assertIn("from ';' on", str(caught.exception))
+        # A room name's '#' may be left out.
+        self.assertEqual(
+            parse("[chat]\ndefault_room = lobby\n").chat.default_room, "lobby"
+        )
+
+    def test_no_note_without_a_comment(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse("[echo]\nidle_timeout = soon\n")
+        self.assertNotIn("comment", str(caught.exception))
+
+    def test_readme_examples(self) -> None:
+        readme = ROOT / "README.md"
+        c = parse(doc_block(readme, "node_name = chat-1          # unique per node"))
+        self.assertEqual((c.chat.node_name, c.chat.backend), ("chat-1", "redis"))
+        c = parse(doc_block(readme, "# the old port"))
+        self.assertEqual(c.echo.listen, ("tcp:7007:interface=127.0.0.1",))
+        self.assertEqual((c.echo.mode, c.echo.listen_udp), ("raw", ()))
+
+    def test_deploy_socket_activation_example(self) -> None:
+        fake_systemd(self, 2)
+        block = doc_block(ROOT / "docs" / "deploy.md", "# ListenStream=127.0.0.1:7")
+        c = parse(block)
+        self.assertEqual(c.echo.listen, ("systemd:domain=INET:index=0",))
+        self.assertEqual(c.echo.listen_udp, ("systemd:domain=INET:index=1",))
+
+
+class ListenDefaultsTests(SynchronousTestCase):
+    """A section that names where it listens gets no other default address."""
+
+    def test_tcp_only(self) -> None:
+        c = parse("[echo]\nlisten = tcp:7007:interface=127.0.0.1\n")
+        self.assertEqual(c.echo.listen, ("tcp:7007:interface=127.0.0.1",))
+        self.assertEqual(c.echo.listen_udp, ())
+
+    def test_udp_only(self) -> None:
+        c = parse("[echo]\nlisten_udp = udp:7007:interface=127.0.0.1\n")
+        self.assertEqual(c.echo.listen, ())
+        self.assertEqual(c.echo.listen_udp, ("udp:7007:interface=127.0.0.1",))
+
+    def test_empty_turns_one_off_and_keeps_the_other_default(self) -> None:
+        c = parse("[echo]\nlisten_udp =\n")
+        self.assertEqual(c.echo.listen, config.EchoSettings().listen)
+        self.assertEqual(c.echo.listen_udp, ())
+
+    def test_other_keys_keep_both_defaults(self) -> None:
+        c = parse("[echo]\nmode = raw\n")
+        self.assertEqual(c.echo.listen, config.EchoSettings().listen)
+        self.assertEqual(c.echo.listen_udp, config.EchoSettings().listen_udp)
+
+    def test_command_line_names_where_too(self) -> None:
+        tcp = {"listen": "tcp:7007:interface=127.0.0.1"}
+        self.assertEqual(parse("", echo=tcp).echo.listen_udp, ())
+        # What the file says is kept.
+        c = parse("[echo]\nlisten_udp = udp:7:interface=127.0.0.1\n", echo=tcp)
+        self.assertEqual(c.echo.listen_udp, ("udp:7:interface=127.0.0.1",))
+        self.assertEqual(c.echo.listen, ("tcp:7007:interface=127.0.0.1",))
+
+    def test_command_line_value_is_not_read_from_the_file(self) -> None:
+        # The file's value is never used, so it does not stop start-up.
+        c = parse("[file]\nroot = /nonexistent/sockd-root\n", file={"root": str(ROOT)})
+        self.assertEqual(c.file.root, ROOT)
+
+
+class RunsTests(SynchronousTestCase):
+    """A daemon reads in full only the sections it runs."""
+
+    SHARED = """
+        [echo]
+        listen = systemd:domain=INET:index=0
+        listen_udp = systemd:domain=INET:index=1
+                     ssl:7443:privateKey=/nonexistent/key.pem
+        mode = nonsense
+        [chat]
+        enabled = true
+        listen = systemd:domain=INET:index=0
+        [file]
+        enabled = false
+        listen = systemd:domain=INET:index=0
+        root = /nonexistent/sockd-root
+        """
+
+    def test_other_sections_are_not_read(self) -> None:
+        fake_systemd(self, 1)
+        c = config.parse(textwrap.dedent(self.SHARED), "test.ini", ROOT, runs=("chat",))
+        self.assertEqual(c.chat.listen, ("systemd:domain=INET:index=0",))
+        # Only enabled is read from the others; they keep their defaults.
+        self.assertFalse(c.file.enabled)
+        self.assertEqual(c.echo, config.EchoSettings())
+        with self.assertRaises(ConfigError):
+            config.parse(textwrap.dedent(self.SHARED), "test.ini", ROOT)
+
+    def test_key_names_are_still_checked(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            config.parse("[echo]\nmod = raw\n", "test.ini", ROOT, runs=("chat",))
+        self.assertIn("[echo] unknown key 'mod'", str(caught.exception))
+        with self.assertRaises(ConfigError) as caught:
+            config.parse("[echo]\nenabled = maybe\n", "test.ini", runs=("chat",))
+        self.assertIn("[echo] enabled", str(caught.exception))
+
+    def test_rules_of_sections_not_read_do_not_apply(self) -> None:
+        text = "[file]\nenabled = true\n[echo]\nlisten =\nlisten_udp =\n"
+        c = config.parse(text, "test.ini", ROOT, runs=("chat",))
+        self.assertTrue(c.file.enabled)
+        with self.assertRaises(ConfigError) as caught:
+            config.parse(text, "test.ini", ROOT, runs=("file",))
+        self.assertIn("[file] is enabled but root is not set", str(caught.exception))
+
+    def test_sockd_and_an_enabled_metrics_are_read(self) -> None:
+        text = "[sockd]\nbacklog = 7\n[metrics]\nenabled = true\nmax_connections = 3\n"
+        c = config.parse(text, "test.ini", ROOT, runs=("echo",))
+        self.assertEqual((c.sockd.backlog, c.metrics.max_connections), (7, 3))
+        text = "[metrics]\nenabled = false\nmax_connections = lots\n"
+        c = config.parse(text, "test.ini", ROOT, runs=("echo",))
+        self.assertFalse(c.metrics.enabled)
+
+    def test_daemons_on_the_socket_activated_sample(self) -> None:
+        # Each daemon under its own .socket unit, or started without one
+        # on an address of its own: the other sections' sockets are not
+        # looked up.
+        import sockd.chat.tap
+        import sockd.echo.tap
+        import sockd.files.tap
+
+        sample = str(ROOT / "etc" / "sockd-socket-activated.ini")
+        chat = sockd.chat.tap.Options()
+        chat.parseOptions(["--config", sample, "--listen", "udp:0"])
+        self.assertEqual(chat.config.chat.listen, ("udp:0",))
+        fake_systemd(self, 1)
+        files = sockd.files.tap.Options()
+        files.parseOptions(["--config", sample, "--root", str(ROOT)])
+        self.assertEqual(files.config.file.root, ROOT)
+        with self.assertRaises(SystemExit) as caught:
+            sockd.echo.tap.Options().parseOptions(["--config", sample])
+        self.assertIn("[echo] listen_udp", str(caught.exception))
+        fake_systemd(self, 2)
+        echo = sockd.echo.tap.Options()
+        echo.parseOptions(["--config", sample])
+        self.assertEqual(
+            (echo.config.echo.mode, echo.config.echo.transform), ("raw", "none")
+        )
+
+    def test_single_daemon_runs_its_section_even_if_disabled(self) -> None:
+        import sockd.files.tap
+
+        ini = tempdir(self) / "sockd.ini"
+        ini.write_text(f"[file]\nenabled = false\nroot = {ROOT}\n")
+        files = sockd.files.tap.Options()
+        files.parseOptions(["--config", str(ini)])
+        self.assertTrue(files.config.file.enabled)
+
+
+class HintTests(SynchronousTestCase):
+    """The endpoints an error message offers as examples are valid."""
+
+    def test_every_example_parses(self) -> None:
+        from twisted.internet.endpoints import serverFromString
+        from twisted.internet.testing import MemoryReactor
+
+        with self.assertRaises(ValueError) as caught:
+            config.stream_endpoints("bogus:1", ROOT)
+        hint = str(caught.exception).partition("such as ")[2]
+        examples = [word.rstrip(",") for word in hint.split()]
+        self.assertEqual(
+            [e.split(":")[0] for e in examples], ["tcp", "tcp6", "ssl", "systemd"]
+        )
+        base = tempdir(self)
+        pem = self_signed_pem()
+        (base / "key.pem").write_text(pem)
+        (base / "cert.pem").write_text(pem)
+        fake_systemd(self, 1)
+        for example in examples:
+            (parsed,) = config.stream_endpoints(example, base)
+            self.assertEqual(parsed.replace(f"{base}/", ""), example)
+        tcp6 = serverFromString(MemoryReactor(), examples[1])
+        self.assertEqual(tcp6._interface, "::1")  # type: ignore[attr-defined]

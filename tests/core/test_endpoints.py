@@ -5,12 +5,20 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
+from twisted.internet.endpoints import _SystemdParser
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.testing import MemoryReactor
+from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.core.endpoints import check_stream, inherited_fds, parse_datagram
-from tests.helpers import tempdir
+from sockd.core.endpoints import (
+    check_stream,
+    check_systemd_index,
+    inherited_fds,
+    parse_datagram,
+)
+from tests.helpers import Daemon, free_port_pair, socket_activation, tempdir
 
 
 class ParseTests(SynchronousTestCase):
@@ -77,8 +85,8 @@ class CheckStreamTests(SynchronousTestCase):
             ("unix:", "expected unix:PATH"),
             ("tcp:1:backlog=1:backlog=2", "given twice"),
             # No socket passed (LISTEN_FDS) to this process.
-            ("systemd:domain=INET:index=0", "systemd passed 0 socket(s)"),
-            ("systemd:INET:3", "there is no index 3"),
+            ("systemd:domain=INET:index=0", "no socket was passed"),
+            ("systemd:INET:3", "index 3 was asked for"),
         ]:
             with self.assertRaises(ValueError, msg=bad) as caught:
                 check_stream(bad)
@@ -134,7 +142,104 @@ class ListenTests(SynchronousTestCase):
                     os.environ[k] = v
 
     def test_systemd_index_out_of_range(self) -> None:
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([3, 4], ("a", "b")))
         e = parse_datagram("systemd:domain=INET:index=5")
         with self.assertRaises(ValueError) as caught:
             e.listen(MemoryReactor(), DatagramProtocol(), 100)
-        self.assertIn("there is no index 5", str(caught.exception))
+        self.assertEqual(
+            str(caught.exception),
+            "systemd:domain=INET:index=5: index 5 was asked for, but systemd "
+            "passed 2 socket(s), indexes 0 to 1 (the .socket unit's Listen...= "
+            "lines, in order)",
+        )
+
+
+class SystemdIndexTests(SynchronousTestCase):
+    """A missing systemd socket says what was asked for and what came."""
+
+    def refused(self, index: int, started_with: dict[str, str]) -> str:
+        with self.assertRaises(ValueError) as caught:
+            check_systemd_index(index, started_with)
+        return str(caught.exception)
+
+    def test_index_within_the_sockets_passed(self) -> None:
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([3, 4], ("a", "b")))
+        check_systemd_index(1, {})
+        self.assertIn(
+            "index 2 was asked for, but systemd passed 2 socket(s), indexes 0 to 1",
+            self.refused(2, {}),
+        )
+
+    def test_nothing_passed(self) -> None:
+        message = self.refused(0, {})
+        self.assertIn("index 0 was asked for, but no socket was passed", message)
+        self.assertIn("start the daemon through its .socket unit", message)
+        # LISTEN_PID names another process: not passed to this one.
+        other = {"LISTEN_PID": "1", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a:b"}
+        self.assertIn("no socket was passed", self.refused(0, other))
+
+    def test_names_missing(self) -> None:
+        # systemd-socket-activate without --fdname: Twisted ignores them.
+        env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2"}
+        self.assertEqual(
+            self.refused(1, env),
+            "index 1 was asked for; 2 socket(s) were passed (LISTEN_FDS=2), but "
+            "none can be used: LISTEN_FDNAMES is missing, and Twisted ignores "
+            "sockets without names (systemd always names them; "
+            "systemd-socket-activate needs --fdname=NAME)",
+        )
+
+    def test_names_miscounted(self) -> None:
+        env = {
+            "LISTEN_PID": str(os.getpid()),
+            "LISTEN_FDS": "2",
+            "LISTEN_FDNAMES": "a:b:c",
+        }
+        self.assertIn(
+            "LISTEN_FDNAMES names 3 socket(s), and Twisted ignores the sockets "
+            "when the counts differ",
+            self.refused(0, env),
+        )
+
+    def test_checked_at_config_time_for_both_kinds(self) -> None:
+        from sockd.core.config import ConfigError, parse
+
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([3], ("a",)))
+        for key in ("listen", "listen_udp"):
+            with self.assertRaises(ConfigError) as caught:
+                parse(f"[echo]\n{key} = systemd:domain=INET:index=1\n")
+            self.assertIn(
+                f"[echo] {key} = 'systemd:domain=INET:index=1'", str(caught.exception)
+            )
+            self.assertIn(
+                "index 1 was asked for, but systemd passed 1 socket(s)",
+                str(caught.exception),
+            )
+
+
+@pytest.mark.integration
+def test_real_activation_without_names_says_so() -> None:
+    """C{systemd-socket-activate} without C{--fdname}, as users try it."""
+    port = free_port_pair()
+    address = f"127.0.0.1:{port}"
+    wrapper = socket_activation([("stream", address), ("datagram", address)], "x")
+    wrapper = [word for word in wrapper if not word.startswith("--fdname")]
+    ini = "[echo]\nlisten = systemd:domain=INET:index=0\n"
+    daemon = Daemon("sockd-echo", ini, wrapper=wrapper)
+    try:
+        daemon.launch()
+        daemon.wait_for(f"Listening on {address} as 3")
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            line = daemon.wait_for("was asked for", 20)
+        assert line.endswith(
+            "[echo] listen = 'systemd:domain=INET:index=0': "
+            "'systemd:domain=INET:index=0' is not a valid endpoint: index 0 was "
+            "asked for; 2 socket(s) were passed (LISTEN_FDS=2), but none can be "
+            "used: LISTEN_FDNAMES is missing, and Twisted ignores sockets without "
+            "names (systemd always names them; systemd-socket-activate needs "
+            "--fdname=NAME)"
+        ), line
+        assert daemon.process is not None
+        assert daemon.process.wait(20) == 1
+    finally:
+        daemon.stop()
