@@ -77,7 +77,7 @@ from sybil.parsers.markdown.lexers import (
     RawFencedCodeBlockLexer,
 )
 
-from tests.helpers import ROOT, Daemon
+from tests.helpers import ROOT, Daemon, runnable_units
 
 #: the documents whose blocks are tests, relative to the checkout
 DOCUMENTS = ("README.md", "docs/*.md")
@@ -945,8 +945,7 @@ class Harness:
         tool = shutil.which("systemd-analyze")
         if tool is None:
             pytest.skip("systemd-analyze is not installed")
-        directory = Path(tempfile.mkdtemp(dir=self.scratch, prefix="units-"))
-        units = runnable_units(self.root / "etc" / "systemd", directory, self.bin)
+        units = runnable_units(Path(tempfile.mkdtemp(dir=self.scratch)))
         if not (units / unit).exists():
             raise DocError(f"{block.path}:{block.line}: no unit {unit} in etc/systemd")
         drop_ins = units / f"{unit}.d"
@@ -964,17 +963,6 @@ class Harness:
                 f"{block.path}:{block.line}: systemd-analyze verify {unit} with "
                 f"this drop-in:\n{result.stderr}"
             )
-
-
-def runnable_units(source: Path, directory: Path, bin_dir: Path) -> Path:
-    """The shipped units, with ExecStart pointing at this venv's twistd
-    (C{verify} checks it exists; the shipped path is /opt/sockd/bin/twistd)."""
-    for unit in source.glob("*.s*"):
-        text = unit.read_text().replace(
-            "/opt/sockd/bin/twistd", str(bin_dir / "twistd")
-        )
-        (directory / unit.name).write_text(text)
-    return directory
 
 
 def evaluate(example: Example) -> None:
