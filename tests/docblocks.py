@@ -320,7 +320,8 @@ class BlockParser:
         paragraphs = [p for p in re.split(r"\n[ \t]*\n", before) if p.strip()]
         if not paragraphs:
             return None
-        last = " ".join(line.strip() for line in paragraphs[-1].splitlines())
+        lines = paragraphs[-1].strip().splitlines()
+        last = " ".join(line.strip() for line in lines)
         if not LOOKS_LIKE_MARKER.search(last):
             return None
         match = MARKER.match(last)
@@ -544,6 +545,8 @@ class Harness:
         self._tls: Daemon | None = None
         #: whether the venv's programs are on PATH for the command run now
         self.activated = False
+        #: seconds a command (or an interactive one's answer) may take
+        self.timeout = COMMAND_TIMEOUT
         self._activations: list[int] | None = None
 
     # set-up
@@ -802,7 +805,7 @@ class Harness:
 
     def execute(self, text: str) -> Outcome:
         process = self._spawn(text, stdin=subprocess.DEVNULL)
-        timeout = BUILD_TIMEOUT if text.startswith("make dist") else COMMAND_TIMEOUT
+        timeout = BUILD_TIMEOUT if text.startswith("make dist") else self.timeout
         try:
             output, _ = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -825,7 +828,7 @@ class Harness:
         process.stdin.flush()
         want = _lines(command.expected)
         try:
-            reader.wait(lambda got: _matches(want, _display(got)), COMMAND_TIMEOUT)
+            reader.wait(lambda got: _matches(want, _display(got)), self.timeout)
         except DocError as e:
             raise DocError(f"ran: {text}\nthe docs show:\n{want}{e}") from None
         finally:
@@ -1263,7 +1266,7 @@ def add_default_ports(text: str) -> str:
         return f"{match.group(0)}:{defaults[match.group(1)]}"
 
     text = re.sub(
-        rf"\bsockd +({'|'.join(defaults)}) +(?:-\S+ +)*(?:{hosts})(?=\s|$)",
+        rf"\bsockd +({'|'.join(defaults)}) +(?:-\S+ +)*(?:{hosts})(?=[\s;|&)]|$)",
         client,
         text,
     )
