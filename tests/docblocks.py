@@ -538,6 +538,7 @@ class Harness:
         self.sysroot = self.scratch / "sysroot"
         self.workdir = self.scratch / "work"
         self.config_dir = self.sysroot / "etc" / "sockd"
+        self.ini_base = self.scratch / "ini"
         self.daemons: list[Daemon] = []
         self.groups: list[subprocess.Popen[bytes]] = []
         self.ports: dict[int, int] = {}
@@ -569,15 +570,22 @@ class Harness:
         # /opt/sockd is the venv the docs install: this one.
         self.mapped("/opt/sockd/bin").symlink_to(self.bin)
         # The default configuration on ephemeral ports, where the docs put
-        # the configuration file, with the sample files and, for INI blocks
-        # that name key.pem and cert.pem beside it, a key pair.
-        shutil.copytree(
-            self.root / "sockd" / "data" / "files", self.config_dir / "files"
-        )
+        # the configuration file, with the sample files.
+        samples = self.root / "sockd" / "data" / "files"
+        shutil.copytree(samples, self.config_dir / "files")
         self.config_text = ephemeral(self.default_text())
         (self.config_dir / "sockd.ini").write_text(self.config_text)
-        self._write_pair(self.config_dir)
-        self._write_pair(self.mapped("/run/credentials/sockd-echo.service"))
+        # Where INI blocks are parsed: the files they name are there (the
+        # sample files, key pairs beside the file and in tls/, and those
+        # LoadCredential= hands over).
+        self.ini_base.mkdir()
+        shutil.copytree(samples, self.ini_base / "files")
+        for directory in (
+            self.ini_base,
+            self.ini_base / "tls",
+            self.mapped("/run/credentials/sockd-echo.service"),
+        ):
+            self._write_pair(directory)
         return self
 
     def default_text(self) -> str:
@@ -931,7 +939,7 @@ class Harness:
             (merged, f"{block.path}:{block.line} merged into sockd/data/sockd.ini"),
         ]
         for text_, source in checks:
-            error = parse_ini(text_, source, self.config_dir, sockets, self.root)
+            error = parse_ini(text_, source, self.ini_base, sockets, self.root)
             if error:
                 hint = ""
                 if "systemd passed" in error:
