@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import sockd.core.config as config
 from sockd.core.config import SockdSettings
 from sockd.core.service import descriptor_budget
 from sockd.daemons import DAEMONS
+from tests import helpers
 from tests.helpers import ROOT
 
 UNITS = ROOT / "etc" / "systemd"
@@ -206,14 +206,7 @@ def analyze() -> str:
 
 @pytest.fixture(scope="module")
 def runnable_units(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The units with ExecStart pointing at this venv's twistd, which
-    C{verify} checks exists (the shipped path is /opt/sockd/bin/twistd)."""
-    directory = tmp_path_factory.mktemp("units")
-    twistd = Path(sys.executable).parent / "twistd"
-    for unit in UNITS.glob("*.s*"):
-        text = unit.read_text().replace("/opt/sockd/bin/twistd", str(twistd))
-        (directory / unit.name).write_text(text)
-    return directory
+    return helpers.runnable_units(tmp_path_factory.mktemp("units"))
 
 
 def test_systemd_analyze_verify(runnable_units: Path) -> None:
