@@ -26,6 +26,7 @@ from twisted.internet.interfaces import (
     IFileDescriptor,
     IListeningPort,
     IProtocolFactory,
+    IReactorCore,
     IReactorFromThreads,
     IReactorTime,
 )
@@ -686,6 +687,19 @@ class Ready(Service):
 
     def startService(self) -> None:
         super().startService()
+        reactor = self.reactor
+        # twistd starts the services before the reactor runs, and installs
+        # its SIGTERM handler only then: a stop sent as soon as "ready" was
+        # said would kill the daemon without a drain.  So say it once the
+        # reactor runs.
+        if IReactorCore.providedBy(reactor) and not getattr(reactor, "running", True):
+            reactor.callWhenRunning(self._announce)
+        else:
+            self._announce()
+
+    def _announce(self) -> None:
+        if not self.running:
+            return  # stopped before the reactor ran
         log.info("sockd: ready: {services}", services=" ".join(self.sections))
         clock = self.reactor if IReactorTime.providedBy(self.reactor) else None
         environ = os.environ if self.environ is None else self.environ

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -525,15 +526,11 @@ class ProductionCodeTests(SynchronousTestCase):
 
 
 def doc_block(path: Path, containing: str) -> str:
-    """The indented (code) block of a Markdown file holding C{containing}."""
-    blocks, current = [], []
-    for line in (path.read_text() + "\n").splitlines():
-        if line.startswith("    ") or (current and not line.strip()):
-            current.append(line)
-        else:
-            blocks.append(textwrap.dedent("\n".join(current)))
-            current = []
-    (block,) = [b for b in blocks if containing in b]
+    """The fenced code block of a Markdown file holding C{containing}."""
+    blocks = re.findall(
+        r"^( *)```[a-z]*\n(.*?)^\1```$", path.read_text(), re.MULTILINE | re.DOTALL
+    )
+    (block,) = [textwrap.dedent(b) for _, b in blocks if containing in b]
     return block
 
 

@@ -39,6 +39,7 @@ from sockd.daemons import DAEMONS
 from sockd.echo.protocol import EchoFactory, RawEcho
 from tests.helpers import (
     ROOT,
+    Daemon,
     connect,
     run_bounded,
     running,
@@ -249,7 +250,8 @@ class ReadyTests(SynchronousTestCase):
         ini.write_text("[echo]\nlisten = tcp:7007:interface=127.0.0.1\nlisten_udp =\n")
         options = echo_tap.Options()
         options.parseOptions(["--config", str(ini)])
-        service = echo_tap.makeService(options, reactor=MemoryReactorClock())
+        reactor = MemoryReactorClock()
+        service = echo_tap.makeService(options, reactor=reactor)
         handlers: list[object] = []
 
         def observe(event: dict[str, object]) -> None:
@@ -261,6 +263,7 @@ class ReadyTests(SynchronousTestCase):
         service.privilegedStartService()
         service.startService()
         self.addCleanup(service.stopService)
+        reactor.run()
         lifecycle = service.getServiceNamed("lifecycle")
         assert isinstance(lifecycle, Lifecycle)
         self.assertEqual(handlers, [lifecycle._hangup])
@@ -291,6 +294,24 @@ def test_sighup_reload_on_real_daemon(tmp_path: Path) -> None:
             daemon.wait_for("reload refused")
             old.sendall(b"still\n")
             assert old.recv(100) == b"STILL\n"
+
+
+@pytest.mark.integration
+def test_sigterm_as_soon_as_ready_stops_gracefully(tmp_path: Path) -> None:
+    # A stop racing a start (systemctl stop right after start): once ready
+    # is said, SIGTERM is twistd's graceful stop, not the default death.
+    daemon = Daemon("sockd-echo", BASE, directory=tmp_path)
+    try:
+        daemon.start()
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGTERM)
+        # twistd reports the signal as its exit status either way; only a
+        # handled one drains and says so.
+        assert daemon.process.wait(10) in (0, -signal.SIGTERM)
+        daemon.wait_for("sockd: stopping; letting work in flight finish")
+        daemon.wait_for("Server Shut Down")
+    finally:
+        daemon.stop()
 
 
 @pytest.mark.integration

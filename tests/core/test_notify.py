@@ -194,6 +194,9 @@ class ReadyServiceTests(SynchronousTestCase):
         self.assertEqual(len(reactor.tcpServers), 1)
         self.assertFalse(receiver.pending())
         top.startService()
+        # twistd runs the reactor (and sets its SIGTERM handler) only then.
+        self.assertFalse(receiver.pending())
+        reactor.run()
         message = receiver.receive()
         self.assertEqual(message["READY"], "1")
         self.assertIn("echo: TCP ", message["STATUS"])
@@ -206,6 +209,7 @@ class ReadyServiceTests(SynchronousTestCase):
         top, reactor, ready = self.service(env)
         top.privilegedStartService()
         top.startService()
+        reactor.run()
         self.assertEqual(receiver.receive()["READY"], "1")
         self.assertEqual(receiver.receive(), {"WATCHDOG": "1"})
         reactor.advance(1)
@@ -215,11 +219,21 @@ class ReadyServiceTests(SynchronousTestCase):
         reactor.advance(10)
         self.assertFalse(receiver.pending())
 
+    def test_stopped_before_the_reactor_ran_says_nothing(self) -> None:
+        receiver = Receiver(self)
+        top, reactor, ready = self.service({"NOTIFY_SOCKET": receiver.env_value})
+        top.privilegedStartService()
+        top.startService()
+        top.stopService()
+        reactor.run()
+        self.assertFalse(receiver.pending())
+
     def test_without_notify_socket_only_logs(self) -> None:
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         top, reactor, ready = self.service({})
         top.privilegedStartService()
         top.startService()
+        reactor.run()
         self.assertIn("sockd: ready: {services}", [e.get("log_format") for e in events])
         assert ready.notifier is not None
         self.assertFalse(ready.notifier.enabled)
