@@ -248,7 +248,7 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.STREAMING: frozenset({Phase.IDLE, Phase.CLOSING, Phase.LOST}),
     Phase.WORKING: frozenset({Phase.IDLE, Phase.CLOSING, Phase.LOST}),
     Phase.CLOSING: frozenset({Phase.CLOSING, Phase.LOST}),
-    Phase.LOST: frozenset(),
+    Phase.LOST: frozenset({Phase.LOST}),
 }
 #: phases in which the next request (or body bytes) may be taken
 _READING = frozenset({Phase.IDLE, Phase.UPLOADING})

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl
@@ -914,6 +915,41 @@ class UploadTests(Base):
         self.assertEqual((self.root / "new.bin").read_bytes(), BODY)
         self.assertEqual(self.leftovers(), [])
 
+    def test_put_line_ended_by_half_close(self) -> None:
+        """
+        A PUT whose line ends with the client's input: the body can never
+        come, so the upload is refused at once, not left to the idle timeout.
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"PUT new.bin 5")
+        self.assertEqual(transport.value(), b"")
+        protocol.inputEnded()
+        self.assertEqual(
+            transport.value(),
+            b"OK ready\r\nERR 400 connection ended in the middle of an upload\r\n",
+        )
+        self.assertEqual(protocol.phase, files.Phase.LOST)  # closed at once here
+        self.assertEqual(self.leftovers(), [])
+        self.assertFalse((self.root / "new.bin").exists())
+
+    def test_phases_of_an_upload(self) -> None:
+        """IDLE, UPLOADING while the body arrives, WORKING to commit, IDLE."""
+        protocol, transport = self.connect()
+        self.assertEqual(protocol.phase, files.Phase.IDLE)
+        protocol.dataReceived(b"PUT new.bin 3\nab")
+        self.assertEqual(protocol.phase, files.Phase.UPLOADING)
+        protocol.dataReceived(b"c")
+        # The commit ran at once here (no threads in a Clock): IDLE again.
+        self.assertEqual(protocol.phase, files.Phase.IDLE)
+        self.assertEqual((self.root / "new.bin").read_bytes(), b"abc")
+        protocol.connectionLost(Failure(Exception("gone")))
+        self.assertEqual(protocol.phase, files.Phase.LOST)
+        # Nothing leaves LOST: a late close is harmless, a new phase illegal.
+        protocol.close()
+        self.assertRaises(
+            files.IllegalTransition, protocol._enter, files.Phase.STREAMING
+        )
+
     def test_put_empty_and_subdir(self) -> None:
         protocol, transport = self.connect()
         protocol.dataReceived(b"PUT docs/e%20mpty 0\nLIST docs\n")
@@ -1580,3 +1616,19 @@ async def test_tls_pipelined(tmp_path: Path) -> None:
     assert header.startswith(b"OK %d " % len(BODY))
     assert rest[: len(BODY)] == BODY
     assert rest[len(BODY) :].endswith(b"\r\nhello notes\nOK bye\r\n")
+
+
+def test_phase_transitions_outside_the_table_raise() -> None:
+    """Every phase pair not in L{files.TRANSITIONS} is refused, and nothing else."""
+    for start in files.Phase:
+        for goal in files.Phase:
+            protocol = files.FileProtocol()
+            protocol.phase = start
+            if goal in files.TRANSITIONS[start]:
+                protocol._enter(goal)
+                assert protocol.phase is goal
+            else:
+                with pytest.raises(files.IllegalTransition):
+                    protocol._enter(goal)
+                assert protocol.phase is start
+    assert files.TRANSITIONS[files.Phase.LOST] == {files.Phase.LOST}
