@@ -25,7 +25,7 @@ SERVICES = ("sockd.echo", "sockd.chat", "sockd.files")
 TOP = ("sockd.tap", "sockd.daemons", "sockd.worker", "sockd.logs")
 #: service modules the client shares with the servers: sans-I/O codecs,
 #: never server state
-CODECS = frozenset({"sockd.chat.text", "sockd.files.names"})
+CODECS = frozenset({"sockd.chat.text", "sockd.files.names", "sockd.files.codec"})
 #: modules other programs load by name: C{python -m sockd.worker} (started
 #: by the workers' supervisor), C{twistd --logger sockd.logs.journal_observer}.
 #: Naming one is no import, so any layer may, and it makes no cycle.

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import re
 import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+from sockd.files import codec
 
 __all__ = [
     "CHUNK",
@@ -76,20 +77,18 @@ _ERR_STATUS = {
     503: EXIT_CONNECT,
 }
 
-# Printable ASCII except "%" goes as is; everything else as %XX of its bytes.
-_QUOTE = [chr(b) if 0x21 <= b < 0x7F and b != 0x25 else f"%{b:02X}" for b in range(256)]
-_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+_T = TypeVar("_T")
 
 
 def quote(path: str | bytes) -> str:
     """Percent-encode a path for a request line (UTF-8, or raw bytes as given)."""
     raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
-    return "".join([_QUOTE[b] for b in raw])
+    return codec.percent_encode(raw).decode("ascii")
 
 
 def unquote(text: bytes) -> bytes:
-    """Decode the C{%XX} escapes of a name from a listing."""
-    return _PERCENT.sub(lambda m: bytes((int(m.group(1), 16),)), text)
+    """Decode the C{%XX} escapes of a name from a listing (bad ones kept)."""
+    return codec.percent_decode(text, strict=False)
 
 
 class ClientError(Exception):
@@ -262,14 +261,15 @@ class Connection:
 
     def answer(self) -> str:
         """The text after C{OK}; C{ServerError} for an C{ERR} line."""
-        text = self.readline().decode("utf-8", "replace")
-        if text == "OK" or text.startswith("OK "):
-            return text[3:]
-        if text.startswith("ERR "):
-            code, _, reason = text[4:].partition(" ")
-            if code.isdigit():
-                raise ServerError(int(code), _printable(reason))
-        raise ProtocolError(f"{self.name}: unexpected answer {_printable(text)!r}")
+        try:
+            answer = codec.parse_answer(self.readline())
+        except codec.CodecError as e:
+            raise ProtocolError(
+                f"{self.name}: unexpected answer {_printable(e.text)!r}"
+            ) from None
+        if isinstance(answer, codec.Failure):
+            raise ServerError(answer.code, _printable(answer.reason))
+        return answer
 
     def receive(self, length: int, sink: Sink) -> None:
         """Pass exactly C{length} bytes to C{sink}; C{Truncated} if cut short."""
@@ -414,15 +414,12 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:300])
 
 
-def _fields(text: str) -> dict[str, str]:
-    return dict(item.partition("=")[::2] for item in text.split() if "=" in item)
-
-
-def _number(fields: dict[str, str], key: str, answer: str) -> int:
-    value = fields.get(key, "")
-    if not value.isdigit():
-        raise ProtocolError(f"answer without a valid {key}: {_printable(answer)!r}")
-    return int(value)
+def _parsed(parse: Callable[[str], _T], text: str) -> _T:
+    """C{parse(text)}; a C{ProtocolError} saying what was wrong if it fails."""
+    try:
+        return parse(text)
+    except codec.CodecError as e:
+        raise ProtocolError(f"{e.what}: {_printable(e.text)!r}") from None
 
 
 class FileClient:
@@ -435,24 +432,14 @@ class FileClient:
 
     def stat(self, path: str) -> Found:
         self.connection.send_line(f"STAT {quote(path)}")
-        text = self.connection.answer()
-        fields = _fields(text)
-        kind = fields.get("type", "")
-        if kind not in ("file", "dir"):
-            raise ProtocolError(f"STAT answer without a type: {_printable(text)!r}")
-        return Found(
-            kind, _number(fields, "size", text), _number(fields, "mtime", text)
-        )
+        found = _parsed(codec.parse_stat, self.connection.answer())
+        return Found(found.type, found.size, found.mtime)
 
     def sum(self, path: str) -> tuple[str, int, int]:
         """(hex SHA-256, size, mtime) of a file."""
         self.connection.send_line(f"SUM {quote(path)}")
-        text = self.connection.answer()
-        fields = _fields(text)
-        digest = fields.get("sha256", "").lower()
-        if not re.fullmatch("[0-9a-f]{64}", digest):
-            raise ProtocolError(f"SUM answer without a sha256: {_printable(text)!r}")
-        return digest, _number(fields, "size", text), _number(fields, "mtime", text)
+        answer = _parsed(codec.parse_sum, self.connection.answer())
+        return answer.sha256, answer.size, answer.mtime
 
     def list(self, path: str | None) -> Iterator[Entry]:
         """
@@ -463,39 +450,26 @@ class FileClient:
         self.truncated = ""
         self.connection.send_line(line)
         self.connection.answer()
-        while (raw := self.connection.readline()) != b".":
-            word, _, reason = raw.partition(b" ")
-            if word == b"truncated":
-                text = _printable(reason.decode("utf-8", "replace"))
-                self.truncated = text or "no reason given"
+        while True:
+            raw = self.connection.readline()
+            try:
+                item = codec.parse_list_line(raw)
+            except codec.CodecError as e:
+                raise ProtocolError(f"{e.what} {_printable(e.text)!r}") from None
+            if isinstance(item, codec.ListEnd):
+                return
+            if isinstance(item, str):
+                self.truncated = _printable(item)
                 continue
-            parts = raw.split(b" ", 3)
-            if (
-                len(parts) != 4
-                or parts[0] not in (b"f", b"d")
-                or not parts[1].isdigit()
-                or not parts[2].isdigit()
-            ):
-                raise ProtocolError(
-                    f"bad LIST line {_printable(raw.decode('utf-8', 'replace'))!r}"
-                )
-            yield Entry(
-                parts[0].decode(), int(parts[1]), int(parts[2]), unquote(parts[3])
-            )
+            yield Entry(item.kind, item.size, item.mtime, item.name)
 
     def get(self, path: str, offset: int = 0) -> Transfer:
         """Ask for a file from C{offset}; the body follows (see C{receive})."""
         self.connection.send_line(
             f"GET {quote(path)} {offset}" if offset else f"GET {quote(path)}"
         )
-        text = self.connection.answer()
-        first, _, rest = text.partition(" ")
-        if not first.isdigit():
-            raise ProtocolError(f"GET answer without a length: {_printable(text)!r}")
-        fields = _fields(rest)
-        transfer = Transfer(
-            int(first), _number(fields, "size", text), _number(fields, "mtime", text)
-        )
+        header = _parsed(codec.parse_get, self.connection.answer())
+        transfer = Transfer(header.length, header.size, header.mtime)
         if offset + transfer.length > transfer.size:
             raise ProtocolError(
                 f"GET announced {transfer.length} bytes from {offset} "
@@ -506,16 +480,9 @@ class FileClient:
     def put(self, path: str, length: int) -> None:
         """Announce an upload; the body follows (C{Connection.send})."""
         self.connection.send_line(f"PUT {quote(path)} {length}")
-        text = self.connection.answer()
-        if text.split(" ", 1)[0] != "ready":
-            raise ProtocolError(f"PUT answer is not 'ready': {_printable(text)!r}")
+        _parsed(codec.parse_ready, self.connection.answer())
 
     def stored(self) -> tuple[int, str]:
         """The server's (length, hex SHA-256) once an upload is complete."""
-        text = self.connection.answer()
-        word, _, rest = text.partition(" ")
-        count, _, rest = rest.partition(" ")
-        digest = _fields(rest).get("sha256", "").lower()
-        if word != "stored" or not count.isdigit() or len(digest) != 64:
-            raise ProtocolError(f"unexpected PUT answer {_printable(text)!r}")
-        return int(count), digest
+        stored = _parsed(codec.parse_stored, self.connection.answer())
+        return stored.length, stored.sha256

@@ -8,132 +8,46 @@ sockd-file: a file server simple enough for netcat, in the family of Gopher
    C{STAT}, C{SUM}, C{LIST}, C{HELP}, C{QUIT} and, when writable, C{PUT},
    several on one connection.
 
-L{FileProtocol} parses and writes; L{FileState} holds the decisions (path
-safety through L{sockd.files.paths.Root}, listings, the checksum cache, uploads,
-bandwidth caps).  File bodies go out through L{sockd.files.sendfile}.
+L{FileProtocol} is I/O only: bytes go through L{sockd.files.codec} to
+events, and answers back through it to bytes; L{sockd.files.state.FileState}
+holds the decisions.  File bodies go out through L{sockd.files.sendfile}.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import errno
-import fcntl
-import hashlib
-import heapq
-import itertools
+import enum
 import os
-import re
-import stat
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IPushProducer,
-    IReactorThreads,
-    IReactorTime,
-)
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import connectionDone
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sockd.core.config import Config, FileSettings
+from sockd.core.config import Config
 from sockd.core.eager import eager_write
 from sockd.core.interfaces import IReconfigurable
-from sockd.core.limits import (
-    GuardedFactory,
-    GuardedProtocol,
-    Sample,
-    TokenBucket,
-    idle_granularity,
-)
+from sockd.core.limits import GuardedFactory, GuardedProtocol, Sample
 from sockd.core.logs import escape
-from sockd.files.paths import RESERVED_PREFIX, Opened, PathError, Root
-from sockd.files.sendfile import Pacer, TransferError, release, send_file
+from sockd.files import codec
+from sockd.files.paths import Opened, PathError
+from sockd.files.sendfile import TransferError, release, send_file
+from sockd.files.state import DirectoryScan, Entry, FileState, Upload, write_code
 
-__all__ = [
-    "KEYWORDS",
-    "MAX_LINE",
-    "DirectoryScan",
-    "FileFactory",
-    "FileProtocol",
-    "FileState",
-    "percent_decode",
-    "percent_encode",
-    "sweep_uploads",
-]
-
-T = TypeVar("T")
+__all__ = ["REQUESTS_PER_TURN", "FileFactory", "FileProtocol", "ListSender"]
 
 log = Logger(namespace="sockd.file")
 
-KEYWORDS = frozenset({b"GET", b"STAT", b"SUM", b"LIST", b"HELP", b"QUIT", b"PUT"})
-#: longest request line; room for a 4096-byte path written with %XX escapes
-MAX_LINE = 16384
-#: entries listed from one directory at most (the default of [file]
-#: max_list_entries), and names read to find them
-MAX_LISTING = 10000
-MAX_SCAN = 10 * MAX_LISTING
-#: a listing's work per reactor turn: names read (and sorted), then names
-#: checked (each an open and a stat); each is about 2 ms here
-SCAN_NAMES = 2048
-SCAN_ENTRIES = 128
+_SHUTTING_DOWN = codec.send(codec.Failure(503, "shutting down"))
+
 #: pipelined requests answered for one connection in one reactor turn
 REQUESTS_PER_TURN = 64
-#: bytes hashed per reactor turn
-HASH_STEP = 1024 * 1024
-#: checksums remembered
-SUM_CACHE = 4096
 TEXT_SUFFIXES = frozenset(
     {".txt", ".md", ".rst", ".csv", ".json", ".ini", ".cfg", ".log", ".py", ".html"}
 )
-HELP = b"""\
-sockd-file: commands (one line each; paths with space, % or non-printable
-characters are written %XX):
-  GET <path> [<offset> [<length>]]   OK <length> size=<n> mtime=<n>, then bytes
-  STAT <path>                        OK type=<file|dir> size=<n> mtime=<n>
-  SUM <path>                         OK sha256=<hex> size=<n> mtime=<n>
-  LIST [<dir>]                       OK, lines <f|d> <size> <mtime> <name>, .
-  PUT <path> <length>                OK ready, send <length> bytes, OK stored
-  HELP                               this text
-  QUIT                               OK bye, then close
-A line not starting with a command is a bare request: the file, then close.
-"""
-_SAFE = frozenset(range(0x21, 0x7F)) - {ord("%")}
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-_UPLOAD_PREFIX = RESERVED_PREFIX
-#: the names of sockd's own temporary upload files (L{Upload}), and no other
-_TEMP_NAME = re.compile(re.escape(RESERVED_PREFIX) + "[0-9a-f]{16}")
-
-
-def percent_encode(name: bytes) -> bytes:
-    """Space, C{%}, controls and non-ASCII bytes become C{%XX}."""
-    return b"".join(bytes((b,)) if b in _SAFE else b"%%%02X" % b for b in name)
-
-
-def percent_decode(text: bytes) -> bytes:
-    """C{%XX} back to bytes; a C{%} not followed by two hex digits is an error."""
-    if b"%" not in text:
-        return text
-    out = bytearray()
-    i = 0
-    while i < len(text):
-        byte = text[i]
-        if byte == 0x25:
-            pair = text[i + 1 : i + 3]
-            if len(pair) != 2 or not set(pair) <= _HEX:
-                raise PathError(400, "bad %XX escape in path")
-            out.append(int(pair, 16))
-            i += 3
-        else:
-            out.append(byte)
-            i += 1
-    return bytes(out)
 
 
 def _number(text: bytes) -> int:
@@ -142,602 +56,23 @@ def _number(text: bytes) -> int:
     return int(text)
 
 
-def _line(text: str) -> bytes:
-    return text.encode("utf-8") + b"\r\n"
-
-
-def _byte_bucket(rate: int, clock: IReactorTime) -> TokenBucket | None:
-    """A cap of C{rate} bytes a second saving one second's worth; 0: none."""
-    return TokenBucket(rate, rate, clock) if rate else None
-
-
-class Upload:
-    """
-    One PUT in progress: bytes go to a temporary file beside the target;
-    only a complete, fsynced file is renamed (or linked) to the real name.
-
-    The temporary file is locked (C{flock}) until it has its real name or
-    is removed, which tells L{sweep_uploads} in any process that it is live.
-    """
-
-    def __init__(
-        self,
-        dir_fd: int,
-        name: str,
-        length: int,
-        overwrite: bool,
-        token: str,
-        device: int = 0,
-    ) -> None:
-        self.dir_fd = dir_fd
-        self.name = name
-        self.length = length
-        self.remaining = length
-        self.overwrite = overwrite
-        #: the filesystem written to, for reserving its free space
-        self.device = device
-        self.temp = f"{_UPLOAD_PREFIX}{token}"
-        self.hash = hashlib.sha256()
-        self.fd = os.open(
-            self.temp,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o666,
-            dir_fd=dir_fd,
-        )
-        # Where locks are unsupported the upload goes on unlocked: a sweep
-        # that cannot lock a file leaves it alone.
-        with contextlib.suppress(OSError):
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-    def feed(self, data: bytes) -> bytes:
-        """Write body bytes; return what follows the body (the next request)."""
-        body, rest = data[: self.remaining], data[self.remaining :]
-        view = memoryview(body)
-        while view:
-            written = os.write(self.fd, view)  # OSError (ENOSPC, EFBIG) to caller
-            view = view[written:]
-        self.hash.update(body)
-        self.remaining -= len(body)
-        return rest
-
-    def commit(self) -> None:
-        """
-        Blocking: fsync, then put the file under its real name atomically.
-        If that fails, the temporary file is removed before the error is
-        raised (the reactor may be stopping and never see it).
-        """
-        try:
-            os.fsync(self.fd)
-            if self.overwrite:
-                os.rename(
-                    self.temp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd
-                )
-            else:
-                # link() never replaces an existing name: the no-overwrite rule
-                # holds even against a file created since the PUT was accepted.
-                os.link(
-                    self.temp,
-                    self.name,
-                    src_dir_fd=self.dir_fd,
-                    dst_dir_fd=self.dir_fd,
-                    follow_symlinks=False,
-                )
-                os.unlink(self.temp, dir_fd=self.dir_fd)
-            os.fsync(self.dir_fd)
-        except BaseException:
-            self.abort()
-            raise
-        # Closed (and unlocked) only now that the temporary name is gone.
-        os.close(self.fd)
-        self.fd = -1
-        os.close(self.dir_fd)
-        self.dir_fd = -1
-
-    def abort(self) -> None:
-        """Remove the temporary file; the real name is never touched."""
-        if self.dir_fd >= 0:
-            # Gone already, or cannot be removed (a read-only remount): the
-            # descriptors are closed all the same; a later sweep removes it.
-            with contextlib.suppress(OSError):
-                os.unlink(self.temp, dir_fd=self.dir_fd)
-        # Unlocked after the unlink: a sweep never sees it unlocked and named.
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self.dir_fd >= 0:
-            os.close(self.dir_fd)
-            self.dir_fd = -1
-
-
-def sweep_uploads(
-    root_fd: int, before: float, stopped: Callable[[], bool] = lambda: False
-) -> tuple[int, int, int]:
-    """
-    Blocking: remove sockd's temporary upload files anywhere beneath the
-    directory C{root_fd} that no running upload holds (L{Upload} locks its
-    file) and that were last written before C{before} (unix seconds).
-    Symlinks are not followed.  Returns (files removed, their bytes, files
-    kept because locked or recent).  Stops early once C{stopped()} is true.
-    """
-    removed = size = kept = 0
-    for _, _, names, dir_fd in os.fwalk(".", dir_fd=root_fd):
-        if stopped():
-            break
-        for name in names:
-            if not _TEMP_NAME.fullmatch(name):
-                continue
-            freed = _remove_stale(dir_fd, name, before)
-            if freed is None:
-                kept += 1
-            else:
-                removed += 1
-                size += freed
-    return removed, size, kept
-
-
-def _remove_stale(dir_fd: int, name: str, before: float) -> int | None:
-    """Remove one temporary file if it is stale; its size, or None if kept."""
-    try:
-        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if not stat.S_ISREG(info.st_mode) or info.st_mtime >= before:
-            return None
-        fd = os.open(
-            name,
-            os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-            dir_fd=dir_fd,
-        )
-    except OSError:
-        return None
-    try:
-        # Locked by a running upload (of any process), or locks unsupported
-        # here: not stale as far as anyone can tell.
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held = os.fstat(fd)
-        now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino) or (
-            held.st_mtime >= before
-        ):
-            return None
-        os.unlink(name, dir_fd=dir_fd)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return held.st_size
-
-
-#: the [file] keys a L{Root} is made from: a reload changing one opens a new one
-_ROOT_KEYS = ("root", "symlinks", "hidden", "hardlinks")
-
-
-def open_root(settings: FileSettings) -> Root:
-    """The L{Root} C{settings} describe; OSError if it cannot be opened."""
-    if settings.root is None:
-        raise OSError("[file] root is not set")
-    return Root(
-        settings.root, settings.symlinks, settings.hidden, hardlinks=settings.hardlinks
-    )
-
-
-#: one entry of a listing: kind (f or d), name, stat
-Entry = tuple[str, str, os.stat_result]
-
-
-class DirectoryScan:
-    """
-    A directory listing worked out a slice at a time, so that a big
-    directory never holds the reactor: L{step} reads L{SCAN_NAMES} names
-    (up to L{MAX_SCAN} in all, each batch sorted), then, once all are read,
-    takes them in name order and checks L{SCAN_ENTRIES} of them, keeping
-    those a client could request, at most C{limit}.  L{truncated} says why
-    a finished listing stopped short ("" if it did not).
-    """
-
-    def __init__(
-        self, root: Root, parts: tuple[str, ...], opened: Opened, limit: int
-    ) -> None:
-        self.root = root
-        self.parts = parts
-        self.limit = limit
-        self.found = 0
-        self.truncated = ""
-        self.done = False
-        self._read = 0
-        self._runs: list[list[str]] = []
-        #: every name in order, once all have been read
-        self.names: Iterator[str] | None = None
-        try:
-            # scandir() reads a duplicate of the descriptor.
-            self._dir: os._ScandirIterator[str] | None = os.scandir(opened.fd)
-        finally:
-            opened.close()
-
-    def step(self) -> list[Entry]:
-        """
-        One slice of work; the entries found in it, in name order.  An
-        error reading the directory (C{OSError}) ends the scan.
-        """
-        if self.done:
-            return []
-        try:
-            if self.names is None:
-                self._readNames()
-            if self.names is None:
-                return []
-            return self._check(self.names)
-        except BaseException:
-            self.close()
-            raise
-
-    def _readNames(self) -> None:
-        directory = self._dir
-        assert directory is not None
-        want = min(SCAN_NAMES, MAX_SCAN - self._read)
-        batch = [entry.name for entry in itertools.islice(directory, want)]
-        self._read += len(batch)
-        if batch:
-            self._runs.append(sorted(batch))
-        if len(batch) == want and self._read < MAX_SCAN:
-            return  # more to read on the next step
-        if self._read >= MAX_SCAN and next(directory, None) is not None:
-            self.truncated = f"more than {MAX_SCAN} names in the directory"
-        self._closeDir()
-        self.names = heapq.merge(*self._runs)
-        self._runs = []
-
-    def _check(self, names: Iterator[str]) -> list[Entry]:
-        found: list[Entry] = []
-        if self.root.fd < 0:
-            # A reload closed the root these names are opened under.
-            self.truncated = "the server was reconfigured during the listing"
-            self.close()
-            return found
-        for checked, name in enumerate(names, 1):
-            entry = self._entry(name)
-            if entry is not None:
-                if self.found >= self.limit:
-                    self.truncated = f"more than {self.limit} entries"
-                    break
-                self.found += 1
-                found.append(entry)
-            if checked >= SCAN_ENTRIES:
-                return found
-        self.close()
-        return found
-
-    def _entry(self, name: str) -> Entry | None:
-        # Only names a client could request: UTF-8, no control characters,
-        # not hidden unless allowed.
-        try:
-            if self.root.parse(os.fsencode(name)) != (name,):
-                return None
-        except PathError:
-            return None
-        if name.startswith(_UPLOAD_PREFIX):
-            return None
-        try:
-            child = self.root.open((*self.parts, name), "any")
-        except PathError:
-            return None  # FIFOs, sockets, symlinks out of the root...
-        child.close()
-        return ("d" if child.is_dir else "f", name, child.stat)
-
-    def _closeDir(self) -> None:
-        directory, self._dir = self._dir, None
-        if directory is not None:
-            directory.close()
-
-    def close(self) -> None:
-        """Finished, or abandoned: release the directory."""
-        self.done = True
-        self._closeDir()
-        self._runs = []
-        self.names = None
-
-
-class FileState:
-    """
-    The file service's decisions and long-lived state: what may be served,
-    how listings look, remembered checksums, upload rules and the free space
-    promised to uploads in progress, bandwidth.
-    """
-
-    def __init__(
-        self,
-        settings: FileSettings,
-        clock: IReactorTime,
-        root: Root | None = None,
-        use_sendfile: bool = True,
-        token: Callable[[], str] = lambda: os.urandom(8).hex(),
-    ) -> None:
-        if root is None:
-            if settings.root is None:
-                raise ValueError("[file] root is not set")
-            root = open_root(settings)
-        self.settings = settings
-        self.clock = clock
-        self.root = root
-        self.use_sendfile = use_sendfile
-        self.token = token
-        self.sums: OrderedDict[tuple[int, int, int, int], str] = OrderedDict()
-        self.total_bucket = _byte_bucket(settings.total_rate_limit, clock)
-        self.served = 0
-        self.bytes_sent = 0
-        self.refused = 0
-        #: uploads receiving their body: each holds back its remaining bytes
-        #: of its filesystem's free space
-        self.uploads: set[Upload] = set()
-        self._stopped = False
-
-    def reconfigure(self, settings: FileSettings) -> None:
-        """
-        A reload: new rules at once; a new root (or symlink, hidden-file or
-        hard-link policy) for requests from now on.  Transfers and uploads
-        under way keep the files and directories they opened.  If the new
-        root cannot be opened, the old one stays.  A root newly written to
-        is swept (L{sweep}).
-        """
-        old = self.settings
-        if any(getattr(settings, k) != getattr(old, k) for k in _ROOT_KEYS):
-            try:
-                root = open_root(settings)
-            except OSError as e:
-                log.error(
-                    "file: reload keeps serving {old}: cannot open {new}: {error}",
-                    old=str(old.root),
-                    new=str(settings.root),
-                    error=str(e),
-                )
-                settings = dataclasses.replace(
-                    settings, **{k: getattr(old, k) for k in _ROOT_KEYS}
-                )
-            else:
-                previous, self.root = self.root, root
-                previous.close()
-                log.info("file: now serving {root}", root=str(settings.root))
-        self.settings = settings
-        if settings.writable and (settings.root != old.root or not old.writable):
-            self.sweep()
-        if settings.total_rate_limit != old.total_rate_limit:
-            self.total_bucket = _byte_bucket(settings.total_rate_limit, self.clock)
-
-    # --- reading --------------------------------------------------------
-
-    def open(self, raw: bytes, want: str = "any") -> tuple[tuple[str, ...], Opened]:
-        parts = self.root.parse(raw)
-        return parts, self.root.open(parts, want)
-
-    def pacer(self) -> Pacer | None:
-        own = _byte_bucket(self.settings.rate_limit, self.clock)
-        if own is None and self.total_bucket is None:
-            return None
-        return Pacer(own, self.total_bucket)
-
-    def scan(self, parts: tuple[str, ...], opened: Opened) -> DirectoryScan:
-        """Begin listing the directory C{opened} (the path C{parts})."""
-        return DirectoryScan(self.root, parts, opened, self.settings.max_list_entries)
-
-    def checksum(self, opened: Opened) -> Deferred[str]:
-        """SHA-256 of an open file, remembered by inode, size and mtime."""
-        info = opened.stat
-        key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-        known = self.sums.get(key)
-        if known is not None:
-            opened.close()
-            self.sums.move_to_end(key)
-            return succeed(known)
-        result = _Hasher(opened, self.clock).start()
-        result.addCallback(self._remember, key)
-        return result
-
-    def _remember(self, hexdigest: str, key: tuple[int, int, int, int]) -> str:
-        self.sums[key] = hexdigest
-        if len(self.sums) > SUM_CACHE:
-            self.sums.popitem(last=False)
-        return hexdigest
-
-    # --- writing --------------------------------------------------------
-
-    def begin_upload(self, raw: bytes, length: int) -> Upload:
-        """
-        Accept a PUT of C{length} bytes to C{raw}, or raise L{PathError}:
-        the upload's temporary file is created and its length held back
-        from the free space (L{release} gives it back).
-        """
-        settings = self.settings
-        if not settings.writable:
-            raise PathError(403, "this server does not accept uploads")
-        if length > settings.max_upload:
-            raise PathError(413, f"upload larger than {settings.max_upload} bytes")
-        parts = self.root.parse(raw)
-        if not parts:
-            raise PathError(400, "PUT needs a file name")
-        name = parts[-1]
-        if name.startswith(_UPLOAD_PREFIX):
-            raise PathError(403, "reserved name")
-        directory = self.root.open(parts[:-1], "dir")
-        dir_fd = directory.fd
-        try:
-            try:
-                existing = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                pass
-            else:
-                if not stat.S_ISREG(existing.st_mode):
-                    raise PathError(405, "target exists and is not a regular file")
-                if not settings.overwrite:
-                    raise PathError(409, "file exists and overwrite is off")
-            device = directory.stat.st_dev
-            space = os.fstatvfs(dir_fd)
-            # Free space is promised once: what uploads in progress on this
-            # filesystem have yet to write is not free for this one.
-            promised = sum(u.remaining for u in self.uploads if u.device == device)
-            available = max(0, space.f_bavail * space.f_frsize - promised)
-            if length > available:
-                raise PathError(
-                    413, f"not enough free space ({available} bytes available)"
-                )
-            upload = Upload(
-                dir_fd, name, length, settings.overwrite, self.token(), device
-            )
-        except PathError:
-            os.close(dir_fd)
-            raise
-        except OSError as e:
-            os.close(dir_fd)
-            raise PathError(_write_code(e), f"cannot create: {e.strerror}") from None
-        self.uploads.add(upload)
-        return upload
-
-    def release(self, upload: Upload) -> None:
-        """An upload has its whole body, or is aborted: its space is free."""
-        self.uploads.discard(upload)
-
-    def abort_uploads(self) -> int:
-        """
-        Abort every upload still receiving (the daemon is stopping and will
-        not see their connections close); return how many.
-        """
-        uploads, self.uploads = self.uploads, set()
-        for upload in uploads:
-            upload.abort()
-        return len(uploads)
-
-    def sweep(self) -> Deferred[None]:
-        """
-        Remove, in a thread, the temporary files of uploads cut short by a
-        crash anywhere beneath the root (only when uploads are accepted).
-
-        Another process sharing the root (C{[sockd] workers}, a second
-        daemon) may have uploads running: a file is stale only if no upload
-        holds its lock and it was last written longer ago than the idle
-        timeout (and its granularity), after which an upload that received
-        nothing has been closed.
-        """
-        settings = self.settings
-        if self._stopped or not settings.writable:
-            return succeed(None)
-        window = settings.idle_timeout + idle_granularity(settings.idle_timeout)
-        before = self.clock.seconds() - window
-        where = str(settings.root)
-        try:
-            # Its own descriptor: a reload may close the root's meanwhile.
-            fd = os.dup(self.root.fd)
-        except OSError as e:
-            log.error("file: cannot sweep {root}: {error}", root=where, error=str(e))
-            return succeed(None)
-
-        def work() -> tuple[int, int, int]:
-            try:
-                return sweep_uploads(fd, before, lambda: self._stopped)
-            finally:
-                os.close(fd)
-
-        def done(result: tuple[int, int, int]) -> None:
-            removed, size, kept = result
-            log.info(
-                "file: swept {root}: removed {removed} stale upload file(s), "
-                "{size} bytes; kept {kept} (locked, recent or not a plain file)",
-                root=where,
-                removed=removed,
-                size=size,
-                kept=kept,
-            )
-
-        def failed(failure: Failure) -> None:
-            log.failure("file: sweeping {root} failed", failure, root=where)
-
-        return self.blocking(work).addCallbacks(done, failed)
-
-    def stop(self) -> None:
-        """The service is stopping: a sweep under way ends early."""
-        self._stopped = True
-
-    def blocking(self, work: Callable[[], T]) -> Deferred[T]:
-        """Run blocking work (fsync) in a thread when the reactor has them."""
-        if IReactorThreads.providedBy(self.clock):
-            reactor: Any = self.clock
-            result: Deferred[T] = deferToThreadPool(
-                reactor, reactor.getThreadPool(), work
-            )
-            return result
-        return maybeDeferred(work)
-
-
-class _Hasher:
-    """Hashes an open file L{HASH_STEP} bytes per reactor turn."""
-
-    def __init__(self, opened: Opened, clock: IReactorTime) -> None:
-        self.opened = opened
-        self.clock = clock
-        self.offset = 0
-        self.digest = hashlib.sha256()
-        self.call: IDelayedCall | None = None
-        self.result: Deferred[str] = Deferred(self._cancel)
-
-    def start(self) -> Deferred[str]:
-        self.call = self.clock.callLater(0, self._step)
-        return self.result
-
-    def _step(self) -> None:
-        self.call = None
-        opened = self.opened
-        try:
-            data = os.pread(opened.fd, HASH_STEP, self.offset)
-            if data:
-                self.digest.update(data)
-                self.offset += len(data)
-                self.call = self.clock.callLater(0, self._step)
-                return
-            now = os.fstat(opened.fd)
-        except OSError as e:
-            opened.close()
-            self.result.errback(PathError(500, f"read error: {e.strerror}"))
-            return
-        opened.close()
-        before = opened.stat
-        if (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            self.result.errback(PathError(503, "file changed while hashing; try again"))
-            return
-        self.result.callback(self.digest.hexdigest())
-
-    def _cancel(self, result: Deferred[str]) -> None:
-        if self.call is not None and self.call.active():
-            self.call.cancel()
-            self.call = None
-            self.opened.close()
-
-
-def _write_code(error: OSError) -> int:
-    if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return 413
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return 403
-    if error.errno == errno.EEXIST:
-        return 409
-    return 500
-
-
 class _ListFormat:
     """A framed C{LIST} answer: C{OK}, C{<f|d> <size> <mtime> <name>} lines, C{.}."""
 
-    head = b"OK\r\n"
+    head = codec.send(codec.Ok())
 
     def lines(self, entries: list[Entry]) -> bytes:
         return b"".join(
-            b"%s %d %d %s\r\n"
-            % (
-                kind.encode(),
-                info.st_size,
-                int(info.st_mtime),
-                percent_encode(name.encode("utf-8")),
+            codec.send(
+                codec.ListLine(
+                    kind, info.st_size, int(info.st_mtime), name.encode("utf-8")
+                )
             )
             for kind, name, info in entries
         )
 
     def end(self, truncated: str) -> bytes:
-        marker = _line(f"truncated {truncated}") if truncated else b""
-        return marker + b".\r\n"
+        return codec.send(codec.ListEnd(truncated))
 
 
 class _MenuFormat:
@@ -877,6 +212,54 @@ class ListSender:
         self._finish(TransferError("connection lost", self.sent), unregister=False)
 
 
+class Phase(enum.Enum):
+    """Where a connection is; L{TRANSITIONS} says where it may go next."""
+
+    #: reading requests, none being answered
+    IDLE = "idle"
+    #: many pipelined requests answered: the rest on the next reactor turn
+    YIELDING = "yielding"
+    #: a PUT's body arriving
+    UPLOADING = "uploading"
+    #: a producer writing a file body or a listing
+    STREAMING = "streaming"
+    #: a checksum, or an upload's commit, under way
+    WORKING = "working"
+    #: closing: no more requests
+    CLOSING = "closing"
+    #: the connection is gone
+    LOST = "lost"
+
+
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.IDLE: frozenset(
+        {
+            Phase.IDLE,
+            Phase.YIELDING,
+            Phase.UPLOADING,
+            Phase.STREAMING,
+            Phase.WORKING,
+            Phase.CLOSING,
+            Phase.LOST,
+        }
+    ),
+    Phase.YIELDING: frozenset({Phase.IDLE, Phase.CLOSING, Phase.LOST}),
+    Phase.UPLOADING: frozenset({Phase.WORKING, Phase.CLOSING, Phase.LOST}),
+    Phase.STREAMING: frozenset({Phase.IDLE, Phase.CLOSING, Phase.LOST}),
+    Phase.WORKING: frozenset({Phase.IDLE, Phase.CLOSING, Phase.LOST}),
+    Phase.CLOSING: frozenset({Phase.CLOSING, Phase.LOST}),
+    Phase.LOST: frozenset({Phase.LOST}),
+}
+#: phases in which the next request (or body bytes) may be taken
+_READING = frozenset({Phase.IDLE, Phase.UPLOADING})
+#: events that count as requests for L{REQUESTS_PER_TURN}
+_REQUESTS = (codec.Request, codec.BareRequest, codec.LineTooLong)
+
+
+class IllegalTransition(RuntimeError):
+    """A connection asked to go from one phase to one it may not."""
+
+
 class FileProtocol(GuardedProtocol):
     """One connection: a bare request, or framed requests one after another."""
 
@@ -886,35 +269,45 @@ class FileProtocol(GuardedProtocol):
     nodelay = False
 
     factory: FileFactory
-    mode = ""  # "", then "bare" or "framed" from the first request
-    _buffer = b""
-    _busy = False
-    _ended = False
+    phase = Phase.IDLE
+    #: the daemon is stopping: close once the request in flight is answered
     _draining = False
+    #: in the request loop (an answer that completes at once re-enters it)
     _processing = False
+    #: a request taken from the parser, answered after a yield
+    _held: codec.Event | None = None
     _yield: IDelayedCall | None = None
-    _lost = False
     _pause: IDelayedCall | None = None
     _upload: Upload | None = None
     _sender: Any = None
     _work: Deferred[Any] | None = None
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._parser = codec.RequestParser()
+
+    @property
+    def mode(self) -> str:
+        """C{""} until the first request, then C{"bare"} or C{"framed"}."""
+        mode = self._parser.mode
+        return "" if mode is codec.Mode.UNDECIDED else mode.value
+
+    def _enter(self, phase: Phase) -> None:
+        if phase not in TRANSITIONS[self.phase]:
+            raise IllegalTransition(f"{self.phase.name} to {phase.name}")
+        self.phase = phase
+
     # --- input ----------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closing:
+        if self.phase is Phase.CLOSING or self.phase is Phase.LOST:
             return
         self.touch()
-        if self._upload is not None:
-            data = self._uploadData(data)
-            if not data or self.closing:
-                return
-        self._buffer = self._buffer + data if self._buffer else data
-        if self._busy:
-            if len(self._buffer) > MAX_LINE:
-                self.transport.pauseProducing()  # type: ignore[union-attr]
-            return
-        self._process()
+        self._parser.feed(data)
+        if self.phase in _READING:
+            self._process()
+        elif self._parser.buffered > codec.MAX_LINE:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def _process(self) -> None:
         # An answer that completes at once (a cached SUM, an empty file)
@@ -924,58 +317,70 @@ class FileProtocol(GuardedProtocol):
             return
         self._processing = True
         try:
-            self._processLines()
+            self._processEvents()
         finally:
             self._processing = False
 
-    def _processLines(self) -> None:
+    def _processEvents(self) -> None:
+        parser = self._parser
         answered = 0
-        while not (self._busy or self.closing or self._upload is not None):
-            end = self._buffer.find(b"\n")
-            if end < 0:
+        while self.phase in _READING:
+            event, self._held = self._held or parser.next_event(), None
+            if event is None:
                 break
-            if answered >= REQUESTS_PER_TURN:
-                # Many pipelined requests answered at once: give the other
-                # connections their turn, and continue on the next one.
-                self._setBusy(True)
-                self._yield = self.factory.clock.callLater(0, self._continue)
-                return
-            answered += 1
-            if end > MAX_LINE:
-                self._tooLong()
-                return
-            line = self._buffer[:end]
-            self._buffer = self._buffer[end + 1 :]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            self._cancelPause()
-            self.stopDeadline()
-            self._request(line)
-        if self._busy or self.closing or self._upload is not None:
+            if isinstance(event, _REQUESTS):
+                if answered >= REQUESTS_PER_TURN:
+                    # Many pipelined requests answered at once: give the
+                    # other connections their turn, and go on at the next.
+                    self._held = event
+                    self._setBusy(Phase.YIELDING)
+                    self._yield = self.factory.clock.callLater(0, self._continue)
+                    return
+                answered += 1
+            self._handle(event)
+        if self.phase is not Phase.IDLE:
             return
-        if len(self._buffer) > MAX_LINE:
-            self._tooLong()
-        elif self._ended:
-            self._atEnd()
-        elif self._buffer:
+        waiting = parser.waiting()
+        if waiting is codec.Waiting.PAUSE:
             # An absolute deadline for the line: trickling bytes does not
             # extend it.  A first line may also end with a pause (a client
             # that sends a name and no newline, as the classic tutorial's).
             self.startDeadline()
-            word, space, _ = self._buffer.partition(b" ")
-            if not self.mode and not (space and word in KEYWORDS):
-                self._startPause()
-            elif not self.mode:
-                # A pause started by bytes before the space no longer applies.
-                self._cancelPause()
+            self._startPause()
+        elif waiting is codec.Waiting.LINE:
+            self.startDeadline()
+            # A pause started by bytes before the space no longer applies.
+            self._cancelPause()
+
+    def _handle(self, event: codec.Event) -> None:
+        if isinstance(event, codec.Request | codec.BareRequest):
+            self._cancelPause()
+            self.stopDeadline()
+            self._request(event)
+        elif isinstance(event, codec.BodyData):
+            self._uploadData(event.data)
+        elif isinstance(event, codec.BodyEnd):
+            self._uploaded()
+        elif isinstance(event, codec.BodyIncomplete):
+            self._abortUpload()
+            self._error(
+                400, "connection ended in the middle of an upload", b"PUT", close=True
+            )
+        elif isinstance(event, codec.LineTooLong):
+            self._error(
+                414,
+                f"request line longer than {codec.MAX_LINE} bytes",
+                b"",
+                close=True,
+            )
+        else:
+            # The peer sent all it will, and all of it is answered.
+            self._cancelPause()
+            self.close()
 
     def _continue(self) -> None:
         self._yield = None
         self._next()
-
-    def _tooLong(self) -> None:
-        self._buffer = b""
-        self._error(414, f"request line longer than {MAX_LINE} bytes", b"", close=True)
 
     def _startPause(self) -> None:
         pause = self.factory.state.settings.bare_pause
@@ -991,48 +396,31 @@ class FileProtocol(GuardedProtocol):
 
     def _paused(self) -> None:
         self._pause = None
-        if self._buffer and not self.mode and not self._busy and not self.closing:
-            line, self._buffer = self._buffer, b""
-            self.stopDeadline()
-            self._request(line.rstrip(b"\r"))
-            self._process()
+        if self.phase is Phase.IDLE:
+            event = self._parser.pause()
+            if event is not None:
+                self.stopDeadline()
+                self._request(event)
+                self._process()
 
     def inputEnded(self) -> None:
-        self._ended = True
-        if self._upload is not None:
-            self._abortUpload()
-            self._error(
-                400, "connection ended in the middle of an upload", b"PUT", close=True
-            )
-        elif not self._busy:
+        self._parser.end()
+        if self.phase in _READING:
             self._process()
-
-    def _atEnd(self) -> None:
-        """The peer sent all it will: answer an unterminated last request."""
-        self._cancelPause()
-        if self._buffer:
-            line, self._buffer = self._buffer, b""
-            self._request(line.rstrip(b"\r"))
-        if not (self._busy or self.closing or self._upload is not None):
-            self.close()
 
     # --- requests -------------------------------------------------------
 
-    def _request(self, line: bytes) -> None:
-        if not self.mode:
-            self.mode = "framed" if line.split(b" ", 1)[0] in KEYWORDS else "bare"
-        if self.mode == "bare":
-            self._bare(line)
+    def _request(self, event: codec.Request | codec.BareRequest) -> None:
+        if isinstance(event, codec.BareRequest):
+            self._bare(event.selector)
             return
-        word, _, rest = line.partition(b" ")
+        word, args, path = event.command, list(event.args), event.path
         handler = self._commands.get(word)
         if handler is None:
             self._error(400, "unknown command; send HELP for the list", word)
             return
-        args = rest.split(b" ") if rest else []
-        path = args[0] if args else b""
         try:
-            if b"" in args:
+            if event.spaced:
                 raise PathError(400, "arguments are separated by single spaces")
             handler(self, args)
         except PathError as e:
@@ -1042,9 +430,7 @@ class FileProtocol(GuardedProtocol):
             # the daemon goes on.
             self._error(500, f"internal error: {e.strerror}", word, path, close=True)
 
-    def _bare(self, line: bytes) -> None:
-        # Gopher clients may add a tab and more after the selector.
-        selector = line.split(b"\t", 1)[0]
+    def _bare(self, selector: bytes) -> None:
         state = self.factory.state
         try:
             parts, opened = state.open(selector)
@@ -1069,46 +455,43 @@ class FileProtocol(GuardedProtocol):
             raise PathError(400, "usage: GET <path> [<offset> [<length>]]")
         offset = _number(args[1]) if len(args) > 1 else 0
         length = _number(args[2]) if len(args) > 2 else None
-        _, opened = self.factory.state.open(percent_decode(args[0]), "file")
+        _, opened = self.factory.state.open(codec.percent_decode(args[0]), "file")
         size = opened.stat.st_size
         if offset > size:
             opened.close()
             raise PathError(416, f"offset {offset} is beyond the end ({size} bytes)")
         count = size - offset if length is None else min(size - offset, length)
         mtime = int(opened.stat.st_mtime)
-        self._write(_line(f"OK {count} size={size} mtime={mtime}"))
+        self._write(codec.send(codec.GetHeader(count, size, mtime)))
         self._log("GET", args[0], count)
         self._send(opened, offset, count, self._next)
 
     def _stat(self, args: list[bytes]) -> None:
         if len(args) != 1:
             raise PathError(400, "usage: STAT <path>")
-        _, opened = self.factory.state.open(percent_decode(args[0]))
+        _, opened = self.factory.state.open(codec.percent_decode(args[0]))
         opened.close()
         info = opened.stat
         kind = "dir" if opened.is_dir else "file"
         self._write(
-            _line(f"OK type={kind} size={info.st_size} mtime={int(info.st_mtime)}")
+            codec.send(codec.StatAnswer(kind, info.st_size, int(info.st_mtime)))
         )
 
     def _sum(self, args: list[bytes]) -> None:
         if len(args) != 1:
             raise PathError(400, "usage: SUM <path>")
-        _, opened = self.factory.state.open(percent_decode(args[0]), "file")
+        _, opened = self.factory.state.open(codec.percent_decode(args[0]), "file")
         info = opened.stat
-        self._setBusy(True)
+        self._setBusy(Phase.WORKING)
         work = self._work = self.factory.state.checksum(opened)
 
         def done(hexdigest: str) -> None:
             self._write(
-                _line(
-                    f"OK sha256={hexdigest} size={info.st_size} "
-                    f"mtime={int(info.st_mtime)}"
-                )
+                codec.send(codec.SumAnswer(hexdigest, info.st_size, int(info.st_mtime)))
             )
 
         def failed(failure: Failure) -> None:
-            if self._lost:
+            if self.phase is Phase.LOST:
                 return  # cancelled: nobody to answer
             error = failure.value
             if not isinstance(error, PathError):
@@ -1122,7 +505,7 @@ class FileProtocol(GuardedProtocol):
     def _list(self, args: list[bytes]) -> None:
         if len(args) > 1:
             raise PathError(400, "usage: LIST [<dir>]")
-        path = percent_decode(args[0]) if args else b""
+        path = codec.percent_decode(args[0]) if args else b""
         parts, opened = self.factory.state.open(path, "dir")
         self._listing(parts, opened, _ListFormat(), self._next, b"LIST", path)
 
@@ -1146,23 +529,21 @@ class FileProtocol(GuardedProtocol):
         self._stream(begin, then, command, path)
 
     def _help(self, args: list[bytes]) -> None:
-        body = b"".join(line + b"\r\n" for line in HELP.splitlines())
-        self._write(b"OK\r\n" + body + b".\r\n")
+        self._write(codec.send(codec.Help()))
 
     def _quit(self, args: list[bytes]) -> None:
-        self.close(b"OK bye\r\n")
+        self.close(codec.send(codec.Bye()))
 
     def _put(self, args: list[bytes]) -> None:
         if len(args) != 2:
             raise PathError(400, "usage: PUT <path> <length>")
         length = _number(args[1])
-        upload = self.factory.state.begin_upload(percent_decode(args[0]), length)
+        upload = self.factory.state.begin_upload(codec.percent_decode(args[0]), length)
         self._upload = upload
+        self._enter(Phase.UPLOADING)
         self._log("PUT", args[0], length)
-        self._write(b"OK ready\r\n")
-        data, self._buffer = self._buffer, b""
-        if length == 0 or data:
-            self._buffer = self._uploadData(data)
+        self._write(codec.send(codec.Ready()))
+        self._parser.expect_body(length)
 
     _commands: dict[bytes, Callable[[FileProtocol, list[bytes]], None]] = {
         b"GET": _get,
@@ -1176,25 +557,25 @@ class FileProtocol(GuardedProtocol):
 
     # --- uploads --------------------------------------------------------
 
-    def _uploadData(self, data: bytes) -> bytes:
+    def _uploadData(self, data: bytes) -> None:
         upload = self._upload
         assert upload is not None
         try:
-            rest = upload.feed(data)
+            upload.feed(data)
         except OSError as e:
             self._abortUpload()
             self._error(
-                _write_code(e), f"cannot write: {e.strerror}", b"PUT", close=True
+                write_code(e), f"cannot write: {e.strerror}", b"PUT", close=True
             )
-            return b""
-        if upload.remaining == 0:
-            self._upload = None
-            self.factory.state.release(upload)
-            self._commit(upload)
-        return rest
+
+    def _uploaded(self) -> None:
+        upload, self._upload = self._upload, None
+        assert upload is not None
+        self.factory.state.release(upload)
+        self._commit(upload)
 
     def _commit(self, upload: Upload) -> None:
-        self._setBusy(True)
+        self._setBusy(Phase.WORKING)
         # Not kept in _work: a commit running in a thread is never cancelled
         # (the file is complete; it goes under its name even if the client
         # has gone).
@@ -1202,14 +583,14 @@ class FileProtocol(GuardedProtocol):
 
         def done(_: None) -> None:
             self._write(
-                _line(f"OK stored {upload.length} sha256={upload.hash.hexdigest()}")
+                codec.send(codec.Stored(upload.length, upload.hash.hexdigest()))
             )
 
         def failed(failure: Failure) -> None:
             upload.abort()
             error = failure.value
             if isinstance(error, OSError):
-                code = _write_code(error)
+                code = write_code(error)
                 reason = (
                     "file exists" if code == 409 else f"cannot store: {error.strerror}"
                 )
@@ -1265,7 +646,7 @@ class FileProtocol(GuardedProtocol):
         is done, then call C{then}; requests that follow wait till then.
         """
         transport = self.transport
-        self._setBusy(True)
+        self._setBusy(Phase.STREAMING)
         # The transport is registered as its own producer (backpressure on
         # reading); the sender takes that place meanwhile.
         if getattr(transport, "producer", None) is not None:
@@ -1275,8 +656,8 @@ class FileProtocol(GuardedProtocol):
 
         def sent(count: int) -> None:
             self._sender = None
-            if not self._lost:
-                self._setBusy(False)
+            if self.phase is Phase.STREAMING:
+                self._resume()
                 then()
 
         def failed(failure: Failure) -> None:
@@ -1284,12 +665,12 @@ class FileProtocol(GuardedProtocol):
             error = failure.value
             if isinstance(error, PathError):
                 # Failed before writing anything: the client hears why.
-                if not self._lost:
+                if self.phase is not Phase.LOST:
                     self._error(error.code, error.reason, command, path, close=True)
                 return
             if not isinstance(error, TransferError):
                 log.failure("file: transfer failed", failure)
-            elif not self._lost:
+            elif self.phase is not Phase.LOST:
                 log.info(
                     "file: {peer}: transfer ended early: {error}",
                     peer=self._key,
@@ -1303,29 +684,34 @@ class FileProtocol(GuardedProtocol):
         self.factory.state.bytes_sent += count
         self.touch()  # a transfer that moves is not idle
 
-    def _setBusy(self, busy: bool) -> None:
-        self._busy = busy
+    def _setBusy(self, phase: Phase) -> None:
+        """Answering a request (C{phase}): read no more until it is done."""
+        self._enter(phase)
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def _resume(self) -> None:
+        """The request is answered: read again."""
+        self._enter(Phase.IDLE)
         transport: Any = self.transport
-        if self.closing or self._lost or transport is None:
-            return
-        if busy:
-            transport.pauseProducing()
-        else:
+        if transport is not None:
             if getattr(transport, "producer", None) is None:
                 transport.registerProducer(transport, True)
             transport.resumeProducing()
 
     def _workDone(self, result: object) -> None:
         self._work = None
-        if not self._lost and not self.closing:
+        if self.phase is Phase.WORKING:
             self._next()
 
     def _next(self) -> None:
+        if self.phase is Phase.CLOSING or self.phase is Phase.LOST:
+            return
         if self._draining:
             # Stopping: the work in flight is done; take no more requests.
-            self.close(b"ERR 503 shutting down\r\n")
+            self.close(_SHUTTING_DOWN)
             return
-        self._setBusy(False)
+        self._resume()
         self._process()
 
     def close(self, message: bytes = b"") -> None:
@@ -1334,18 +720,23 @@ class FileProtocol(GuardedProtocol):
         aborted at once, since no more of its body will be read.
         """
         self._abortUpload()
+        if self.phase is not Phase.LOST:
+            self._enter(Phase.CLOSING)
         super().close(message)
 
     def shutdown(self) -> None:
         """The daemon is stopping: finish a transfer or upload in flight."""
-        if self.closing or self.transport is None:
+        if self.phase is Phase.CLOSING or self.phase is Phase.LOST:
+            return
+        if self.transport is None:
             return
         self._draining = True
         self._cancelPause()
-        if self._busy or self._upload is not None:
+        if self.phase is not Phase.IDLE:
             return  # _next (or the upload's end) closes afterwards
         if self.mode == "framed":
-            self.transport.write(b"ERR 503 shutting down\r\n")
+            self.transport.write(_SHUTTING_DOWN)
+        self._enter(Phase.CLOSING)
         super().shutdown()
 
     # --- answers --------------------------------------------------------
@@ -1369,7 +760,7 @@ class FileProtocol(GuardedProtocol):
         )
         line = b""
         if self.mode != "bare" or self.factory.state.settings.bare_errors == "line":
-            line = _line(f"ERR {code} {reason}")
+            line = codec.send(codec.Failure(code, reason))
         if close or self.mode == "bare":
             self.close(line)
         elif line:
@@ -1390,7 +781,7 @@ class FileProtocol(GuardedProtocol):
         )
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._lost = True
+        self._enter(Phase.LOST)
         self._cancelPause()
         if self._yield is not None and self._yield.active():
             self._yield.cancel()

@@ -7,7 +7,8 @@ from twisted.application.service import IService, MultiService
 from sockd.core.config import Config
 from sockd.core.interfaces import IDaemonReactor
 from sockd.core.service import DaemonOptions, stream_listener
-from sockd.files.protocol import FileFactory, FileState, open_root
+from sockd.files.protocol import FileFactory
+from sockd.files.state import FileState, open_root
 
 __all__ = ["Options", "build", "makeService"]
 

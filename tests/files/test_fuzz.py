@@ -21,9 +21,10 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-import sockd.files.protocol as files
+import sockd.files.codec as codec
 from sockd.files.paths import PathError, Root, openat2_available
-from sockd.files.protocol import FileFactory, FileState
+from sockd.files.protocol import FileFactory
+from sockd.files.state import FileState
 from tests.helpers import connect, tempdir
 from tests.helpers import settings as parse_settings
 
@@ -151,7 +152,7 @@ STREAM = st.one_of(
     st.builds(lambda a, b: a + b, st.binary(max_size=20), REQUESTS),
     st.one_of(
         st.binary(max_size=60),
-        st.sampled_from([b"GET " + b"x" * files.MAX_LINE, b"x" * (files.MAX_LINE + 1)]),
+        st.sampled_from([b"GET " + b"x" * codec.MAX_LINE, b"x" * (codec.MAX_LINE + 1)]),
     ),
 )
 #: how the exchange ends: the client half-closes, pauses, stops, or is too
@@ -172,7 +173,7 @@ LINE_ANSWER = {
 ERR = re.compile(rb"ERR [1-5]\d\d [ -~]+")
 LIST_LINE = re.compile(rb"[fd] \d+ \d+ [!-~]+")
 MTIMES = re.compile(rb"(mtime=|^[fd] \d+ )\d+", re.MULTILINE)
-HELP_LINES = {line for line in files.HELP.splitlines()}
+HELP_LINES = {line for line in codec.HELP.splitlines()}
 MENU_LINE = re.compile(rb"[019][^\t\r\n]+\t/[^\t\r\n]+\t127\.0\.0\.1\t9000")
 
 
@@ -334,7 +335,7 @@ class ProtocolFuzzTests(SynchronousTestCase):
                 else:
                     # No request complete: nothing, or the line-too-long error.
                     too_long = b"ERR 414 request line longer than %d bytes\r\n"
-                    self.assertIn(out, [b"", too_long % files.MAX_LINE])
+                    self.assertIn(out, [b"", too_long % codec.MAX_LINE])
                 outs.append(out)
             finally:
                 shutil.rmtree(top)

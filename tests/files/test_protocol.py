@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl
@@ -37,17 +38,15 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 import sockd.core.config as config
+import sockd.files.codec as codec
 import sockd.files.protocol as files
+import sockd.files.state as file_state
 import sockd.files.tap as file_tap
 from sockd import tap
+from sockd.files.codec import percent_decode, percent_encode
 from sockd.files.paths import PathError
-from sockd.files.protocol import (
-    FileFactory,
-    FileState,
-    percent_decode,
-    percent_encode,
-    sweep_uploads,
-)
+from sockd.files.protocol import FileFactory
+from sockd.files.state import FileState, sweep_uploads
 from tests.helpers import connect, settings
 
 reactor: Any = _reactor
@@ -329,7 +328,7 @@ class FramedTests(Base):
         def exhausted(fd: int) -> Any:
             raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 
-        self.patch(files.os, "scandir", exhausted)
+        self.patch(file_state.os, "scandir", exhausted)
         protocol, transport = self.connect()
         protocol.dataReceived(b"LIST\n")
         self.assertEqual(
@@ -388,10 +387,10 @@ class FramedTests(Base):
 
     def test_line_too_long(self) -> None:
         protocol, transport = self.connect()
-        protocol.dataReceived(b"GET " + b"x" * files.MAX_LINE)
+        protocol.dataReceived(b"GET " + b"x" * codec.MAX_LINE)
         self.assertEqual(
             transport.value(),
-            b"ERR 414 request line longer than %d bytes\r\n" % files.MAX_LINE,
+            b"ERR 414 request line longer than %d bytes\r\n" % codec.MAX_LINE,
         )
         self.assertFalse(transport.connected)
 
@@ -430,7 +429,7 @@ class FramedTests(Base):
 class SumTests(Base):
     def test_sum_and_cache(self) -> None:
         """Hashed in bounded steps, one per reactor turn, then remembered."""
-        self.patch(files, "HASH_STEP", 64 * 1024)
+        self.patch(file_state, "HASH_STEP", 64 * 1024)
         reads: list[int] = []
         real = os.pread
 
@@ -438,7 +437,7 @@ class SumTests(Base):
             reads.append(size)
             return real(fd, size, offset)
 
-        self.patch(files.os, "pread", pread)
+        self.patch(file_state.os, "pread", pread)
         protocol, transport = self.connect()
         protocol.dataReceived(b"SUM big.bin\nSTAT notes.txt\n")
         self.assertEqual(transport.value(), b"")  # hashing, STAT waits
@@ -596,10 +595,10 @@ class ListingTests(Base):
         self.assertEqual(transport.value(), b"")  # not in the request's turn
         written = self.turns(transport)
         self.assertEqual(transport.value(), self.expected_list())
-        self.assertGreaterEqual(len(written), MANY // files.SCAN_ENTRIES)
+        self.assertGreaterEqual(len(written), MANY // file_state.SCAN_ENTRIES)
         # A turn checks at most SCAN_ENTRIES names: that many lines at most.
         longest = max(len(line) + 2 for line in transport.value().split(b"\r\n"))
-        self.assertLessEqual(max(written), files.SCAN_ENTRIES * longest)
+        self.assertLessEqual(max(written), file_state.SCAN_ENTRIES * longest)
 
     def test_paused_transport_gets_nothing(self) -> None:
         """A client that does not read: no entries, no timer, until resumed."""
@@ -645,7 +644,7 @@ class ListingTests(Base):
                 "from 1 to 100000",
                 str(caught.exception),
             )
-        self.assertEqual(settings().file.max_list_entries, files.MAX_LISTING)
+        self.assertEqual(settings().file.max_list_entries, file_state.MAX_LISTING)
 
     def test_menu_sliced_and_truncated(self) -> None:
         """A Gopher menu the same way, with an informational marker line."""
@@ -664,7 +663,7 @@ class ListingTests(Base):
 
     def test_names_read_at_most(self) -> None:
         """Past MAX_SCAN names the rest is not read, and the listing says so."""
-        self.patch(files, "MAX_SCAN", 1000)
+        self.patch(file_state, "MAX_SCAN", 1000)
         protocol, transport = self.connect()
         protocol.dataReceived(b"LIST many\n")
         self.turns(transport)
@@ -689,7 +688,9 @@ class ListingTests(Base):
         whole = self.expected_list()
         self.assertEqual(transport.value(), whole + docs + whole + stat_)
         longest = max(len(line) + 2 for line in whole.split(b"\r\n"))
-        self.assertLessEqual(max(written), files.SCAN_ENTRIES * longest + len(docs))
+        self.assertLessEqual(
+            max(written), file_state.SCAN_ENTRIES * longest + len(docs)
+        )
 
     def test_small_pipelined_one_per_turn(self) -> None:
         """Many small LISTs at once: answered one per turn, not all at once."""
@@ -734,7 +735,7 @@ class ListingTests(Base):
                 self.entries.close()
                 closed.append(True)
 
-        self.patch(files.os, "scandir", Failing)
+        self.patch(file_state.os, "scandir", Failing)
         protocol, transport = self.connect()
         protocol.dataReceived(b"LIST many\nSTAT docs\n")
         self.turns(transport)
@@ -914,6 +915,41 @@ class UploadTests(Base):
         self.assertEqual((self.root / "new.bin").read_bytes(), BODY)
         self.assertEqual(self.leftovers(), [])
 
+    def test_put_line_ended_by_half_close(self) -> None:
+        """
+        A PUT whose line ends with the client's input: the body can never
+        come, so the upload is refused at once, not left to the idle timeout.
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"PUT new.bin 5")
+        self.assertEqual(transport.value(), b"")
+        protocol.inputEnded()
+        self.assertEqual(
+            transport.value(),
+            b"OK ready\r\nERR 400 connection ended in the middle of an upload\r\n",
+        )
+        self.assertEqual(protocol.phase, files.Phase.LOST)  # closed at once here
+        self.assertEqual(self.leftovers(), [])
+        self.assertFalse((self.root / "new.bin").exists())
+
+    def test_phases_of_an_upload(self) -> None:
+        """IDLE, UPLOADING while the body arrives, WORKING to commit, IDLE."""
+        protocol, transport = self.connect()
+        self.assertEqual(protocol.phase, files.Phase.IDLE)
+        protocol.dataReceived(b"PUT new.bin 3\nab")
+        self.assertEqual(protocol.phase, files.Phase.UPLOADING)
+        protocol.dataReceived(b"c")
+        # The commit ran at once here (no threads in a Clock): IDLE again.
+        self.assertEqual(protocol.phase, files.Phase.IDLE)
+        self.assertEqual((self.root / "new.bin").read_bytes(), b"abc")
+        protocol.connectionLost(Failure(Exception("gone")))
+        self.assertEqual(protocol.phase, files.Phase.LOST)
+        # Nothing leaves LOST: a late close is harmless, a new phase illegal.
+        protocol.close()
+        self.assertRaises(
+            files.IllegalTransition, protocol._enter, files.Phase.STREAMING
+        )
+
     def test_put_empty_and_subdir(self) -> None:
         protocol, transport = self.connect()
         protocol.dataReceived(b"PUT docs/e%20mpty 0\nLIST docs\n")
@@ -974,7 +1010,7 @@ class UploadTests(Base):
             result = real(fd)
             return os.statvfs_result((*result[:4], 1, *result[5:]))
 
-        self.patch(files.os, "fstatvfs", tiny)
+        self.patch(file_state.os, "fstatvfs", tiny)
         protocol, transport = self.connect()
         protocol.dataReceived(b"PUT x.bin 1000000\n")
         frsize = os.statvfs(self.root).f_frsize
@@ -997,7 +1033,7 @@ class UploadTests(Base):
                 (result[0], 1, result[2], result[3], 2_500_000, *result[5:])
             )
 
-        self.patch(files.os, "fstatvfs", free)
+        self.patch(file_state.os, "fstatvfs", free)
         first, first_t = self.connect(port=40001)
         first.dataReceived(b"PUT a.bin 1000000\n")
         second, second_t = self.connect(port=40002)
@@ -1057,7 +1093,7 @@ class UploadTests(Base):
         state = self.factory.state
         upload = state.begin_upload(b"docs/c.bin", 3)
         upload.feed(b"abc")
-        self.patch(files.os, "fsync", broken)
+        self.patch(file_state.os, "fsync", broken)
         self.assertRaises(OSError, upload.commit)
         self.assertEqual(self.leftovers(self.root / "docs"), [])
         self.assertFalse((self.root / "docs" / "c.bin").exists())
@@ -1108,7 +1144,7 @@ class UploadTests(Base):
 
         protocol, transport = self.connect()
         protocol.dataReceived(b"PUT full.bin %d\n" % len(BODY))
-        self.patch(files.os, "write", full)
+        self.patch(file_state.os, "write", full)
         protocol.dataReceived(BODY[:1000])
         protocol.dataReceived(BODY[1000:2000])
         self.assertEqual(
@@ -1580,3 +1616,19 @@ async def test_tls_pipelined(tmp_path: Path) -> None:
     assert header.startswith(b"OK %d " % len(BODY))
     assert rest[: len(BODY)] == BODY
     assert rest[len(BODY) :].endswith(b"\r\nhello notes\nOK bye\r\n")
+
+
+def test_phase_transitions_outside_the_table_raise() -> None:
+    """Every phase pair not in L{files.TRANSITIONS} is refused, and nothing else."""
+    for start in files.Phase:
+        for goal in files.Phase:
+            protocol = files.FileProtocol()
+            protocol.phase = start
+            if goal in files.TRANSITIONS[start]:
+                protocol._enter(goal)
+                assert protocol.phase is goal
+            else:
+                with pytest.raises(files.IllegalTransition):
+                    protocol._enter(goal)
+                assert protocol.phase is start
+    assert files.TRANSITIONS[files.Phase.LOST] == {files.Phase.LOST}
