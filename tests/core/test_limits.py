@@ -76,7 +76,10 @@ class ConnectionLimiterTests(SynchronousTestCase):
             "too many connections from your address; server busy",
         )
         self.assertIsNone(limiter.acquire("b"))
-        self.assertEqual(limiter.refused_by, {"total": 0, "per_ip": 0, "share": 1})
+        self.assertEqual(
+            limiter.refused_by,
+            {"total": 0, "per_ip": 0, "share": 1, "acl": 0, "proxy": 0},
+        )
 
     def test_no_sharing_below_pressure(self) -> None:
         limiter = ConnectionLimiter(10, 10)
