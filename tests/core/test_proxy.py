@@ -128,7 +128,7 @@ class ProxyTests(SynchronousTestCase):
         self.assertIsNone(protocol.wrappedProtocol)
         self.assertEqual(self.echo.limiter.refused_by["proxy"], 1)
         self.assertIn(
-            "refused 10.0.0.5: a trusted proxy sent no PROXY header", self.logs()
+            "echo: refused 10.0.0.5: a trusted proxy sent no PROXY header", self.logs()
         )
 
     def test_invalid_header_refused(self) -> None:
