@@ -18,7 +18,8 @@ from zope.interface import implementer
 from sockd.chat.state import Address, ChatState
 from sockd.chat.text import clean
 from sockd.core.config import Config
-from sockd.core.interfaces import IMetricsSource, IReconfigurable
+from sockd.core.interfaces import IAccessControlled, IMetricsSource, IReconfigurable
+from sockd.core.limits import AccessList
 from sockd.core.logs import escape
 
 __all__ = ["ChatProtocol"]
@@ -26,7 +27,7 @@ __all__ = ["ChatProtocol"]
 log = Logger(namespace="sockd.chat")
 
 
-@implementer(IReconfigurable, IMetricsSource)
+@implementer(IAccessControlled, IReconfigurable, IMetricsSource)
 class ChatProtocol(DatagramProtocol):
     """
     Parses chat datagrams (size, UTF-8, terminal safety) for a
@@ -36,6 +37,9 @@ class ChatProtocol(DatagramProtocol):
     """
 
     noisy = False
+    #: who is served (L{set_access}); refused datagrams, counted
+    access = AccessList()
+    acl_dropped = 0
     #: kernel buffer sizes asked for (the kernel caps them at
     #: net.core.rmem_max and wmem_max): a burst of datagrams, spoofed or
     #: not, or a fan-out to a large room should not overflow them
@@ -66,6 +70,9 @@ class ChatProtocol(DatagramProtocol):
                 sock.setsockopt(socket.SOL_SOCKET, option, self.socket_buffer)
 
     def datagramReceived(self, data: bytes, addr: Address) -> None:
+        if not self.access.permits(addr[0]):
+            self.acl_dropped += 1  # before any reply, state or cookie
+            return
         size = len(data)
         if size > self.max_datagram:
             self.state.refuse(
@@ -94,6 +101,10 @@ class ChatProtocol(DatagramProtocol):
             return
         self.state.receive(self, addr, size, clean(text))
 
+    def set_access(self, access: AccessList, trusted_proxies: AccessList) -> None:
+        """Serve only the sources C{access} permits."""
+        self.access = access
+
     def stopProtocol(self) -> None:
         self._sendto = None
 
@@ -114,7 +125,13 @@ class ChatProtocol(DatagramProtocol):
                 "counter",
                 {**chat, "reason": "send_error"},
                 self.send_errors,
-            )
+            ),
+            (
+                "datagrams_dropped_total",
+                "counter",
+                {**chat, "reason": "acl"},
+                self.acl_dropped,
+            ),
         ]
         state = self.state
         if state.reporter is not self:

@@ -45,8 +45,10 @@ __all__ = [
     "Key",
     "MetricsSettings",
     "SockdSettings",
+    "access_of",
     "file_kind",
     "find_config",
+    "is_proxied",
     "load",
     "parse",
     "setting",
@@ -266,6 +268,46 @@ def optional_path(value: str, base: Path) -> Path | None:
 
 _STREAM_PREFIXES = ("tcp", "tcp6", "ssl", "unix", "systemd")
 _BACKLOG_PREFIXES = ("tcp", "tcp6", "ssl", "unix")
+#: the prefix of a listener behind a proxy sending the PROXY protocol, and
+#: the listeners it may wrap (the header comes before any TLS, and a UNIX
+#: socket's peer has no address to trust)
+_PROXY_PREFIX = "haproxy"
+_PROXIED_PREFIXES = ("tcp", "tcp6", "systemd")
+
+
+#: an IPv4 or IPv6 network, as C{allow}, C{deny} and C{trusted_proxies} hold them
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: the IPv6 networks of IPv4-mapped addresses (C{::ffff:a.b.c.d})
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def networks(value: str, base: Path) -> tuple[Network, ...]:
+    """
+    Networks in CIDR notation, separated by whitespace (C{10.0.0.0/8
+    2001:db8::/32 192.0.2.7}); a bare address is a network of one.  An
+    IPv4-mapped IPv6 network (C{::ffff:10.0.0.0/104}) is read as the IPv4
+    network it maps, as the addresses it holds are counted.
+    """
+    result: list[Network] = []
+    for word in value.split():
+        try:
+            network = ipaddress.ip_network(word.split("%", 1)[0])
+        except ValueError as e:
+            raise ValueError(
+                f"{word!r} is not a network ({e}); expected CIDR notation such as "
+                "192.0.2.0/24, 2001:db8::/32 or a single address"
+            ) from None
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+            mapped = network.network_address.ipv4_mapped
+            assert mapped is not None
+            network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+        result.append(network)
+    return tuple(result)
+
+
+def own_networks(value: str, base: Path) -> tuple[Network, ...] | None:
+    """A service's L{networks}; empty (None) means those of C{[sockd]}."""
+    return networks(value, base) if value.strip() else None
 
 
 def _endpoint_words(value: str) -> list[str]:
@@ -284,7 +326,17 @@ def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
 
     result = []
     for word in _endpoint_words(value):
+        proxied = word.split(":", 1)[0].lower() == _PROXY_PREFIX
+        if proxied:
+            word = word.split(":", 1)[1]
         kind = word.split(":", 1)[0].lower()
+        if proxied and kind not in _PROXIED_PREFIXES:
+            raise ValueError(
+                f"'{_PROXY_PREFIX}:{word}': the PROXY protocol is read on "
+                f"{', '.join(_PROXIED_PREFIXES)} listeners only (terminate TLS "
+                "at the proxy, or let it pass TLS through to an ssl: listener "
+                "without send-proxy)"
+            )
         if kind not in _STREAM_PREFIXES:
             raise ValueError(
                 f"{word!r} is not a stream endpoint; expected descriptions "
@@ -303,8 +355,13 @@ def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
             serverFromString(_NotListening(), word)
         except Exception as e:
             raise ValueError(f"{word!r} is not a valid endpoint: {e}") from None
-        result.append(word)
+        result.append(f"{_PROXY_PREFIX}:{word}" if proxied else word)
     return tuple(result)
+
+
+def is_proxied(description: str) -> bool:
+    """Whether a stream endpoint description reads a PROXY header first."""
+    return description.split(":", 1)[0].lower() == _PROXY_PREFIX
 
 
 class _NotListening:
@@ -404,6 +461,12 @@ class SockdSettings:
     workers: int = setting(1, worker_count)
     #: seconds a client of an ssl: listener has to finish its TLS handshake
     tls_handshake_timeout: float = setting(10.0, seconds(0.1, 3600))
+    #: client networks served (empty: all); see sockd.core.limits.AccessList
+    allow: tuple[Network, ...] = setting((), networks)
+    #: client networks refused; the more specific of allow and deny wins
+    deny: tuple[Network, ...] = setting((), networks)
+    #: the proxies whose PROXY header (haproxy: listeners) is believed
+    trusted_proxies: tuple[Network, ...] = setting((), networks)
 
 
 @dataclass(frozen=True)
@@ -447,6 +510,10 @@ class EchoSettings:
     udp_allow_privileged_ports: bool = setting(False, boolean)
     udp_loop_budget: int = setting(100, integer(0, 1_000_000_000))
     udp_loop_pause: float = setting(0.5, seconds(0.01, 60))
+    #: empty: [sockd]'s allow, deny and trusted_proxies
+    allow: tuple[Network, ...] | None = setting(None, own_networks)
+    deny: tuple[Network, ...] | None = setting(None, own_networks)
+    trusted_proxies: tuple[Network, ...] | None = setting(None, own_networks)
 
 
 @dataclass(frozen=True)
@@ -510,6 +577,9 @@ class ChatSettings:
             "a master name of up to 64 letters, digits, '.', '_' or '-'",
         ),
     )
+    #: empty: [sockd]'s allow and deny
+    allow: tuple[Network, ...] | None = setting(None, own_networks)
+    deny: tuple[Network, ...] | None = setting(None, own_networks)
 
 
 @dataclass(frozen=True)
@@ -567,6 +637,10 @@ class FileSettings:
         0, size(0, 2**50), "bytes per second in total (0: no cap)"
     )
     max_list_entries: int = setting(10000, integer(1, 100_000))
+    #: empty: [sockd]'s allow, deny and trusted_proxies
+    allow: tuple[Network, ...] | None = setting(None, own_networks)
+    deny: tuple[Network, ...] | None = setting(None, own_networks)
+    trusted_proxies: tuple[Network, ...] | None = setting(None, own_networks)
 
 
 @dataclass(frozen=True)
@@ -822,6 +896,15 @@ def _check(config: Config, read: Collection[str]) -> None:
             f"{config.echo.max_connections_per_ip} is larger than "
             f"max_connections = {config.echo.max_connections}"
         )
+    for section in ("echo", "file"):
+        proxied = [d for d in getattr(config, section).listen if is_proxied(d)]
+        if section in read and proxied and not access_of(config, section)[2]:
+            raise ConfigError(
+                f"{src}: [{section}] listen = {proxied[0]} reads a PROXY header, "
+                "but trusted_proxies is empty; expected the networks of the "
+                "proxies (in [sockd] or [" + section + "]), e.g. "
+                "trusted_proxies = 10.0.0.5/32"
+            )
     if "metrics" in read and config.metrics.enabled and not config.metrics.listen:
         raise ConfigError(f"{src}: [metrics] is enabled but listen is empty")
     if "chat" in read and config.chat.enabled and not config.chat.listen:
@@ -839,6 +922,22 @@ def _check(config: Config, read: Collection[str]) -> None:
                 f"{src}: [file] writable = true but root {config.file.root} "
                 "is not writable by this user"
             )
+
+
+def access_of(
+    config: Config, section: str
+) -> tuple[tuple[Network, ...], tuple[Network, ...], tuple[Network, ...]]:
+    """
+    C{allow}, C{deny} and C{trusted_proxies} for C{section}: its own where
+    it sets them, else C{[sockd]}'s.
+    """
+    own = getattr(config, section)
+    shared = config.sockd
+    values = []
+    for key in ("allow", "deny", "trusted_proxies"):
+        value = getattr(own, key, None)
+        values.append(getattr(shared, key) if value is None else value)
+    return values[0], values[1], values[2]
 
 
 def _check_redis(config: Config, lines: Mapping[tuple[str, str], int]) -> None:

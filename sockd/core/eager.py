@@ -13,6 +13,10 @@ L{send_datagram} is the UDP counterpart: a reply to the address a datagram
 came from goes straight to C{sendto}, skipping C{udp.Port.write}'s textual
 re-validation of an address the kernel has just given us.
 
+Behind a C{haproxy:} listener the transport is the PROXY header wrapper,
+whose C{write} only passes bytes on: L{unwrap} reaches the TCP transport
+under it, so the fast paths keep working there.
+
 Anything it does not recognise exactly (TLS, UNIX sockets, test transports,
 other reactors' transports) simply gets C{transport.write}, and so does a
 connection with a pull producer or a paused one.
@@ -24,10 +28,22 @@ from typing import Any
 
 from twisted.internet import tcp, udp
 
-__all__ = ["can_write_eagerly", "eager_write", "send_datagram"]
+from sockd.core.proxy import ProxyHeaderProtocol
+
+__all__ = ["can_write_eagerly", "eager_write", "send_datagram", "unwrap"]
 
 # Exactly these classes: a subclass may override write() (TLS wrappers do).
 _PLAIN_TCP = frozenset({tcp.Server, tcp.Client})
+
+
+def unwrap(transport: Any) -> Any:
+    """
+    The transport under a PROXY header wrapper (whose writes, producers and
+    closes only pass through to it), else C{transport} itself.
+    """
+    if type(transport) is ProxyHeaderProtocol:
+        return transport.transport
+    return transport
 
 
 def can_write_eagerly(transport: Any) -> bool:
@@ -58,6 +74,8 @@ def eager_write(transport: Any, data: bytes) -> None:
     Write C{data} to C{transport}: as much as the kernel takes at once when
     nothing is queued, the rest (or all of it) through C{transport.write}.
     """
+    if type(transport) is not tcp.Server:
+        transport = unwrap(transport)
     if data and can_write_eagerly(transport):
         try:
             sent = transport.socket.send(data)

@@ -10,7 +10,7 @@ never names a service.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
@@ -29,6 +29,7 @@ from sockd.core.config import Config
 
 __all__ = [
     "Builder",
+    "IAccessControlled",
     "IDaemonReactor",
     "IDrainable",
     "IMetricsSource",
@@ -45,6 +46,16 @@ class IReconfigurable(Interface):
 
     def reconfigure(config: Config) -> None:
         """Apply C{config} now; each object reads its own section of it."""
+
+
+class IAccessControlled(Interface):
+    """Serves only the clients an access list admits."""
+
+    def set_access(access: Any, trusted_proxies: Any) -> None:
+        """
+        Admit only what C{access} (an L{sockd.core.limits.AccessList})
+        permits; believe PROXY headers from C{trusted_proxies} (another).
+        """
 
 
 class IDrainable(Interface):

@@ -17,6 +17,7 @@ import ipaddress
 import itertools
 import math
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -34,11 +35,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sockd.core.config import SockdSettings
-from sockd.core.interfaces import IDrainable, IMetricsSource, Sample
+from sockd.core.interfaces import (
+    IAccessControlled,
+    IDrainable,
+    IMetricsSource,
+    Sample,
+)
 
 __all__ = [
     "LOOP_PORTS",
     "PRIVILEGED_PORTS",
+    "AccessList",
     "ConnectionLimiter",
     "GuardedFactory",
     "GuardedProtocol",
@@ -93,6 +100,9 @@ LOOP_PORTS = frozenset(
     }
 )
 
+#: what a client that allow/deny do not admit is told
+ACCESS_DENIED = "access denied"
+
 #: what a connection closed to make room for another address is told
 EVICTED = "server full: closing this idle connection to admit other addresses"
 
@@ -120,6 +130,72 @@ def peer_key(host: str) -> str:
         network = ipaddress.IPv6Network((int(address) >> 64 << 64, 64))
         return str(network)
     return str(address)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class AccessList:
+    """
+    C{allow} and C{deny} networks, with the precedence of xinetd's
+    C{only_from} and C{no_access}: an address matching neither is served
+    unless C{allow} is given; matching one, that one decides; matching
+    both, the more specific network (the longer prefix) decides, and deny
+    wins a tie.  An IPv4-mapped IPv6 address is matched as IPv4.  Anything
+    not an IP address (a UNIX socket peer) is served when C{allow} is empty.
+    """
+
+    __slots__ = ("allow", "deny", "permits")
+
+    def __init__(
+        self, allow: Iterable[Network] = (), deny: Iterable[Network] = ()
+    ) -> None:
+        self.allow = tuple(allow)
+        self.deny = tuple(deny)
+        # Cached per list: UDP services check every datagram, and a reload
+        # makes a new list, so a cache never outlives its rules.
+        self.permits: Callable[[str], bool] = (
+            functools.lru_cache(maxsize=4096)(self._permits)
+            if self.allow or self.deny
+            else _everyone
+        )
+
+    def __bool__(self) -> bool:
+        """Whether any rule is set (an empty list serves everyone)."""
+        return bool(self.allow or self.deny)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AccessList):
+            return NotImplemented
+        return (self.allow, self.deny) == (other.allow, other.deny)
+
+    def __hash__(self) -> int:
+        return hash((self.allow, self.deny))
+
+    def _permits(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return not self.allow
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        allowed = _longest(self.allow, address)
+        denied = _longest(self.deny, address)
+        if allowed < 0 and denied < 0:
+            return not self.allow
+        return allowed > denied
+
+
+def _everyone(host: str) -> bool:
+    return True
+
+
+def _longest(networks: tuple[Network, ...], address: Any) -> int:
+    """The longest prefix in C{networks} holding C{address}; -1 if none."""
+    return max(
+        (n.prefixlen for n in networks if address in n),
+        default=-1,
+    )
 
 
 def host_of(address: IAddress | None) -> str:
@@ -158,7 +234,14 @@ class ConnectionLimiter:
         self.total = 0
         self.per_peer: dict[str, int] = {}
         self.refused = 0
-        self.refused_by: dict[str, int] = {"total": 0, "per_ip": 0, "share": 0}
+        self.refused_by: dict[str, int] = {
+            "total": 0,
+            "per_ip": 0,
+            "share": 0,
+            # not admitted by allow/deny, and PROXY headers refused
+            "acl": 0,
+            "proxy": 0,
+        }
         #: connections closed to make room for a less-served address
         self.evicted = 0
         #: count -> the keys holding that many connections, and the top count
@@ -184,6 +267,10 @@ class ConnectionLimiter:
         self._move(key, count, count + 1)
         self.total += 1
         return None
+
+    def refuse(self, reason: str, message: str) -> str:
+        """Count a refusal for C{reason} decided elsewhere (C{acl}, C{proxy})."""
+        return self._refuse(reason, message)
 
     def _refuse(self, reason: str, message: str) -> str:
         self.refused += 1
@@ -515,6 +602,9 @@ class GuardedProtocol(Protocol):
     _abort: IDelayedCall | None = None
     _handshake: IDelayedCall | None = None
     _key: str | None = None
+    #: its client's address, and the access list it was last admitted by
+    _host = ""
+    _access: AccessList | None = None
     #: its slot was given back early, to make room (L{GuardedFactory})
     _evicted = False
     _opened = 0.0
@@ -588,6 +678,31 @@ class GuardedProtocol(Protocol):
         ):
             factory.idle_wheel.remove(self)
             factory.idle_wheel.add(self)
+
+    def permitted(self) -> bool:
+        """
+        At the start of a request: whether the client is still admitted
+        (the access list may have changed on a reload).  If not, it is
+        refused (C{ERR access denied}) and closed; the caller stops there.
+        """
+        factory = self.factory
+        access = factory.access
+        if access is self._access:
+            return not self.closing
+        if self.closing:
+            return False
+        self._access = access
+        if access.permits(self._host):
+            return True
+        factory.limiter.refuse("acl", ACCESS_DENIED)
+        log.warn(
+            "{service}: closing {peer}: {reason} (after a reload)",
+            service=factory.service_name,
+            peer=self._key,
+            reason=ACCESS_DENIED,
+        )
+        self.close(factory.refusal(ACCESS_DENIED))
+        return False
 
     def evict(self) -> None:
         """
@@ -749,7 +864,7 @@ class Refusal(Protocol):
             self._abort.cancel()
 
 
-@implementer(IDrainable, IMetricsSource)
+@implementer(IAccessControlled, IDrainable, IMetricsSource)
 class GuardedFactory(ServerFactory):
     """
     Builds L{GuardedProtocol}s under a L{ConnectionLimiter}; clients over a
@@ -777,6 +892,12 @@ class GuardedFactory(ServerFactory):
     #: seconds a TLS client has to finish its handshake; the service
     #: wiring sets C{[sockd] tls_handshake_timeout}
     handshake_timeout = SockdSettings.tls_handshake_timeout
+    #: who is served (C{allow}/C{deny}); the service wiring sets it at
+    #: start and on each reload, and open connections follow a new one at
+    #: their next request (L{GuardedProtocol.permitted})
+    access = AccessList()
+    #: the proxies whose PROXY header is believed (L{sockd.core.proxy})
+    trusted_proxies = AccessList()
 
     def __init__(
         self,
@@ -819,6 +940,13 @@ class GuardedFactory(ServerFactory):
         self._set_idle()
         self.request_timeout = request_timeout
         self.abort_grace = abort_grace
+
+    def set_access(self, access: AccessList, trusted_proxies: AccessList) -> None:
+        """Serve only what C{access} permits; believe C{trusted_proxies}."""
+        if access != self.access:
+            self.access = access
+        if trusted_proxies != self.trusted_proxies:
+            self.trusted_proxies = trusted_proxies
 
     def _set_idle(self) -> None:
         share = self.pressure_idle_share if self.pressed else 1.0
@@ -955,26 +1083,36 @@ class GuardedFactory(ServerFactory):
         """The line a refused client gets."""
         return f"ERR {reason}\r\n".encode()
 
+    def refuse(self, key: str, reason: str) -> Protocol:
+        """Log C{reason} for refusing C{key}: what to tell it before closing."""
+        log.warn(
+            "{service}: refused {peer}: {reason}",
+            service=self.service_name,
+            peer=key,
+            reason=reason,
+        )
+        refusal = Refusal(self.refusal(reason), self.clock, self.abort_grace)
+        refusal.factory = self
+        return refusal
+
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
-        key = peer_key(host_of(addr))
+        host = host_of(addr)
+        key = peer_key(host)
         limiter = self.limiter
+        # Before any slot is taken or evicted for it.
+        if not self.access.permits(host):
+            return self.refuse(key, limiter.refuse("acl", ACCESS_DENIED))
         crowded = limiter.make_room(key)
         if crowded is not None:
             self._evict(crowded, key)
         reason = limiter.acquire(key)
         if reason is not None:
-            log.warn(
-                "{service}: refused {peer}: {reason}",
-                service=self.service_name,
-                peer=key,
-                reason=reason,
-            )
-            refusal = Refusal(self.refusal(reason), self.clock, self.abort_grace)
-            refusal.factory = self
-            return refusal
+            return self.refuse(key, reason)
         protocol = super().buildProtocol(addr)
         assert isinstance(protocol, GuardedProtocol)
         protocol._key = key
+        protocol._host = host
+        protocol._access = self.access
         self.accepted += 1
         self.check_pressure()
         return protocol

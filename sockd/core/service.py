@@ -43,13 +43,15 @@ from sockd.core.endpoints import bind_reusing_port, parse_datagram
 from sockd.core.epoll import lean_dispatch
 from sockd.core.interfaces import (
     Builder,
+    IAccessControlled,
     IDaemonReactor,
     IDrainable,
     IReconfigurable,
 )
-from sockd.core.limits import GuardedFactory
+from sockd.core.limits import AccessList, GuardedFactory
 from sockd.core.logs import prefer_journal
 from sockd.core.notify import Notifier
+from sockd.core.proxy import ProxyHeaderFactory
 
 __all__ = [
     "DaemonOptions",
@@ -226,10 +228,17 @@ def stream_listener(
     reactor: IDaemonReactor,
     backlog: int,
 ) -> Listener:
-    endpoint = serverFromString(reactor, with_backlog(description, backlog))
+    # haproxy: is read by our own wrapper (sockd.core.proxy), not Twisted's.
+    proxied = _config.is_proxied(description)
+    inner = description.split(":", 1)[1] if proxied else description
+    endpoint = serverFromString(reactor, with_backlog(inner, backlog))
+    wrapped: IProtocolFactory = factory
+    if proxied:
+        assert isinstance(factory, GuardedFactory)
+        wrapped = ProxyHeaderFactory(factory)
 
     def adopt(fd: int, family: socket.AddressFamily) -> IListeningPort:
-        served: IProtocolFactory = factory
+        served: IProtocolFactory = wrapped
         # An ssl: endpoint wraps the factory as it listens; Twisted offers no
         # public way to reach its TLS settings but this attribute.
         context = getattr(endpoint, "_sslContextFactory", None)
@@ -242,7 +251,7 @@ def stream_listener(
         return port
 
     return Listener(
-        service, description, lambda: endpoint.listen(factory), factory, adopt
+        service, description, lambda: endpoint.listen(wrapped), factory, adopt
     )
 
 
@@ -570,7 +579,9 @@ class Lifecycle(Service):
        that is L{IReconfigurable} gets it.  An invalid file is logged and
        ignored.
      - At start and on each reload, every L{GuardedFactory} gets the
-       C{[sockd]} settings its connections use (the TLS handshake timeout).
+       C{[sockd]} settings its connections use (the TLS handshake timeout),
+       and every L{IAccessControlled} listener its section's C{allow},
+       C{deny} and C{trusted_proxies}.
     """
 
     def __init__(
@@ -596,9 +607,13 @@ class Lifecycle(Service):
         return list(seen.values())
 
     def _share(self, config: Config) -> None:
-        for _, target in self.targets():
+        for section, target in self.targets():
             if isinstance(target, GuardedFactory):
                 target.handshake_timeout = config.sockd.tls_handshake_timeout
+            controlled = IAccessControlled(target, None)
+            if controlled is not None:
+                allow, deny, trusted = _config.access_of(config, section)
+                controlled.set_access(AccessList(allow, deny), AccessList(trusted))
 
     def startService(self) -> None:
         super().startService()

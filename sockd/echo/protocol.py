@@ -22,10 +22,11 @@ from zope.interface import implementer
 
 from sockd.core.config import Config, EchoSettings
 from sockd.core.eager import eager_write, send_datagram
-from sockd.core.interfaces import IMetricsSource, IReconfigurable
+from sockd.core.interfaces import IAccessControlled, IMetricsSource, IReconfigurable
 from sockd.core.limits import (
     LOOP_PORTS,
     PRIVILEGED_PORTS,
+    AccessList,
     GuardedFactory,
     GuardedProtocol,
     PeerBudget,
@@ -178,7 +179,7 @@ class LineEcho(GuardedProtocol):
     _telnet: TelnetFilter | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closing:
+        if not self.permitted():
             return
         self.touch()
         factory = self.factory
@@ -251,7 +252,7 @@ class RawEcho(GuardedProtocol):
     factory: EchoFactory
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closing:
+        if not self.permitted():
             return
         self.touch()
         eager_write(self.transport, self.factory.transform_bytes(data))
@@ -287,7 +288,7 @@ class EchoFactory(GuardedFactory):
         self._apply(settings)
 
 
-@implementer(IReconfigurable, IMetricsSource)
+@implementer(IAccessControlled, IReconfigurable, IMetricsSource)
 class DatagramEcho(DatagramProtocol):
     """
     UDP echo: one transformed datagram back to the sender, never larger than
@@ -301,6 +302,9 @@ class DatagramEcho(DatagramProtocol):
     """
 
     noisy = False
+    #: who is answered; set at start and on each reload (before anything
+    #: else: a datagram refused gets no reply, state or budget)
+    access = AccessList()
 
     def __init__(
         self,
@@ -324,6 +328,7 @@ class DatagramEcho(DatagramProtocol):
             "oversized": 0,
             "rate": 0,
             "send_error": 0,
+            "acl": 0,
         }
 
     def _apply(self, settings: EchoSettings) -> None:
@@ -332,6 +337,10 @@ class DatagramEcho(DatagramProtocol):
         if not settings.udp_allow_privileged_ports:
             blocked |= PRIVILEGED_PORTS
         self.blocked_ports = blocked
+
+    def set_access(self, access: AccessList, trusted_proxies: AccessList) -> None:
+        """Answer only the sources C{access} permits (no PROXY over UDP)."""
+        self.access = access
 
     def reconfigure(self, config: Config) -> None:
         """A reload: new rates, ports, loop budget and transform at once."""
@@ -365,6 +374,9 @@ class DatagramEcho(DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         host, port = addr[0], addr[1]
+        if not self.access.permits(host):
+            self.dropped["acl"] += 1
+            return
         if port in self.blocked_ports:
             self.dropped["loop"] += 1
             return

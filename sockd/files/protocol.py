@@ -30,7 +30,7 @@ from zope.interface import implementer
 from sockd.core.config import Config
 from sockd.core.eager import eager_write
 from sockd.core.interfaces import IReconfigurable
-from sockd.core.limits import GuardedFactory, GuardedProtocol, Sample
+from sockd.core.limits import ACCESS_DENIED, GuardedFactory, GuardedProtocol, Sample
 from sockd.core.logs import escape
 from sockd.files import codec
 from sockd.files.paths import Opened, PathError
@@ -302,6 +302,8 @@ class FileProtocol(GuardedProtocol):
     def dataReceived(self, data: bytes) -> None:
         if self.phase is Phase.CLOSING or self.phase is Phase.LOST:
             return
+        if not self.permitted():
+            return  # refused by an access list changed on reload
         self.touch()
         self._parser.feed(data)
         if self.phase in _READING:
@@ -814,7 +816,10 @@ class FileFactory(GuardedFactory):
         self.state = state
 
     def refusal(self, reason: str) -> bytes:
-        return f"ERR 429 {reason}\r\n".encode()
+        # An access list says who may connect at all: 403; every other
+        # refusal (caps, eviction) is "try later": 429.
+        code = 403 if reason == ACCESS_DENIED else 429
+        return f"ERR {code} {reason}\r\n".encode()
 
     def startFactory(self) -> None:
         """Listening: clear what uploads cut short by a crash left behind."""

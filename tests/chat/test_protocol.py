@@ -329,3 +329,29 @@ class ServiceTests(SynchronousTestCase):
         reactor = UDPMemoryReactor()
         tap.makeService(options, reactor=reactor).privilegedStartService()
         self.assertEqual([u[0] for u in reactor.udp], [8103])
+
+
+class AccessTests(SynchronousTestCase):
+    def test_denied_source_gets_nothing_and_leaves_no_state(self) -> None:
+        from sockd.core.config import networks
+        from sockd.core.limits import AccessList
+
+        protocol, transport, _ = make()
+        deny = networks("127.0.0.3/32", tempdir(self))
+        protocol.set_access(AccessList(deny=deny), AccessList())
+        protocol.datagramReceived(b"hello there, anybody home?\n", ("127.0.0.3", 5000))
+        protocol.datagramReceived(b"\xff not utf-8\n", ("127.0.0.3", 5000))
+        self.assertEqual(transport.written, [])
+        self.assertEqual(protocol.state.members, {})
+        self.assertEqual(protocol.acl_dropped, 2)
+        self.assertIn(
+            (
+                "datagrams_dropped_total",
+                "counter",
+                {"service": "chat", "reason": "acl"},
+                2,
+            ),
+            protocol.metrics(),
+        )
+        protocol.datagramReceived(b"hello there, anybody home?\n", ("127.0.0.2", 5000))
+        self.assertNotEqual(to(transport, ("127.0.0.2", 5000)), [])

@@ -110,6 +110,9 @@ class SchemaTests(SynchronousTestCase):
         self.assertEqual(
             many,
             {
+                ("sockd", "allow"),
+                ("sockd", "deny"),
+                ("sockd", "trusted_proxies"),
                 ("echo", "listen"),
                 ("echo", "listen_udp"),
                 ("chat", "listen"),

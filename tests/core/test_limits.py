@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sockd.core.limits import (
     LOOP_PORTS,
+    AccessList,
     ConnectionLimiter,
     GuardedFactory,
     GuardedProtocol,
@@ -22,7 +23,7 @@ from sockd.core.limits import (
     TokenBucket,
     peer_key,
 )
-from tests.helpers import connect
+from tests.helpers import ROOT, connect
 
 
 class PeerKeyTests(SynchronousTestCase):
@@ -76,7 +77,10 @@ class ConnectionLimiterTests(SynchronousTestCase):
             "too many connections from your address; server busy",
         )
         self.assertIsNone(limiter.acquire("b"))
-        self.assertEqual(limiter.refused_by, {"total": 0, "per_ip": 0, "share": 1})
+        self.assertEqual(
+            limiter.refused_by,
+            {"total": 0, "per_ip": 0, "share": 1, "acl": 0, "proxy": 0},
+        )
 
     def test_no_sharing_below_pressure(self) -> None:
         limiter = ConnectionLimiter(10, 10)
@@ -701,3 +705,115 @@ class FairShareTests(SynchronousTestCase):
             transport.loseConnection()
         self.assertEqual(held, {})
         self.assertEqual(factory.limiter.per_peer, {})
+
+
+def networks(text: str) -> Any:
+    from sockd.core.config import networks as parse_networks
+
+    return parse_networks(text, ROOT)
+
+
+class AccessListTests(SynchronousTestCase):
+    """allow/deny with xinetd's precedence: the more specific match decides."""
+
+    def test_empty_serves_everyone(self) -> None:
+        access = AccessList()
+        self.assertFalse(access)
+        self.assertTrue(access.permits("192.0.2.1"))
+        self.assertTrue(access.permits("/run/sockd.sock"))
+
+    def test_allow_only_refuses_the_rest(self) -> None:
+        access = AccessList(networks("192.0.2.0/24 2001:db8::/32"))
+        self.assertTrue(access.permits("192.0.2.200"))
+        self.assertTrue(access.permits("2001:db8:1::5"))
+        self.assertFalse(access.permits("198.51.100.1"))
+        self.assertFalse(access.permits("2001:db9::1"))
+        # Not an IP address (a UNIX socket peer): not in any allowed network.
+        self.assertFalse(access.permits("unix"))
+
+    def test_deny_only_serves_the_rest(self) -> None:
+        access = AccessList(deny=networks("192.0.2.0/24"))
+        self.assertFalse(access.permits("192.0.2.9"))
+        self.assertTrue(access.permits("192.0.3.9"))
+
+    def test_the_more_specific_match_wins(self) -> None:
+        # Deny a network but allow one host in it, and the reverse.
+        access = AccessList(networks("10.1.2.3"), networks("10.0.0.0/8"))
+        self.assertTrue(access.permits("10.1.2.3"))
+        self.assertFalse(access.permits("10.1.2.4"))
+        access = AccessList(networks("10.0.0.0/8"), networks("10.9.0.0/16"))
+        self.assertTrue(access.permits("10.1.0.1"))
+        self.assertFalse(access.permits("10.9.0.1"))
+
+    def test_deny_wins_a_tie(self) -> None:
+        access = AccessList(networks("10.0.0.0/8"), networks("10.0.0.0/8"))
+        self.assertFalse(access.permits("10.0.0.1"))
+
+    def test_mapped_ipv6_counts_as_ipv4(self) -> None:
+        access = AccessList(deny=networks("::ffff:192.0.2.0/120"))
+        self.assertEqual(access.deny, networks("192.0.2.0/24"))
+        self.assertFalse(access.permits("::ffff:192.0.2.7"))
+        self.assertFalse(access.permits("192.0.2.7"))
+        self.assertTrue(AccessList(networks("127.0.0.0/8")).permits("::ffff:127.0.0.2"))
+
+    def test_ipv6_with_zone(self) -> None:
+        access = AccessList(networks("fe80::/10"))
+        self.assertTrue(access.permits("fe80::1%eth0"))
+
+
+class FactoryAccessTests(SynchronousTestCase):
+    """A client not admitted is refused before any byte of service."""
+
+    def make(self) -> Any:
+        from sockd.core.config import EchoSettings
+        from sockd.echo.protocol import EchoFactory
+
+        factory = EchoFactory(EchoSettings(), Clock(), 2.0)
+        factory.set_access(AccessList(deny=networks("127.0.0.3")), AccessList())
+        return factory
+
+    def test_refused_with_one_line_and_counted(self) -> None:
+        factory = self.make()
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        protocol, transport = connect(factory, "127.0.0.3")
+        self.assertEqual(transport.value(), b"ERR access denied\r\n")
+        self.assertFalse(transport.connected)
+        protocol.dataReceived(b"hello\n")
+        self.assertEqual(transport.value(), b"ERR access denied\r\n")
+        self.assertEqual(factory.limiter.refused_by["acl"], 1)
+        self.assertEqual(factory.limiter.total, 0)
+        self.assertIn(
+            "refused 127.0.0.3: access denied", [formatEvent(e) for e in logged][-1]
+        )
+        samples = {
+            (name, labels.get("reason")): value
+            for name, _, labels, value in factory.metrics()
+        }
+        self.assertEqual(samples["refused_total", "acl"], 1)
+
+    def test_other_address_served(self) -> None:
+        protocol, transport = connect(self.make(), "127.0.0.2")
+        protocol.dataReceived(b"hello\n")
+        self.assertEqual(transport.value(), b"HELLO\n")
+
+    def test_reload_applies_at_the_next_request(self) -> None:
+        factory = self.make()
+        protocol, transport = connect(factory, "127.0.0.2")
+        protocol.dataReceived(b"one\n")
+        # An equal list keeps the running one: nothing is checked again.
+        factory.set_access(AccessList(deny=networks("127.0.0.3")), AccessList())
+        protocol.dataReceived(b"two\n")
+        factory.set_access(AccessList(deny=networks("127.0.0.0/24")), AccessList())
+        self.assertTrue(transport.connected)  # nothing happens until it asks
+        protocol.dataReceived(b"three\n")
+        self.assertEqual(transport.value(), b"ONE\nTWO\nERR access denied\r\n")
+        self.assertEqual(factory.limiter.refused_by["acl"], 1)
+        self.assertFalse(transport.connected)
+        self.assertEqual(factory.limiter.total, 0)
+
+    def test_reload_that_still_admits(self) -> None:
+        factory = self.make()
+        protocol, transport = connect(factory, "127.0.0.2")
+        factory.set_access(AccessList(networks("127.0.0.2")), AccessList())
+        protocol.dataReceived(b"one\n")
+        self.assertEqual(transport.value(), b"ONE\n")

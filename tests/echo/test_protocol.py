@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import replace
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,7 +22,7 @@ from sockd.echo.protocol import (
     upper_line,
     upper_within,
 )
-from tests.helpers import FakeDatagramTransport, connect
+from tests.helpers import ROOT, FakeDatagramTransport, connect
 
 
 def factory(clock: Clock | None = None, **changes: object) -> EchoFactory:
@@ -593,3 +594,37 @@ class UdpSettingsTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as raised:
                 parse(f"[echo]\n{line}\n")
             self.assertIn(allowed, str(raised.exception))
+
+
+class DatagramAccessTests(SynchronousTestCase):
+    def test_denied_source_dropped_before_any_reply_or_budget(self) -> None:
+        from sockd.core.limits import AccessList
+
+        proto = DatagramEcho(EchoSettings(), Clock())
+        transport = FakeDatagramTransport()
+        proto.makeConnection(transport)  # type: ignore[arg-type]
+        deny = AccessList(deny=settings_networks("127.0.0.3 ::ffff:127.0.0.4"))
+        proto.set_access(deny, AccessList())
+        proto.datagramReceived(b"x", ("127.0.0.3", 5000))
+        proto.datagramReceived(b"x", ("::ffff:127.0.0.4", 5000))
+        self.assertEqual(transport.written, [])
+        self.assertEqual(proto.dropped["acl"], 2)
+        self.assertEqual(proto.limiter.sources, {})  # no rate-limit state
+        self.assertEqual(proto.loops.peers, {})
+        proto.datagramReceived(b"x", ("127.0.0.2", 5000))
+        self.assertEqual(transport.written, [(b"X", ("127.0.0.2", 5000))])
+        self.assertIn(
+            (
+                "datagrams_dropped_total",
+                "counter",
+                {"service": "echo", "reason": "acl"},
+                2,
+            ),
+            proto.metrics(),
+        )
+
+
+def settings_networks(text: str) -> Any:
+    from sockd.core.config import networks
+
+    return networks(text, ROOT)

@@ -1632,3 +1632,22 @@ def test_phase_transitions_outside_the_table_raise() -> None:
                     protocol._enter(goal)
                 assert protocol.phase is start
     assert files.TRANSITIONS[files.Phase.LOST] == {files.Phase.LOST}
+
+
+class AccessTests(Base):
+    def test_reload_applies_at_the_next_request(self) -> None:
+        """An access list changed on reload refuses an open connection next time."""
+        from sockd.core.config import networks
+        from sockd.core.limits import AccessList
+
+        factory = self.make()
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(b"STAT notes.txt\n")
+        self.assertTrue(transport.value().startswith(b"OK "))
+        transport.clear()
+        factory.set_access(
+            AccessList(deny=networks("127.0.0.0/24", self.root)), AccessList()
+        )
+        protocol.dataReceived(b"STAT notes.txt\n")
+        self.assertEqual(transport.value(), b"ERR 403 access denied\r\n")
+        self.assertEqual(factory.limiter.refused_by["acl"], 1)
