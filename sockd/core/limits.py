@@ -34,11 +34,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sockd.core.config import SockdSettings
-from sockd.core.interfaces import IDrainable, IMetricsSource, Sample
+from sockd.core.interfaces import IDrainable, IMetricsSource, Reason, Sample
 
 __all__ = [
     "LOOP_PORTS",
     "PRIVILEGED_PORTS",
+    "TIMERS",
     "ConnectionLimiter",
     "GuardedFactory",
     "GuardedProtocol",
@@ -92,6 +93,9 @@ LOOP_PORTS = frozenset(
         27015,  # steam/source: amplifies
     }
 )
+
+#: the timers that close a connection (the C{timer} label of its timeouts)
+TIMERS = ("idle", "request", "handshake")
 
 #: what a connection closed to make room for another address is told
 EVICTED = "server full: closing this idle connection to admit other addresses"
@@ -158,7 +162,7 @@ class ConnectionLimiter:
         self.total = 0
         self.per_peer: dict[str, int] = {}
         self.refused = 0
-        self.refused_by: dict[str, int] = {"total": 0, "per_ip": 0, "share": 0}
+        self.refused_by: dict[Reason, int] = {"total": 0, "per_ip": 0, "share": 0}
         #: connections closed to make room for a less-served address
         self.evicted = 0
         #: count -> the keys holding that many connections, and the top count
@@ -185,7 +189,7 @@ class ConnectionLimiter:
         self.total += 1
         return None
 
-    def _refuse(self, reason: str, message: str) -> str:
+    def _refuse(self, reason: Reason, message: str) -> str:
         self.refused += 1
         self.refused_by[reason] += 1
         return message
@@ -799,7 +803,8 @@ class GuardedFactory(ServerFactory):
         #: (one set per address would cost 200 bytes a connection)
         self.peers: dict[str, GuardedProtocol | set[GuardedProtocol]] = {}
         self.accepted = 0
-        self.timeouts: dict[str, int] = {}
+        # Every timer, so each series is there (at 0) before it first fires.
+        self.timeouts: dict[str, int] = dict.fromkeys(TIMERS, 0)
         self.draining = False
         self._drained: list[Deferred[None]] = []
 
@@ -984,15 +989,25 @@ class GuardedFactory(ServerFactory):
         service = {"service": self.service_name}
         samples: list[Sample] = [
             ("connections_open", "gauge", service, len(self.connections)),
-            ("connections_total", "counter", service, self.accepted),
-            ("evicted_total", "counter", service, self.limiter.evicted),
+            ("connections_accepted_total", "counter", service, self.accepted),
+            ("connections_evicted_total", "counter", service, self.limiter.evicted),
         ]
         for reason, count in self.limiter.refused_by.items():
             samples.append(
-                ("refused_total", "counter", {**service, "reason": reason}, count)
+                (
+                    "connections_refused_total",
+                    "counter",
+                    {**service, "reason": reason},
+                    count,
+                )
             )
         for which, count in self.timeouts.items():
             samples.append(
-                ("timeouts_total", "counter", {**service, "timer": which}, count)
+                (
+                    "connections_timed_out_total",
+                    "counter",
+                    {**service, "timer": which},
+                    count,
+                )
             )
         return samples

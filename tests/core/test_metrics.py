@@ -47,11 +47,12 @@ class CollectorTests(SynchronousTestCase):
             registry_for(SockdCollector(lambda: [factory, udp, object()]))
         ).decode()
         for line in [
-            'sockd_connections_total{service="echo"} 2.0',
+            'sockd_connections_accepted_total{service="echo"} 2.0',
             'sockd_connections_open{service="echo"} 0.0',
-            'sockd_refused_total{reason="per_ip",service="echo"} 1.0',
-            'sockd_refused_total{reason="total",service="echo"} 0.0',
-            'sockd_timeouts_total{service="echo",timer="idle"} 2.0',
+            'sockd_connections_refused_total{reason="per_ip",service="echo"} 1.0',
+            'sockd_connections_refused_total{reason="total",service="echo"} 0.0',
+            'sockd_connections_timed_out_total{service="echo",timer="idle"} 2.0',
+            'sockd_connections_timed_out_total{service="echo",timer="request"} 0.0',
             'sockd_datagrams_answered_total{service="echo"} 1.0',
             'sockd_datagrams_dropped_total{reason="oversized",service="echo"} 1.0',
         ]:
@@ -104,8 +105,8 @@ class CapTests(SynchronousTestCase):
         ).decode()
         for line in [
             'sockd_connections_open{service="metrics"} 2.0',
-            'sockd_connections_total{service="metrics"} 2.0',
-            'sockd_refused_total{reason="total",service="metrics"} 1.0',
+            'sockd_connections_accepted_total{service="metrics"} 2.0',
+            'sockd_connections_refused_total{reason="total",service="metrics"} 1.0',
         ]:
             self.assertIn(line, text)
         # A closed connection frees its slot.
@@ -154,7 +155,7 @@ def test_scrape_after_traffic() -> None:
         url = f"http://127.0.0.1:{daemon.port('metrics')}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
-        assert 'sockd_connections_total{service="echo"} 3.0' in text
+        assert 'sockd_connections_accepted_total{service="echo"} 3.0' in text
         assert 'sockd_datagrams_answered_total{service="echo"} 1.0' in text
         # The scrape counts itself.
         assert 'sockd_connections_open{service="metrics"} 1.0' in text
