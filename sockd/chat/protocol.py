@@ -18,7 +18,12 @@ from zope.interface import implementer
 from sockd.chat.state import Address, ChatState
 from sockd.chat.text import clean
 from sockd.core.config import Config
-from sockd.core.interfaces import IAccessControlled, IMetricsSource, IReconfigurable
+from sockd.core.interfaces import (
+    IAccessControlled,
+    IMetricsSource,
+    IReconfigurable,
+    Sample,
+)
 from sockd.core.limits import AccessList
 from sockd.core.logs import escape
 
@@ -116,10 +121,10 @@ class ChatProtocol(DatagramProtocol):
         if self.state.settings is not settings:
             self.state.reconfigure(settings, max_message)
 
-    def metrics(self) -> list[tuple[str, str, dict[str, str], float]]:
+    def metrics(self) -> list[Sample]:
         """Counters for L{sockd.core.metrics}; the shared state's only once."""
         chat = {"service": "chat"}
-        samples: list[tuple[str, str, dict[str, str], float]] = [
+        samples: list[Sample] = [
             (
                 "datagrams_dropped_total",
                 "counter",
@@ -145,32 +150,34 @@ class ChatProtocol(DatagramProtocol):
             ("chat_joined_total", "counter", chat, stats["joined"]),
             ("chat_timed_out_total", "counter", chat, stats["timed_out"]),
             (
-                "chat_refused_total",
+                "chat_stranger_received_bytes_total",
                 "counter",
-                {**chat, "reason": "total"},
-                stats["refused_full"],
+                chat,
+                stats["stranger_bytes_in"],
             ),
             (
-                "chat_refused_total",
+                "chat_stranger_sent_bytes_total",
                 "counter",
-                {**chat, "reason": "per_ip"},
-                stats["refused_per_ip"],
+                chat,
+                stats["stranger_bytes_out"],
             ),
         ]
-        for reason in (
-            "rate_limited",
-            "output_dropped",
-            "address_share",
-            "oversized",
-            "invalid",
-            "stranger_dropped",
-        ):
+        for reason, count in state.refused.items():
+            samples.append(
+                (
+                    "chat_joins_refused_total",
+                    "counter",
+                    {**chat, "reason": reason},
+                    count,
+                )
+            )
+        for reason, count in state.dropped.items():
             samples.append(
                 (
                     "datagrams_dropped_total",
                     "counter",
                     {**chat, "reason": reason},
-                    stats[reason],
+                    count,
                 )
             )
         return samples

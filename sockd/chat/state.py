@@ -39,11 +39,13 @@ from sockd.chat.text import (
     room_name,
 )
 from sockd.core.config import ChatSettings
+from sockd.core.interfaces import Reason
 from sockd.core.limits import LOOP_PORTS, RateLimiter, TokenBucket, peer_key
 from sockd.core.logs import escape
 
 __all__ = [
     "AMPLIFICATION",
+    "DROPPED",
     "EPOCH",
     "HELP",
     "Backend",
@@ -63,6 +65,18 @@ Address = Any  # (host, port) as recvfrom gives it
 #: an unvalidated address gets at most this many times the bytes it sent
 AMPLIFICATION = 3
 
+
+#: why the chat drops a datagram, received or owed (C{send_error} is the
+#: protocol's own count)
+DROPPED: tuple[Reason, ...] = (
+    "rate_limited",
+    "total",
+    "share",
+    "oversized",
+    "invalid",
+    "loop",
+    "amplification",
+)
 
 #: cookies are good for the epoch they were made in and the next one
 EPOCH = 120.0
@@ -262,7 +276,7 @@ class FairShare:
         """What an address beyond its share must leave in the budget."""
         return max(self.total.burst / 2, min(self.floor, self.total.burst))
 
-    def take(self, peer: str | None, cost: float) -> str | None:
+    def take(self, peer: str | None, cost: float) -> Reason | None:
         """
         Charge C{cost} datagrams to C{peer} (None: to no address); None if
         they may be sent, else why not: C{"share"} (the address is beyond
@@ -381,19 +395,15 @@ class ChatState:
                 "relayed",
                 "joined",
                 "timed_out",
-                "rate_limited",
-                "output_dropped",
-                "address_share",
-                "refused_full",
-                "refused_per_ip",
-                "oversized",
-                "invalid",
-                "stranger_dropped",
                 "stranger_bytes_in",
                 "stranger_bytes_out",
             ),
             0,
         )
+        #: datagrams dropped (in, or owed out), by reason
+        self.dropped: dict[Reason, int] = dict.fromkeys(DROPPED, 0)
+        #: joins refused, by reason
+        self.refused: dict[Reason, int] = {"total": 0, "per_ip": 0}
 
     def reconfigure(self, settings: ChatSettings, max_message: int) -> None:
         """
@@ -459,7 +469,7 @@ class ChatState:
         code: Literal["oversized", "invalid"],
     ) -> None:
         """A datagram too large or not UTF-8: one error line, counted by C{code}."""
-        self.stats[code] += 1
+        self.dropped[code] += 1
         line = f"*** error: {reason}\n".encode()
         member = self.members.get(addr)
         if member is None:
@@ -475,7 +485,7 @@ class ChatState:
         if member.bucket.take():
             member.throttled = False
             return True
-        self.stats["rate_limited"] += 1
+        self.dropped["rate_limited"] += 1
         if not member.throttled:
             member.throttled = True
             self._tell(
@@ -523,12 +533,11 @@ class ChatState:
             self.pending.move_to_end(addr)
             self.pending_peers[peer].move_to_end(addr)
         pending[0] += size
-        if (
-            addr[1] in self.blocked_ports
-            or not self.stranger_hosts.allow(peer)
-            or not self.strangers.allow(addr)
-        ):
-            self.stats["stranger_dropped"] += 1
+        if addr[1] in self.blocked_ports:
+            self.dropped["loop"] += 1
+            return False
+        if not self.stranger_hosts.allow(peer) or not self.strangers.allow(addr):
+            self.dropped["rate_limited"] += 1
             return False
         return True
 
@@ -545,11 +554,11 @@ class ChatState:
     def _no_place(self, addr: Address) -> list[bytes] | None:
         """Why C{addr} cannot become a member now (longest first), or None."""
         if len(self.members) >= self.settings.max_members:
-            self.stats["refused_full"] += 1
+            self.refused["total"] += 1
             return [b"*** error: the chat is full; try later\n"]
         cap = self.max_members_per_ip
         if self.peers.get(peer_key(addr[0]), 0) >= cap:
-            self.stats["refused_per_ip"] += 1
+            self.refused["per_ip"] += 1
             return [
                 f"*** error: too many members from your address (at most {cap}); "
                 "try later\n".encode(),
@@ -563,7 +572,7 @@ class ChatState:
         if text.startswith("***"):
             # Our own notice coming back: an echo service at a spoofed
             # address.  Answering would keep a loop going.
-            self.stats["stranger_dropped"] += 1
+            self.dropped["loop"] += 1
             return
         first, _, rest = text.strip().partition("\n")
         command, _, argument = first.partition(" ")
@@ -606,7 +615,7 @@ class ChatState:
                 self.stats["stranger_bytes_out"] += len(data)
                 out.send(data, addr)
                 return
-        self.stats["stranger_dropped"] += 1
+        self.dropped["amplification"] += 1
 
     def token(self, addr: Address, epoch: int | None = None) -> str:
         """The cookie for C{addr}: stateless, good for two epochs."""
@@ -809,11 +818,11 @@ class ChatState:
         if refused is None:
             member.out.send(data, member.addr)
         else:
-            self.stats["output_dropped" if refused == "total" else "address_share"] += 1
+            self.dropped[refused] += 1
 
     def _fanout(
         self, room: Room, data: bytes, sender: Member | None, payer: Member | None
-    ) -> str | None:
+    ) -> Reason | None:
         """
         Send C{data} to everyone in C{room} but C{sender}, on C{payer}'s
         share; None if sent, else why not (L{FairShare.take}).
@@ -823,9 +832,7 @@ class ChatState:
             return None
         refused = self.shares.take(payer.peer if payer else None, count)
         if refused is not None:
-            self.stats["output_dropped" if refused == "total" else "address_share"] += (
-                count
-            )
+            self.dropped[refused] += count
             return refused
         self.stats["relayed"] += count
         for other in room.members.values():

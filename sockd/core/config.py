@@ -649,7 +649,7 @@ class MetricsSettings:
 
     enabled: bool = setting(False, boolean)
     listen: tuple[str, ...] = setting(
-        ("tcp:9102:interface=127.0.0.1",), stream_endpoints
+        ("tcp:9612:interface=127.0.0.1",), stream_endpoints
     )
     max_connections: int = setting(64, integer(1, 10_000))
 

@@ -10,7 +10,7 @@ never names a service.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
@@ -28,17 +28,53 @@ from zope.interface import Interface
 from sockd.core.config import Config
 
 __all__ = [
+    "REASONS",
     "Builder",
     "IAccessControlled",
     "IDaemonReactor",
     "IDrainable",
     "IMetricsSource",
     "IReconfigurable",
+    "Reason",
     "Sample",
 ]
 
 #: one metric sample: (name, "counter" or "gauge", labels, value)
 Sample = tuple[str, str, dict[str, str], float]
+
+#: why a connection, join or datagram was refused or dropped: the values
+#: of the C{reason} label, one vocabulary for every service
+Reason = Literal[
+    "total",
+    "per_ip",
+    "share",
+    "rate_limited",
+    "loop",
+    "loop_budget",
+    "oversized",
+    "invalid",
+    "amplification",
+    "send_error",
+    "acl",
+    "proxy",
+]
+
+#: each L{Reason}, and what it means wherever it appears
+REASONS: dict[Reason, str] = {
+    "total": "a server-wide cap was reached (connections, members, output)",
+    "per_ip": "the address's own cap was reached",
+    "share": "the address held its fair share while the server was busy",
+    "rate_limited": "faster than the address's (or member's) rate allows",
+    "loop": "from a port that could make a loop, or our own words coming back",
+    "loop_budget": "the address and port used up their answers without a pause",
+    "oversized": "larger than the size allowed",
+    "invalid": "malformed (a chat datagram that is not UTF-8)",
+    "amplification": "the answer would exceed what the sender's bytes buy",
+    "send_error": "the kernel refused to send the answer",
+    "acl": "the address is not admitted by the allow/deny lists",
+    "proxy": "a PROXY header missing from a trusted proxy, invalid, or sent by "
+    "an address that is not a trusted proxy",
+}
 
 
 class IReconfigurable(Interface):

@@ -39,12 +39,14 @@ from sockd.core.interfaces import (
     IAccessControlled,
     IDrainable,
     IMetricsSource,
+    Reason,
     Sample,
 )
 
 __all__ = [
     "LOOP_PORTS",
     "PRIVILEGED_PORTS",
+    "TIMERS",
     "AccessList",
     "ConnectionLimiter",
     "GuardedFactory",
@@ -102,6 +104,8 @@ LOOP_PORTS = frozenset(
 
 #: what a client that allow/deny do not admit is told
 ACCESS_DENIED = "access denied"
+#: the timers that close a connection (the C{timer} label of its timeouts)
+TIMERS = ("idle", "request", "handshake")
 
 #: what a connection closed to make room for another address is told
 EVICTED = "server full: closing this idle connection to admit other addresses"
@@ -234,7 +238,7 @@ class ConnectionLimiter:
         self.total = 0
         self.per_peer: dict[str, int] = {}
         self.refused = 0
-        self.refused_by: dict[str, int] = {
+        self.refused_by: dict[Reason, int] = {
             "total": 0,
             "per_ip": 0,
             "share": 0,
@@ -268,11 +272,11 @@ class ConnectionLimiter:
         self.total += 1
         return None
 
-    def refuse(self, reason: str, message: str) -> str:
+    def refuse(self, reason: Reason, message: str) -> str:
         """Count a refusal for C{reason} decided elsewhere (C{acl}, C{proxy})."""
         return self._refuse(reason, message)
 
-    def _refuse(self, reason: str, message: str) -> str:
+    def _refuse(self, reason: Reason, message: str) -> str:
         self.refused += 1
         self.refused_by[reason] += 1
         return message
@@ -920,7 +924,8 @@ class GuardedFactory(ServerFactory):
         #: (one set per address would cost 200 bytes a connection)
         self.peers: dict[str, GuardedProtocol | set[GuardedProtocol]] = {}
         self.accepted = 0
-        self.timeouts: dict[str, int] = {}
+        # Every timer, so each series is there (at 0) before it first fires.
+        self.timeouts: dict[str, int] = dict.fromkeys(TIMERS, 0)
         self.draining = False
         self._drained: list[Deferred[None]] = []
 
@@ -1122,15 +1127,25 @@ class GuardedFactory(ServerFactory):
         service = {"service": self.service_name}
         samples: list[Sample] = [
             ("connections_open", "gauge", service, len(self.connections)),
-            ("connections_total", "counter", service, self.accepted),
-            ("evicted_total", "counter", service, self.limiter.evicted),
+            ("connections_accepted_total", "counter", service, self.accepted),
+            ("connections_evicted_total", "counter", service, self.limiter.evicted),
         ]
         for reason, count in self.limiter.refused_by.items():
             samples.append(
-                ("refused_total", "counter", {**service, "reason": reason}, count)
+                (
+                    "connections_refused_total",
+                    "counter",
+                    {**service, "reason": reason},
+                    count,
+                )
             )
         for which, count in self.timeouts.items():
             samples.append(
-                ("timeouts_total", "counter", {**service, "timer": which}, count)
+                (
+                    "connections_timed_out_total",
+                    "counter",
+                    {**service, "timer": which},
+                    count,
+                )
             )
         return samples

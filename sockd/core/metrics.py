@@ -17,7 +17,12 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -36,11 +41,21 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
+from sockd import __version__
 from sockd.core.config import Config
 from sockd.core.interfaces import IMetricsSource, IReconfigurable, Sample
 from sockd.core.limits import ConnectionLimiter, Refusal
+from twisted import __version__ as twisted_version
 
-__all__ = ["IDLE_TIMEOUT", "PREFIX", "CappedFactory", "SockdCollector", "registry_for"]
+__all__ = [
+    "IDLE_TIMEOUT",
+    "PREFIX",
+    "SERIES",
+    "CappedFactory",
+    "SockdCollector",
+    "build_info",
+    "registry_for",
+]
 
 log = Logger(namespace="sockd")
 
@@ -57,31 +72,125 @@ REFUSAL = (
     b"too many connections to the metrics page"
 )
 
-HELP = {
-    "connections_open": "TCP connections open now",
-    "connections_total": "TCP connections accepted",
-    "refused_total": "TCP connections refused, by reason",
-    "evicted_total": "idle TCP connections closed to admit a less-served address",
-    "timeouts_total": "connections closed by a timer, by timer",
-    "datagrams_answered_total": "datagrams answered",
-    "datagrams_dropped_total": "datagrams dropped, by reason",
-    "chat_members": "chat members present now",
-    "chat_rooms": "chat rooms open now",
-    "chat_relayed_total": "chat datagrams relayed to members",
-    "chat_joined_total": "chat members joined",
-    "chat_timed_out_total": "chat members dropped for silence",
-    "chat_refused_total": "chat joins refused, by reason (total, per_ip)",
-    "chat_redis_connected": "1 while this chat node is connected to Redis",
-    "chat_remote_members": "chat members on other nodes, as last seen",
-    "chat_redis_published_total": "chat events published to Redis",
-    "chat_redis_received_total": "chat events received from Redis",
-    "chat_redis_invalid_total": "chat events from Redis refused as malformed",
-    "chat_redis_unsent_total": "chat events dropped while Redis lagged or was away",
-    "chat_redis_outages_total": "times the connection to Redis was lost",
-    "files_served_total": "file transfers completed",
-    "file_bytes_sent_total": "file body bytes sent",
-    "file_requests_refused_total": "file requests refused with an error",
+#: every series sockd itself reports: name (after L{PREFIX}) -> (type,
+#: labels, meaning).  docs/deploy.md has the same table; a test keeps them
+#: in step.  C{reason} values are L{sockd.core.interfaces.REASONS}.
+SERIES: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "build_info": ("gauge", ("version", "twisted"), "always 1; the versions running"),
+    "connections_open": ("gauge", ("service",), "TCP connections open now"),
+    "connections_accepted_total": (
+        "counter",
+        ("service",),
+        "TCP connections accepted",
+    ),
+    "connections_refused_total": (
+        "counter",
+        ("service", "reason"),
+        "TCP connections refused on arrival, by reason",
+    ),
+    "connections_evicted_total": (
+        "counter",
+        ("service",),
+        "idle TCP connections closed to admit a less-served address",
+    ),
+    "connections_timed_out_total": (
+        "counter",
+        ("service", "timer"),
+        "TCP connections closed by a timer, by timer",
+    ),
+    "datagrams_answered_total": (
+        "counter",
+        ("service",),
+        "UDP echo datagrams answered",
+    ),
+    "datagrams_dropped_total": (
+        "counter",
+        ("service", "reason"),
+        "datagrams dropped (received, or owed as an answer), by reason",
+    ),
+    "chat_members": ("gauge", ("service",), "chat members present now"),
+    "chat_rooms": ("gauge", ("service",), "chat rooms open now"),
+    "chat_relayed_total": (
+        "counter",
+        ("service",),
+        "chat datagrams relayed to members",
+    ),
+    "chat_joined_total": ("counter", ("service",), "chat members joined"),
+    "chat_timed_out_total": (
+        "counter",
+        ("service",),
+        "chat members dropped for silence",
+    ),
+    "chat_joins_refused_total": (
+        "counter",
+        ("service", "reason"),
+        "chat joins refused, by reason",
+    ),
+    "chat_stranger_received_bytes_total": (
+        "counter",
+        ("service",),
+        "bytes received from addresses not yet members",
+    ),
+    "chat_stranger_sent_bytes_total": (
+        "counter",
+        ("service",),
+        "bytes sent to addresses not yet members",
+    ),
+    "chat_redis_connected": (
+        "gauge",
+        ("service",),
+        "1 while this chat node is connected to Redis",
+    ),
+    "chat_remote_members": (
+        "gauge",
+        ("service",),
+        "chat members on other nodes, as last seen",
+    ),
+    "chat_redis_published_total": (
+        "counter",
+        ("service",),
+        "chat events published to Redis",
+    ),
+    "chat_redis_received_total": (
+        "counter",
+        ("service",),
+        "chat events received from Redis",
+    ),
+    "chat_redis_invalid_total": (
+        "counter",
+        ("service",),
+        "chat events from Redis refused as malformed",
+    ),
+    "chat_redis_unsent_total": (
+        "counter",
+        ("service",),
+        "chat events dropped while Redis lagged or was away",
+    ),
+    "chat_redis_outages_total": (
+        "counter",
+        ("service",),
+        "times the connection to Redis was lost",
+    ),
+    "file_transfers_completed_total": (
+        "counter",
+        ("service",),
+        "file transfers completed",
+    ),
+    "file_sent_bytes_total": ("counter", ("service",), "file body bytes sent"),
+    "file_request_errors_total": (
+        "counter",
+        ("service", "code"),
+        "file requests answered ERR, by code",
+    ),
+    "workers": ("gauge", (), "worker processes running"),
+    "worker_restarts_total": ("counter", (), "worker processes restarted"),
 }
+
+
+def build_info() -> Sample:
+    """The C{build_info} sample: 1, labelled with the versions running."""
+    labels = {"version": __version__, "twisted": twisted_version}
+    return ("build_info", "gauge", labels, 1.0)
 
 
 class SockdCollector:
@@ -110,6 +219,8 @@ class SockdCollector:
             samples = self.snapshot()
         else:
             samples = blockingCallFromThread(self.reactor, self.snapshot)
+        # Here, not in the snapshot: workers' snapshots are added up.
+        samples.append(build_info())
         # Several sources (one protocol per UDP port, say) may report the
         # same series: a series appears once, with the sum.
         totals: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
@@ -124,16 +235,24 @@ class SockdCollector:
                     series[: -len("_total")] if kind == "counter" else series
                 )
                 cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                meaning = SERIES[series][2] if series in SERIES else series
                 family = families[series] = cls(
-                    full, HELP.get(series, series), labels=[k for k, _ in pairs]
+                    full, meaning, labels=[k for k, _ in pairs]
                 )
             family.add_metric([v for _, v in pairs], value)  # type: ignore[attr-defined]
         yield from families.values()
 
 
 def registry_for(collector: SockdCollector) -> CollectorRegistry:
+    """
+    A registry with sockd's series and the client's standard C{process_*}
+    (this process's) and C{python_*} (interpreter, garbage collector) ones.
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)  # type: ignore[arg-type]
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     return registry
 
 
@@ -198,9 +317,9 @@ class CappedFactory(WrappingFactory):
         service = {"service": self.service_name}
         return [
             ("connections_open", "gauge", service, len(self.protocols)),
-            ("connections_total", "counter", service, self.accepted),
+            ("connections_accepted_total", "counter", service, self.accepted),
             (
-                "refused_total",
+                "connections_refused_total",
                 "counter",
                 {**service, "reason": "total"},
                 self.limiter.refused,

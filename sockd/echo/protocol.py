@@ -22,7 +22,12 @@ from zope.interface import implementer
 
 from sockd.core.config import Config, EchoSettings
 from sockd.core.eager import eager_write, send_datagram
-from sockd.core.interfaces import IAccessControlled, IMetricsSource, IReconfigurable
+from sockd.core.interfaces import (
+    IAccessControlled,
+    IMetricsSource,
+    IReconfigurable,
+    Reason,
+)
 from sockd.core.limits import (
     LOOP_PORTS,
     PRIVILEGED_PORTS,
@@ -322,11 +327,11 @@ class DatagramEcho(DatagramProtocol):
         self.max_datagram = self.port_limit = settings.udp_max_datagram
         self._apply(settings)
         self.answered = 0
-        self.dropped: dict[str, int] = {
+        self.dropped: dict[Reason, int] = {
             "loop": 0,
             "loop_budget": 0,
             "oversized": 0,
-            "rate": 0,
+            "rate_limited": 0,
             "send_error": 0,
             "acl": 0,
         }
@@ -389,7 +394,7 @@ class DatagramEcho(DatagramProtocol):
             self.dropped["loop_budget"] += 1
             return
         if not self.limiter.allow(peer_key(host)):
-            self.dropped["rate"] += 1
+            self.dropped["rate_limited"] += 1
             return
         try:
             send_datagram(self.transport, self.transform(data), addr)

@@ -751,7 +751,8 @@ class FileProtocol(GuardedProtocol):
         path: bytes = b"",
         close: bool = False,
     ) -> None:
-        self.factory.state.refused += 1
+        refused = self.factory.state.refused
+        refused[code] = refused.get(code, 0) + 1
         log.info(
             "file: {peer} {command} {path}: {code} {reason}",
             peer=self._key,
@@ -856,12 +857,20 @@ class FileFactory(GuardedFactory):
         self.state.reconfigure(settings)
 
     def metrics(self) -> list[Sample]:
-        """Connection counters, plus files served and bytes sent."""
+        """Connection counters, plus transfers, bytes sent and errors by code."""
         service = {"service": self.service_name}
         state = self.state
         return [
             *super().metrics(),
-            ("files_served_total", "counter", service, state.served),
-            ("file_bytes_sent_total", "counter", service, state.bytes_sent),
-            ("file_requests_refused_total", "counter", service, state.refused),
+            ("file_transfers_completed_total", "counter", service, state.served),
+            ("file_sent_bytes_total", "counter", service, state.bytes_sent),
+            *(
+                (
+                    "file_request_errors_total",
+                    "counter",
+                    {**service, "code": str(code)},
+                    count,
+                )
+                for code, count in sorted(state.refused.items())
+            ),
         ]

@@ -381,7 +381,11 @@ class FileState:
         self.total_bucket = _byte_bucket(settings.total_rate_limit, clock)
         self.served = 0
         self.bytes_sent = 0
-        self.refused = 0
+        #: requests answered ERR, by code; docs/protocol-file.md's codes are
+        #: there from the start, so each series shows (at 0) before it is used
+        self.refused: dict[int, int] = dict.fromkeys(
+            (400, 403, 404, 405, 409, 413, 414, 416, 500, 503), 0
+        )
         #: uploads receiving their body: each holds back its remaining bytes
         #: of its filesystem's free space
         self.uploads: set[Upload] = set()

@@ -90,7 +90,7 @@ class DatagramTests(SynchronousTestCase):
         # exactly the limit, with CRLF, is fine
         protocol.datagramReceived(b"z" * 100 + b"\r\n", A)
         self.assertEqual(transport.written[-1], (b"<guest-1> " + b"z" * 100 + b"\n", B))
-        self.assertEqual(protocol.state.stats["oversized"], 2)
+        self.assertEqual(protocol.state.dropped["oversized"], 2)
 
     def test_not_utf8_gets_error(self) -> None:
         protocol, transport, _ = make()

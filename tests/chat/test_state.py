@@ -468,7 +468,7 @@ class LimitTests(SynchronousTestCase):
         # The text is the client's to read; the code picks the counter.
         state.refuse(out, A, 3000, "no longer than that, please", "invalid")
         state.refuse(out, A, 3000, "too big", "oversized")
-        self.assertEqual((state.stats["invalid"], state.stats["oversized"]), (1, 1))
+        self.assertEqual((state.dropped["invalid"], state.dropped["oversized"]), (1, 1))
         self.assertIn("*** error: too big\n", out.to(A))
 
     def test_reload_applies_the_new_rate_to_members(self) -> None:
@@ -509,7 +509,7 @@ class LimitTests(SynchronousTestCase):
                 say(state, out, addr, f"m{i}\n")
         delivered = [line for line in out.to(B2) if line.startswith("<")]
         self.assertLess(len(delivered), 20)
-        self.assertGreater(state.stats["output_dropped"], 0)
+        self.assertGreater(state.dropped["total"], 0)
 
     def test_over_budget_is_told_for_text_and_actions(self) -> None:
         state, out, clock = self.three_on_a_small_budget()
@@ -565,7 +565,7 @@ class PerAddressTests(SynchronousTestCase):
             told,
             ["*** error: too many members from your address (at most 4); try later\n"],
         )
-        self.assertEqual(state.stats["refused_per_ip"], 47)
+        self.assertEqual(state.refused["per_ip"], 47)
 
     def test_newcomer_from_another_address_joins(self) -> None:
         # The finding: one IP's ports filled max_members; here it stops at
@@ -814,7 +814,7 @@ class FloodTests(SynchronousTestCase):
         )
         flooded = [line for line in out.to(watcher) if line.startswith("<guest-")]
         self.assertGreater(len(flooded), 0)
-        self.assertGreater(state.stats["address_share"], 0)
+        self.assertGreater(state.dropped["share"], 0)
         # The budget held: at most its rate and burst in 15 s.
         self.assertLessEqual(len(out.sent), 1000 * 15 + 1000)
 

@@ -354,7 +354,7 @@ class IdleWheelTests(SynchronousTestCase):
         self.assertTrue(transport.connected)
         clock.advance(0.01)
         self.assertFalse(transport.connected)
-        self.assertEqual(factory.timeouts, {"idle": 1})
+        self.assertEqual(factory.timeouts, {"idle": 1, "request": 0, "handshake": 0})
 
     def test_touch_postpones(self) -> None:
         clock = Clock()
@@ -381,7 +381,7 @@ class IdleWheelTests(SynchronousTestCase):
         self.assertTrue(all(t.connected for t in transports))
         clock.advance(0.01)
         self.assertFalse(any(t.connected for t in transports))
-        self.assertEqual(factory.timeouts, {"idle": 100})
+        self.assertEqual(factory.timeouts, {"idle": 100, "request": 0, "handshake": 0})
         self.assertEqual(factory.connections, set())
         self.assertEqual(clock.getDelayedCalls(), [])
 
@@ -400,7 +400,7 @@ class IdleWheelTests(SynchronousTestCase):
         third.loseConnection()
         self.assertEqual(clock.getDelayedCalls(), [])
         clock.advance(100)
-        self.assertEqual(factory.timeouts, {})
+        self.assertEqual(factory.timeouts, {"idle": 0, "request": 0, "handshake": 0})
 
     def test_lost_while_its_bucket_is_checked(self) -> None:
         """One connection's timeout closing another in the same bucket."""
@@ -413,7 +413,7 @@ class IdleWheelTests(SynchronousTestCase):
         ]  # type: ignore[method-assign]
         clock.advance(10)
         self.assertFalse(ta.connected or tb.connected)
-        self.assertEqual(factory.timeouts, {"idle": 1})
+        self.assertEqual(factory.timeouts, {"idle": 1, "request": 0, "handshake": 0})
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_reload_applies_at_next_touch(self) -> None:
@@ -449,7 +449,7 @@ class IdleWheelTests(SynchronousTestCase):
         clock.advance(10)
         self.assertEqual(transport.value(), b"idle timeout\n")
         self.assertTrue(transport.connected)
-        self.assertEqual(factory.timeouts, {"idle": 1})
+        self.assertEqual(factory.timeouts, {"idle": 1, "request": 0, "handshake": 0})
         clock.advance(100)  # once, as a timer runs out once
         self.assertEqual(transport.value(), b"idle timeout\n")
         self.assertEqual(clock.getDelayedCalls(), [])
@@ -473,7 +473,7 @@ class IdleWheelTests(SynchronousTestCase):
         transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
         proto.close()
         clock.advance(10)
-        self.assertEqual(factory.timeouts, {})
+        self.assertEqual(factory.timeouts, {"idle": 0, "request": 0, "handshake": 0})
         self.assertEqual(len(clock.getDelayedCalls()), 1)  # the abort
         clock.advance(990)
         self.assertEqual(aborted, [True])
@@ -609,8 +609,10 @@ class FairShareTests(SynchronousTestCase):
                 b"addresses\r\n",
             )
         counts = samples(factory)
-        self.assertEqual(counts[("evicted_total", "")], 42)
-        self.assertEqual(counts[("refused_total", "total")], limiter.refused)
+        self.assertEqual(counts[("connections_evicted_total", "")], 42)
+        self.assertEqual(
+            counts[("connections_refused_total", "total")], limiter.refused
+        )
         self.assertEqual(counts[("connections_open", "")], 1000)
         # A squatter cannot take a place back: it holds at least as many
         # as anyone else less one.
@@ -672,7 +674,7 @@ class FairShareTests(SynchronousTestCase):
         # Connections silent for 50 s closed at once, until fewer than 80%
         # were open: then the configured timeout was back.
         self.assertEqual(sum(t.connected for t in conns), 6)
-        self.assertEqual(factory.timeouts, {"idle": 2})
+        self.assertEqual(factory.timeouts, {"idle": 2, "request": 0, "handshake": 0})
         self.assertFalse(factory.pressed)
         self.assertEqual(factory.idle_timeout, 100)
         clock.advance(48.9)  # 99.9 s
@@ -789,7 +791,7 @@ class FactoryAccessTests(SynchronousTestCase):
             (name, labels.get("reason")): value
             for name, _, labels, value in factory.metrics()
         }
-        self.assertEqual(samples["refused_total", "acl"], 1)
+        self.assertEqual(samples["connections_refused_total", "acl"], 1)
 
     def test_other_address_served(self) -> None:
         protocol, transport = connect(self.make(), "127.0.0.2")

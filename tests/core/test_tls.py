@@ -324,7 +324,7 @@ class TestHandshakeDeadline:
         assert transport.connected
         self.clock.advance(0.1)
         assert not transport.connected
-        assert self.factory.timeouts == {"handshake": 1}
+        assert self.factory.timeouts == {"idle": 0, "request": 0, "handshake": 1}
         assert self.factory.limiter.total == 0
         assert self.clock.getDelayedCalls() == []
 
@@ -336,7 +336,7 @@ class TestHandshakeDeadline:
         server.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
         self.clock.advance(3)
         assert not transport.connected
-        assert self.factory.timeouts == {"handshake": 1}
+        assert self.factory.timeouts == {"idle": 0, "request": 0, "handshake": 1}
 
     def test_completed_handshake_lifts_the_deadline(self) -> None:
         client_tls = TLSMemoryBIOFactory(
@@ -354,7 +354,7 @@ class TestHandshakeDeadline:
         pump.flush()
         assert client.wrappedProtocol.received == b"HELLO"
         assert not server.transport.disconnecting
-        assert self.factory.timeouts == {}
+        assert self.factory.timeouts == {"idle": 0, "request": 0, "handshake": 0}
 
     def test_timeout_key_checked(self) -> None:
         assert sockd_config.parse("").sockd.tls_handshake_timeout == 10
@@ -366,7 +366,7 @@ class TestHandshakeDeadline:
         _, transport = connect(self.factory)
         self.clock.advance(10)
         assert transport.connected
-        assert self.factory.timeouts == {}
+        assert self.factory.timeouts == {"idle": 0, "request": 0, "handshake": 0}
 
     def test_service_wiring_sets_the_configured_timeout(self, tmp_path: Path) -> None:
         ini = tmp_path / "sockd.ini"

@@ -322,7 +322,12 @@ class SupervisorTests(SynchronousTestCase):
     def test_metrics_add_up_across_processes(self) -> None:
         self.top.startService()
         for spawned, count in zip(self.reactor.spawned, (3, 4), strict=True):
-            sample = ["connections_total", "counter", {"service": "echo"}, count]
+            sample = [
+                "connections_accepted_total",
+                "counter",
+                {"service": "echo"},
+                count,
+            ]
             spawned["protocol"].outReceived(
                 json.dumps({"metrics": [sample]}).encode() + b"\n"
             )
@@ -330,12 +335,12 @@ class SupervisorTests(SynchronousTestCase):
         own.accepted = 5
         collector = metrics.SockdCollector(lambda: [own, self.workers])
         text = _exposition(collector)
-        self.assertIn('sockd_connections_total{service="echo"} 12.0', text)
+        self.assertIn('sockd_connections_accepted_total{service="echo"} 12.0', text)
         self.assertIn("sockd_workers 2.0", text)
         # A worker gone takes its counters with it.
         end(self.reactor.spawned[0], 1)
         text = _exposition(collector)
-        self.assertIn('sockd_connections_total{service="echo"} 9.0', text)
+        self.assertIn('sockd_connections_accepted_total{service="echo"} 9.0', text)
         self.assertIn("sockd_worker_restarts_total 1.0", text)
 
 

@@ -175,7 +175,7 @@ def test_metrics_add_up_every_process(daemon: Daemon) -> None:
     for _ in range(20):
         assert echo(daemon, b"x\n") == b"X\n"
     # Workers report once a second: the sum catches up within a few.
-    series = 'sockd_connections_total{service="echo"}'
+    series = 'sockd_connections_accepted_total{service="echo"}'
     wait_until(
         lambda: sample(scrape(daemon), series) == ECHO_CONNECTIONS[0], 10, "counted"
     )

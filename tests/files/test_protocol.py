@@ -887,11 +887,16 @@ class LifecycleTests(Base):
     def test_metrics(self) -> None:
         self.exchange(b"notes.txt\n")
         self.exchange(b"missing\n")
-        samples = {name: value for name, _, _, value in self.factory.metrics()}
-        self.assertEqual(samples["files_served_total"], 1)
-        self.assertEqual(samples["file_bytes_sent_total"], 12)
-        self.assertEqual(samples["file_requests_refused_total"], 1)
-        self.assertEqual(samples["connections_total"], 2)
+        samples = {
+            (name, labels.get("code", "")): value
+            for name, _, labels, value in self.factory.metrics()
+        }
+        self.assertEqual(samples[("file_transfers_completed_total", "")], 1)
+        self.assertEqual(samples[("file_sent_bytes_total", "")], 12)
+        self.assertEqual(samples[("file_request_errors_total", "404")], 1)
+        # Every documented code is there before its first use.
+        self.assertEqual(samples[("file_request_errors_total", "400")], 0)
+        self.assertEqual(samples[("connections_accepted_total", "")], 2)
 
 
 class UploadTests(Base):
