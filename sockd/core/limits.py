@@ -491,8 +491,8 @@ class GuardedProtocol(Protocol):
     L{stopDeadline} around a partial request, and L{close} to finish.
     They add what they read to C{bytes_in} and what they write to
     C{bytes_out} (an integer add, no more, on the hot path), and may count
-    C{requests} and name the last in C{request}: the connection's one log
-    line, at its end, says so.
+    requests in C{requests} and name the last in C{request}: the
+    connection's one log line, at its end, says so.
     When the peer half-closes (C{nc -N}), L{inputEnded} runs and, by
     default, closes once every answer is written.
     """

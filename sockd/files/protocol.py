@@ -642,6 +642,7 @@ class FileProtocol(GuardedProtocol):
         if self.closing:
             return
         self.touch()
+        self.bytes_in += len(data)
         if self._upload is not None:
             data = self._uploadData(data)
             if not data or self.closing:
@@ -794,7 +795,7 @@ class FileProtocol(GuardedProtocol):
         except OSError as e:
             self._error(500, f"internal error: {e.strerror}", b"", selector)
             return
-        self._log("bare", selector, opened.stat.st_size)
+        self._log("bare", selector)
         self._send(opened, 0, opened.stat.st_size, self.close)
 
     def _menu(self, parts: tuple[str, ...], opened: Opened) -> bytes:
@@ -827,7 +828,7 @@ class FileProtocol(GuardedProtocol):
         count = size - offset if length is None else min(size - offset, length)
         mtime = int(opened.stat.st_mtime)
         self._write(_line(f"OK {count} size={size} mtime={mtime}"))
-        self._log("GET", args[0], count)
+        self._log("GET", args[0])
         self._send(opened, offset, count, self._next)
 
     def _stat(self, args: list[bytes]) -> None:
@@ -897,7 +898,7 @@ class FileProtocol(GuardedProtocol):
         length = _number(args[1])
         upload = self.factory.state.begin_upload(percent_decode(args[0]), length)
         self._upload = upload
-        self._log("PUT", args[0], length)
+        self._log("PUT", args[0])
         self._write(b"OK ready\r\n")
         data, self._buffer = self._buffer, b""
         if length == 0 or data:
@@ -1014,6 +1015,7 @@ class FileProtocol(GuardedProtocol):
 
     def _progress(self, count: int) -> None:
         self.factory.state.bytes_sent += count
+        self.bytes_out += count
         self.touch()  # a transfer that moves is not idle
 
     def _setBusy(self, busy: bool) -> None:
@@ -1058,7 +1060,7 @@ class FileProtocol(GuardedProtocol):
         if self._busy or self._upload is not None:
             return  # _next (or the upload's end) closes afterwards
         if self.mode == "framed":
-            self.transport.write(b"ERR 503 shutting down\r\n")
+            self._write(b"ERR 503 shutting down\r\n")
         super().shutdown()
 
     # --- answers --------------------------------------------------------
@@ -1091,16 +1093,13 @@ class FileProtocol(GuardedProtocol):
     def _write(self, data: bytes) -> None:
         # At once when nothing is queued: the file body that often follows
         # can then start in the same reactor turn.
+        self.bytes_out += len(data)
         eager_write(self.transport, data)
 
-    def _log(self, command: str, path: bytes, count: int) -> None:
-        log.info(
-            "file: {peer} {command} {path}: {count} bytes",
-            peer=self._key,
-            command=command,
-            path=escape(path),
-            count=count,
-        )
+    def _log(self, command: str, path: bytes) -> None:
+        # Said in the connection's one line, at its end (GuardedProtocol).
+        self.requests += 1
+        self.request = f"{command} {escape(path)}"
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True

@@ -304,3 +304,26 @@ def test_real_daemon_logs_the_schema_one_line_per_echo_connection(
         f"127.0.0.1:{ours}": counts for ours, counts in seen.items()
     }
     assert {r["outcome"] for r in ended} == {"closed"}
+
+
+@pytest.mark.integration
+def test_real_daemon_logs_one_line_per_file_connection(
+    json_daemon: JSONDaemon,
+) -> None:
+    port = json_daemon.port("file")
+    requests = [b"a.txt\n", b"STAT a.txt\r\nGET a.txt\r\nQUIT\r\n"]
+    seen = {}
+    for data in requests:
+        ours, answer = exchange(port, data)
+        assert answer.endswith(b"hello\n") or answer.endswith(b"OK bye\r\n")
+        seen[ours] = (len(data), len(answer))
+        json_daemon.wait_for(rf'"peer": "127\.0\.0\.1:{ours}"')
+    records = json_daemon.records()
+    for record in records:
+        check_schema(record)
+    served = [r for r in records if r["service"] == "file"][1:]  # after listening
+    assert [r["event"] for r in served] == ["connection"] * len(requests)
+    assert {r["peer"]: (r["bytes_in"], r["bytes_out"]) for r in served} == {
+        f"127.0.0.1:{ours}": counts for ours, counts in seen.items()
+    }
+    assert [r["request"] for r in served] == ["bare a.txt", "GET a.txt"]
