@@ -19,7 +19,6 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
 
 from sockd.client import framed
 from sockd.client.fileproto import (
@@ -32,7 +31,7 @@ from sockd.client.fileproto import (
     FileClient,
     VerifyFailed,
 )
-from sockd.client.output import MeterFactory, Output, display, local_error
+from sockd.client.output import MeterFactory, Output, Progress, display, local_error
 from sockd.client.tls import client_context
 from sockd.client.urls import Location, is_url, parse_url
 from sockd.client.urls import framed as framed_location
@@ -40,12 +39,8 @@ from sockd.client.urls import framed as framed_location
 __all__ = [
     "EPILOG",
     "PROTOCOLS",
-    "Progress",
     "add_arguments",
     "display",
-    "format_duration",
-    "format_size",
-    "render_progress",
     "run",
 ]
 
@@ -87,134 +82,6 @@ exit status:
 
 class UsageProblem(ClientError):
     status = EXIT_USAGE
-
-
-# Progress display --------------------------------------------------------
-
-
-def format_size(count: float) -> str:
-    """C{1536} -> C{'1.5 KiB'}."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
-
-
-def format_duration(seconds: float) -> str:
-    """C{75} -> C{'1:15'}, C{3725} -> C{'1:02:05'}."""
-    whole = int(seconds + 0.5)
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def render_progress(
-    label: str,
-    done: int,
-    total: int | None,
-    elapsed: float,
-    initial: int = 0,
-    width: int = 80,
-    final: bool = False,
-) -> str:
-    """
-    One progress line, at most C{width - 1} characters: label, bar,
-    percentage, bytes so far, rate of this run (bytes after C{initial}),
-    and the ETA (or, when C{final}, the time taken).  With no C{total}
-    (unknown), no bar, percentage or ETA.
-    """
-    fraction = 1.0 if not total or total < 0 else min(1.0, done / total)
-    rate = (done - initial) / elapsed if elapsed > 0 else 0.0
-    if final:
-        tail = f"  in {format_duration(elapsed)}"
-    elif total is None:
-        tail = ""
-    elif rate > 0:
-        tail = f"  ETA {format_duration((total - done) / rate)}"
-    else:
-        tail = "  ETA --:--"
-    percent = "" if total is None else f" {int(fraction * 100):3d}%"
-    stats = f"{percent} {format_size(done)}  {format_size(rate)}/s{tail}"
-    room = width - 1 - len(stats)
-    bar_width = min(30, room - min(len(label), 24) - 3)
-    bar = ""
-    if bar_width >= 8 and total is not None:
-        filled = int(fraction * bar_width)
-        bar = " [" + "#" * filled + "-" * (bar_width - filled) + "]"
-    label_room = max(0, room - len(bar))
-    if len(label) > label_room:
-        label = label[: max(0, label_room - 1)] + "~" if label_room else ""
-    return (label + bar + stats)[: max(0, width - 1)]
-
-
-class Progress:
-    """A self-overwriting progress line on a terminal, redrawn at most 4x/s."""
-
-    def __init__(
-        self,
-        stream: TextIO,
-        label: str,
-        total: int | None,
-        initial: int = 0,
-        enabled: bool = True,
-        clock: Callable[[], float] = time.monotonic,
-        width: Callable[[], int] | None = None,
-        interval: float = 0.25,
-    ) -> None:
-        self.stream = stream
-        self.label = label
-        self.total = total
-        self.initial = initial
-        self.enabled = enabled
-        self.clock = clock
-        self.width = width or (lambda: os.get_terminal_size(stream.fileno()).columns)
-        self.interval = interval
-        self.started = clock()
-        self.last = float("-inf")
-        self.drawn = False
-        self.done = initial
-
-    def update(self, done: int) -> None:
-        self.done = done
-        if self.enabled and self.clock() - self.last >= self.interval:
-            self._draw(False)
-
-    def finish(self) -> None:
-        if self.enabled:
-            self._draw(True)
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
-
-    def abandon(self) -> None:
-        """End a drawn line, so a following message starts on its own."""
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
-
-    def _draw(self, final: bool) -> None:
-        now = self.clock()
-        self.last = now
-        try:
-            width = self.width()
-        except OSError:
-            width = 0
-        if width <= 0:
-            width = 80  # a terminal that does not know its size says 0
-        line = render_progress(
-            self.label,
-            self.done,
-            self.total,
-            now - self.started,
-            self.initial,
-            width,
-            final,
-        )
-        self.stream.write("\r" + line.ljust(width - 1))
-        self.stream.flush()
-        self.drawn = True
 
 
 # Shared plumbing ----------------------------------------------------------
