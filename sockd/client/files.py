@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import os
 import ssl
 import stat
@@ -29,6 +30,7 @@ from sockd.client.fileproto import (
     ClientError,
     Connection,
     FileClient,
+    ServerError,
     VerifyFailed,
 )
 from sockd.client.output import MeterFactory, Output, Progress, display, local_error
@@ -41,6 +43,7 @@ __all__ = [
     "PROTOCOLS",
     "add_arguments",
     "display",
+    "human_size",
     "run",
 ]
 
@@ -392,10 +395,20 @@ def _get_tree(
 def _add_ls(parser: argparse.ArgumentParser) -> None:
     _address_argument(parser, framed_only=True)
     parser.add_argument(
-        "dir", metavar="DIR", nargs="?", help="the remote directory (default: root)"
+        "dir",
+        metavar="DIR|FILE",
+        nargs="?",
+        help="the remote directory (default: root), or a file, shown alone",
     )
     parser.add_argument(
         "-l", "--long", action="store_true", help="show type, size and mtime (UTC)"
+    )
+    # As in ls(1), -h is for sizes; help is --help.
+    parser.add_argument(
+        "-h",
+        "--human-readable",
+        action="store_true",
+        help="with -l, sizes as 1.5K, 23M, 4.0G (powers of 1024, rounded up)",
     )
     _common_options(parser)
 
@@ -407,17 +420,53 @@ def _when(mtime: int) -> str:
         return str(mtime)
 
 
+def human_size(size: int) -> str:
+    """
+    A size as C{ls -lh} shows it: bytes below 1024, then K, M, G, ...
+    (powers of 1024) with one decimal below 10, always rounded up:
+    C{1536} -> C{1.5K}, C{10241} -> C{11K}.
+    """
+    if size < 1024:
+        return str(size)
+    for power, unit in enumerate("KMGTPEZ", start=1):
+        scale = 1024**power
+        tenths = -(-size * 10 // scale)  # rounded up
+        if tenths < 100:
+            return f"{tenths // 10}.{tenths % 10}{unit}"
+        whole = -(-size // scale)
+        if whole < 1024:
+            return f"{whole}{unit}"
+    return f"{-(-size // 1024**8)}Y"
+
+
 def _ls(args: argparse.Namespace) -> int:
     out = sys.stdout
+
+    def show(kind: str, size: int, mtime: int, name: str) -> None:
+        if not args.long:
+            out.write(name + "\n")
+            return
+        shown = f"{human_size(size):>5}" if args.human_readable else f"{size:>14}"
+        out.write(f"{kind} {shown} {_when(mtime)} {name}\n")
+
     with _connect(args) as connection:
-        for entry in FileClient(connection).list(args.dir):
+        client = FileClient(connection)
+        listing = client.list(args.dir)
+        try:
+            first = next(listing, None)
+        except ServerError as e:
+            # LIST of a file: like ls(1), show the file, named as given.
+            if e.code != 405 or args.dir is None:
+                raise
+            found = client.stat(args.dir)
+            if found.type != "file":
+                raise
+            show("f", found.size, found.mtime, display(args.dir))
+            out.flush()
+            return 0
+        for entry in itertools.chain([first] if first else [], listing):
             name = display(entry.name) + ("/" if entry.kind == "d" else "")
-            if args.long:
-                out.write(
-                    f"{entry.kind} {entry.size:>14} {_when(entry.mtime)} {name}\n"
-                )
-            else:
-                out.write(name + "\n")
+            show(entry.kind, entry.size, entry.mtime, name)
     out.flush()
     return 0
 

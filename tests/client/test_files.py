@@ -32,7 +32,7 @@ from cryptography.x509.oid import NameOID
 
 from sockd.client import fileproto, output
 from sockd.client.fileproto import quote, unquote
-from sockd.client.files import display
+from sockd.client.files import display, human_size
 from sockd.client.main import main
 
 MTIME = 1_764_000_000
@@ -113,6 +113,9 @@ class Handler(socketserver.StreamRequestHandler):
                 else:
                     self.answer("ERR 404 not found")
             elif verb == "LIST":
+                if path in srv.files:
+                    self.answer("ERR 405 not a directory")  # as sockd-file says
+                    continue
                 if path not in srv.dirs() and path not in srv.listings:
                     self.answer("ERR 404 not found")
                     continue
@@ -752,6 +755,51 @@ def test_ls_missing_directory(serve: Any, capfd: Any) -> None:
     status, _, err = sockd(capfd, "ls", server.address, "nope dir")
     assert status == fileproto.EXIT_NOT_FOUND
     assert server.requests == [b"LIST nope%20dir\r\n"]
+
+
+def test_ls_a_file_shows_it_as_ls_does(serve: Any, capfd: Any) -> None:
+    server = serve(FILES)
+    status, out, err = sockd(capfd, "ls", server.address, "hello.txt")
+    assert (status, out, err) == (0, "hello.txt\n", "")
+    assert server.requests == [b"LIST hello.txt\r\n", b"STAT hello.txt\r\n"]
+    status, out, _ = sockd(capfd, "ls", "-l", server.address, "docs/README.txt")
+    assert out == "f              8 2025-11-24 16:00 docs/README.txt\n"
+    status, out, _ = sockd(capfd, "ls", "-lh", server.address, "blob.bin")
+    assert out == "f  3.0M 2025-11-24 16:00 blob.bin\n"
+
+
+def test_ls_long_human_sizes(serve: Any, capfd: Any) -> None:
+    server = serve(FILES)
+    status, out, _ = sockd(capfd, "ls", "-l", "-h", server.address)
+    assert status == 0
+    assert out.splitlines()[:2] == [
+        "f  3.0M 2025-11-24 16:00 blob.bin",
+        "d  4.0K 2025-11-24 16:00 docs/",
+    ]
+    # -h alone, as in ls(1), changes nothing; help is --help.
+    assert sockd(capfd, "ls", "-h", server.address)[1].splitlines()[0] == "blob.bin"
+    status, out, _ = sockd(capfd, "ls", "--help")
+    assert status == 0 and "-h, --human-readable" in out
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [
+        (0, "0"),
+        (1023, "1023"),
+        (1024, "1.0K"),
+        (1025, "1.1K"),  # rounded up, as ls -lh does
+        (1536, "1.5K"),
+        (10239, "10K"),
+        (10241, "11K"),
+        (1048575, "1.0M"),
+        (1048577, "1.1M"),
+        (5_000_000_000, "4.7G"),
+        (1024**4, "1.0T"),
+    ],
+)
+def test_human_size_as_gnu_ls(size: int, shown: str) -> None:
+    assert human_size(size) == shown
 
 
 def test_stat_file_with_sum(serve: Any, capfd: Any) -> None:
