@@ -519,6 +519,28 @@ def _add_put(parser: argparse.ArgumentParser) -> None:
     _common_options(parser, quiet=True)
 
 
+def _put_refused(error: ServerError, remote: str) -> ServerError:
+    """
+    The server's refusal of a PUT, said in terms of the path where it can
+    be: the directory that is missing, the hidden name.
+    """
+    names = [name for name in remote.split("/") if name]
+    said = f"(server error {error.code}: {error.reason})"
+    message = ""
+    # A PUT gets 404 only for its directory: the file itself may be new.
+    if error.code == 404 and len(names) > 1:
+        message = f"no such directory: {display('/'.join(names[:-1]))} {said}"
+    # 403 has many causes (uploads off, "..", permissions): the server's
+    # reason tells this one.
+    elif error.code == 403 and "hidden" in error.reason:
+        hidden = [n for n in names if n.startswith(".") and n.strip(".")]
+        if hidden:
+            message = (
+                f"hidden names are refused by the server: {display(hidden[0])} {said}"
+            )
+    return ServerError(error.code, error.reason, message) if message else error
+
+
 def _put(args: argparse.Namespace) -> int:
     local: str = args.local
     name = _basename(local)
@@ -540,7 +562,10 @@ def _put(args: argparse.Namespace) -> int:
         hasher = hashlib.sha256()
         with _connect(args) as connection:
             client = FileClient(connection)
-            client.put(remote, length)
+            try:
+                client.put(remote, length)
+            except ServerError as e:
+                raise _put_refused(e, remote) from None
             progress = _progress(args, name, length, 0)
             buffer = memoryview(bytearray(CHUNK))
             sent = 0

@@ -854,6 +854,56 @@ def test_put_forbidden(serve: Any, here: Path, capfd: Any) -> None:
     assert "403" in err
 
 
+@pytest.mark.parametrize(
+    ("remote", "error", "status", "said"),
+    [
+        (
+            "no/such/f",
+            (404, "not found"),
+            4,
+            "no such directory: no/such (server error 404: not found)",
+        ),
+        (
+            "sub/.secret",
+            (403, "hidden files are not served"),
+            5,
+            "hidden names are refused by the server: .secret "
+            "(server error 403: hidden files are not served)",
+        ),
+        (
+            ".git/config",
+            (403, "hidden files are not served"),
+            5,
+            "hidden names are refused by the server: .git "
+            "(server error 403: hidden files are not served)",
+        ),
+        # Another 403 is said as the server says it, hidden name or not.
+        (
+            ".x",
+            (403, "this server does not accept uploads"),
+            5,
+            "server error 403: this server does not accept uploads",
+        ),
+        ("f", (404, "not found"), 4, "server error 404: not found"),
+    ],
+)
+def test_put_refusals_say_what_is_wrong(
+    serve: Any,
+    here: Path,
+    capfd: Any,
+    remote: str,
+    error: tuple[int, str],
+    status: int,
+    said: str,
+) -> None:
+    server = serve(FILES)
+    server.writable = True
+    server.errors["PUT"] = error
+    (here / "f").write_bytes(b"data")
+    result = sockd(capfd, "put", server.address, "f", remote)
+    assert result == (status, "", f"sockd put: {said}\n")
+
+
 def test_put_digest_mismatch(serve: Any, here: Path, capfd: Any) -> None:
     server = serve(FILES)
     server.writable = True

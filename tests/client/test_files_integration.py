@@ -111,6 +111,32 @@ def test_ls_and_stat(server: tuple[Daemon, Path], capfd: Any) -> None:
     assert hashlib.sha256(b"odd name\n").hexdigest() in out
 
 
+def test_ls_a_file_with_human_sizes(server: tuple[Daemon, Path], capfd: Any) -> None:
+    status, out, err = sockd(capfd, "ls", address(server), "sub/a b%.txt")
+    assert (status, out, err) == (0, "sub/a b%.txt\n", "")
+    status, out, _ = sockd(capfd, "ls", "-lh", f"sockd://{address(server)}/big.bin")
+    assert status == 0
+    assert out.startswith("f  5.1M ") and out.endswith(" /big.bin\n")
+    # A directory is still listed, and a missing name still not found.
+    assert sockd(capfd, "ls", address(server), "sub")[:2] == (0, "a b%.txt\n")
+    assert sockd(capfd, "ls", address(server), "nope")[0] == 4
+
+
+def test_put_refusals_from_the_server(
+    server: tuple[Daemon, Path], tmp_path: Path, capfd: Any
+) -> None:
+    local = tmp_path / "up.txt"
+    local.write_bytes(b"up\n")
+    status, _, err = sockd(capfd, "put", address(server), str(local), "nodir/up.txt")
+    assert status == 4
+    assert err.startswith("sockd put: no such directory: nodir (server error 404")
+    status, _, err = sockd(capfd, "put", address(server), str(local), "sub/.up")
+    assert status == 5
+    assert err.startswith("sockd put: hidden names are refused by the server: .up ")
+    assert not (server[1] / "nodir").exists()
+    assert not (server[1] / "sub" / ".up").exists()
+
+
 def test_errors_map_to_exit_statuses(
     server: tuple[Daemon, Path],
     tmp_path: Path,
