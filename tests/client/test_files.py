@@ -6,6 +6,7 @@ against a small threaded fake sockd-file server on 127.0.0.1.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import io
 import ipaddress
@@ -17,8 +18,10 @@ import signal
 import socket
 import socketserver
 import ssl
+import struct
 import subprocess
 import sys
+import termios
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -1169,13 +1172,18 @@ def test_get_file_mode_follows_umask(serve: Any, here: Path, capfd: Any) -> None
 
 
 def _with_tty_stderr(
-    argv: list[str], cwd: Path, interrupt_after: re.Pattern[bytes] | None = None
+    argv: list[str],
+    cwd: Path,
+    interrupt_after: re.Pattern[bytes] | None = None,
+    columns: int = 0,
 ) -> tuple[int, bytes]:
     """
-    Run the real command with a pseudo-terminal as stderr; send it SIGINT
-    once that shows something matching C{interrupt_after}.
+    Run the real command with a pseudo-terminal (C{columns} wide, or of
+    unknown size) as stderr; send it SIGINT once that shows something
+    matching C{interrupt_after}.
     """
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "sockd.client.main", *argv],
@@ -1217,6 +1225,17 @@ def test_progress_bar_on_a_terminal_only(serve: Any, here: Path) -> None:
     )
     assert (status, text) == (0, b"")
     assert (here / "copy").read_bytes() == BLOB
+
+
+def test_progress_bar_fits_a_narrow_terminal(serve: Any, here: Path) -> None:
+    server = serve(FILES)
+    argv = ["get", server.address, "blob.bin"]
+    status, text = _with_tty_stderr(argv, here, columns=40)
+    assert status == 0
+    lines = [line for line in re.split(rb"[\r\n]+", text) if line]
+    assert lines and lines[-1].startswith(b"blob.bin: 100%")
+    # The last column stays free: a full line would wrap on some terminals.
+    assert all(len(line.decode()) <= 39 for line in lines), lines
 
 
 def test_install_never_replaces_a_file_that_appeared(tmp_path: Path) -> None:
