@@ -1,10 +1,15 @@
-"""C{sockd echo HOST[:PORT] [TEXT...]}: talk to a line echo server."""
+"""C{sockd echo HOST[:PORT] [TEXT...]}: talk to a line echo server (or over TLS)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import socket
+import ssl
 import sys
+from collections.abc import Callable
+
+from sockd.client.tls import TLSStream, client_context
 
 __all__ = ["add_arguments", "run", "split_address"]
 
@@ -29,17 +34,58 @@ def split_address(text: str, default_port: int) -> tuple[str, int]:
     return host, int(port)
 
 
+EPILOG = """\
+exit status:
+  0    success
+  2    usage error (including a --cafile that cannot be loaded)
+  3    connection failure: cannot connect, timeout, TLS handshake failed,
+       connection cut
+  6    the server's TLS certificate or host name is not accepted
+
+Over TLS the end of the input is a TLS close_notify, sent once every line
+is answered: a last line without a newline gets no answer (over plain TCP,
+a half-close, it does).
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("address", metavar="HOST[:PORT]")
     parser.add_argument(
         "text", nargs="*", help="lines to send (default: read standard input)"
     )
     parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="use TLS; the server certificate must be valid for HOST",
+    )
+    parser.add_argument(
+        "--cafile",
+        "--cacert",
+        metavar="PATH",
+        help="trust the CA certificates in PATH instead of the system's "
+        "(implies --tls)",
+    )
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _answers(receive: Callable[[], bytes], lines: int) -> None:
+    """
+    Print what comes until C{lines} answer lines have (or the server
+    closed).  Over TLS the end of the input goes only then: Twisted's TLS
+    layer drops answers still queued when a close_notify arrives with the
+    lines they answer.  Every echo mode answers a line with one line.
+    """
+    while lines > 0 and (chunk := receive()):
+        sys.stdout.buffer.write(chunk)
+        lines -= chunk.count(b"\n")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         host, port = split_address(args.address, DEFAULT_PORT)
+        tls = client_context(args.cafile) if args.tls or args.cafile else None
     except ValueError as e:
         print(f"sockd echo: {e}", file=sys.stderr)
         return 2
@@ -48,14 +94,35 @@ def run(args: argparse.Namespace) -> int:
         if args.text
         else sys.stdin.buffer.read()
     )
+    name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         with socket.create_connection((host, port), timeout=args.timeout) as s:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-            while chunk := s.recv(65536):
+            receive: Callable[[], bytes]
+            if tls is None:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                receive = functools.partial(s.recv, 65536)
+            else:
+                stream = TLSStream(s, tls, host)
+                stream.handshake()
+                stream.sendall(data)
+                _answers(stream.recv, data.count(b"\n"))
+                stream.close_write()
+                receive = stream.recv
+            while chunk := receive():
                 sys.stdout.buffer.write(chunk)
+    except ssl.SSLCertVerificationError as e:
+        print(
+            f"sockd echo: {name}: TLS certificate not accepted: {e.verify_message}",
+            file=sys.stderr,
+        )
+        return 6
+    except ssl.SSLEOFError:
+        print(f"sockd echo: {name}: TLS connection cut short", file=sys.stderr)
+        return 3
     except OSError as e:
-        print(f"sockd echo: {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        reason = e.strerror or getattr(e, "reason", None) or e
+        print(f"sockd echo: {name}: {reason}", file=sys.stderr)
         return 3
     sys.stdout.buffer.flush()
     return 0

@@ -127,8 +127,8 @@ class VerifyFailed(ClientError):
 class ServerError(ClientError):
     """An C{ERR <code> <reason>} answer, or an HTTP error status."""
 
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(f"server error {code}: {reason}")
+    def __init__(self, code: int, reason: str, message: str = "") -> None:
+        super().__init__(message or f"server error {code}: {reason}")
         self.code = code
         self.reason = reason
         self.status = _ERR_STATUS.get(code, EXIT_SERVER)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import os
 import ssl
 import stat
 import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
 
 from sockd.client import framed
 from sockd.client.fileproto import (
@@ -30,9 +30,10 @@ from sockd.client.fileproto import (
     ClientError,
     Connection,
     FileClient,
+    ServerError,
     VerifyFailed,
 )
-from sockd.client.output import MeterFactory, Output, display, local_error
+from sockd.client.output import MeterFactory, Output, Progress, display, local_error
 from sockd.client.tls import client_context
 from sockd.client.urls import Location, is_url, parse_url
 from sockd.client.urls import framed as framed_location
@@ -40,12 +41,9 @@ from sockd.client.urls import framed as framed_location
 __all__ = [
     "EPILOG",
     "PROTOCOLS",
-    "Progress",
     "add_arguments",
     "display",
-    "format_duration",
-    "format_size",
-    "render_progress",
+    "human_size",
     "run",
 ]
 
@@ -87,134 +85,6 @@ exit status:
 
 class UsageProblem(ClientError):
     status = EXIT_USAGE
-
-
-# Progress display --------------------------------------------------------
-
-
-def format_size(count: float) -> str:
-    """C{1536} -> C{'1.5 KiB'}."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
-
-
-def format_duration(seconds: float) -> str:
-    """C{75} -> C{'1:15'}, C{3725} -> C{'1:02:05'}."""
-    whole = int(seconds + 0.5)
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def render_progress(
-    label: str,
-    done: int,
-    total: int | None,
-    elapsed: float,
-    initial: int = 0,
-    width: int = 80,
-    final: bool = False,
-) -> str:
-    """
-    One progress line, at most C{width - 1} characters: label, bar,
-    percentage, bytes so far, rate of this run (bytes after C{initial}),
-    and the ETA (or, when C{final}, the time taken).  With no C{total}
-    (unknown), no bar, percentage or ETA.
-    """
-    fraction = 1.0 if not total or total < 0 else min(1.0, done / total)
-    rate = (done - initial) / elapsed if elapsed > 0 else 0.0
-    if final:
-        tail = f"  in {format_duration(elapsed)}"
-    elif total is None:
-        tail = ""
-    elif rate > 0:
-        tail = f"  ETA {format_duration((total - done) / rate)}"
-    else:
-        tail = "  ETA --:--"
-    percent = "" if total is None else f" {int(fraction * 100):3d}%"
-    stats = f"{percent} {format_size(done)}  {format_size(rate)}/s{tail}"
-    room = width - 1 - len(stats)
-    bar_width = min(30, room - min(len(label), 24) - 3)
-    bar = ""
-    if bar_width >= 8 and total is not None:
-        filled = int(fraction * bar_width)
-        bar = " [" + "#" * filled + "-" * (bar_width - filled) + "]"
-    label_room = max(0, room - len(bar))
-    if len(label) > label_room:
-        label = label[: max(0, label_room - 1)] + "~" if label_room else ""
-    return (label + bar + stats)[: max(0, width - 1)]
-
-
-class Progress:
-    """A self-overwriting progress line on a terminal, redrawn at most 4x/s."""
-
-    def __init__(
-        self,
-        stream: TextIO,
-        label: str,
-        total: int | None,
-        initial: int = 0,
-        enabled: bool = True,
-        clock: Callable[[], float] = time.monotonic,
-        width: Callable[[], int] | None = None,
-        interval: float = 0.25,
-    ) -> None:
-        self.stream = stream
-        self.label = label
-        self.total = total
-        self.initial = initial
-        self.enabled = enabled
-        self.clock = clock
-        self.width = width or (lambda: os.get_terminal_size(stream.fileno()).columns)
-        self.interval = interval
-        self.started = clock()
-        self.last = float("-inf")
-        self.drawn = False
-        self.done = initial
-
-    def update(self, done: int) -> None:
-        self.done = done
-        if self.enabled and self.clock() - self.last >= self.interval:
-            self._draw(False)
-
-    def finish(self) -> None:
-        if self.enabled:
-            self._draw(True)
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
-
-    def abandon(self) -> None:
-        """End a drawn line, so a following message starts on its own."""
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
-
-    def _draw(self, final: bool) -> None:
-        now = self.clock()
-        self.last = now
-        try:
-            width = self.width()
-        except OSError:
-            width = 0
-        if width <= 0:
-            width = 80  # a terminal that does not know its size says 0
-        line = render_progress(
-            self.label,
-            self.done,
-            self.total,
-            now - self.started,
-            self.initial,
-            width,
-            final,
-        )
-        self.stream.write("\r" + line.ljust(width - 1))
-        self.stream.flush()
-        self.drawn = True
 
 
 # Shared plumbing ----------------------------------------------------------
@@ -525,10 +395,20 @@ def _get_tree(
 def _add_ls(parser: argparse.ArgumentParser) -> None:
     _address_argument(parser, framed_only=True)
     parser.add_argument(
-        "dir", metavar="DIR", nargs="?", help="the remote directory (default: root)"
+        "dir",
+        metavar="DIR|FILE",
+        nargs="?",
+        help="the remote directory (default: root), or a file, shown alone",
     )
     parser.add_argument(
         "-l", "--long", action="store_true", help="show type, size and mtime (UTC)"
+    )
+    # As in ls(1), -h is for sizes; help is --help.
+    parser.add_argument(
+        "-h",
+        "--human-readable",
+        action="store_true",
+        help="with -l, sizes as 1.5K, 23M, 4.0G (powers of 1024, rounded up)",
     )
     _common_options(parser)
 
@@ -540,18 +420,53 @@ def _when(mtime: int) -> str:
         return str(mtime)
 
 
+def human_size(size: int) -> str:
+    """
+    A size as C{ls -lh} shows it: bytes below 1024, then K, M, G, ...
+    (powers of 1024) with one decimal below 10, always rounded up:
+    C{1536} -> C{1.5K}, C{10241} -> C{11K}.
+    """
+    if size < 1024:
+        return str(size)
+    for power, unit in enumerate("KMGTPEZ", start=1):
+        scale = 1024**power
+        tenths = -(-size * 10 // scale)  # rounded up
+        if tenths < 100:
+            return f"{tenths // 10}.{tenths % 10}{unit}"
+        whole = -(-size // scale)
+        if whole < 1024:
+            return f"{whole}{unit}"
+    return f"{-(-size // 1024**8)}Y"
+
+
 def _ls(args: argparse.Namespace) -> int:
     out = sys.stdout
+
+    def show(kind: str, size: int, mtime: int, name: str) -> None:
+        if not args.long:
+            out.write(name + "\n")
+            return
+        shown = f"{human_size(size):>5}" if args.human_readable else f"{size:>14}"
+        out.write(f"{kind} {shown} {_when(mtime)} {name}\n")
+
     with _connect(args) as connection:
         client = FileClient(connection)
-        for entry in client.list(args.dir):
+        listing = client.list(args.dir)
+        try:
+            first = next(listing, None)
+        except ServerError as e:
+            # LIST of a file: like ls(1), show the file, named as given.
+            if e.code != 405 or args.dir is None:
+                raise
+            found = client.stat(args.dir)
+            if found.type != "file":
+                raise
+            show("f", found.size, found.mtime, display(args.dir))
+            out.flush()
+            return 0
+        for entry in itertools.chain([first] if first else [], listing):
             name = display(entry.name) + ("/" if entry.kind == "d" else "")
-            if args.long:
-                out.write(
-                    f"{entry.kind} {entry.size:>14} {_when(entry.mtime)} {name}\n"
-                )
-            else:
-                out.write(name + "\n")
+            show(entry.kind, entry.size, entry.mtime, name)
     out.flush()
     if client.truncated:
         print(
@@ -610,6 +525,28 @@ def _add_put(parser: argparse.ArgumentParser) -> None:
     _common_options(parser, quiet=True)
 
 
+def _put_refused(error: ServerError, remote: str) -> ServerError:
+    """
+    The server's refusal of a PUT, said in terms of the path where it can
+    be: the directory that is missing, the hidden name.
+    """
+    names = [name for name in remote.split("/") if name]
+    said = f"(server error {error.code}: {error.reason})"
+    message = ""
+    # A PUT gets 404 only for its directory: the file itself may be new.
+    if error.code == 404 and len(names) > 1:
+        message = f"no such directory: {display('/'.join(names[:-1]))} {said}"
+    # 403 has many causes (uploads off, "..", permissions): the server's
+    # reason tells this one.
+    elif error.code == 403 and "hidden" in error.reason:
+        hidden = [n for n in names if n.startswith(".") and n.strip(".")]
+        if hidden:
+            message = (
+                f"hidden names are refused by the server: {display(hidden[0])} {said}"
+            )
+    return ServerError(error.code, error.reason, message) if message else error
+
+
 def _put(args: argparse.Namespace) -> int:
     local: str = args.local
     name = _basename(local)
@@ -631,7 +568,10 @@ def _put(args: argparse.Namespace) -> int:
         hasher = hashlib.sha256()
         with _connect(args) as connection:
             client = FileClient(connection)
-            client.put(remote, length)
+            try:
+                client.put(remote, length)
+            except ServerError as e:
+                raise _put_refused(e, remote) from None
             progress = _progress(args, name, length, 0)
             buffer = memoryview(bytearray(CHUNK))
             sent = 0

@@ -21,7 +21,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("sockd.client.chat", "talk in the UDP chat (interactive or piped)"),
     "cert": ("sockd.client.cert", "write a self-signed TLS certificate and key"),
     "get": ("sockd.client.files", "download a file (sockd, gopher, http, https)"),
-    "ls": ("sockd.client.files", "list a directory on a sockd-file server"),
+    "ls": (
+        "sockd.client.files",
+        "list a directory (or show a file) on a sockd-file server",
+    ),
     "stat": ("sockd.client.files", "show a remote file's type, size and mtime"),
     "put": ("sockd.client.files", "upload a file to a writable sockd-file server"),
 }
@@ -39,7 +42,11 @@ def parser() -> argparse.ArgumentParser:
     subparsers = top.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        # "resolve": a subcommand may take -h for itself (ls -h, as in
+        # ls(1)); --help stays.
+        sub = subparsers.add_parser(
+            name, help=help_text, description=help_text, conflict_handler="resolve"
+        )
         module = importlib.import_module(module_name)
         module.add_arguments(sub)
         sub.set_defaults(_module=module)

@@ -14,7 +14,9 @@ import os
 import stat
 import unicodedata
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TextIO
+
+from tqdm import tqdm
 
 from sockd.client.fileproto import CHUNK, ClientError, ServerError, VerifyFailed
 
@@ -22,6 +24,7 @@ __all__ = [
     "Meter",
     "MeterFactory",
     "Output",
+    "Progress",
     "Writer",
     "display",
     "install",
@@ -31,7 +34,7 @@ __all__ = [
 
 
 class Meter(Protocol):
-    """A progress display (C{files.Progress})."""
+    """A progress display (L{Progress})."""
 
     def update(self, done: int) -> None: ...
 
@@ -42,6 +45,72 @@ class Meter(Protocol):
 
 #: (label, total size or None if unknown, bytes already there) -> a Meter
 MeterFactory = Callable[[str, "int | None", int], Meter]
+
+
+def _width(stream: TextIO) -> int:
+    # The last column left free (a line that fills it wraps on some
+    # terminals); one that does not know its size (says 0) gets 80.
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):
+        columns = 0
+    return columns - 1 if columns > 1 else 79
+
+
+class Progress:
+    """
+    A L{Meter} drawn by tqdm on C{stream} when C{enabled}: size, rate (a
+    moving average, so a first burst fades), ETA when the C{total} is
+    known.  A download resumed at C{initial} bytes counts only the bytes
+    of this run in its rate.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        label: str,
+        total: int | None,
+        initial: int = 0,
+        enabled: bool = True,
+    ) -> None:
+        self.bar = tqdm(
+            desc=label,
+            total=total,
+            initial=initial,
+            file=stream,
+            disable=not enabled,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            # Given, not asked of the terminal: one that says 0x0 would
+            # get nothing drawn.  The height only matters to nested bars.
+            ncols=_width(stream) if enabled else None,
+            nrows=24,
+            leave=True,
+            # Every update may redraw (at most every 0.1 s) and so feed the
+            # moving average: with tqdm's adaptive count, a first burst would
+            # hold the redraws (and the rate) back for a long while.
+            miniters=1,
+        )
+        #: no byte of this run shown yet
+        self.waiting = True
+
+    def update(self, done: int) -> None:
+        """C{done} bytes are there in all (not: this many more)."""
+        bar = self.bar
+        bar.update(done - bar.n)
+        if self.waiting and not bar.disable:
+            # tqdm redraws at most every 0.1 s: a first burst followed by
+            # a stall would show 0% until its monitor wakes (10 s).
+            self.waiting = False
+            bar.refresh()
+
+    def finish(self) -> None:
+        self.bar.close()
+
+    def abandon(self) -> None:
+        """End a drawn bar, so a following message starts on its own line."""
+        self.bar.close()
 
 
 def display(name: bytes | str) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import ssl
 import stat
 
 from sockd.core.config import file_kind
 
-__all__ = ["client_context"]
+__all__ = ["TLSStream", "client_context"]
 
 
 def client_context(cafile: str | None = None) -> ssl.SSLContext:
@@ -37,3 +39,67 @@ def client_context(cafile: str | None = None) -> ssl.SSLContext:
     context.verify_mode = ssl.CERT_REQUIRED
     context.check_hostname = True
     return context
+
+
+class TLSStream:
+    """
+    TLS over a connected blocking socket that can half-close, which
+    C{ssl.SSLSocket} cannot: L{close_write} sends close_notify and reading
+    goes on until the server's (OpenSSL closes only the write direction).
+    Errors are C{OSError}s: C{ssl.SSLCertVerificationError} for a
+    certificate or host name not accepted, C{ssl.SSLEOFError} for a
+    connection cut without close_notify.
+    """
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, host: str) -> None:
+        self.sock = sock
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self._in, self._out, server_hostname=host)
+
+    def _flush(self) -> None:
+        if data := self._out.read():
+            self.sock.sendall(data)
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if data:
+            self._in.write(data)
+        else:
+            self._in.write_eof()
+
+    def handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._fill()
+            else:
+                self._flush()
+                return
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            # One record's worth at a time: sent as it is made.
+            view = view[self.tls.write(view[:16384]) :]
+            self._flush()
+
+    def close_write(self) -> None:
+        """Send close_notify: the server sees the end of the input."""
+        # The server's own close_notify comes after its answers: not
+        # waited for here.
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.unwrap()
+        self._flush()
+
+    def recv(self) -> bytes:
+        """The next bytes from the server; C{b""} at its close_notify."""
+        while True:
+            try:
+                return self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._fill()
+            except ssl.SSLZeroReturnError:
+                return b""

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -200,6 +201,18 @@ def _longest(networks: tuple[Network, ...], address: Any) -> int:
         (n.prefixlen for n in networks if address in n),
         default=-1,
     )
+
+
+def address_of(address: IAddress | None) -> str:
+    """
+    A peer as a log line names it: C{203.0.113.5:41234}, IPv6 in brackets
+    (C{[2001:db8::1]:41234}), a UNIX socket by its path (or C{unix}).
+    """
+    host = host_of(address)
+    port = getattr(address, "port", None)
+    if not isinstance(port, int):
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def host_of(address: IAddress | None) -> str:
@@ -593,6 +606,10 @@ class GuardedProtocol(Protocol):
 
     Subclasses call L{touch} when data arrives, L{startDeadline} and
     L{stopDeadline} around a partial request, and L{close} to finish.
+    They add what they read to C{bytes_in} and what they write to
+    C{bytes_out} (an integer add, no more, on the hot path), and may count
+    requests in C{requests} and name the last in C{request}: the
+    connection's one log line, at its end, says so.
     When the peer half-closes (C{nc -N}), L{inputEnded} runs and, by
     default, closes once every answer is written.
     """
@@ -611,7 +628,13 @@ class GuardedProtocol(Protocol):
     _access: AccessList | None = None
     #: its slot was given back early, to make room (L{GuardedFactory})
     _evicted = False
+    #: the timer that ran out, for the end line's outcome
+    _expired: str | None = None
     _opened = 0.0
+    bytes_in = 0
+    bytes_out = 0
+    requests = 0
+    request = ""
     _lingering = False
     closing = False
     #: set TCP_NODELAY: small answers leave when written, as with asyncio
@@ -654,6 +677,7 @@ class GuardedProtocol(Protocol):
 
     def _handshakeTimedOut(self) -> None:
         self._handshake = None
+        self._expired = "handshake"
         timeouts = self.factory.timeouts
         timeouts["handshake"] = timeouts.get("handshake", 0) + 1
         log.info(
@@ -738,6 +762,7 @@ class GuardedProtocol(Protocol):
         self._deadline = None
 
     def _timedOut(self, which: str) -> None:
+        self._expired = which
         timeouts = self.factory.timeouts
         timeouts[which] = timeouts.get(which, 0) + 1
         log.info(
@@ -763,6 +788,7 @@ class GuardedProtocol(Protocol):
         self.closing = True
         self.stopDeadline()
         if message:
+            self.bytes_out += len(message)
             transport.write(message)
         # Whatever producer is registered (the transport itself, or a file
         # sender) must go first: left registered, a paused connection stays
@@ -799,13 +825,7 @@ class GuardedProtocol(Protocol):
             if call is not None and call.active():
                 call.cancel()
         self._deadline = self._abort = self._handshake = None
-        log.info(
-            "{service}: {peer} disconnected after {duration:.3f}s: {outcome}",
-            service=self.factory.service_name,
-            peer=self._key,
-            duration=self.factory.clock.seconds() - self._opened,
-            outcome=reason.getErrorMessage(),
-        )
+        self._logEnd(reason)
         factory = self.factory
         if self._key is not None:
             factory.unfile_peer(self._key, self)
@@ -816,6 +836,35 @@ class GuardedProtocol(Protocol):
         factory.connections.discard(self)
         if factory.draining and not factory.connections:
             factory.drained()
+
+    def _logEnd(self, reason: Failure) -> None:
+        # The connection's one line (event "connection" in the JSON logs,
+        # docs/deploy.md): its fields are the schema's.
+        if self._evicted:
+            outcome = "evicted"
+        elif self._expired is not None:
+            outcome = f"{self._expired} timeout"
+        else:
+            outcome = "closed" if reason.check(ConnectionDone) else "lost"
+        transport = self.transport
+        fields: dict[str, Any] = {
+            "event": "connection",
+            "service": self.factory.service_name,
+            "peer": address_of(transport.getPeer() if transport else None),
+            "duration": self.factory.clock.seconds() - self._opened,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "outcome": outcome,
+        }
+        text = (
+            "{service}: {peer} disconnected after {duration:.3f}s, "
+            "{bytes_in} bytes in, {bytes_out} out"
+        )
+        if self.requests:
+            fields["requests"] = self.requests
+            fields["request"] = self.request
+            text += ", {requests} requests (last: {request})"
+        log.info(text + ": {outcome}", **fields)
 
     def shutdown(self) -> None:
         """

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import json
+import math
 import os
 import sys
+import time
 from collections.abc import Mapping, MutableMapping
 from typing import IO, Any
 
@@ -13,11 +17,18 @@ from twisted.logger import (
     LogLevel,
     eventAsText,
     formatEvent,
-    jsonFileLogObserver,
 )
-from zope.interface import implementer
+from twisted.python.failure import Failure
 
-__all__ = ["escape", "journal_observer", "json_observer", "prefer_journal"]
+__all__ = [
+    "EVENTS",
+    "FIELDS",
+    "escape",
+    "journal_observer",
+    "json_observer",
+    "json_record",
+    "prefer_journal",
+]
 
 _ESCAPES = {0x5C: "\\\\", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
 
@@ -94,24 +105,97 @@ def journal_observer(
     return FileLogObserver(stream, format_event)
 
 
+#: the fields a sockd event may carry into a JSON line, with their types
+#: (docs/deploy.md, "Logs"); anything else is only in C{text}
+FIELDS: dict[str, type] = {
+    "peer": str,
+    "duration": float,
+    "bytes_in": int,
+    "bytes_out": int,
+    "outcome": str,
+    "requests": int,
+    "request": str,
+}
+
+#: the values of C{event}: a connection's one line at its end, or any other
+EVENTS = frozenset({"connection", "message"})
+
+_LEVELS = frozenset(level.name for level in LogLevel.iterconstants())
+
+#: services whose logger namespace is C{sockd.<service>}, for lines that do
+#: not name theirs (a log namespace, not a module to import)
+_SERVICES = frozenset({"echo", "chat", "file"})
+
+
+def _clean(text: str) -> str:
+    # JSON cannot carry lone surrogates (undecodable bytes): escape them.
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def json_record(event: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The JSON log line of a Twisted log event, as a dict: C{time} (RFC 3339,
+    UTC), C{level}, C{service}, C{event}, C{text}, then only the fields of
+    L{FIELDS} that the event carries with the right type (C{worker} for a
+    worker's line, C{traceback} for a failure).  Nothing of Twisted's own
+    bookkeeping (C{log_logger}, C{log_flattened}, ...) gets through.
+    """
+    when = event.get("log_time")
+    if not isinstance(when, int | float):
+        when = time.time()
+    level = getattr(event.get("log_level"), "name", None)
+    namespace = event.get("log_namespace")
+    if not isinstance(namespace, str):
+        namespace = ""
+    ours = namespace == "sockd" or namespace.startswith("sockd.")
+    service = event.get("service") if ours else None
+    if not isinstance(service, str):
+        _, _, leaf = namespace.partition(".")
+        service = leaf if leaf in _SERVICES else "sockd"
+    kind = event.get("event") if ours else None
+    record: dict[str, Any] = {
+        "time": datetime.datetime.fromtimestamp(when, datetime.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
+        "level": level if level in _LEVELS else "info",
+        "service": _clean(service),
+        "event": kind if kind in EVENTS else "message",
+        "text": _clean(formatEvent(dict(event))),
+    }
+    if ours:
+        for name, kind_of in FIELDS.items():
+            value = event.get(name)
+            if isinstance(value, bool):
+                continue  # an int to Python, never to a log reader
+            if kind_of is float and isinstance(value, int):
+                value = float(value)
+            if isinstance(value, float) and not math.isfinite(value):
+                continue  # JSON has no NaN or infinity
+            if isinstance(value, kind_of):
+                record[name] = _clean(value) if isinstance(value, str) else value
+    worker = event.get("sockd_worker")
+    if isinstance(worker, int):
+        record["worker"] = worker
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        record["traceback"] = _clean(failure.getTraceback())
+    return record
+
+
 def json_observer(out: IO[str] | None = None) -> ILogObserver:
     """
     Log observer factory for C{twistd --logger sockd.logs.json_observer}:
-    each event as one line of JSON with its structured fields, plus
-    C{text}, the formatted message, so readers need not format it again.
+    each event as one line of JSON in the schema of L{json_record}.
     """
-    return _WithText(jsonFileLogObserver(sys.stdout if out is None else out, ""))
 
+    def format_event(event: dict[str, Any]) -> str:
+        # ASCII whatever the locale: a stdout that cannot encode a name
+        # would otherwise lose the line.
+        return json.dumps(json_record(event)) + "\n"
 
-@implementer(ILogObserver)
-class _WithText:
-    """Adds the formatted message to each event before passing it on."""
-
-    def __init__(self, inner: ILogObserver) -> None:
-        self.inner = inner
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        self.inner({**event, "text": formatEvent(event)})
+    return FileLogObserver(sys.stdout if out is None else out, format_event)
 
 
 def prefer_journal(

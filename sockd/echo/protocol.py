@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.protocol import DatagramProtocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sockd.core.config import Config, EchoSettings
@@ -187,12 +188,14 @@ class LineEcho(GuardedProtocol):
         if not self.permitted():
             return
         self.touch()
+        self.bytes_in += len(data)
         factory = self.factory
         if b"\xff" in data or self._telnet is not None:
             if self._telnet is None:
                 self._telnet = TelnetFilter()
             data, replies = self._telnet.feed(data)
             if replies:
+                self.bytes_out += len(replies)
                 self.transport.write(replies)  # type: ignore[union-attr]
         if self._buffer:
             data = self._buffer + data
@@ -204,8 +207,10 @@ class LineEcho(GuardedProtocol):
             # Only a block longer than the limit can hold a line that is.
             if len(block) > limit and self._tooLong(block, limit):
                 return
+            answer = factory.transform_lines(block)
+            self.bytes_out += len(answer)
             # Sent at once when nothing is queued (see sockd.core.eager).
-            eager_write(self.transport, factory.transform_lines(block))
+            eager_write(self.transport, answer)
             if self._buffer:
                 self.restartDeadline()
             else:
@@ -224,9 +229,9 @@ class LineEcho(GuardedProtocol):
             length = end - start - (1 if end > start and block[end - 1] == 13 else 0)
             if length > limit:
                 if start:
-                    self.transport.write(  # type: ignore[union-attr]
-                        self.factory.transform_lines(block[:start])
-                    )
+                    answer = self.factory.transform_lines(block[:start])
+                    self.bytes_out += len(answer)
+                    self.transport.write(answer)  # type: ignore[union-attr]
                 self._buffer = b""
                 self._refuseLine()
                 return True
@@ -246,7 +251,9 @@ class LineEcho(GuardedProtocol):
     def inputEnded(self) -> None:
         # The client half-closed: answer an unterminated last line too.
         if self._buffer and not self.closing:
-            self.transport.write(self.factory.transform_lines(self._buffer))  # type: ignore[union-attr]
+            answer = self.factory.transform_lines(self._buffer)
+            self.bytes_out += len(answer)
+            self.transport.write(answer)  # type: ignore[union-attr]
             self._buffer = b""
         self.close()
 
@@ -260,7 +267,14 @@ class RawEcho(GuardedProtocol):
         if not self.permitted():
             return
         self.touch()
+        self.bytes_in += len(data)
         eager_write(self.transport, self.factory.transform_bytes(data))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # Byte-wise transforms keep the length: every byte read was answered
+        # with one, so the hot path counts only what came in.
+        self.bytes_out += self.bytes_in
+        super().connectionLost(reason)
 
 
 @implementer(IReconfigurable)

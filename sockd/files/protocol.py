@@ -305,6 +305,7 @@ class FileProtocol(GuardedProtocol):
         if not self.permitted():
             return  # refused by an access list changed on reload
         self.touch()
+        self.bytes_in += len(data)
         self._parser.feed(data)
         if self.phase in _READING:
             self._process()
@@ -449,7 +450,7 @@ class FileProtocol(GuardedProtocol):
         except OSError as e:
             self._error(500, f"internal error: {e.strerror}", b"", selector)
             return
-        self._log("bare", selector, opened.stat.st_size)
+        self._log("bare", selector)
         self._send(opened, 0, opened.stat.st_size, self.close)
 
     def _get(self, args: list[bytes]) -> None:
@@ -465,7 +466,7 @@ class FileProtocol(GuardedProtocol):
         count = size - offset if length is None else min(size - offset, length)
         mtime = int(opened.stat.st_mtime)
         self._write(codec.send(codec.GetHeader(count, size, mtime)))
-        self._log("GET", args[0], count)
+        self._log("GET", args[0])
         self._send(opened, offset, count, self._next)
 
     def _stat(self, args: list[bytes]) -> None:
@@ -543,7 +544,7 @@ class FileProtocol(GuardedProtocol):
         upload = self.factory.state.begin_upload(codec.percent_decode(args[0]), length)
         self._upload = upload
         self._enter(Phase.UPLOADING)
-        self._log("PUT", args[0], length)
+        self._log("PUT", args[0])
         self._write(codec.send(codec.Ready()))
         self._parser.expect_body(length)
 
@@ -684,6 +685,7 @@ class FileProtocol(GuardedProtocol):
 
     def _progress(self, count: int) -> None:
         self.factory.state.bytes_sent += count
+        self.bytes_out += count
         self.touch()  # a transfer that moves is not idle
 
     def _setBusy(self, phase: Phase) -> None:
@@ -737,7 +739,7 @@ class FileProtocol(GuardedProtocol):
         if self.phase is not Phase.IDLE:
             return  # _next (or the upload's end) closes afterwards
         if self.mode == "framed":
-            self.transport.write(_SHUTTING_DOWN)
+            self._write(_SHUTTING_DOWN)
         self._enter(Phase.CLOSING)
         super().shutdown()
 
@@ -772,16 +774,13 @@ class FileProtocol(GuardedProtocol):
     def _write(self, data: bytes) -> None:
         # At once when nothing is queued: the file body that often follows
         # can then start in the same reactor turn.
+        self.bytes_out += len(data)
         eager_write(self.transport, data)
 
-    def _log(self, command: str, path: bytes, count: int) -> None:
-        log.info(
-            "file: {peer} {command} {path}: {count} bytes",
-            peer=self._key,
-            command=command,
-            path=escape(path),
-            count=count,
-        )
+    def _log(self, command: str, path: bytes) -> None:
+        # Said in the connection's one line, at its end (GuardedProtocol).
+        self.requests += 1
+        self.request = f"{command} {escape(path)}"
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._enter(Phase.LOST)

@@ -6,18 +6,22 @@ against a small threaded fake sockd-file server on 127.0.0.1.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import io
 import ipaddress
 import os
 import pty
+import re
 import select
 import signal
 import socket
 import socketserver
 import ssl
+import struct
 import subprocess
 import sys
+import termios
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,13 +35,7 @@ from cryptography.x509.oid import NameOID
 
 from sockd.client import fileproto, output
 from sockd.client.fileproto import quote, unquote
-from sockd.client.files import (
-    Progress,
-    display,
-    format_duration,
-    format_size,
-    render_progress,
-)
+from sockd.client.files import display, human_size
 from sockd.client.main import main
 
 MTIME = 1_764_000_000
@@ -118,6 +116,9 @@ class Handler(socketserver.StreamRequestHandler):
                 else:
                     self.answer("ERR 404 not found")
             elif verb == "LIST":
+                if path in srv.files:
+                    self.answer("ERR 405 not a directory")  # as sockd-file says
+                    continue
                 if path not in srv.dirs() and path not in srv.listings:
                     self.answer("ERR 404 not found")
                     continue
@@ -296,79 +297,88 @@ def test_unquote_keeps_malformed_escapes() -> None:
 # Display helpers ----------------------------------------------------------
 
 
-def test_format_size_and_duration() -> None:
-    assert format_size(0) == "0 B"
-    assert format_size(1023) == "1023 B"
-    assert format_size(1536) == "1.5 KiB"
-    assert format_size(3 * 1024**3) == "3.0 GiB"
-    assert format_size(5 * 1024**4) == "5.0 TiB"
-    assert format_duration(0) == "0:00"
-    assert format_duration(75) == "1:15"
-    assert format_duration(3725) == "1:02:05"
+class FakeTime:
+    """A clock for a tqdm bar, as tqdm's own tests drive it."""
+
+    def __init__(self, progress: output.Progress) -> None:
+        self.now = 1000.0
+        bar = progress.bar
+        bar._time = lambda: self.now
+        bar.start_t = bar.last_print_t = self.now
 
 
-def test_render_progress_fixed_numbers() -> None:
-    line = render_progress("big.iso", 512 * 1024**2, 1024**3, 4.0, width=80)
-    assert line == (
-        "big.iso [###############---------------]  50% 512.0 MiB  128.0 MiB/s  ETA 0:04"
-    )
-    assert len(line) <= 79
+def bar_lines(stream: io.StringIO) -> list[str]:
+    return [line for line in stream.getvalue().replace("\n", "\r").split("\r") if line]
 
 
-def test_render_progress_rate_counts_only_this_run() -> None:
-    # Resumed at 900 of 1000 bytes: 50 new bytes in 5 s is 10 B/s, 5 s left.
-    line = render_progress("f", 950, 1000, 5.0, initial=900, width=80)
-    assert line.endswith(" 95% 950 B  10 B/s  ETA 0:05")
-
-
-def test_render_progress_start_end_and_empty_file() -> None:
-    assert render_progress("f", 0, 100, 0.0).endswith("  0% 0 B  0 B/s  ETA --:--")
-    final = render_progress("f", 100, 100, 100.0, final=True)
-    assert final.endswith("100% 100 B  1 B/s  in 1:40")
-    assert "[" + "#" * 30 + "]" in final
-    assert " 100% 0 B" in render_progress("empty", 0, 0, 1.0)
-
-
-def test_render_progress_unknown_size() -> None:
-    # Gopher, chunked HTTP: no bar, percentage or ETA, just bytes and rate.
-    line = render_progress("menu", 3 * 1024**2, None, 2.0, width=80)
-    assert line == "menu 3.0 MiB  1.5 MiB/s"
-    final = render_progress("menu", 2048, None, 65.0, final=True)
-    assert final == "menu 2.0 KiB  32 B/s  in 1:05"
-
-
-def test_render_progress_narrow_terminal() -> None:
-    label = "a-very-long-file-name-that-will-not-fit.tar.gz"
-    for width in (100, 60, 40, 20, 5, 1):
-        line = render_progress(label, 50, 100, 1.0, width=width)
-        assert len(line) <= max(0, width - 1)
-    assert "[" not in render_progress(label, 50, 100, 1.0, width=50)
-    assert "~" in render_progress(label, 50, 100, 1.0, width=70)
-
-
-def test_progress_redraws_at_most_every_interval() -> None:
-    now = [100.0]
+def test_progress_shows_size_rate_and_eta_on_a_terminal() -> None:
     stream = io.StringIO()
-    progress = Progress(
-        stream, "f", 1000, clock=lambda: now[0], width=lambda: 60, interval=0.25
-    )
-    progress.update(10)
-    progress.update(20)  # same instant: not drawn
-    now[0] += 0.3
-    progress.update(500)
-    assert stream.getvalue().count("\r") == 2
-    assert "50%" in stream.getvalue()
-    now[0] += 1.0
+    progress = output.Progress(stream, "big.iso", 4 * 1024**2)
+    clock = FakeTime(progress)
+    clock.now += 2
+    progress.update(2 * 1024**2)
     progress.finish()
-    text = stream.getvalue()
-    assert text.endswith("\n")
-    assert "in 0:01" in text
-    assert all(len(part.rstrip("\n")) == 59 for part in text.split("\r")[1:])
+    last = bar_lines(stream)[-1]
+    assert last.startswith("big.iso:  50%")
+    # Sizes in 1024s, the rate in 1000s (tqdm's way): 2 MiB in 2 s.
+    assert "2.00M/4.00M" in last and "1.05MB/s" in last and "<00:02" in last
+    assert stream.getvalue().endswith("\n")
+
+
+def test_progress_resumed_download_counts_only_this_run() -> None:
+    # Resumed at 900 of 1000 bytes: 50 new bytes in 5 s is 10 B/s, 5 s left.
+    stream = io.StringIO()
+    progress = output.Progress(stream, "f", 1000, initial=900)
+    assert progress.bar.n == 900
+    clock = FakeTime(progress)
+    clock.now += 5
+    progress.update(950)
+    progress.finish()
+    last = bar_lines(stream)[-1]
+    assert " 95%" in last and "950/0.98k" in last
+    assert "10.0B/s" in last and "<00:05" in last
+
+
+def test_progress_rate_is_a_moving_average() -> None:
+    # A burst (a server's token bucket allowance, the kernel's buffers) and
+    # then 10 kB/s: the rate shown follows the steady rate, where an
+    # average since the start stays several times above it.
+    stream = io.StringIO()
+    progress = output.Progress(stream, "f", None)
+    clock = FakeTime(progress)
+    clock.now += 0.1
+    done = 4 * 1024**2
+    progress.update(done)
+    for _ in range(20):
+        clock.now += 1
+        done += 10_000
+        progress.update(done)
+    live = bar_lines(stream)[-1]
+    rate = re.search(r"([\d.]+)kB/s", live)
+    assert rate is not None and 9 < float(rate.group(1)) < 20, live
+    # The line left at the end gives the average of the whole run.
+    progress.finish()
+    assert bar_lines(stream)[-1].startswith("f: 4.19MB [00:20, 219kB/s]")
+
+
+def test_progress_shows_the_first_bytes_at_once() -> None:
+    # A burst, then a stall: the bar must not stay at 0% while tqdm waits
+    # out its redraw interval.
+    stream = io.StringIO()
+    progress = output.Progress(stream, "f", 1000)
+    clock = FakeTime(progress)
+    clock.now += 0.01
+    progress.update(400)
+    assert " 40%" in bar_lines(stream)[-1]
+    clock.now += 0.01
+    progress.update(500)  # within the interval: not redrawn
+    assert " 40%" in bar_lines(stream)[-1]
+    progress.finish()
 
 
 def test_progress_disabled_writes_nothing() -> None:
     stream = io.StringIO()
-    progress = Progress(stream, "f", 10, enabled=False, width=lambda: 80)
+    progress = output.Progress(stream, "f", 10, enabled=False)
     progress.update(5)
     progress.finish()
     progress.abandon()
@@ -377,10 +387,35 @@ def test_progress_disabled_writes_nothing() -> None:
 
 def test_progress_abandon_ends_the_line() -> None:
     stream = io.StringIO()
-    progress = Progress(stream, "f", 10, width=lambda: 40)
+    progress = output.Progress(stream, "f", 10)
     progress.update(5)
     progress.abandon()
     assert stream.getvalue().startswith("\r") and stream.getvalue().endswith("\n")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("stream", "quiet", "drawn"),
+    [(Terminal, False, True), (Terminal, True, False), (io.StringIO, False, False)],
+)
+def test_progress_only_on_a_terminal_and_not_quiet(
+    serve: Any,
+    here: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stream: type[io.StringIO],
+    quiet: bool,
+    drawn: bool,
+) -> None:
+    server = serve(FILES)
+    err = stream()
+    monkeypatch.setattr(sys, "stderr", err)
+    argv = ["get", server.address, "hello.txt", *(["-q"] if quiet else [])]
+    assert main(argv) == 0
+    assert ("hello.txt: 100%" in err.getvalue()) == drawn, err.getvalue()
 
 
 def test_display_escapes_terminal_controls() -> None:
@@ -741,6 +776,51 @@ def test_ls_missing_directory(serve: Any, capfd: Any) -> None:
     assert server.requests == [b"LIST nope%20dir\r\n"]
 
 
+def test_ls_a_file_shows_it_as_ls_does(serve: Any, capfd: Any) -> None:
+    server = serve(FILES)
+    status, out, err = sockd(capfd, "ls", server.address, "hello.txt")
+    assert (status, out, err) == (0, "hello.txt\n", "")
+    assert server.requests == [b"LIST hello.txt\r\n", b"STAT hello.txt\r\n"]
+    status, out, _ = sockd(capfd, "ls", "-l", server.address, "docs/README.txt")
+    assert out == "f              8 2025-11-24 16:00 docs/README.txt\n"
+    status, out, _ = sockd(capfd, "ls", "-lh", server.address, "blob.bin")
+    assert out == "f  3.0M 2025-11-24 16:00 blob.bin\n"
+
+
+def test_ls_long_human_sizes(serve: Any, capfd: Any) -> None:
+    server = serve(FILES)
+    status, out, _ = sockd(capfd, "ls", "-l", "-h", server.address)
+    assert status == 0
+    assert out.splitlines()[:2] == [
+        "f  3.0M 2025-11-24 16:00 blob.bin",
+        "d  4.0K 2025-11-24 16:00 docs/",
+    ]
+    # -h alone, as in ls(1), changes nothing; help is --help.
+    assert sockd(capfd, "ls", "-h", server.address)[1].splitlines()[0] == "blob.bin"
+    status, out, _ = sockd(capfd, "ls", "--help")
+    assert status == 0 and "-h, --human-readable" in out
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [
+        (0, "0"),
+        (1023, "1023"),
+        (1024, "1.0K"),
+        (1025, "1.1K"),  # rounded up, as ls -lh does
+        (1536, "1.5K"),
+        (10239, "10K"),
+        (10241, "11K"),
+        (1048575, "1.0M"),
+        (1048577, "1.1M"),
+        (5_000_000_000, "4.7G"),
+        (1024**4, "1.0T"),
+    ],
+)
+def test_human_size_as_gnu_ls(size: int, shown: str) -> None:
+    assert human_size(size) == shown
+
+
 def test_stat_file_with_sum(serve: Any, capfd: Any) -> None:
     server = serve(FILES)
     status, out, _ = sockd(capfd, "stat", "--sum", server.address, "hello.txt")
@@ -791,6 +871,56 @@ def test_put_forbidden(serve: Any, here: Path, capfd: Any) -> None:
     status, _, err = sockd(capfd, "put", server.address, "f")
     assert status == fileproto.EXIT_FORBIDDEN
     assert "403" in err
+
+
+@pytest.mark.parametrize(
+    ("remote", "error", "status", "said"),
+    [
+        (
+            "no/such/f",
+            (404, "not found"),
+            4,
+            "no such directory: no/such (server error 404: not found)",
+        ),
+        (
+            "sub/.secret",
+            (403, "hidden files are not served"),
+            5,
+            "hidden names are refused by the server: .secret "
+            "(server error 403: hidden files are not served)",
+        ),
+        (
+            ".git/config",
+            (403, "hidden files are not served"),
+            5,
+            "hidden names are refused by the server: .git "
+            "(server error 403: hidden files are not served)",
+        ),
+        # Another 403 is said as the server says it, hidden name or not.
+        (
+            ".x",
+            (403, "this server does not accept uploads"),
+            5,
+            "server error 403: this server does not accept uploads",
+        ),
+        ("f", (404, "not found"), 4, "server error 404: not found"),
+    ],
+)
+def test_put_refusals_say_what_is_wrong(
+    serve: Any,
+    here: Path,
+    capfd: Any,
+    remote: str,
+    error: tuple[int, str],
+    status: int,
+    said: str,
+) -> None:
+    server = serve(FILES)
+    server.writable = True
+    server.errors["PUT"] = error
+    (here / "f").write_bytes(b"data")
+    result = sockd(capfd, "put", server.address, "f", remote)
+    assert result == (status, "", f"sockd put: {said}\n")
 
 
 def test_put_digest_mismatch(serve: Any, here: Path, capfd: Any) -> None:
@@ -1058,13 +1188,18 @@ def test_get_file_mode_follows_umask(serve: Any, here: Path, capfd: Any) -> None
 
 
 def _with_tty_stderr(
-    argv: list[str], cwd: Path, interrupt_after: bytes | None = None
+    argv: list[str],
+    cwd: Path,
+    interrupt_after: re.Pattern[bytes] | None = None,
+    columns: int = 0,
 ) -> tuple[int, bytes]:
     """
-    Run the real command with a pseudo-terminal as stderr; send it SIGINT
-    once that shows C{interrupt_after}.
+    Run the real command with a pseudo-terminal (C{columns} wide, or of
+    unknown size) as stderr; send it SIGINT once that shows something
+    matching C{interrupt_after}.
     """
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "sockd.client.main", *argv],
@@ -1086,7 +1221,7 @@ def _with_tty_stderr(
             if not chunk:
                 break
             chunks.append(chunk)
-            if interrupt_after is not None and interrupt_after in b"".join(chunks):
+            if interrupt_after is not None and interrupt_after.search(b"".join(chunks)):
                 process.send_signal(signal.SIGINT)
                 interrupt_after = None
         return process.wait(20), b"".join(chunks)
@@ -1098,13 +1233,25 @@ def test_progress_bar_on_a_terminal_only(serve: Any, here: Path) -> None:
     server = serve(FILES)
     status, text = _with_tty_stderr(["get", server.address, "blob.bin"], here)
     assert status == 0
-    assert b"\rblob.bin [" in text and b"100% 3.0 MiB" in text
-    assert text.endswith(b"\r\n")
+    # tqdm's bar, redrawn in place; the final one stays.
+    assert b"\rblob.bin: 100%" in text and b"3.00M/3.00M" in text
+    assert text.endswith(b"\r\n") and b"\x1b[" not in text
     status, text = _with_tty_stderr(
         ["get", "-q", server.address, "blob.bin", "-o", "copy"], here
     )
     assert (status, text) == (0, b"")
     assert (here / "copy").read_bytes() == BLOB
+
+
+def test_progress_bar_fits_a_narrow_terminal(serve: Any, here: Path) -> None:
+    server = serve(FILES)
+    argv = ["get", server.address, "blob.bin"]
+    status, text = _with_tty_stderr(argv, here, columns=40)
+    assert status == 0
+    lines = [line for line in re.split(rb"[\r\n]+", text) if line]
+    assert lines and lines[-1].startswith(b"blob.bin: 100%")
+    # The last column stays free: a full line would wrap on some terminals.
+    assert all(len(line.decode()) <= 39 for line in lines), lines
 
 
 def test_install_never_replaces_a_file_that_appeared(tmp_path: Path) -> None:
@@ -1126,10 +1273,12 @@ def test_interrupt_keeps_the_part_file(serve: Any, here: Path) -> None:
     server = serve(FILES)
     server.cut_after = 1_500_000
     server.stall = True
-    # The bar is drawn after the first read (its size depends on the
-    # kernel); then the server stalls and the client is interrupted.
+    # Once the bar shows bytes received (how many depends on the kernel's
+    # reads), the server stalls and the client is interrupted.
     status, text = _with_tty_stderr(
-        ["get", server.address, "blob.bin"], here, interrupt_after=b"\r"
+        ["get", server.address, "blob.bin"],
+        here,
+        interrupt_after=re.compile(rb"[kM]/3\.00M"),
     )
     assert status == fileproto.EXIT_INTERRUPTED
     assert text.endswith(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -49,6 +50,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, P
         yield daemon, root
 
 
+def served(daemon: Daemon, last: str) -> tuple[int, int]:
+    """
+    (bytes out, requests) of the connection whose log line (one per
+    connection, at its end) names C{last} as its last request.
+    """
+    line = daemon.wait_for(rf"(\d+) out, (\d+) requests \(last: {last}\): closed$")
+    match = re.search(r"(\d+) out, (\d+) requests", line)
+    assert match is not None
+    return int(match.group(1)), int(match.group(2))
+
+
 def address(server: tuple[Daemon, Path]) -> str:
     return f"127.0.0.1:{server[0].port('file')}"
 
@@ -80,8 +92,10 @@ def test_get_then_continue_a_truncated_part(
     assert (status, err) == (0, "")
     assert out.read_bytes() == BIG
     assert not part.exists()
-    # Only the missing tail crossed the network.
-    server[0].wait_for(rf"GET /big\.bin: {len(BIG) - (3 * 1024 * 1024 + 7)} bytes")
+    # Only the missing tail crossed the network (and two answer lines).
+    sent, requests = served(server[0], r"GET /big\.bin")
+    tail = len(BIG) - (3 * 1024 * 1024 + 7)
+    assert requests == 1 and tail < sent < tail + 512
 
 
 def test_ls_and_stat(server: tuple[Daemon, Path], capfd: Any) -> None:
@@ -95,6 +109,32 @@ def test_ls_and_stat(server: tuple[Daemon, Path], capfd: Any) -> None:
     assert status == 0
     assert "type:   file\nsize:   9\n" in out
     assert hashlib.sha256(b"odd name\n").hexdigest() in out
+
+
+def test_ls_a_file_with_human_sizes(server: tuple[Daemon, Path], capfd: Any) -> None:
+    status, out, err = sockd(capfd, "ls", address(server), "sub/a b%.txt")
+    assert (status, out, err) == (0, "sub/a b%.txt\n", "")
+    status, out, _ = sockd(capfd, "ls", "-lh", f"sockd://{address(server)}/big.bin")
+    assert status == 0
+    assert out.startswith("f  5.1M ") and out.endswith(" /big.bin\n")
+    # A directory is still listed, and a missing name still not found.
+    assert sockd(capfd, "ls", address(server), "sub")[:2] == (0, "a b%.txt\n")
+    assert sockd(capfd, "ls", address(server), "nope")[0] == 4
+
+
+def test_put_refusals_from_the_server(
+    server: tuple[Daemon, Path], tmp_path: Path, capfd: Any
+) -> None:
+    local = tmp_path / "up.txt"
+    local.write_bytes(b"up\n")
+    status, _, err = sockd(capfd, "put", address(server), str(local), "nodir/up.txt")
+    assert status == 4
+    assert err.startswith("sockd put: no such directory: nodir (server error 404")
+    status, _, err = sockd(capfd, "put", address(server), str(local), "sub/.up")
+    assert status == 5
+    assert err.startswith("sockd put: hidden names are refused by the server: .up ")
+    assert not (server[1] / "nodir").exists()
+    assert not (server[1] / "sub" / ".up").exists()
 
 
 def test_errors_map_to_exit_statuses(
@@ -241,11 +281,12 @@ def test_recursive_resumes_and_skips_identical(
     ]
     for path in ("one.txt", "deep/two.bin", "deep/er/three.txt"):
         assert (out / path).read_bytes() == (root / "tree" / path).read_bytes()
-    # Only the missing tail of two.bin crossed the network, and one.txt not
-    # at all (the server logs every GET in order).
-    daemon.wait_for(r"GET /tree/deep/er/three\.txt: 6 bytes")
-    daemon.wait_for(rf"GET /tree/deep/two\.bin: {2_000_000 - 1_500_000} bytes")
-    assert not [line for line in daemon.lines if "GET /tree/one.txt" in line]
+    # One connection: two GETs (three.txt, the tail of two.bin), so one.txt
+    # never crossed the network, and of two.bin only the missing tail did
+    # (beside the listings and the answer lines).
+    sent, requests = served(daemon, r"GET /tree/deep/\S+")
+    tail = 2_000_000 - 1_500_000 + len(b"three\n")
+    assert requests == 2 and tail < sent < tail + 4096
 
 
 # http:// and https:// against nginx ----------------------------------------

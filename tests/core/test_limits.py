@@ -819,3 +819,100 @@ class FactoryAccessTests(SynchronousTestCase):
         factory.set_access(AccessList(networks("127.0.0.2")), AccessList())
         protocol.dataReceived(b"one\n")
         self.assertEqual(transport.value(), b"ONE\n")
+
+
+class Counting(Touchy):
+    """Counts like a service does, and answers each chunk doubled."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.touch()
+        self.bytes_in += len(data)
+        self.bytes_out += 2 * len(data)
+        self.transport.write(data * 2)  # type: ignore[union-attr]
+
+
+class ConnectionLineTests(SynchronousTestCase):
+    """Each connection is one log line at its end, with the schema's fields."""
+
+    def ended(
+        self, events: list[dict[str, Any]], count: int = 1
+    ) -> list[dict[str, Any]]:
+        lines = [e for e in events if e.get("event") == "connection"]
+        self.assertEqual(len(lines), count, [formatEvent(e) for e in events])
+        return lines
+
+    def test_fields_and_text(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        clock = Clock()
+        factory = guarded(clock, 100, Counting)
+        factory.service_name = "echo"
+        proto, transport = connect(factory, "127.0.0.1", 41234)
+        proto.dataReceived(b"hello")
+        clock.advance(1.5)
+        proto.close(b"bye\n")
+        (line,) = self.ended(events)
+        self.assertEqual(
+            {k: line[k] for k in ("service", "peer", "bytes_in", "bytes_out")},
+            {
+                "service": "echo",
+                "peer": "127.0.0.1:41234",
+                "bytes_in": 5,
+                "bytes_out": 14,  # the answer and the closing message
+            },
+        )
+        self.assertEqual((line["duration"], line["outcome"]), (1.5, "closed"))
+        self.assertNotIn("requests", line)
+        self.assertEqual(
+            formatEvent(line),
+            "echo: 127.0.0.1:41234 disconnected after 1.500s, 5 bytes in, "
+            "14 out: closed",
+        )
+
+    def test_ipv6_peer_in_brackets(self) -> None:
+        from twisted.internet.address import IPv6Address
+        from twisted.internet.testing import StringTransportWithDisconnection
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        factory = guarded(Clock(), 100)
+        addr = IPv6Address("TCP", "2001:db8::1", 5555)
+        proto = factory.buildProtocol(addr)
+        transport = StringTransportWithDisconnection(peerAddress=addr)
+        transport.protocol = proto
+        proto.makeConnection(transport)
+        transport.loseConnection()
+        self.assertEqual(self.ended(events)[0]["peer"], "[2001:db8::1]:5555")
+
+    def test_outcomes(self) -> None:
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        clock = Clock()
+        factory = guarded(clock, 10)
+        proto, _ = connect(factory)
+        proto.connectionLost(Failure(ConnectionLost()))  # a reset
+        connect(factory)
+        clock.advance(11)  # idle: closed by the timer
+        outcomes = [line["outcome"] for line in self.ended(events, 2)]
+        self.assertEqual(outcomes, ["lost", "idle timeout"])
+
+    def test_evicted(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        clock = Clock()
+        factory = capped(clock, 2, 2)
+        connect(factory, "127.0.0.1")
+        clock.advance(42)
+        connect(factory, "127.0.0.1")[0].dataReceived(b"x")
+        connect(factory, "127.0.0.2")
+        self.assertEqual(self.ended(events)[0]["outcome"], "evicted")
+
+    def test_requests_named_when_counted(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        proto, transport = connect(guarded(Clock(), 100))
+        proto.requests, proto.request = 3, "GET docs/a.txt"
+        transport.loseConnection()
+        (line,) = self.ended(events)
+        self.assertEqual((line["requests"], line["request"]), (3, "GET docs/a.txt"))
+        self.assertTrue(
+            formatEvent(line).endswith(", 3 requests (last: GET docs/a.txt): closed")
+        )

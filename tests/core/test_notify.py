@@ -280,23 +280,6 @@ class JournalObserverTests(SynchronousTestCase):
         journal_observer(out, {"JOURNAL_STREAM": "1:2"})(self.event(LogLevel.warn))
         self.assertTrue(out.getvalue().startswith("[sockd#warn] "))
 
-    def test_json_lines(self) -> None:
-        import json
-
-        out = io.StringIO()
-        observer = json_observer(out)
-        observer(self.event())
-        observer(self.event(where="UDP 127.0.0.1:7"))
-        lines = out.getvalue().splitlines()
-        self.assertEqual(len(lines), 2)
-        first = json.loads(lines[0])
-        self.assertEqual(first["where"], "TCP 127.0.0.1:7")
-        self.assertEqual(first["text"], "echo: listening on TCP 127.0.0.1:7")
-        self.assertEqual(
-            json.loads(lines[1])["text"], "echo: listening on UDP 127.0.0.1:7"
-        )
-        self.assertEqual(first["log_namespace"], "sockd")
-
 
 class PreferJournalTests(SynchronousTestCase):
     def test_under_systemd_in_the_foreground(self) -> None:

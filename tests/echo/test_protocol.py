@@ -9,7 +9,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockd.core.config import Config, EchoSettings
@@ -260,6 +261,37 @@ class RawEchoTests(SynchronousTestCase):
         proto.readConnectionLost()
         self.assertEqual(transport.value(), b"ABC")
         self.assertFalse(transport.connected)
+
+
+class ByteCountTests(SynchronousTestCase):
+    """The connection's end line counts every byte read and written."""
+
+    def counted(self, chunks: list[bytes], **changes: object) -> tuple[int, int]:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        proto, transport = connect(factory(**changes))
+        for chunk in chunks:
+            proto.dataReceived(chunk)
+        proto.readConnectionLost()  # half-close: the last line is answered
+        (line,) = [e for e in events if e.get("event") == "connection"]
+        # Everything written to the transport, and only that, is counted out.
+        self.assertEqual(line["bytes_out"], len(transport.value()))
+        return line["bytes_in"], line["bytes_out"]
+
+    def test_lines_that_grow_and_a_last_line_without_newline(self) -> None:
+        # U+0149 (2 bytes) upper-cases to U+02BC N (3 bytes).
+        data = ["\u0149\r\n".encode(), b"x\n", b"la", b"st"]
+        self.assertEqual(self.counted(data), (10, 11))
+
+    def test_telnet_refusals_count_as_written(self) -> None:
+        self.assertEqual(self.counted([b"\xff\xfd\x01hi\n"]), (6, 6))
+
+    def test_overlong_line_and_its_error(self) -> None:
+        data = [b"ok\n123456789\n"]
+        sent = len(b"OK\nERR line longer than 8 bytes; closing\r\n")
+        self.assertEqual(self.counted(data, max_line_length=8), (13, sent))
+
+    def test_raw(self) -> None:
+        self.assertEqual(self.counted([b"abc", b"\xff\x00d"], mode="raw"), (6, 6))
 
 
 class TimeoutTests(SynchronousTestCase):
@@ -566,7 +598,7 @@ class ConnectionLogTests(SynchronousTestCase):
         transport.loseConnection()
         (event,) = [e for e in events if "disconnected" in e["log_format"]]
         self.assertEqual(event["service"], "echo")
-        self.assertEqual(event["peer"], "127.0.0.9")
+        self.assertEqual(event["peer"], "127.0.0.9:40000")
         self.assertEqual(event["duration"], 2.5)
 
 

@@ -1302,6 +1302,36 @@ class LinkPolicyTests(Base):
         self.assertEqual(self.exchange(b"twin.txt\n"), b"hello notes\n")
 
 
+class ConnectionLineTests(Base):
+    """One log line per connection, at its end, with what it moved."""
+
+    def lines(self, data: bytes) -> tuple[list[dict[str, Any]], bytes]:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        protocol, transport = self.connect()
+        protocol.dataReceived(data)
+        self.pump(transport)
+        self.pump(transport)
+        self.assertFalse(transport.connected)
+        ours = [e for e in events if e["log_namespace"].startswith("sockd")]
+        return ours, bytes(transport.value())
+
+    def test_framed(self) -> None:
+        request = b"STAT docs\nGET big.bin\nGET notes.txt 6\nQUIT\n"
+        (line,), sent = self.lines(request)
+        self.assertEqual(line["event"], "connection")
+        self.assertEqual(
+            (line["bytes_in"], line["bytes_out"]), (len(request), len(sent))
+        )
+        self.assertGreater(len(sent), len(BODY))
+        self.assertEqual((line["requests"], line["request"]), (2, "GET notes.txt"))
+
+    def test_bare(self) -> None:
+        (line,), sent = self.lines(b"with space%.txt\n")
+        self.assertEqual(sent, b"spaced\n")
+        self.assertEqual((line["bytes_in"], line["bytes_out"]), (16, 7))
+        self.assertEqual(line["request"], "bare with space%.txt")
+
+
 class SweepTests(Base):
     """The start-up sweep of temporary files that crashed uploads left."""
 
