@@ -263,10 +263,9 @@ def _endpoint_words(value: str) -> list[str]:
 
 def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
     """Twisted server endpoint descriptions (C{tcp:9000:interface=...})."""
-    from twisted.internet.endpoints import serverFromString
     from twisted.internet.testing import MemoryReactor
 
-    from sockd.core.endpoints import check_stream
+    from sockd.core.endpoints import check_stream, stream_endpoint
 
     result = []
     for word in _endpoint_words(value):
@@ -286,7 +285,7 @@ def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
             check_stream(word)
             # Parsing with a reactor that never runs checks the syntax and,
             # for ssl:, loads the key and certificate now rather than at bind.
-            serverFromString(MemoryReactor(), word)
+            stream_endpoint(MemoryReactor(), word)
         except Exception as e:
             raise ValueError(f"{word!r} is not a valid endpoint: {e}") from None
         result.append(word)

@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger, LogLevel
@@ -29,7 +28,7 @@ from twisted.python.failure import Failure
 
 import sockd.core.config as _config
 from sockd.core.config import Config, ConfigError
-from sockd.core.endpoints import bind_reusing_port, parse_datagram
+from sockd.core.endpoints import bind_reusing_port, parse_datagram, stream_endpoint
 from sockd.core.epoll import lean_dispatch
 from sockd.core.limits import GuardedFactory
 from sockd.core.logs import prefer_journal
@@ -200,17 +199,16 @@ def with_backlog(description: str, backlog: int) -> str:
 def stream_listener(
     service: str, description: str, factory: Factory, reactor: Any, backlog: int
 ) -> Listener:
-    endpoint = serverFromString(reactor, with_backlog(description, backlog))
+    parsed = stream_endpoint(reactor, with_backlog(description, backlog))
+    endpoint = parsed.endpoint
 
     def adopt(fd: int, family: socket.AddressFamily) -> IListeningPort:
         served: Any = factory
-        # An ssl: endpoint wraps the factory as it listens; Twisted offers no
-        # public way to reach its TLS settings but this attribute.
-        context = getattr(endpoint, "_sslContextFactory", None)
-        if context is not None:
+        # An ssl: endpoint wraps the factory as it listens; so must we.
+        if parsed.tls is not None:
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
-            served = TLSMemoryBIOFactory(context, False, factory)
+            served = TLSMemoryBIOFactory(parsed.tls, False, factory)
         port: IListeningPort = reactor.adoptStreamPort(fd, family, served)
         return port
 
