@@ -3,7 +3,7 @@ Twisted's private internals, in one place, checked once per process.
 
 sockd's fast paths read a few attributes Twisted does not promise to keep.
 Each accessor below names them and the Twisted releases they were checked
-on (L{CHECKED}).  L{fast_paths} runs L{self_check} the first time it is
+on (L{CHECKED_ON}).  L{fast_paths} runs L{self_check} the first time it is
 asked: every group of internals is exercised on objects of its own (a
 socket pair, a throwaway epoll reactor), and a group that is missing or
 behaves differently switches its fast path off, said in one log line.  The
@@ -11,13 +11,14 @@ fallbacks are Twisted's stock paths: C{transport.write}, Twisted's own
 C{doIteration}, and the systemd record rebuilt through the public
 C{systemd:} endpoint parser.
 
-Nothing else in sockd touches a private name of Twisted.
+Other modules reach Twisted's internals only through these accessors.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -28,9 +29,10 @@ from twisted.logger import Logger
 from twisted.python.systemd import ListenFDs
 
 __all__ = [
-    "CHECKED",
+    "CHECKED_ON",
     "EpollParts",
     "FastPaths",
+    "checked",
     "epoll_parts",
     "fast_paths",
     "queued_bytes",
@@ -43,7 +45,7 @@ __all__ = [
 log = Logger(namespace="sockd")
 
 #: the Twisted releases these accessors were checked on, oldest to newest
-CHECKED = "24.3.0 to 26.10.0"
+CHECKED_ON = "24.3.0 to 26.10.0"
 
 #: the most inherited sockets the public systemd fallback looks for
 _MAX_SYSTEMD_SOCKETS = 1024
@@ -72,7 +74,7 @@ def queued_bytes(transport: Any) -> int:
     """
     How many bytes a TCP transport (C{abstract.FileDescriptor}) holds unsent:
     C{dataBuffer} past C{offset}, plus C{_tempDataLen} (writes not yet
-    joined into it).  Checked on Twisted L{CHECKED}.
+    joined into it).  Checked on Twisted L{CHECKED_ON}.
     """
     queued: int = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
     return queued
@@ -82,7 +84,7 @@ def write_idle(transport: Any) -> bool:
     """
     Whether a TCP transport has nothing queued and no half-close requested
     or done (C{_writeDisconnecting}, C{_writeDisconnected}).  Checked on
-    Twisted L{CHECKED}.
+    Twisted L{CHECKED_ON}.
     """
     return not (
         transport.dataBuffer
@@ -95,7 +97,7 @@ def write_idle(transport: Any) -> bool:
 def udp_connected(port: Any) -> bool:
     """
     Whether a C{udp.Port} was C{connect}ed to one address
-    (C{_connectedAddr}).  Checked on Twisted L{CHECKED}.
+    (C{_connectedAddr}).  Checked on Twisted L{CHECKED_ON}.
     """
     return port._connectedAddr is not None
 
@@ -115,7 +117,7 @@ class EpollParts(NamedTuple):
 def epoll_parts(reactor: Any) -> EpollParts:
     """
     The internals of an C{EPollReactor} its C{doPoll} uses.  Checked on
-    Twisted L{CHECKED}.
+    Twisted L{CHECKED_ON}.
     """
     return EpollParts(reactor._poller, reactor._selectables, reactor._doReadOrWrite)
 
@@ -125,7 +127,7 @@ def systemd_record() -> ListenFDs:
     The sockets systemd passed this process, as Twisted read them (taking
     C{LISTEN_PID} and C{LISTEN_FDS} out of the environment) when
     C{twisted.internet.endpoints} was imported: C{_SystemdParser._sddaemon},
-    checked on Twisted L{CHECKED}.  Without it, the same record is rebuilt
+    checked on Twisted L{CHECKED_ON}.  Without it, the same record is rebuilt
     through Twisted's public C{systemd:} endpoint parser.
     """
     if fast_paths().systemd_record:
@@ -155,12 +157,14 @@ def _systemd_record_from_parser() -> ListenFDs:
 
 # --- the check ---------------------------------------------------------------
 
-_checked: FastPaths | None = None
+#: L{self_check}'s last answer; None before the first check (hot paths read
+#: it as C{checked or fast_paths()}, saving a call)
+checked: FastPaths | None = None
 
 
 def fast_paths() -> FastPaths:
     """The fast paths in use: L{self_check}'s answer, checked once."""
-    return _checked if _checked is not None else self_check()
+    return checked if checked is not None else self_check()
 
 
 def self_check() -> FastPaths:
@@ -168,10 +172,10 @@ def self_check() -> FastPaths:
     Exercise each group of internals; switch off the fast path of any that
     is missing or behaves differently, and say so in one log line.
     """
-    global _checked
+    global checked
     problems: list[str] = []
 
-    def passes(name: str, check: Any) -> bool:
+    def passes(name: str, check: Callable[[], str | None]) -> bool:
         try:
             problem: str | None = check()
         except Exception as e:
@@ -184,7 +188,7 @@ def self_check() -> FastPaths:
     udp_send = passes("UDP connected address", _check_udp)
     epoll_dispatch = _epoll_available() and passes("epoll dispatch", _check_epoll)
     systemd = passes("systemd record", _check_systemd)
-    _checked = FastPaths(tcp_write, udp_send, epoll_dispatch, systemd, tuple(problems))
+    checked = FastPaths(tcp_write, udp_send, epoll_dispatch, systemd, tuple(problems))
     if problems:
         from twisted import __version__
 
@@ -203,11 +207,11 @@ def self_check() -> FastPaths:
             "checked on ({checked}): {problems}; using Twisted's stock path "
             "instead of: {off}",
             version=__version__,
-            checked=CHECKED,
+            checked=CHECKED_ON,
             problems="; ".join(problems),
             off=", ".join(off),
         )
-    return _checked
+    return checked
 
 
 def _check_tcp() -> str | None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from twisted.internet import tcp, udp
 
+from sockd.core import _twisted
 from sockd.core._twisted import fast_paths, udp_connected, write_idle
 
 __all__ = ["can_write_eagerly", "eager_write", "send_datagram"]
@@ -42,7 +43,7 @@ def can_write_eagerly(transport: Any) -> bool:
     """
     return (
         type(transport) in _PLAIN_TCP
-        and fast_paths().tcp_write
+        and (_twisted.checked or fast_paths()).tcp_write
         and write_idle(transport)
         and transport.connected
         and not transport.disconnecting
@@ -83,7 +84,7 @@ def send_datagram(transport: Any, data: bytes, addr: Any) -> None:
     """
     if (
         type(transport) is udp.Port
-        and fast_paths().udp_send
+        and (_twisted.checked or fast_paths()).udp_send
         and not udp_connected(transport)
     ):
         try:

@@ -188,8 +188,8 @@ class RealSocketTests(ReactorTest):
         server, client = await self.connect()
         transport: Any = server.transport
         checked = _twisted.fast_paths()
-        _twisted._checked = dataclasses.replace(checked, tcp_write=False)
-        self.addCleanup(setattr, _twisted, "_checked", checked)
+        _twisted.checked = dataclasses.replace(checked, tcp_write=False)
+        self.addCleanup(setattr, _twisted, "checked", checked)
         self.assertFalse(can_write_eagerly(transport))
         eager_write(transport, b"hello\n")
         self.assertEqual(self.queued(transport), 6)

@@ -41,7 +41,7 @@ class CheckTests(SynchronousTestCase):
     """With the Twisted installed, every fast path is on, quietly."""
 
     def setUp(self) -> None:
-        self.patch(_twisted, "_checked", None)
+        self.patch(_twisted, "checked", None)
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     def test_all_fast_paths_on(self) -> None:
@@ -122,7 +122,7 @@ class ChangedTwistedTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.patch(_twisted, "_checked", None)
+        self.patch(_twisted, "checked", None)
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     def warning(self) -> str:
@@ -208,4 +208,4 @@ class ChangedTwistedTests(SynchronousTestCase):
             fast_paths()
         text = self.warning()  # exactly one event
         self.assertIn("eager TCP writes and sendfile, lean epoll dispatch", text)
-        self.assertIn(f"checked on ({_twisted.CHECKED})", text)
+        self.assertIn(f"checked on ({_twisted.CHECKED_ON})", text)
