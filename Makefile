@@ -5,7 +5,12 @@ BIN     = $(VENV)/bin
 CONFIG ?= etc/sockd.ini
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck unit bench soak dist clean
+# The suite again against the oldest Twisted setup.cfg allows, in a venv of
+# its own: the lower bound is a tested promise.
+OLDEST   ?= .venv-oldest
+TWISTED_OLDEST := $(shell sed -n 's/^ *Twisted\[tls\]>=\([0-9.]*\).*/\1/p' setup.cfg)
+
+.PHONY: run test lint typecheck unit test-oldest bench soak dist clean
 
 # The venv, with sockd installed in "compat" editable mode: twistd finds the
 # plugin through a path entry (the default editable mode hides it).
@@ -35,6 +40,18 @@ unit: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck unit
+
+$(OLDEST)/.installed: setup.cfg pyproject.toml
+	@test -n "$(TWISTED_OLDEST)" || { echo "setup.cfg names no lower bound for Twisted[tls]" >&2; exit 1; }
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST)/bin/python -m pip install --quiet --config-settings editable_mode=compat \
+	  -e '.[test]' 'Twisted[tls]==$(TWISTED_OLDEST)'
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python -c 'import twisted; print("Twisted", twisted.__version__)'
+	$(OLDEST)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # uvloop, py-spy, matplotlib: the benchmark skips the uvloop references and
 # the charts without them.
@@ -67,5 +84,5 @@ dist: $(VENV)/.installed-build
 	$(BIN)/python -m build --no-isolation --outdir dist .
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info _trial_temp* .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) build dist *.egg-info _trial_temp* .mypy_cache .ruff_cache
 	find . -name dropin.cache -delete -o -name __pycache__ -prune -exec rm -rf {} +

@@ -414,9 +414,9 @@ class _Keyboard(LineReceiver):
     def readConnectionLost(self) -> None:
         # End of input (the screen stays open); an unterminated last line
         # counts too.
-        if self._buffer:  # type: ignore[has-type]
-            self.lineReceived(self._buffer)  # type: ignore[has-type]
-            self._buffer = b""
+        rest = self.clearLineBuffer()
+        if rest:
+            self.lineReceived(rest)
         self.client.input_ended()
 
     def writeConnectionLost(self) -> None:

@@ -320,9 +320,7 @@ def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
     """Twisted server endpoint descriptions (C{tcp:9000:interface=...})."""
     # Imported when an endpoint is checked: twisted.internet.endpoints takes
     # a while to import, and a reader of the file may need none.
-    from twisted.internet.endpoints import serverFromString
-
-    from sockd.core.endpoints import check_stream
+    from sockd.core.endpoints import check_stream, stream_endpoint
 
     result = []
     for word in _endpoint_words(value):
@@ -352,7 +350,7 @@ def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
             check_stream(word)
             # Twisted's own parser checks the syntax and, for ssl:, loads the
             # key and certificate now rather than at bind.
-            serverFromString(_NotListening(), word)
+            stream_endpoint(_NotListening(), word)
         except Exception as e:
             raise ValueError(f"{word!r} is not a valid endpoint: {e}") from None
         result.append(f"{_PROXY_PREFIX}:{word}" if proxied else word)

@@ -19,7 +19,9 @@ under it, so the fast paths keep working there.
 
 Anything it does not recognise exactly (TLS, UNIX sockets, test transports,
 other reactors' transports) simply gets C{transport.write}, and so does a
-connection with a pull producer or a paused one.
+connection with a pull producer or a paused one.  So does everything when
+the Twisted in use fails L{sockd.core._twisted}'s check of the transport
+internals read here.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any
 
 from twisted.internet import tcp, udp
 
+from sockd.core import _twisted
+from sockd.core._twisted import fast_paths, udp_connected, write_idle
 from sockd.core.proxy import ProxyHeaderProtocol
 
 __all__ = ["can_write_eagerly", "eager_write", "send_datagram", "unwrap"]
@@ -54,12 +58,10 @@ def can_write_eagerly(transport: Any) -> bool:
     """
     return (
         type(transport) in _PLAIN_TCP
-        and not transport.dataBuffer
-        and not transport._tempDataLen
+        and (_twisted.checked or fast_paths()).tcp_write
+        and write_idle(transport)
         and transport.connected
         and not transport.disconnecting
-        and not transport._writeDisconnecting
-        and not transport._writeDisconnected
         and not transport.TLS
         # A pull producer is asked for more only when a queued write drains,
         # and a paused push producer is resumed the same way: leave both to
@@ -97,7 +99,11 @@ def send_datagram(transport: Any, data: bytes, addr: Any) -> None:
     from.  Errors are those of C{transport.write(data, addr)}: any failure
     is retried through it, so it raises exactly what Twisted would.
     """
-    if type(transport) is udp.Port and transport._connectedAddr is None:
+    if (
+        type(transport) is udp.Port
+        and (_twisted.checked or fast_paths()).udp_send
+        and not udp_connected(transport)
+    ):
         try:
             transport.socket.sendto(data, addr)
             return

@@ -9,8 +9,10 @@ accept::
 
 Listening returns Twisted's own C{IListeningPort}.
 
-L{check_stream} checks, for Twisted's stream endpoint strings, what its
-parser lets through to bind time.
+L{stream_endpoint} parses Twisted's stream endpoint strings: C{systemd:}
+itself, with the record of inherited sockets passed explicitly (see
+L{inherited_sockets}), the others through Twisted's parser.  L{check_stream}
+checks what that parser lets through to bind time.
 """
 
 from __future__ import annotations
@@ -23,19 +25,33 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import _SystemdParser
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    SSL4ServerEndpoint,
+    serverFromString,
+)
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.python.systemd import ListenFDs
 
+from sockd.core._twisted import systemd_record
 from sockd.core.filekind import file_kind
 
 __all__ = [
     "DatagramEndpoint",
+    "StreamEndpoint",
     "bind_reusing_port",
     "check_stream",
     "check_systemd_index",
     "inherited_fds",
+    "inherited_sockets",
     "parse_datagram",
+    "stream_endpoint",
+    "use_inherited_sockets",
 ]
 
 #: systemd passes sockets from this descriptor on (sd_listen_fds(3))
@@ -146,20 +162,141 @@ def bind_reusing_port(
         sock.close()
 
 
-def inherited_fds() -> list[int]:
-    """Descriptors systemd passed to this process (LISTEN_PID/LISTEN_FDS)."""
+#: the record L{use_inherited_sockets} set, if any
+_sockets: ListenFDs | None = None
+
+
+def use_inherited_sockets(record: ListenFDs | None) -> None:
+    """
+    Look C{systemd:} endpoints up in C{record} from now on (a worker gets
+    its main process's), or again in what systemd passed this process.
+    """
+    global _sockets
+    _sockets = record
+
+
+def inherited_sockets() -> ListenFDs:
+    """
+    The sockets C{systemd:} endpoints name: those L{use_inherited_sockets}
+    set, or those systemd passed to this process (LISTEN_PID, LISTEN_FDS,
+    LISTEN_FDNAMES).
+    """
+    if _sockets is not None:
+        return _sockets
     # Importing twisted.internet.endpoints reads these variables for its own
     # systemd: endpoint and deletes them; its record is then the only one.
-    recorded: list[int] = _SystemdParser._sddaemon.inheritedDescriptors()
-    if recorded:
+    recorded = systemd_record()
+    if recorded.inheritedDescriptors():
         return recorded
     try:
         if int(os.environ.get("LISTEN_PID", "")) != os.getpid():
-            return []
+            return ListenFDs([])
         count = int(os.environ.get("LISTEN_FDS", "0"))
     except ValueError:
-        return []
-    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
+        return ListenFDs([])
+    return ListenFDs(list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)))
+
+
+def inherited_fds() -> list[int]:
+    """Descriptors systemd passed to this process, in order."""
+    return inherited_sockets().inheritedDescriptors()
+
+
+@dataclass(frozen=True)
+class StreamEndpoint:
+    """A parsed stream endpoint description."""
+
+    endpoint: IStreamServerEndpoint
+    #: what an ssl: endpoint serves TLS with; a socket adopted for it (see
+    #: L{sockd.core.workers}) needs the same
+    tls: IOpenSSLServerConnectionCreator | None = None
+
+
+def stream_endpoint(reactor: Any, description: str) -> StreamEndpoint:
+    """
+    Parse a Twisted stream endpoint description; C{systemd:} ones are looked
+    up in L{inherited_sockets}.  Errors are Twisted's parser's, or
+    ValueError saying what is wrong.
+    """
+    kind = description.split(":", 1)[0]
+    if kind.lower() == "systemd":  # Twisted finds plugins whatever the case
+        args, kwargs = _split(description)
+        return StreamEndpoint(_systemd_endpoint(reactor, args[1:], kwargs))
+    if kind != "ssl":
+        return StreamEndpoint(serverFromString(reactor, description))
+    # An ssl: endpoint hands its settings to IReactorSSL.listenSSL: parse it
+    # once against a reactor that records them.
+    recorder = _SSLRecorder()
+    serverFromString(recorder, description).listen(Factory())
+    ((port, _, context, backlog, interface),) = recorder.servers
+    endpoint = SSL4ServerEndpoint(reactor, port, context, backlog, interface)
+    return StreamEndpoint(endpoint, context)
+
+
+class _SSLRecorder:
+    """Takes the TLS listener an ssl: endpoint asks for, and records it."""
+
+    def __init__(self) -> None:
+        self.servers: list[tuple[int, Any, Any, int, str]] = []
+
+    def listenSSL(
+        self,
+        port: int,
+        factory: Any,
+        contextFactory: Any,
+        backlog: int = 50,
+        interface: str = "",
+    ) -> None:
+        self.servers.append((port, factory, contextFactory, backlog, interface))
+
+
+#: address families a systemd: stream endpoint may name
+_SYSTEMD_DOMAINS = {
+    "INET": socket.AF_INET,
+    "INET6": socket.AF_INET6,
+    "UNIX": socket.AF_UNIX,
+}
+
+
+def _systemd_endpoint(
+    reactor: Any, given: list[str], kwargs: dict[str, str]
+) -> AdoptedStreamServerEndpoint:
+    names = _STREAM_PARAMETERS["systemd"]
+    if len(given) > len(names) or set(names[: len(given)]) & set(kwargs):
+        raise ValueError("expected systemd:domain=INET:index=N or :name=NAME")
+    values = {**dict(zip(names, given, strict=False)), **kwargs}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}")
+    domain = values.get("domain", "").upper()
+    if domain not in _SYSTEMD_DOMAINS:
+        raise ValueError(
+            f"domain {values.get('domain', '')!r} is not one of "
+            f"{', '.join(_SYSTEMD_DOMAINS)}"
+        )
+    if ("index" in values) == ("name" in values):
+        raise ValueError("give exactly one of index= and name=")
+    record = inherited_sockets()
+    if "index" in values:
+        index = values["index"]
+        fds = record.inheritedDescriptors()
+        if not (index.isascii() and index.isdigit()):
+            raise ValueError(f"index {index!r} is not a number")
+        if int(index) >= len(fds):
+            raise ValueError(
+                f"systemd passed {len(fds)} socket(s); there is no index {index} "
+                "(start the daemon through its .socket unit)"
+            )
+        fd = fds[int(index)]
+    else:
+        named = record.inheritedNamedDescriptors()
+        if values["name"] not in named:
+            raise ValueError(
+                f"systemd passed no socket named {values['name']!r} "
+                f"(names: {', '.join(named) or 'none'})"
+            )
+        fd = named[values["name"]]
+    return AdoptedStreamServerEndpoint(reactor, fd, _SYSTEMD_DOMAINS[domain])
 
 
 def check_systemd_index(
@@ -299,11 +436,8 @@ def check_stream(description: str) -> None:
     if kind == "unix":
         _check_unix_path(values.get("address", ""))
     if kind == "systemd" and values.get("index", "").isdigit():
-        # Counted in the record Twisted's parser looks the index up in.
-        check_systemd_index(
-            int(values["index"]),
-            passed=_SystemdParser._sddaemon.inheritedDescriptors(),
-        )
+        # Counted in the record stream_endpoint looks the index up in.
+        check_systemd_index(int(values["index"]))
     if kind == "ssl":
         for key in _SSL_FILES:
             if key in values or key == "privateKey":

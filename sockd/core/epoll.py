@@ -11,38 +11,52 @@ many lines without it in request/response and 1.35x pipelined (alternating
 runs of the same daemon).
 
 L{lean_dispatch} gives the reactor a C{doIteration} that waits on the same
-epoll object and calls the reactor's own C{_doReadOrWrite} directly.  The
+epoll object and hands each event to the reactor's own handler directly
+(reached through L{sockd.core._twisted}, which checks those internals at
+start-up; if they differ, the reactor keeps Twisted's C{doIteration}).  The
 only loss is that prefix on legacy log lines written while an event is
 handled; sockd's own log events carry their fields.  As before, a handler
 that raises is logged and every other ready descriptor is still served.
+
+This patches the one reactor instance rather than installing an
+C{EPollReactor} subclass: which reactor runs is twistd's choice (its default,
+or C{--reactor}), so a subclass would serve only the deployments that name
+it on every command line (each unit file, the workers' launcher), and one
+that forgot would lose the speed above without a word.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from twisted.logger import Logger
+
+from sockd.core._twisted import epoll_parts, fast_paths
 
 __all__ = ["lean_dispatch"]
 
 log = Logger(namespace="sockd")
 
+#: reactors already switched
+_switched: weakref.WeakSet[Any] = weakref.WeakSet()
+
 
 def lean_dispatch(reactor: Any) -> bool:
     """
     Switch C{reactor} to the direct dispatch if it is Twisted's epoll
-    reactor exactly (a subclass may dispatch its own way); True if it was.
+    reactor exactly (a subclass may dispatch its own way) and its internals
+    pass the start-up check; True if it was switched now.
     """
-    try:
-        from twisted.internet.epollreactor import EPollReactor
-    except ImportError:  # not Linux
+    # Every daemon starts here: the one check of Twisted's internals.  (It
+    # also finds whether there is an epoll reactor: Linux only.)
+    if not fast_paths().epoll_dispatch:
         return False
-    if type(reactor) is not EPollReactor or getattr(reactor, "_sockd_lean", False):
+    from twisted.internet.epollreactor import EPollReactor
+
+    if type(reactor) is not EPollReactor or reactor in _switched:
         return False
-    target: Any = reactor  # the attributes used here are Twisted's own
-    poller = target._poller
-    selectables: dict[int, Any] = target._selectables
-    handle = target._doReadOrWrite
+    poller, selectables, handle = epoll_parts(reactor)
 
     def doIteration(timeout: float | None) -> None:
         try:
@@ -65,6 +79,7 @@ def lean_dispatch(reactor: Any) -> bool:
                     selectable=selectable,
                 )
 
+    target: Any = reactor
     target.doIteration = doIteration
-    target._sockd_lean = True
+    _switched.add(reactor)
     return True

@@ -21,7 +21,6 @@ from typing import Any, cast
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IFileDescriptor,
     IListeningPort,
@@ -39,7 +38,7 @@ from zope.interface import implementer
 import sockd.core.config as _config
 import sockd.core.workers as workers
 from sockd.core.config import Config, ConfigError
-from sockd.core.endpoints import bind_reusing_port, parse_datagram
+from sockd.core.endpoints import bind_reusing_port, parse_datagram, stream_endpoint
 from sockd.core.epoll import lean_dispatch
 from sockd.core.interfaces import (
     Builder,
@@ -231,7 +230,8 @@ def stream_listener(
     # haproxy: is read by our own wrapper (sockd.core.proxy), not Twisted's.
     proxied = _config.is_proxied(description)
     inner = description.split(":", 1)[1] if proxied else description
-    endpoint = serverFromString(reactor, with_backlog(inner, backlog))
+    parsed = stream_endpoint(reactor, with_backlog(inner, backlog))
+    endpoint = parsed.endpoint
     wrapped: IProtocolFactory = factory
     if proxied:
         assert isinstance(factory, GuardedFactory)
@@ -239,13 +239,11 @@ def stream_listener(
 
     def adopt(fd: int, family: socket.AddressFamily) -> IListeningPort:
         served: IProtocolFactory = wrapped
-        # An ssl: endpoint wraps the factory as it listens; Twisted offers no
-        # public way to reach its TLS settings but this attribute.
-        context = getattr(endpoint, "_sslContextFactory", None)
-        if context is not None:
+        # An ssl: endpoint wraps the factory as it listens; so must we.
+        if parsed.tls is not None:
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
-            served = TLSMemoryBIOFactory(context, False, factory)
+            served = TLSMemoryBIOFactory(parsed.tls, False, factory)
         # Annotated as taking a ServerFactory; any protocol factory serves.
         port: IListeningPort = reactor.adoptStreamPort(fd, family, served)  # type: ignore[arg-type]
         return port

@@ -420,13 +420,13 @@ class Workers(Service):
 
 def _systemd_record() -> dict[str, Any] | None:
     """How many sockets systemd passed this process, and their names."""
-    from twisted.internet.endpoints import _SystemdParser
+    from sockd.core.endpoints import inherited_sockets
 
-    record = _SystemdParser._sddaemon
+    record = inherited_sockets()
     count = len(record.inheritedDescriptors())
     if not count:
         return None
-    return {"count": count, "names": list(getattr(record, "_names", ()))}
+    return {"count": count, "names": list(record.inheritedNamedDescriptors())}
 
 
 def _describe_exit(reason: Failure) -> str:
@@ -502,12 +502,13 @@ def pretend_systemd(spec: Mapping[str, Any]) -> None:
     """
     systemd = spec.get("systemd")
     if systemd:
-        from twisted.internet.endpoints import _SystemdParser
         from twisted.python.systemd import ListenFDs
+
+        from sockd.core.endpoints import use_inherited_sockets
 
         # systemd: descriptions must parse here as in the main process; the
         # sockets themselves come from spec["listeners"], so these numbers
         # are placeholders that no one may use.
-        _SystemdParser._sddaemon = ListenFDs(
-            [-1] * int(systemd["count"]), tuple(systemd["names"])
+        use_inherited_sockets(
+            ListenFDs([-1] * int(systemd["count"]), tuple(systemd["names"]))
         )

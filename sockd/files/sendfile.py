@@ -18,8 +18,9 @@ themselves from the transport before their L{Deferred} fires, so the caller
 may close the connection or send the next response at once.
 
 Twisted has no sendfile support; this relies on three attributes of
-C{twisted.internet.abstract.FileDescriptor} (C{dataBuffer}, C{offset},
-C{_tempDataLen}) to see that the transport's buffer is empty.
+C{twisted.internet.abstract.FileDescriptor} (through
+L{sockd.core._twisted.queued_bytes}) to see that the transport's buffer is
+empty.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from twisted.internet.interfaces import (
 )
 from zope.interface import implementer
 
+from sockd.core._twisted import fast_paths, queued_bytes
 from sockd.core.limits import TokenBucket
 
 __all__ = [
@@ -176,7 +178,7 @@ def can_sendfile(transport: Any) -> bool:
         and isinstance(transport, Connection)
         and not ISSLTransport.providedBy(transport)
         and not getattr(transport, "TLS", False)
-        and all(hasattr(transport, a) for a in ("dataBuffer", "offset", "_tempDataLen"))
+        and fast_paths().tcp_write
     )
 
 
@@ -293,7 +295,7 @@ class SendfileProducer(_Producer):
         if transport.disconnected or transport.disconnecting:
             self._finish("connection closing")
             return
-        if len(transport.dataBuffer) - transport.offset or transport._tempDataLen:
+        if queued_bytes(transport):
             # The header (or an earlier answer) is still queued: the
             # transport calls us again once its buffer drains.
             transport.startWriting()

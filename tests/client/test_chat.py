@@ -430,3 +430,29 @@ class CommandLineTests(SynchronousTestCase):
 
     def test_bad_address_is_usage_error(self) -> None:
         self.assertEqual(main.main(["chat", "localhost:99999"]), 2)
+
+
+class KeyboardTests(SynchronousTestCase):
+    def test_unterminated_last_line_is_sent_once(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        from sockd.client.chat import _Keyboard
+
+        typed: list[str] = []
+        ended: list[bool] = []
+
+        class Client:
+            def typed(self, line: str) -> None:
+                typed.append(line)
+
+            def input_ended(self) -> None:
+                ended.append(True)
+
+        keyboard = _Keyboard(Client())  # type: ignore[arg-type]
+        keyboard.makeConnection(StringTransport())
+        keyboard.dataReceived(b"one\ntw")
+        keyboard.dataReceived(b"o")
+        keyboard.readConnectionLost()
+        self.assertEqual((typed, ended), (["one", "two"], [True]))
+        keyboard.readConnectionLost()
+        self.assertEqual((typed, ended), (["one", "two"], [True, True]))

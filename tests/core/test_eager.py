@@ -5,6 +5,7 @@ loopback TCP connections under the real reactor for the socket path.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import struct
 from typing import Any
@@ -25,6 +26,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from sockd.core import _twisted
+from sockd.core._twisted import queued_bytes
 from sockd.core.eager import can_write_eagerly, eager_write, send_datagram
 from tests.helpers import ReactorTest, reactor_test
 
@@ -167,7 +170,7 @@ class RealSocketTests(ReactorTest):
 
     @staticmethod
     def queued(transport: Any) -> int:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        return queued_bytes(transport)
 
     @reactor_test()
     async def test_sent_at_once(self) -> None:
@@ -177,6 +180,19 @@ class RealSocketTests(ReactorTest):
         self.assertTrue(can_write_eagerly(transport))
         eager_write(transport, b"hello\n")
         self.assertEqual(self.queued(transport), 0)
+        self.assertEqual(await client.receive(6), b"hello\n")
+
+    @reactor_test()
+    async def test_stock_write_when_twisted_changed(self) -> None:
+        """Without the transport internals checked, every write is queued."""
+        server, client = await self.connect()
+        transport: Any = server.transport
+        checked = _twisted.fast_paths()
+        _twisted.checked = dataclasses.replace(checked, tcp_write=False)
+        self.addCleanup(setattr, _twisted, "checked", checked)
+        self.assertFalse(can_write_eagerly(transport))
+        eager_write(transport, b"hello\n")
+        self.assertEqual(self.queued(transport), 6)
         self.assertEqual(await client.receive(6), b"hello\n")
 
     @reactor_test()

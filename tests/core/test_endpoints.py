@@ -1,4 +1,4 @@
-"""Tests of sockd.core.endpoints: datagram endpoint strings and adoption."""
+"""Tests of sockd.core.endpoints: endpoint strings and adoption."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ import os
 import socket
 
 import pytest
-from twisted.internet.endpoints import _SystemdParser
-from twisted.internet.protocol import DatagramProtocol
+from twisted.internet import endpoints
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    SSL4ServerEndpoint,
+    TCP4ServerEndpoint,
+    _SystemdParser,
+)
+from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.internet.testing import MemoryReactor
 from twisted.python.systemd import ListenFDs
 from twisted.trial.unittest import SynchronousTestCase
@@ -16,7 +22,10 @@ from sockd.core.endpoints import (
     check_stream,
     check_systemd_index,
     inherited_fds,
+    inherited_sockets,
     parse_datagram,
+    stream_endpoint,
+    use_inherited_sockets,
 )
 from tests.helpers import Daemon, free_port_pair, socket_activation, tempdir
 
@@ -243,3 +252,91 @@ def test_real_activation_without_names_says_so() -> None:
         assert daemon.process.wait(20) == 1
     finally:
         daemon.stop()
+
+
+class StreamEndpointTests(SynchronousTestCase):
+    def inherit(self, record: ListenFDs | None) -> None:
+        use_inherited_sockets(record)
+        self.addCleanup(use_inherited_sockets, None)
+
+    def test_systemd_by_index_and_name(self) -> None:
+        self.inherit(ListenFDs([3, 4, 5], ("web", "web", "admin")))
+        reactor = MemoryReactor()
+        for description, fd, family in [
+            ("systemd:domain=INET:index=0", 3, socket.AF_INET),
+            ("systemd:INET6:2", 5, socket.AF_INET6),
+            ("SYSTEMD:domain=unix:name=admin", 5, socket.AF_UNIX),
+        ]:
+            parsed = stream_endpoint(reactor, description)
+            endpoint = parsed.endpoint
+            assert isinstance(endpoint, AdoptedStreamServerEndpoint), description
+            self.assertEqual((endpoint.fileno, endpoint.addressFamily), (fd, family))
+            self.assertIs(endpoint.reactor, reactor)
+            self.assertIsNone(parsed.tls)
+
+    def test_systemd_refused(self) -> None:
+        self.inherit(ListenFDs([3], ("web",)))
+        for bad, fragment in [
+            ("systemd:domain=INET:index=1", "systemd passed 1 socket(s); there is no"),
+            ("systemd:domain=INET:index=-1", "index '-1' is not a number"),
+            ("systemd:domain=INET:name=admin", "no socket named 'admin' (names: web)"),
+            ("systemd:domain=INET", "exactly one of index= and name="),
+            ("systemd:domain=INET:index=0:name=web", "exactly one of"),
+            ("systemd:domain=IPX:index=0", "domain 'IPX' is not one of INET,"),
+            ("systemd:index=0", "domain '' is not one of"),
+            ("systemd:domain=INET:index=0:port=80", "unknown option(s) port"),
+            ("systemd:INET:0:web:x", "expected systemd:domain=INET:index=N"),
+        ]:
+            with self.assertRaises(ValueError, msg=bad) as caught:
+                stream_endpoint(MemoryReactor(), bad)
+            self.assertIn(fragment, str(caught.exception), bad)
+
+    def test_worker_placeholders_stand_for_the_main_process_sockets(self) -> None:
+        # What a worker is given: the count and names, not the descriptors.
+        self.inherit(ListenFDs([-1, -1], ("web", "admin")))
+        self.assertEqual(inherited_fds(), [-1, -1])
+        endpoint = stream_endpoint(MemoryReactor(), "systemd:INET:name=admin").endpoint
+        assert isinstance(endpoint, AdoptedStreamServerEndpoint)
+        self.assertEqual(endpoint.fileno, -1)
+        check_stream("systemd:domain=INET:index=1")
+
+    def test_twisteds_record_by_default(self) -> None:
+        record = ListenFDs([3, 4], ("a", "b"))
+        self.patch(endpoints._SystemdParser, "_sddaemon", record)
+        self.assertIs(inherited_sockets(), record)
+        self.assertEqual(inherited_fds(), [3, 4])
+        endpoint = stream_endpoint(MemoryReactor(), "systemd:INET:name=b").endpoint
+        assert isinstance(endpoint, AdoptedStreamServerEndpoint)
+        self.assertEqual(endpoint.fileno, 4)
+
+    def test_tcp_is_twisteds(self) -> None:
+        parsed = stream_endpoint(MemoryReactor(), "tcp:0:interface=127.0.0.1")
+        self.assertIsInstance(parsed.endpoint, TCP4ServerEndpoint)
+        self.assertIsNone(parsed.tls)
+
+    def test_ssl_keeps_its_tls_settings(self) -> None:
+        from sockd.client import cert as certificates
+
+        directory = tempdir(self)
+        pem, private = certificates.make_certificate("localhost")
+        (directory / "cert.pem").write_bytes(pem)
+        (directory / "key.pem").write_bytes(private)
+        reactor = MemoryReactor()
+        parsed = stream_endpoint(
+            reactor,
+            f"ssl:9443:privateKey={directory}/key.pem:certKey={directory}/cert.pem"
+            ":interface=127.0.0.1:backlog=7",
+        )
+        self.assertIsInstance(parsed.endpoint, SSL4ServerEndpoint)
+        self.assertIsNotNone(parsed.tls)
+        factory = Factory()
+        parsed.endpoint.listen(factory)
+        # It listens as Twisted's own would, with those very settings.
+        self.assertEqual(
+            reactor.sslServers, [(9443, factory, parsed.tls, 7, "127.0.0.1")]
+        )
+
+    def test_ssl_errors_are_twisteds(self) -> None:
+        directory = tempdir(self)
+        with self.assertRaises(FileNotFoundError):
+            stream_endpoint(MemoryReactor(), f"ssl:1:privateKey={directory}/none")

@@ -10,6 +10,7 @@ from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from sockd.core._twisted import epoll_parts
 from sockd.core.epoll import lean_dispatch
 
 epollreactor = pytest.importorskip("twisted.internet.epollreactor")
@@ -43,7 +44,7 @@ class Reader:
 class LeanDispatchTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = epollreactor.EPollReactor()
-        self.addCleanup(self.reactor._poller.close)
+        self.addCleanup(epoll_parts(self.reactor).poller.close)
         self.seen: list[str] = []
 
     def reader(self, name: str) -> Reader:

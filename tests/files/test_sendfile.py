@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 import sockd.files.sendfile as sendfile
+from sockd.core._twisted import queued_bytes
 from sockd.core.limits import TokenBucket
 from sockd.files.sendfile import (
     ChunkProducer,
@@ -340,8 +341,7 @@ async def test_slow_reader_memory_flat(tmp_path: Path) -> None:
 
     def check_and_resume(c: Client) -> None:
         transport: Any = server.transport
-        queued = len(transport.dataBuffer) - transport.offset
-        checked.append(queued + transport._tempDataLen)
+        checked.append(queued_bytes(transport))
         checked.append(server.sent)
         c.transport.resumeProducing()  # type: ignore[union-attr]
 
