@@ -274,14 +274,14 @@ class NicknameTests(Cluster):
     def test_nicknames_are_unique_across_the_cluster_ignoring_case(self) -> None:
         self.b.join(B2, "bea")
         self.b.say(B2, "/nick ANN")
-        self.assertEqual(self.b.take(B2), ["*** error: ANN is taken\n"])
+        self.assertEqual(self.b.take(B2), ["*** error: ANN is taken\n*** @taken=ANN\n"])
         self.assertEqual(self.b.state.members[B2].nick, "bea")
 
     def test_a_claim_in_redis_alone_is_enough_to_refuse(self) -> None:
         # Claimed by a node this one has not heard of yet.
         self.redis.set("nick:zed", "c\tzed", TTL)
         self.a.say(A1, "/nick zed")
-        self.assertEqual(self.a.take(A1), ["*** error: zed is taken\n"])
+        self.assertEqual(self.a.take(A1), ["*** error: zed is taken\n*** @taken=zed\n"])
 
     def test_a_name_given_up_can_be_taken_elsewhere(self) -> None:
         self.a.say(A1, "/nick anna")
@@ -542,7 +542,7 @@ class FailoverTests(Cluster):
         self.assertEqual(replica.get("nick:amy"), "a\tamy")
         self.assertEqual(replica.get("nick:ann"), "a\tann")
         self.b.say(B1, "/nick AMY")
-        self.assertEqual(self.b.take(B1), ["*** error: AMY is taken\n"])
+        self.assertEqual(self.b.take(B1), ["*** error: AMY is taken\n*** @taken=AMY\n"])
         self.a.say(A1, "still here")
         self.assertEqual(self.b.take(B1), ["<ann> still here\n"])
         self.b.say(B1, "/who")
