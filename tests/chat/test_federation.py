@@ -277,6 +277,28 @@ class NicknameTests(Cluster):
         self.assertEqual(self.b.take(B2), ["*** error: ANN is taken\n*** @taken=ANN\n"])
         self.assertEqual(self.b.state.members[B2].nick, "bea")
 
+    def test_a_silent_holder_here_gives_its_name_back_cluster_wide(self) -> None:
+        self.tick(6)  # ann is silent past nick_reclaim (5 s)
+        self.a.say(A2, "/hello")  # ann's host, a new port
+        self.a.say(A2, "/nick ann")
+        self.assertEqual(self.a.take(A2)[-1], "*** you are now ann\n*** @nick=ann\n")
+        old = self.a.state.members[A1]
+        self.assertTrue(old.nick.startswith("guest-"))
+        self.assertEqual(self.redis.get("nick:ann"), "a\tann")
+        self.tick(4)  # claims renewed; the other node sees one ann
+        self.assertEqual(self.a.federation.claims, {"ann": "a\tann"})
+        self.assertEqual(self.b.federation.view["a"]["ann"], ("ann", "lobby"))
+        self.assertEqual(self.b.federation.view["a"][old.key], (old.nick, "lobby"))
+
+    def test_a_silent_holder_elsewhere_keeps_its_name(self) -> None:
+        # Only the holder's node sees its silence: another node refuses.
+        self.tick(100)
+        self.b.say(B2, "/hello")
+        self.b.say(B2, "/nick ann")
+        self.assertEqual(
+            self.b.take(B2)[-1], "*** error: ann is taken\n*** @taken=ann\n"
+        )
+
     def test_a_claim_in_redis_alone_is_enough_to_refuse(self) -> None:
         # Claimed by a node this one has not heard of yet.
         self.redis.set("nick:zed", "c\tzed", TTL)
