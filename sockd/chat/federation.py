@@ -296,14 +296,16 @@ class Federation(Backend, Service):
             return True
         for members in self.view.values():
             if key in members:
-                state.claimed(member, nick, f"{nick} is taken")
+                # Held on another node: only that node sees its silence.
+                state.taken(member, nick)
                 return True
         # The owner of a claim is the node; the spelling is in its hash.
         value = f"{self.node}\t{key}"
 
         def answer(won: bool) -> None:
             if not won:
-                state.claimed(member, nick, f"{nick} is taken")
+                if state.members.get(member.addr) is member:
+                    state.taken(member, nick)
                 return
             self.claims[key] = value
             state.claimed(member, nick, None)

@@ -197,6 +197,7 @@ class Member:
     __slots__ = (
         "addr",
         "bucket",
+        "bumped",
         "key",
         "nick",
         "out",
@@ -221,6 +222,9 @@ class Member:
         self.bucket = bucket
         #: told it is too fast, and nothing passed since
         self.throttled = False
+        #: the nickname another member took while this one was silent,
+        #: until it is told
+        self.bumped: str | None = None
 
 
 class Room:
@@ -450,6 +454,8 @@ class ChatState:
             return
         member.seen = self.clock.seconds()
         member.out = out
+        if member.bumped is not None:
+            self._tell_bumped(member)
         text = text.rstrip("\n")
         if "\n" in text:
             for line in text.split("\n"):
@@ -506,7 +512,7 @@ class ChatState:
             if handler is None:
                 self._tell(
                     member,
-                    f"*** error: unknown command /{command[:32]}; "
+                    f"*** error: unknown command /{clip(command, 32)}; "
                     "/help lists the commands\n".encode(),
                 )
                 return
@@ -594,13 +600,26 @@ class ChatState:
         # Each ends in the machine line with the cookie; that line alone is
         # the shortest, so a tiny first datagram's credit still buys it.
         event = event_line("v", token)
-        prompts = [
-            f"*** welcome to sockd chat. To join #{room}, send: /v {token} "
-            "(then /nick NAME to pick a name, /help for commands)\n",
-            f"*** welcome to sockd chat; to join, send: /v {token}\n",
-            f"*** to join, send: /v {token}\n",
-            "",
-        ]
+        verb = command.lower()
+        if verb == "/v" and argument.strip():
+            prompts = [
+                f"*** that join code is wrong or expired; send: /v {token}\n",
+                f"*** wrong or expired code; send: /v {token}\n",
+            ]
+        elif verb == "/help":
+            prompts = [
+                f"*** you are not in the chat yet. To join #{room}, send: "
+                f"/v {token} (a code for your address, good for 2 to 4 "
+                "minutes); then /help lists the commands\n",
+                f"*** not joined yet; to join, send: /v {token}\n",
+            ]
+        else:
+            prompts = [
+                f"*** welcome to sockd chat. To join #{room}, send: /v {token} "
+                "(then /nick NAME to pick a name, /help for commands)\n",
+                f"*** welcome to sockd chat; to join, send: /v {token}\n",
+            ]
+        prompts += [f"*** to join, send: /v {token}\n", ""]
         self._to_stranger(out, addr, [(p + event).encode() for p in prompts])
 
     def _to_stranger(self, out: Sender, addr: Address, choices: list[bytes]) -> None:
@@ -872,39 +891,94 @@ class ChatState:
     def do_nick(self, member: Member, argument: str) -> None:
         problem = nick_problem(argument, self.settings.nick_max_length)
         if problem is not None:
-            self._tell(member, f"*** error: {clip(problem)}\n".encode())
+            self._tell(member, f"*** error: {problem}\n".encode())
             return
         key = argument.lower()
         holder = self.nicks.get(key)
         if holder is not None and holder is not member:
-            self._tell(member, f"*** error: {argument} is taken\n".encode())
-            return
+            wait = self._reclaim_wait(member, holder)
+            if wait > 0:
+                self.taken(member, argument, wait)
+                return
+            self._bump(holder)
+            holder = None
         if holder is None and self.backend.claim(member, argument):
             return  # the backend answers through claimed()
         self._rename(member, argument)
+
+    def _reclaim_wait(self, member: Member, holder: Member) -> float:
+        """
+        Seconds until C{member} may take C{holder}'s nickname, if the holder
+        stays silent: C{nick_reclaim} of silence from the holder's own client
+        address (L{peer_key}: a client restarted on a new port), else
+        C{nick_grace}; a member speaking keeps its name.
+        """
+        same_host = member.peer == holder.peer
+        grace = self.settings.nick_reclaim if same_host else self.settings.nick_grace
+        return grace - (self.clock.seconds() - holder.seen)
+
+    def _bump(self, holder: Member) -> None:
+        """Give a silent C{holder} a guest name; it is told when it speaks."""
+        self._guests += 1
+        holder.bumped = holder.nick
+        log.info(
+            "chat: {nick} went silent and its nickname was taken",
+            nick=holder.nick,
+        )
+        self._rename(holder, self.backend.guest_name(self._guests), tell=False)
+
+    def _tell_bumped(self, member: Member) -> None:
+        old, member.bumped = member.bumped, None
+        self._tell(
+            member,
+            f"*** while you were silent, another member took your nickname "
+            f"{old}; you are now {member.nick} (/nick NAME to pick another)\n"
+            f"{event_line('nick', member.nick)}".encode(),
+        )
+
+    def taken(self, member: Member, nick: str, wait: float | None = None) -> None:
+        """
+        Tell C{member} that C{nick} is someone else's; C{wait}: the seconds
+        until it is free if its holder (here) stays silent.
+        """
+        if wait is None:
+            self._tell(
+                member,
+                f"*** error: {nick} is taken\n{event_line('taken', nick)}".encode(),
+            )
+            return
+        seconds = str(math.ceil(wait))
+        self._tell(
+            member,
+            f"*** error: {nick} is taken; free if its holder stays silent "
+            f"{seconds}s more\n{event_line('taken', nick, retry=seconds)}".encode(),
+        )
 
     def claimed(self, member: Member, nick: str, problem: str | None) -> None:
         """The backend's answer to L{Backend.claim}: rename, or say why not."""
         if self.members.get(member.addr) is not member:
             return  # gone meanwhile; the backend releases the claim
-        if problem is None and self.nicks.get(nick.lower()) not in (None, member):
-            problem = f"{nick} is taken"
+        holder = self.nicks.get(nick.lower())
+        if problem is None and holder is not None and holder is not member:
+            self.taken(member, nick, max(0.0, self._reclaim_wait(member, holder)))
+            return
         if problem is not None:
             self._tell(member, f"*** error: {problem}\n".encode())
             return
         self._rename(member, nick)
 
-    def _rename(self, member: Member, argument: str) -> None:
+    def _rename(self, member: Member, argument: str, tell: bool = True) -> None:
         key = argument.lower()
         old = member.nick
         if self.nicks.get(member.key) is member:
             del self.nicks[member.key]
         member.nick, member.key = argument, key
         self.nicks[key] = member
-        self._tell(
-            member,
-            f"*** you are now {argument}\n{event_line('nick', argument)}".encode(),
-        )
+        if tell:
+            self._tell(
+                member,
+                f"*** you are now {argument}\n{event_line('nick', argument)}".encode(),
+            )
         if member.room is not None:
             self._fanout(
                 member.room,

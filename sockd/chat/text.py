@@ -143,8 +143,10 @@ def clean(text: str) -> str:
 def nick_problem(nick: str, limit: int) -> str | None:
     """Why C{nick} cannot be taken (at most C{limit} characters), or None."""
     if not nick or len(nick) > limit or not NICK.fullmatch(nick):
+        # Only the member's own words are clipped, never the rule.
+        said = f"{clip(nick, 32)} is no nickname: " if nick else "usage: /nick NAME; "
         return (
-            f"a nickname is 1 to {limit} letters, digits, '_' or '-', "
+            f"{said}a nickname is 1 to {limit} letters, digits, '_' or '-', "
             "starting with a letter"
         )
     lowered = nick.lower()
@@ -160,7 +162,10 @@ def room_name(text: str) -> str | None:
 
 
 def clip(text: str, limit: int = 64) -> str:
-    """C{text}, cut to C{limit} characters and marked so if longer."""
+    """
+    C{text}, cut to C{limit} characters and marked so if longer: for the
+    words a member sent, quoted in a reply (never for the reply's own text).
+    """
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -59,6 +59,11 @@ class ChatClient:
     before typed lines and are never queued twice.  Repeated join prompts
     are answered with growing, jittered waits (L{backoff}), and a hello
     that gets no answer is repeated likewise.
+
+    A nickname it asks for that is taken is asked again after the wait the
+    server names (its holder is silent; at most L{retry_max} seconds), or
+    else with a C{_} added, as IRC clients do (C{ann_}, C{ann__}...), at
+    most L{nick_fallbacks} times.
     """
 
     #: answers to repeated join prompts, and unanswered hellos, wait about
@@ -69,6 +74,11 @@ class ChatClient:
     stable = 10.0
     #: the order the client's own messages go in
     _CONTROL = ("join", "nick", "room", "ping", "quit")
+    #: names tried after the one asked for is taken (C{ann_}, C{ann__}, ...)
+    nick_fallbacks = 3
+    #: the longest wait the server may name for a taken nickname that the
+    #: client waits for, rather than trying another
+    retry_max = 10.0
 
     def __init__(
         self,
@@ -93,6 +103,11 @@ class ChatClient:
         self.clock = clock
         self.done = done
         self.nick = nick
+        #: the nickname the client itself asked for, until answered
+        self.asked: str | None = None
+        #: retries and fallbacks spent on it
+        self.nick_tries = 0
+        self._nick_retry: IDelayedCall | None = None
         self.room = room.lstrip("#") if room else None
         self.keepalive = keepalive
         self.rate = rate
@@ -231,13 +246,42 @@ class ChatClient:
                 self._member()
                 self._schedule()
         elif name == "nick" and value:
-            self.nick = value
+            # A guest name is the server's (the name was taken while we
+            # were silent): not one to ask for again after a restart.
+            self.nick = None if value.lower().startswith("guest") else value
+            self.asked = None
+        elif name == "taken" and value:
+            self._taken(value, event.fields.get("retry", ""))
         elif name == "room" and value:
             self.room = value
         elif name == "dropped" and self.joined:
             self._lost()
             if not self._active(self._hello):
                 self._say_hello()
+
+    def _ask_nick(self, nick: str) -> None:
+        self.asked = nick
+        self._control("nick", "/nick " + nick)
+
+    def _taken(self, nick: str, retry: str) -> None:
+        """A nickname was refused as taken: wait, or try the next one."""
+        asked = self.asked
+        if asked is None or nick.lower() != asked.lower():
+            return  # one the user typed: the error line says it all
+        if self.nick_tries >= self.nick_fallbacks:
+            self.asked = None
+            self.notice(f"{asked} is taken too; /nick NAME to pick a name")
+            return
+        self.nick_tries += 1
+        if retry.isdigit() and int(retry) <= self.retry_max:
+            self.notice(f"{asked} is taken; its holder is silent, asking again")
+            self._cancel(self._nick_retry)
+            self._nick_retry = self.clock.callLater(
+                int(retry) + 0.5, self._ask_nick, asked
+            )
+            return
+        self.notice(f"{asked} is taken; trying {asked}_")
+        self._ask_nick(asked + "_")
 
     def _lost(self) -> None:
         """The server no longer counts us as a member."""
@@ -271,7 +315,9 @@ class ChatClient:
         if self.joined:
             return  # not an answer to anything we sent
         self._member()
+        self.nick_tries = 0
         if self.nick:
+            self.asked = self.nick
             self.control["nick"] = "/nick " + self.nick
         if self.room:
             self.control["room"] = "/join " + self.room
@@ -363,6 +409,7 @@ class ChatClient:
             self._ping,
             self._end,
             self._waiting,
+            self._nick_retry,
         ):
             self._cancel(call)
         self.done(status)
@@ -442,7 +489,12 @@ PACE = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = PACE
     parser.add_argument("address", metavar="HOST[:PORT]", help="default port 8001")
-    parser.add_argument("--nick", help="nickname to take once joined")
+    parser.add_argument(
+        "--nick",
+        help="nickname to take once joined; if it is taken, NICK_, NICK__ and "
+        "NICK___ are tried in turn (a name whose holder has been silent a few "
+        "seconds is asked for again first), then the guest name stays",
+    )
     parser.add_argument("--room", help="room to join instead of the default")
     parser.add_argument(
         "--keepalive",

@@ -544,6 +544,10 @@ class ChatSettings:
     max_rooms: int = setting(1000, integer(1, 1_000_000), "rooms in total")
     max_room_members: int = setting(1000, integer(1, 1_000_000))
     nick_max_length: int = setting(16, integer(2, 64))
+    # Seconds of a holder's silence that free its nickname: for anyone, and
+    # for a member at the holder's own client address.
+    nick_grace: float = setting(60.0, seconds(0, _SECONDS_DAY))
+    nick_reclaim: float = setting(5.0, seconds(0, _SECONDS_DAY))
     rate: float = setting(5.0, per_second(0.01, 1e6), "messages per second per member")
     burst: int = setting(
         10, integer(1, 1_000_000), "messages a member may send at once"

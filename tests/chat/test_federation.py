@@ -274,14 +274,36 @@ class NicknameTests(Cluster):
     def test_nicknames_are_unique_across_the_cluster_ignoring_case(self) -> None:
         self.b.join(B2, "bea")
         self.b.say(B2, "/nick ANN")
-        self.assertEqual(self.b.take(B2), ["*** error: ANN is taken\n"])
+        self.assertEqual(self.b.take(B2), ["*** error: ANN is taken\n*** @taken=ANN\n"])
         self.assertEqual(self.b.state.members[B2].nick, "bea")
+
+    def test_a_silent_holder_here_gives_its_name_back_cluster_wide(self) -> None:
+        self.tick(6)  # ann is silent past nick_reclaim (5 s)
+        self.a.say(A2, "/hello")  # ann's host, a new port
+        self.a.say(A2, "/nick ann")
+        self.assertEqual(self.a.take(A2)[-1], "*** you are now ann\n*** @nick=ann\n")
+        old = self.a.state.members[A1]
+        self.assertTrue(old.nick.startswith("guest-"))
+        self.assertEqual(self.redis.get("nick:ann"), "a\tann")
+        self.tick(4)  # claims renewed; the other node sees one ann
+        self.assertEqual(self.a.federation.claims, {"ann": "a\tann"})
+        self.assertEqual(self.b.federation.view["a"]["ann"], ("ann", "lobby"))
+        self.assertEqual(self.b.federation.view["a"][old.key], (old.nick, "lobby"))
+
+    def test_a_silent_holder_elsewhere_keeps_its_name(self) -> None:
+        # Only the holder's node sees its silence: another node refuses.
+        self.tick(100)
+        self.b.say(B2, "/hello")
+        self.b.say(B2, "/nick ann")
+        self.assertEqual(
+            self.b.take(B2)[-1], "*** error: ann is taken\n*** @taken=ann\n"
+        )
 
     def test_a_claim_in_redis_alone_is_enough_to_refuse(self) -> None:
         # Claimed by a node this one has not heard of yet.
         self.redis.set("nick:zed", "c\tzed", TTL)
         self.a.say(A1, "/nick zed")
-        self.assertEqual(self.a.take(A1), ["*** error: zed is taken\n"])
+        self.assertEqual(self.a.take(A1), ["*** error: zed is taken\n*** @taken=zed\n"])
 
     def test_a_name_given_up_can_be_taken_elsewhere(self) -> None:
         self.a.say(A1, "/nick anna")
@@ -542,7 +564,7 @@ class FailoverTests(Cluster):
         self.assertEqual(replica.get("nick:amy"), "a\tamy")
         self.assertEqual(replica.get("nick:ann"), "a\tann")
         self.b.say(B1, "/nick AMY")
-        self.assertEqual(self.b.take(B1), ["*** error: AMY is taken\n"])
+        self.assertEqual(self.b.take(B1), ["*** error: AMY is taken\n*** @taken=AMY\n"])
         self.a.say(A1, "still here")
         self.assertEqual(self.b.take(B1), ["<ann> still here\n"])
         self.b.say(B1, "/who")

@@ -49,8 +49,10 @@ TOKEN = re.compile(rb"(?:/v |@v=)([a-z2-7]{8})\b")
 #: with a cookie (and its machine line), or an error about the datagram;
 #: never room traffic
 STRANGER_REPLY = re.compile(
-    r"\*\*\* (welcome to sockd chat[.;] .*/v [a-z2-7]{8}.*\n\*\*\* @v=[a-z2-7]{8}"
-    r"|to join, send: /v [a-z2-7]{8}\n\*\*\* @v=[a-z2-7]{8}"
+    r"\*\*\* ((welcome to sockd chat[.;] |you are not in the chat yet\. )"
+    r".*/v [a-z2-7]{8}.*\n\*\*\* @v=[a-z2-7]{8}"
+    r"|(to join|not joined yet; to join|that join code is wrong or expired"
+    r"|wrong or expired code)[,;] send: /v [a-z2-7]{8}\n\*\*\* @v=[a-z2-7]{8}"
     r"|@v=[a-z2-7]{8}"
     r"|error: message longer than \d+ bytes"
     r"|error: message is not valid UTF-8"
@@ -58,7 +60,7 @@ STRANGER_REPLY = re.compile(
     r"|error: too many members from your address( \(at most \d+\); try later)?)\n"
 )
 #: the machine lines the server writes (docs/protocol-chat.md)
-EVENTS = frozenset({"v", "welcome", "member", "nick", "room", "dropped"})
+EVENTS = frozenset({"v", "welcome", "member", "nick", "room", "dropped", "taken"})
 #: how every line a member causes starts
 MEMBER_TEXT = ("<", "* ", "[msg] <", "[msg -> ")
 #: characters that render as nothing although they are not format

@@ -278,3 +278,36 @@ def test_client_rejoins_after_server_restart() -> None:
             else:
                 raise AssertionError("no /who answer")
             s.close()
+
+
+def test_nc_killed_and_restarted_takes_back_its_nickname() -> None:
+    # Ctrl-C on nc -u says nothing to the server, and the new nc has a new
+    # source port: the same host takes its name back (nick_reclaim 0 here,
+    # so the test need not wait), another host does not (nick_grace 60).
+    nc = need("nc")
+    ini = INI.format(port=0, idle=60) + "nick_reclaim = 0\nnick_grace = 60\n"
+    with running("sockd-chat", ini) as daemon:
+        port = daemon.port("chat", "UDP")
+        other = udp("127.0.0.2")
+        other.sendto(b"/hello and some padding to get the welcome", ("127.0.0.1", port))
+        token = TOKEN.search(other.recv(2000).decode())
+        assert token is not None
+        other.sendto(f"/v {token.group(1)}\n".encode(), ("127.0.0.1", port))
+        with peers([nc, "-u", "127.0.0.1", str(port)]) as (first,):
+            validate_by_hand(first, "ann")
+            first.process.kill()  # as Ctrl-C: no /quit
+        with peers([nc, "-u", "127.0.0.1", str(port)]) as (second,):
+            validate_by_hand(second, "ann")
+            second.say("/hello")
+            second.expect(r"^\*\*\* you are ann in #lobby$")
+        other.sendto(b"/nick ann\n", ("127.0.0.1", port))
+        for _ in range(10):
+            line = other.recv(2000).decode()
+            if "error" in line:
+                assert line.startswith("*** error: ann is taken; free if its holder"), (
+                    line
+                )
+                break
+        else:
+            raise AssertionError("no answer to /nick ann")
+        other.close()

@@ -302,7 +302,11 @@ class RoomTests(SynchronousTestCase):
         say(self.state, self.out, A, "/nick Alicia\n")
         self.assertIn("*** alice is now known as Alicia\n", self.out.to(B))
         say(self.state, self.out, B, "/nick ALICIA\n")
-        self.assertEqual(self.out.take(B)[-1], "*** error: ALICIA is taken\n")
+        self.assertEqual(
+            self.out.take(B)[-1],
+            "*** error: ALICIA is taken; free if its holder stays silent 5s more\n"
+            "*** @taken=ALICIA retry=5\n",
+        )
         self.assertEqual(self.state.members[B].nick, "bob")
         # the old name is free again
         say(self.state, self.out, B, "/nick alice\n")
@@ -948,3 +952,217 @@ class MachineLineTests(SynchronousTestCase):
         say(state, out, B, "/nick bobby\n")
         events = [parse_event(line) for line in lines_to(out, B)]
         self.assertEqual([e for e in events if e], [Event("nick", "bobby")])
+
+
+class StrangerHelpTests(SynchronousTestCase):
+    """What an address that has not joined is told, within its 3x credit."""
+
+    def replies(self, text: str, sizes: list[int]) -> list[str]:
+        """The reply to C{text} padded to each size, from a fresh address."""
+        state, out, _ = make()
+        found = []
+        for size in sizes:
+            addr = ("127.0.0.9", 1000 + size)
+            data = text + " " * (size - len(text) - 1) + "\n"
+            say(state, out, addr, data)
+            (reply,) = out.to(addr)
+            self.assertLessEqual(len(reply), AMPLIFICATION * size)
+            found.append(reply.replace(state.token(addr), "T"))
+        return found
+
+    def test_wrong_or_expired_code_says_so(self) -> None:
+        self.assertEqual(
+            self.replies("/v abcdefgh", [25, 21, 16, 12]),
+            [
+                "*** that join code is wrong or expired; send: /v T\n*** @v=T\n",
+                "*** wrong or expired code; send: /v T\n*** @v=T\n",
+                "*** to join, send: /v T\n*** @v=T\n",
+                "*** @v=T\n",
+            ],
+        )
+        # Each is the longest that fits: one byte less buys the next one.
+        self.assertEqual(
+            self.replies("/v abcdefgh", [24, 20]),
+            [
+                "*** wrong or expired code; send: /v T\n*** @v=T\n",
+                "*** to join, send: /v T\n*** @v=T\n",
+            ],
+        )
+
+    def test_expired_code_after_a_sentence(self) -> None:
+        state, out, clock = make()
+        say(state, out, A, "hello, is anyone there?\n")
+        old = cookie(out.take(A)[0])
+        clock.advance(EPOCH * 2 + 1)
+        say(state, out, A, f"/v {old}   (this is the code I was given)\n")
+        (reply,) = out.take(A)
+        new = state.token(A)
+        self.assertNotEqual(new, old)
+        self.assertEqual(
+            reply,
+            f"*** that join code is wrong or expired; send: /v {new}\n*** @v={new}\n",
+        )
+        say(state, out, A, f"/v {new}\n")
+        self.assertIn(A, state.members)
+
+    def test_help_before_joining_explains_the_join_step(self) -> None:
+        full, medium, short, bare = self.replies("/help", [55, 21, 16, 6])
+        self.assertEqual(
+            full,
+            "*** you are not in the chat yet. To join #lobby, send: /v T (a code "
+            "for your address, good for 2 to 4 minutes); then /help lists the "
+            "commands\n*** @v=T\n",
+        )
+        self.assertEqual(medium, "*** not joined yet; to join, send: /v T\n*** @v=T\n")
+        self.assertEqual(short, "*** to join, send: /v T\n*** @v=T\n")
+        self.assertEqual(bare, "*** @v=T\n")  # /help alone: 18 bytes of credit
+
+    def test_help_does_not_join(self) -> None:
+        state, out, _ = make()
+        say(state, out, A, "/help me please, how does this work?\n")
+        self.assertNotIn(A, state.members)
+        self.assertIn("/v " + state.token(A), out.take(A)[0])
+
+
+class ErrorTextTests(SynchronousTestCase):
+    def test_bad_nickname_error_is_never_cut(self) -> None:
+        state, out, _ = make()
+        join(state, out, A)
+        rule = (
+            "a nickname is 1 to 16 letters, digits, '_' or '-', starting with a letter"
+        )
+        say(state, out, A, "/nick 9bad\n")
+        self.assertEqual(out.take(A), [f"*** error: 9bad is no nickname: {rule}\n"])
+        say(state, out, A, "/nick 9" + "y" * 300 + "\n")
+        self.assertEqual(
+            out.take(A), [f"*** error: 9{'y' * 31}... is no nickname: {rule}\n"]
+        )
+        say(state, out, A, "/nick\n")
+        self.assertEqual(out.take(A), [f"*** error: usage: /nick NAME; {rule}\n"])
+
+    def test_unknown_command_is_clipped_with_a_mark(self) -> None:
+        state, out, _ = make()
+        join(state, out, A)
+        say(state, out, A, "/" + "z" * 100 + "\n")
+        self.assertEqual(
+            out.take(A),
+            [f"*** error: unknown command /{'z' * 32}...; /help lists the commands\n"],
+        )
+
+
+#: a client restarted on the same host (nc -u after Ctrl-C: a new port)
+A_AGAIN = ("127.0.0.1", 40999)
+
+
+class NickReclaimTests(SynchronousTestCase):
+    """A silent member's nickname: its own host first, then anyone."""
+
+    def setUp(self) -> None:
+        self.state, self.out, self.clock = make(nick_grace="30", nick_reclaim="5")
+        join(self.state, self.out, A, "ann")
+        join(self.state, self.out, C3, "carl")
+        self.out.sent.clear()
+
+    def nick(self, addr: Any, name: str) -> list[str]:
+        say(self.state, self.out, addr, f"/nick {name}\n")
+        return self.out.take(addr)
+
+    def test_same_host_reclaims_after_a_few_seconds(self) -> None:
+        self.clock.advance(6)
+        join(self.state, self.out, A_AGAIN)
+        self.assertEqual(
+            self.nick(A_AGAIN, "ann"),
+            [
+                "*** ann is now known as guest-4\n",  # the room's notice
+                "*** you are now ann\n*** @nick=ann\n",
+            ],
+        )
+        self.assertEqual(self.state.nicks["ann"].addr, A_AGAIN)
+        old = self.state.members[A]
+        self.assertTrue(old.nick.startswith("guest-"))
+        # The room sees both renames; the old holder gets only the room's
+        # notices until it speaks.
+        self.assertEqual(
+            self.out.take(C3),
+            [
+                "*** guest-3 joined #lobby\n",
+                f"*** ann is now known as {old.nick}\n",
+                "*** guest-3 is now known as ann\n",
+            ],
+        )
+        self.assertEqual(
+            self.out.to(A),
+            ["*** guest-3 joined #lobby\n", "*** guest-3 is now known as ann\n"],
+        )
+        self.out.sent.clear()
+        # When it speaks again it is told, once, with the machine line.
+        say(self.state, self.out, A, "/ping\n")
+        say(self.state, self.out, A, "/ping\n")
+        self.assertEqual(
+            self.out.take(A),
+            [
+                "*** while you were silent, another member took your nickname "
+                f"ann; you are now {old.nick} (/nick NAME to pick another)\n"
+                f"*** @nick={old.nick}\n",
+                "*** pong\n",
+                "*** pong\n",
+            ],
+        )
+
+    def test_same_host_waits_while_the_holder_is_recent(self) -> None:
+        self.clock.advance(2)
+        join(self.state, self.out, A_AGAIN)
+        self.assertEqual(
+            self.nick(A_AGAIN, "ANN"),
+            [
+                "*** error: ANN is taken; free if its holder stays silent 3s more\n"
+                "*** @taken=ANN retry=3\n"
+            ],
+        )
+        self.assertEqual(self.state.nicks["ann"].addr, A)
+
+    def test_another_host_waits_for_the_grace(self) -> None:
+        self.clock.advance(6)
+        self.assertEqual(
+            self.nick(C3, "ann"),
+            [
+                "*** error: ann is taken; free if its holder stays silent 24s more\n"
+                "*** @taken=ann retry=24\n"
+            ],
+        )
+        self.clock.advance(24)
+        self.assertEqual(
+            self.nick(C3, "ann"),
+            [
+                "*** ann is now known as guest-3\n",  # the room's notice
+                "*** you are now ann\n*** @nick=ann\n",
+            ],
+        )
+        self.assertTrue(self.state.members[A].nick.startswith("guest-"))
+        # carl is free for anyone at once: nobody holds it now.
+        join(self.state, self.out, B2)
+        self.assertEqual(
+            self.nick(B2, "carl"), ["*** you are now carl\n*** @nick=carl\n"]
+        )
+
+    def test_a_holder_that_speaks_keeps_its_name(self) -> None:
+        for _ in range(10):
+            self.clock.advance(20)
+            say(self.state, self.out, A, "/ping\n")
+            self.assertTrue(
+                self.nick(C3, "ann")[0].startswith("*** error: ann is taken")
+            )
+        self.assertEqual(self.state.nicks["ann"].addr, A)
+        self.assertEqual(self.state.members[A].nick, "ann")
+
+    def test_the_old_holder_can_take_another_name(self) -> None:
+        self.clock.advance(31)
+        self.nick(C3, "ann")
+        say(self.state, self.out, A, "/nick anne\n")
+        lines = self.out.take(A)
+        self.assertEqual(lines[0], "*** carl is now known as ann\n")  # the room's
+        self.assertTrue(lines[1].startswith("*** while you were silent"), lines)
+        self.assertEqual(lines[2], "*** you are now anne\n*** @nick=anne\n")
+        self.assertEqual(
+            sorted(m.nick for m in self.state.members.values()), ["anne", "ann"][::-1]
+        )

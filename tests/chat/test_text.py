@@ -76,13 +76,22 @@ class NameTests(SynchronousTestCase):
     def test_nicknames(self) -> None:
         for good in ["a", "Ann", "z-_9", "x" * 16]:
             self.assertIsNone(nick_problem(good, 16), good)
-        for bad in ["", "9lives", "a b", "x" * 17, "é", "a*", "<x>", "-a"]:
-            self.assertEqual(
-                nick_problem(bad, 16),
-                "a nickname is 1 to 16 letters, digits, '_' or '-', "
-                "starting with a letter",
-                bad,
-            )
+        rule = (
+            "a nickname is 1 to 16 letters, digits, '_' or '-', starting with a letter"
+        )
+        for bad in ["9lives", "a b", "x" * 17, "é", "a*", "<x>", "-a"]:
+            self.assertEqual(nick_problem(bad, 16), f"{bad} is no nickname: {rule}")
+        self.assertEqual(nick_problem("", 16), f"usage: /nick NAME; {rule}")
+
+    def test_nickname_problem_clips_only_what_was_sent(self) -> None:
+        # The rule is never cut (it was, at 64 characters); a long input is.
+        problem = nick_problem("9" + "x" * 200, 16)
+        assert problem is not None
+        self.assertEqual(
+            problem,
+            "9" + "x" * 31 + "... is no nickname: a nickname is 1 to 16 letters, "
+            "digits, '_' or '-', starting with a letter",
+        )
         for reserved in ["guest", "Guest-5", "ADMIN", "me", "NickServ"]:
             self.assertEqual(nick_problem(reserved, 16), f"{reserved} is reserved")
 

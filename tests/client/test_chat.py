@@ -414,6 +414,129 @@ class HostileServerTests(SynchronousTestCase):
             self.assertEqual(wire.state.members[ME].nick, "bob")
 
 
+class NicknameTests(SynchronousTestCase):
+    """C{--nick} when the name is taken: wait for a silent holder, or C{NICK_}."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.wire = Wire(self.clock, rate="5", burst="10")
+        self.notices: list[str] = []
+
+    def holder(self, addr: Any, nick: str) -> None:
+        """A member (not the client) called C{nick} at C{addr}."""
+        state = self.wire.state
+        for text in ("hello, anyone here?\n", f"/v {state.token(addr)}\n/nick {nick}"):
+            state.receive(self.wire, addr, len(text), text)
+        self.assertIs(state.nicks[nick.lower()].addr, addr)
+
+    def start(self, nick: str) -> ChatClient:
+        client = self.wire.make_client(nick=nick, notice=self.notices.append)
+        client.start()
+        self.clock.advance(0)
+        return client
+
+    def nick_requests(self) -> list[bytes]:
+        return [d for d in self.wire.from_client if d.startswith(b"/nick")]
+
+    def test_taken_nick_falls_back_like_irc(self) -> None:
+        self.holder(("127.0.0.2", 50001), "alice")
+        client = self.start("alice")
+        self.assertEqual(self.wire.state.members[ME].nick, "alice_")
+        self.assertEqual(client.nick, "alice_")
+        self.assertEqual(self.notices, ["alice is taken; trying alice_"])
+        self.assertIn(
+            "*** error: alice is taken; free if its holder stays silent 60s more",
+            self.wire.screen,
+        )
+        for line in self.wire.screen:
+            self.assertIsNone(parse_event(line), line)
+
+    def test_fallbacks_are_bounded_then_the_guest_name_stays(self) -> None:
+        for i, nick in enumerate(["alice", "alice_", "alice__", "alice___"]):
+            self.holder(("127.0.0.2", 50001 + i), nick)
+        client = self.start("alice")
+        self.clock.advance(60)  # nothing more is tried
+        self.assertEqual(
+            self.nick_requests(),
+            [
+                b"/nick alice\n",
+                b"/nick alice_\n",
+                b"/nick alice__\n",
+                b"/nick alice___\n",
+            ],
+        )
+        self.assertEqual(
+            self.notices,
+            [
+                "alice is taken; trying alice_",
+                "alice_ is taken; trying alice__",
+                "alice__ is taken; trying alice___",
+                "alice___ is taken too; /nick NAME to pick a name",
+            ],
+        )
+        self.assertTrue(client.joined)
+        self.assertFalse(client.finished)
+        self.assertTrue(self.wire.state.members[ME].nick.startswith("guest-"))
+
+    def test_silent_holder_on_this_host_is_waited_for(self) -> None:
+        # sockd chat killed and started again at once: the old one, same
+        # host, is silent but not yet for nick_reclaim (5 s).
+        old = ("127.0.0.1", 50002)
+        self.holder(old, "alice")
+        self.clock.advance(2)
+        client = self.start("alice")
+        self.assertEqual(
+            self.notices, ["alice is taken; its holder is silent, asking again"]
+        )
+        self.assertEqual(self.nick_requests(), [b"/nick alice\n"])
+        self.clock.advance(4)
+        self.assertEqual(self.nick_requests(), [b"/nick alice\n"] * 2)
+        self.assertEqual(self.wire.state.members[ME].nick, "alice")
+        self.assertEqual(client.nick, "alice")
+        self.assertTrue(self.wire.state.members[old].nick.startswith("guest-"))
+
+    def test_a_typed_nick_that_is_taken_is_only_shown(self) -> None:
+        self.holder(("127.0.0.2", 50001), "bob")
+        client = self.start("alice")
+        client.typed("/nick bob")
+        self.clock.advance(1)
+        self.assertEqual(self.nick_requests(), [b"/nick alice\n", b"/nick bob\n"])
+        self.assertEqual(self.notices, [])
+        self.assertIn(
+            "*** error: bob is taken; free if its holder stays silent 59s more",
+            self.wire.screen,
+        )
+        self.assertEqual(client.nick, "alice")
+
+    def test_a_guest_name_given_by_the_server_is_not_asked_for_again(self) -> None:
+        client = self.start("alice")
+        client.received(
+            b"*** while you were silent, another member took your nickname alice; "
+            b"you are now guest-9 (/nick NAME to pick another)\n*** @nick=guest-9\n"
+        )
+        self.assertIsNone(client.nick)
+        self.wire.restart()
+        self.clock.advance(31)  # a ping, a prompt, a new welcome
+        self.assertTrue(client.joined)
+        self.assertEqual(self.nick_requests(), [b"/nick alice\n"])
+
+    def test_wrong_code_reply_is_answered_not_shown(self) -> None:
+        state = ChatState(settings().chat, self.clock)
+        stranger = ("127.0.0.9", 9999)
+        data = "/v abcdefgh" + " " * 20 + "\n"
+        state.receive(self.wire, stranger, len(data), data)
+        ((reply, _),) = self.wire.others
+        self.assertIn(b"that join code is wrong or expired", reply)
+        client = self.wire.make_client()
+        client.received(reply)
+        self.clock.advance(0)
+        self.assertEqual(self.wire.screen, [])
+        self.assertEqual(
+            self.wire.from_client, [f"/v {state.token(stranger)}\n".encode()]
+        )
+
+
 class CommandLineTests(SynchronousTestCase):
     def test_subcommand_listed(self) -> None:
         self.assertIn("chat", main.SUBCOMMANDS)
@@ -427,6 +550,10 @@ class CommandLineTests(SynchronousTestCase):
     def test_help_states_the_pace(self) -> None:
         text = main.parser()._subparsers._group_actions[0].choices["chat"].format_help()
         self.assertIn("at most RATE datagrams a second", " ".join(text.split()))
+
+    def test_help_states_the_nick_fallback(self) -> None:
+        text = main.parser()._subparsers._group_actions[0].choices["chat"].format_help()
+        self.assertIn("NICK_, NICK__ and NICK___ are tried", " ".join(text.split()))
 
     def test_bad_address_is_usage_error(self) -> None:
         self.assertEqual(main.main(["chat", "localhost:99999"]), 2)
