@@ -695,7 +695,7 @@ class Harness:
         commands = commands_of(block)
         marker = block.not_run
         if marker and not marker.commands:
-            pytest.skip(f"not run: {marker.reason}")
+            return  # marked, visibly, with its reason: that is the check
         prefixes = marker.commands if marker else ()
         for prefix in prefixes:
             if not any(covered_by(c.text, [prefix]) for c in commands):
@@ -722,8 +722,7 @@ class Harness:
             except DocError as e:
                 raise DocError(f"{where}\n{e}") from None
         if not ran:
-            assert marker is not None
-            pytest.skip(f"not run: {marker.reason}")
+            assert marker is not None  # every command named by its marker
 
     def run(self, command: Command) -> None:
         if ACTIVATE.match(command.text):

@@ -580,7 +580,7 @@ class RedisStore(Service):
 def _watched(base: Any, store: RedisStore) -> Any:
     """A txredisapi factory class telling C{store} of its connections."""
 
-    class Watched(base):  # type: ignore[misc,valid-type]
+    class Watched(base):  # type: ignore[misc]
         which = ""
 
         def buildProtocol(self, addr: Any) -> Any:
@@ -714,7 +714,7 @@ class RedisLink(Service):
         super().privilegedStartService()
         url = self.store.url
         try:
-            import txredisapi  # type: ignore[import-untyped]  # noqa: F401
+            import txredisapi  # noqa: F401
         except ImportError:
             raise SystemExit(
                 "sockd: [chat] backend = redis needs txredisapi: "

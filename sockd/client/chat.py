@@ -557,7 +557,7 @@ def run(args: argparse.Namespace) -> int:
 
     def done(code: int) -> None:
         status.append(code)
-        reactor.callLater(0.05, reactor.stop)  # type: ignore[attr-defined]
+        reactor.callLater(0.05, reactor.stop)
 
     datagrams: _Datagrams | None = None
 
@@ -568,7 +568,7 @@ def run(args: argparse.Namespace) -> int:
     client = ChatClient(
         send,
         show,
-        reactor,  # type: ignore[arg-type]
+        reactor,
         done,
         nick=args.nick,
         room=args.room,
@@ -586,7 +586,7 @@ def run(args: argparse.Namespace) -> int:
     )
     screen.append(stdio.StandardIO(_Keyboard(client)))
 
-    reactor.addSystemEventTrigger("before", "shutdown", client.farewell)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", client.farewell)
     client.start()
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     return status[0] if status else 1

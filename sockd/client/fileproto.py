@@ -406,7 +406,7 @@ class Pipeline:
                 except BaseException as e:
                     self._error = e
             # Hand the whole buffer back, not just the filled slice.
-            self._free.put(memoryview(data.obj))  # type: ignore[arg-type]
+            self._free.put(memoryview(data.obj))
 
 
 def _printable(text: str) -> str:

@@ -249,7 +249,7 @@ def registry_for(collector: SockdCollector) -> CollectorRegistry:
     (this process's) and C{python_*} (interpreter, garbage collector) ones.
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)  # type: ignore[arg-type]
+    registry.register(collector)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
