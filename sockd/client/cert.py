@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sockd.client.fileproto import EXIT_ERROR, EXIT_OK, EXIT_USAGE
+from sockd.client.exits import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from sockd.core.logs import escape
 
 __all__ = [

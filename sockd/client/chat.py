@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from sockd.chat.text import BYE, PONG, Event, clean, parse_event
 from sockd.client.echo import split_address
+from sockd.client.exits import EXIT_USAGE
 from sockd.core.limits import TokenBucket
 
 __all__ = ["ChatClient", "add_arguments", "run"]
@@ -542,10 +543,10 @@ def run(args: argparse.Namespace) -> int:
         family, _, _, _, sockaddr = found[0]
     except (ValueError, OSError) as e:
         print(f"sockd chat: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.rate <= 0 or args.keepalive <= 0:
         print("sockd chat: --rate and --keepalive must be positive", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     status: list[int] = []
     screen: list[Any] = []
 

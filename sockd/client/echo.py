@@ -9,6 +9,7 @@ import ssl
 import sys
 from collections.abc import Callable
 
+from sockd.client.exits import EXIT_CONNECT, EXIT_OK, EXIT_USAGE, EXIT_VERIFY
 from sockd.client.tls import TLSStream, client_context
 
 __all__ = ["add_arguments", "run", "split_address"]
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         tls = client_context(args.cafile) if args.tls or args.cafile else None
     except ValueError as e:
         print(f"sockd echo: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     data = (
         "".join(line + "\n" for line in args.text).encode()
         if args.text
@@ -116,13 +117,13 @@ def run(args: argparse.Namespace) -> int:
             f"sockd echo: {name}: TLS certificate not accepted: {e.verify_message}",
             file=sys.stderr,
         )
-        return 6
+        return EXIT_VERIFY
     except ssl.SSLEOFError:
         print(f"sockd echo: {name}: TLS connection cut short", file=sys.stderr)
-        return 3
+        return EXIT_CONNECT
     except OSError as e:
         reason = e.strerror or getattr(e, "reason", None) or e
         print(f"sockd echo: {name}: {reason}", file=sys.stderr)
-        return 3
+        return EXIT_CONNECT
     sys.stdout.buffer.flush()
-    return 0
+    return EXIT_OK

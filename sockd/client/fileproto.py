@@ -15,6 +15,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from sockd.client.exits import (
+    EXIT_CONNECT,
+    EXIT_ERROR,
+    EXIT_FORBIDDEN,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_SERVER,
+    EXIT_USAGE,
+    EXIT_VERIFY,
+)
 from sockd.files import codec
 
 __all__ = [
@@ -54,16 +65,6 @@ CHUNK = 1024 * 1024
 #: the longest answer line accepted; server lines are short
 MAX_LINE = 8192
 
-#: exit statuses of C{sockd get|ls|stat|put}
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_CONNECT = 3
-EXIT_NOT_FOUND = 4
-EXIT_FORBIDDEN = 5
-EXIT_VERIFY = 6
-EXIT_SERVER = 7
-EXIT_INTERRUPTED = 130
 
 #: TCP_QUICKACK where the platform has it (Linux)
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)

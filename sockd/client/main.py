@@ -29,10 +29,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "put": ("sockd.client.files", "upload a file to a writable sockd-file server"),
 }
 
-#: exit statuses shared by every subcommand (documented in the README)
-EXIT_OK = 0
-EXIT_USAGE = 2
-
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
