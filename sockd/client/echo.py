@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 
 from sockd.client.exits import EXIT_CONNECT, EXIT_OK, EXIT_USAGE, EXIT_VERIFY
-from sockd.client.tls import TLSStream, client_context
+from sockd.client.tls import TLSStream, add_tls_arguments, client_context
 
 __all__ = ["add_arguments", "run", "split_address"]
 
@@ -55,18 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "text", nargs="*", help="lines to send (default: read standard input)"
     )
     parser.add_argument("--timeout", type=float, default=10.0)
-    parser.add_argument(
-        "--tls",
-        action="store_true",
-        help="use TLS; the server certificate must be valid for HOST",
-    )
-    parser.add_argument(
-        "--cafile",
-        "--cacert",
-        metavar="PATH",
-        help="trust the CA certificates in PATH instead of the system's "
-        "(implies --tls)",
-    )
+    add_tls_arguments(parser, "implies --tls")
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 

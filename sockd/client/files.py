@@ -34,7 +34,7 @@ from sockd.client.fileproto import (
     VerifyFailed,
 )
 from sockd.client.output import MeterFactory, Output, Progress, display, local_error
-from sockd.client.tls import client_context
+from sockd.client.tls import add_tls_arguments, client_context
 from sockd.client.urls import Location, is_url, parse_url
 from sockd.client.urls import framed as framed_location
 
@@ -111,18 +111,7 @@ def _address_argument(parser: argparse.ArgumentParser, framed_only: bool) -> Non
 
 
 def _common_options(parser: argparse.ArgumentParser, quiet: bool = False) -> None:
-    parser.add_argument(
-        "--tls",
-        action="store_true",
-        help="use TLS; the server certificate must be valid for HOST",
-    )
-    parser.add_argument(
-        "--cafile",
-        "--cacert",
-        metavar="PATH",
-        help="trust the CA certificates in PATH instead of the system's "
-        "(for https://; implies --tls for the framed protocol)",
-    )
+    add_tls_arguments(parser, "for https://; implies --tls for the framed protocol")
     parser.add_argument(
         "--timeout",
         type=_positive,

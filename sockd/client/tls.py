@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import socket
@@ -10,7 +11,22 @@ import stat
 
 from sockd.core.config import file_kind
 
-__all__ = ["TLSStream", "client_context"]
+__all__ = ["TLSStream", "add_tls_arguments", "client_context"]
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser, implies: str) -> None:
+    """C{--tls} and C{--cafile}/C{--cacert}, as every subcommand spells them."""
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="use TLS; the server certificate must be valid for HOST",
+    )
+    parser.add_argument(
+        "--cafile",
+        "--cacert",
+        metavar="PATH",
+        help=f"trust the CA certificates in PATH instead of the system's ({implies})",
+    )
 
 
 def client_context(cafile: str | None = None) -> ssl.SSLContext:
