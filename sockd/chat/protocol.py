@@ -80,13 +80,7 @@ class ChatProtocol(DatagramProtocol):
             return
         size = len(data)
         if size > self.max_datagram:
-            self.state.refuse(
-                self,
-                addr,
-                size,
-                f"message longer than {self.state.max_message} bytes",
-                "oversized",
-            )
+            self._oversized(addr, size)
             return
         try:
             text = data.decode("utf-8")
@@ -96,15 +90,13 @@ class ChatProtocol(DatagramProtocol):
         if size > self.state.max_message and (
             len(data.rstrip(b"\r\n")) > self.state.max_message
         ):
-            self.state.refuse(
-                self,
-                addr,
-                size,
-                f"message longer than {self.state.max_message} bytes",
-                "oversized",
-            )
+            self._oversized(addr, size)
             return
         self.state.receive(self, addr, size, clean(text))
+
+    def _oversized(self, addr: Address, size: int) -> None:
+        message = f"message longer than {self.state.max_message} bytes"
+        self.state.refuse(self, addr, size, message, "oversized")
 
     def set_access(self, access: AccessList, trusted_proxies: AccessList) -> None:
         """Serve only the sources C{access} permits."""
