@@ -12,7 +12,6 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from sockd.client.exits import (
@@ -135,32 +134,10 @@ class ServerError(ClientError):
         self.status = _ERR_STATUS.get(code, EXIT_SERVER)
 
 
-@dataclass(frozen=True)
-class Found:
-    """C{STAT}: what a path is."""
-
-    type: str
-    size: int
-    mtime: int
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One C{LIST} line; C{name} is the decoded raw name."""
-
-    kind: str
-    size: int
-    mtime: int
-    name: bytes
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """C{GET}'s announcement: C{length} bytes follow, of a C{size}-byte file."""
-
-    length: int
-    size: int
-    mtime: int
+#: the answers the client reads, as the shared codec parses them
+Found = codec.StatAnswer
+Entry = codec.ListLine
+Transfer = codec.GetHeader
 
 
 def _describe(error: OSError) -> str:
@@ -433,8 +410,7 @@ class FileClient:
 
     def stat(self, path: str) -> Found:
         self.connection.send_line(f"STAT {quote(path)}")
-        found = _parsed(codec.parse_stat, self.connection.answer())
-        return Found(found.type, found.size, found.mtime)
+        return _parsed(codec.parse_stat, self.connection.answer())
 
     def sum(self, path: str) -> tuple[str, int, int]:
         """(hex SHA-256, size, mtime) of a file."""
@@ -462,15 +438,14 @@ class FileClient:
             if isinstance(item, str):
                 self.truncated = _printable(item)
                 continue
-            yield Entry(item.kind, item.size, item.mtime, item.name)
+            yield item
 
     def get(self, path: str, offset: int = 0) -> Transfer:
         """Ask for a file from C{offset}; the body follows (see C{receive})."""
         self.connection.send_line(
             f"GET {quote(path)} {offset}" if offset else f"GET {quote(path)}"
         )
-        header = _parsed(codec.parse_get, self.connection.answer())
-        transfer = Transfer(header.length, header.size, header.mtime)
+        transfer = _parsed(codec.parse_get, self.connection.answer())
         if offset + transfer.length > transfer.size:
             raise ProtocolError(
                 f"GET announced {transfer.length} bytes from {offset} "
