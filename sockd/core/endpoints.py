@@ -282,11 +282,7 @@ def _systemd_endpoint(
         fds = record.inheritedDescriptors()
         if not (index.isascii() and index.isdigit()):
             raise ValueError(f"index {index!r} is not a number")
-        if int(index) >= len(fds):
-            raise ValueError(
-                f"systemd passed {len(fds)} socket(s); there is no index {index} "
-                "(start the daemon through its .socket unit)"
-            )
+        check_systemd_index(int(index), passed=fds)
         fd = fds[int(index)]
     else:
         named = record.inheritedNamedDescriptors()

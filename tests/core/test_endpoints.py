@@ -277,7 +277,10 @@ class StreamEndpointTests(SynchronousTestCase):
     def test_systemd_refused(self) -> None:
         self.inherit(ListenFDs([3], ("web",)))
         for bad, fragment in [
-            ("systemd:domain=INET:index=1", "systemd passed 1 socket(s); there is no"),
+            (
+                "systemd:domain=INET:index=1",
+                "index 1 was asked for, but systemd passed 1 socket(s), indexes 0 to 0",
+            ),
             ("systemd:domain=INET:index=-1", "index '-1' is not a number"),
             ("systemd:domain=INET:name=admin", "no socket named 'admin' (names: web)"),
             ("systemd:domain=INET", "exactly one of index= and name="),
