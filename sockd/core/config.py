@@ -595,6 +595,11 @@ class FileSettings:
         "TCP endpoint to listen on (repeatable), e.g. tcp:8898.",
         short="l",
     )
+    listen_http: tuple[str, ...] = setting(
+        (),
+        stream_endpoints,
+        "TCP endpoint where every connection is HTTP (repeatable), e.g. tcp:8080.",
+    )
     root: Path | None = setting(None, directory, "directory served", short="r")
     bare_errors: str = setting(
         "close", choice("close", "line"), "bare requests that fail: close or line"

@@ -182,6 +182,11 @@ SERIES: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("service", "code"),
         "file requests answered ERR, by code",
     ),
+    "file_http_requests_total": (
+        "counter",
+        ("service", "method", "code"),
+        "HTTP requests on the file port answered, by method and status",
+    ),
     "workers": ("gauge", (), "worker processes running"),
     "worker_restarts_total": ("counter", (), "worker processes restarted"),
 }

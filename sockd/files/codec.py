@@ -9,6 +9,7 @@ client.  The percent codec of paths and names lives here too.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from sockd.files.names import PathError
@@ -27,6 +28,7 @@ __all__ = [
     "Failure",
     "GetHeader",
     "Help",
+    "HttpStart",
     "LineTooLong",
     "ListEnd",
     "ListLine",
@@ -69,6 +71,9 @@ A line not starting with a command is a bare request: the file, then close.
 _SAFE = frozenset(range(0x21, 0x7F)) - {ord("%")}
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _DIGITS = frozenset(b"0123456789")
+#: an HTTP/1.x request line (RFC 9112 3): an upper-case method, a target
+#: and the version; only the first line of a connection is looked at
+_HTTP_LINE = re.compile(rb"[A-Z]+ [^ \x00-\x20\x7f]+ HTTP/1\.[0-9]\r?")
 
 
 # --- the percent codec ------------------------------------------------------
@@ -112,6 +117,8 @@ class Mode(enum.Enum):
     UNDECIDED = "undecided"
     BARE = "bare"
     FRAMED = "framed"
+    #: HTTP/1.x: from here on the bytes are twisted.web's (L{HttpStart})
+    HTTP = "http"
 
 
 class Waiting(enum.Enum):
@@ -154,6 +161,16 @@ class BareRequest:
 
 
 @dataclass(frozen=True)
+class HttpStart:
+    """
+    The first line is an HTTP/1.x request line: C{data} is every byte
+    received so far, that line included, for an HTTP parser to take over.
+    """
+
+    data: bytes
+
+
+@dataclass(frozen=True)
 class BodyData:
     """Bytes of an upload's body."""
 
@@ -185,6 +202,7 @@ class EndOfInput:
 Event = (
     Request
     | BareRequest
+    | HttpStart
     | BodyData
     | BodyEnd
     | BodyIncomplete
@@ -238,6 +256,12 @@ class RequestParser:
         if end > self.max_line or (end < 0 and len(buffer) > self.max_line):
             return self._tooLong()
         if end >= 0:
+            if self.mode is Mode.UNDECIDED and _HTTP_LINE.fullmatch(buffer, 0, end):
+                # Before any other framing: HTTP's GET and PUT are keywords.
+                self.mode = Mode.HTTP
+                self._buffer = b""
+                self._broken = True  # nothing more for this parser
+                return HttpStart(buffer)
             line, self._buffer = buffer[:end], buffer[end + 1 :]
             return self._request(line[:-1] if line.endswith(b"\r") else line)
         if not self.ended:

@@ -33,6 +33,8 @@ from sockd.core.interfaces import IReconfigurable
 from sockd.core.limits import ACCESS_DENIED, GuardedFactory, GuardedProtocol, Sample
 from sockd.core.logs import escape
 from sockd.files import codec
+from sockd.files.http import FileChannel
+from sockd.files.http import refusal as http_refusal
 from sockd.files.paths import Opened, PathError
 from sockd.files.sendfile import TransferError, release, send_file
 from sockd.files.state import DirectoryScan, Entry, FileState, Upload, write_code
@@ -281,10 +283,17 @@ class FileProtocol(GuardedProtocol):
     _upload: Upload | None = None
     _sender: Any = None
     _work: Deferred[Any] | None = None
+    #: twisted.web's channel, once the connection speaks HTTP (L{_startHttp})
+    _http: FileChannel | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self._parser = codec.RequestParser()
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.factory.http_only:
+            self._startHttp(b"")
 
     @property
     def mode(self) -> str:
@@ -306,6 +315,10 @@ class FileProtocol(GuardedProtocol):
             return  # refused by an access list changed on reload
         self.touch()
         self.bytes_in += len(data)
+        if self._http is not None:
+            if not self.closing:
+                self._http.received(data)
+            return
         self._parser.feed(data)
         if self.phase in _READING:
             self._process()
@@ -369,6 +382,8 @@ class FileProtocol(GuardedProtocol):
             self._error(
                 400, "connection ended in the middle of an upload", b"PUT", close=True
             )
+        elif isinstance(event, codec.HttpStart):
+            self._startHttp(event.data)
         elif isinstance(event, codec.LineTooLong):
             self._error(
                 414,
@@ -406,7 +421,16 @@ class FileProtocol(GuardedProtocol):
                 self._request(event)
                 self._process()
 
+    def _startHttp(self, data: bytes) -> None:
+        """HTTP/1.x: twisted.web's channel parses from here (L{sockd.files.http})."""
+        self._cancelPause()
+        self.stopDeadline()
+        self._http = FileChannel.attach(self, ListSender, data)
+
     def inputEnded(self) -> None:
+        if self._http is not None:
+            self._http.inputEnded()
+            return
         self._parser.end()
         if self.phase in _READING:
             self._process()
@@ -734,6 +758,9 @@ class FileProtocol(GuardedProtocol):
             return
         if self.transport is None:
             return
+        if self._http is not None:
+            self._http.shutdown()
+            return
         self._draining = True
         self._cancelPause()
         if self.phase is not Phase.IDLE:
@@ -793,6 +820,8 @@ class FileProtocol(GuardedProtocol):
         if self._work is not None:
             self._work.cancel()
         self._abortUpload()
+        if self._http is not None:
+            self._http.connectionLost(reason)
         super().connectionLost(reason)
 
 
@@ -804,7 +833,12 @@ class FileFactory(GuardedFactory):
     protocol = FileProtocol  # type: ignore[assignment]
 
     def __init__(
-        self, state: FileState, clock: IReactorTime, abort_grace: float = 5.0
+        self,
+        state: FileState,
+        clock: IReactorTime,
+        abort_grace: float = 5.0,
+        http_only: bool = False,
+        primary: bool = True,
     ) -> None:
         settings = state.settings
         super().__init__(
@@ -814,16 +848,23 @@ class FileFactory(GuardedFactory):
             abort_grace=abort_grace,
         )
         self.state = state
+        #: every connection speaks HTTP (C{listen_http})
+        self.http_only = http_only
+        #: the one factory of its state that sweeps and reports its counters
+        self.primary = primary
 
     def refusal(self, reason: str) -> bytes:
         # An access list says who may connect at all: 403; every other
         # refusal (caps, eviction) is "try later": 429.
         code = 403 if reason == ACCESS_DENIED else 429
+        if self.http_only:
+            return http_refusal(code, reason)
         return f"ERR {code} {reason}\r\n".encode()
 
     def startFactory(self) -> None:
         """Listening: clear what uploads cut short by a crash left behind."""
-        self.state.sweep()
+        if self.primary:
+            self.state.sweep()
 
     def stopFactory(self) -> None:
         self.state.stop()
@@ -859,8 +900,19 @@ class FileFactory(GuardedFactory):
         """Connection counters, plus transfers, bytes sent and errors by code."""
         service = {"service": self.service_name}
         state = self.state
+        if not self.primary:
+            return super().metrics()
         return [
             *super().metrics(),
+            *(
+                (
+                    "file_http_requests_total",
+                    "counter",
+                    {**service, "method": method, "code": str(code)},
+                    count,
+                )
+                for (method, code), count in sorted(state.http_requests.items())
+            ),
             ("file_transfers_completed_total", "counter", service, state.served),
             ("file_sent_bytes_total", "counter", service, state.bytes_sent),
             *(

@@ -381,6 +381,8 @@ class FileState:
         self.total_bucket = _byte_bucket(settings.total_rate_limit, clock)
         self.served = 0
         self.bytes_sent = 0
+        #: HTTP requests answered, by method and status (sockd.files.http)
+        self.http_requests: dict[tuple[str, int], int] = {}
         #: requests answered ERR, by code; docs/protocol-file.md's codes are
         #: there from the start, so each series shows (at 0) before it is used
         self.refused: dict[int, int] = dict.fromkeys(
@@ -451,6 +453,10 @@ class FileState:
         result = _Hasher(opened, self.clock).start()
         result.addCallback(self._remember, key)
         return result
+
+    def known_sum(self, info: os.stat_result) -> str | None:
+        """The SHA-256 of a file with this C{stat}, if remembered; never computed."""
+        return self.sums.get((info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns))
 
     def _remember(self, hexdigest: str, key: tuple[int, int, int, int]) -> str:
         self.sums[key] = hexdigest

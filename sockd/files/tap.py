@@ -39,9 +39,23 @@ def build(config: Config, reactor: IDaemonReactor) -> list[IService]:
         ) from None
     state = FileState(settings, reactor, root)
     factory = FileFactory(state, reactor, config.sockd.abort_grace)
+    # Its own factory (every connection HTTP), the same state and counters.
+    http_factory = FileFactory(
+        state,
+        reactor,
+        config.sockd.abort_grace,
+        http_only=True,
+        primary=not settings.listen,
+    )
     return [
-        stream_listener("file", description, factory, reactor, config.sockd.backlog)
-        for description in settings.listen
+        *(
+            stream_listener("file", description, f, reactor, config.sockd.backlog)
+            for f, listen in (
+                (factory, settings.listen),
+                (http_factory, settings.listen_http),
+            )
+            for description in listen
+        )
     ]
 
 
