@@ -136,7 +136,7 @@ def parse_range(value: bytes, size: int) -> tuple[int, int] | None:
         return max(0, size - suffix), size - 1
     start = int(first)
     end = int(last) if last else size - 1
-    if end < start:
+    if last and end < start:
         return None
     if start >= size:
         return UNSATISFIABLE
