@@ -917,8 +917,16 @@ def _check(config: Config, read: Collection[str]) -> None:
     if "chat" in read and config.chat.enabled and not config.chat.listen:
         raise ConfigError(f"{src}: [chat] is enabled but listen is empty")
     if "file" in read and config.file.enabled:
-        if not config.file.listen:
-            raise ConfigError(f"{src}: [file] is enabled but listen is empty")
+        if not config.file.listen and not config.file.listen_http:
+            raise ConfigError(
+                f"{src}: [file] is enabled but listen and listen_http are empty"
+            )
+        both = set(config.file.listen) & set(config.file.listen_http)
+        if both:
+            raise ConfigError(
+                f"{src}: [file] listen_http repeats {sorted(both)[0]!r} of listen; "
+                "a port is either shared (listen: HTTP detected) or HTTP only"
+            )
         if config.file.root is None:
             raise ConfigError(
                 f"{src}: [file] is enabled but root is not set; expected the "
