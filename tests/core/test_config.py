@@ -118,6 +118,7 @@ class SchemaTests(SynchronousTestCase):
                 ("chat", "listen"),
                 ("chat", "redis_sentinels"),
                 ("file", "listen"),
+                ("file", "listen_http"),
                 ("metrics", "listen"),
             },
         )
