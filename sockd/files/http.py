@@ -380,6 +380,11 @@ class FileRequest(http.Request):
             self.setHeader(b"Repr-Digest", b"sha-256=:" + digest + b":")
         # If-None-Match, when sent, decides alone (RFC 9110 13.2.2).
         matching = self.getHeader(b"If-None-Match")
+        if matching is not None:
+            # A list may be written "a", "b": twisted.web splits on spaces.
+            self.requestHeaders.setRawHeaders(
+                b"If-None-Match", [matching.replace(b",", b" ")]
+            )
         if self.setETag(tag) is http.CACHED:
             opened.close()
             self.finish()

@@ -281,6 +281,10 @@ class ConditionalTests(HttpBase):
         self.assertEqual(headers[b"etag"], tag)
         status, _, _ = self.get(b"/notes.txt", b'If-None-Match: "other"')
         self.assertEqual(status, 200)
+        status, _, _ = self.get(b"/notes.txt", b'If-None-Match: "x", ' + tag)
+        self.assertEqual(status, 304)
+        status, _, _ = self.get(b"/notes.txt", b"If-None-Match: *")
+        self.assertEqual(status, 304)
 
     def test_if_modified_since(self) -> None:
         modified = self.get(b"/notes.txt")[1][b"last-modified"]
