@@ -4,7 +4,10 @@ close) against nginx serving the same file over HTTP/1.0, both with
 sendfile, one worker process each, driven by the C load generator's
 download loop: one stream of a 1 GiB file (goal: at least 1.0x nginx) and
 100 concurrent streams of a 10 MiB file (at least 1.0x), with sockd's peak
-memory growth under 50 MiB.  nginx runs in both settings of tcp_nopush:
+memory growth under 50 MiB.  The 1 GiB file is also fetched from sockd over
+HTTP/1.0 on the same port (twisted.web's head, then sendfile), in the same
+alternation: its row goes against the same nginx samples (goal: at least
+0.9x).  nginx runs in both settings of tcp_nopush:
 on (TCP_CORK, as people run it; the goals are against it) and off.
 
 Then capped downloads: server CPU per MB of an 8 MiB download under
@@ -55,6 +58,9 @@ SCENARIOS = [
 RSS_GROWTH_MIB = 50
 #: the two nginx contenders; goals are against the first
 NGINX_ON, NGINX_OFF = "nginx, tcp_nopush on", "nginx, tcp_nopush off"
+#: sockd's HTTP contender (the one-stream scenario only), and its goal
+SOCKD_HTTP = "sockd, HTTP"
+HTTP_GOAL = 0.9
 
 #: capped downloads: (scenario, [file] keys, over TLS); each against the
 #: same download with no cap, on a daemon of its own
@@ -214,22 +220,30 @@ def main() -> int:
                 conns: int = conns,
                 cpu: dict[str, list[float]] = cpu,
                 requests: dict[Server, str] = requests,
+                request: str = "",
+                who: str = "",
             ) -> float:
                 before, started = server.cpu(), time.monotonic()
-                values = loadgen_fetch(server, requests[server], conns, seconds)
+                asked = request or requests[server]
+                values = loadgen_fetch(server, asked, conns, seconds)
                 wall = time.monotonic() - started
-                cpu.setdefault(server.name, []).append((server.cpu() - before) / wall)
+                cpu.setdefault(who or server.name, []).append(
+                    (server.cpu() - before) / wall
+                )
                 cpu.setdefault("loadgen", []).append(values.get("cpu", 0.0))
                 return values["rate"] / 1e6
 
-            samples = alternate(
-                rounds,
-                {
-                    "sockd": lambda: run(sockd),
-                    NGINX_ON: lambda: run(nginx),
-                    NGINX_OFF: lambda: run(nginx_off),
-                },
-            )
+            contenders = {
+                "sockd": lambda: run(sockd),
+                NGINX_ON: lambda: run(nginx),
+                NGINX_OFF: lambda: run(nginx_off),
+            }
+            if conns == 1:
+                contenders[SOCKD_HTTP] = lambda get=get: run(
+                    sockd, request=get, who="sockd HTTP"
+                )
+            samples = alternate(rounds, contenders)
+            over_http = samples.pop(SOCKD_HTTP, None)
             note = "CPU (cores, median): " + ", ".join(
                 f"{k} {statistics.median(v):.2f}" for k, v in cpu.items()
             )
@@ -251,6 +265,21 @@ def main() -> int:
                     note=note,
                 )
             )
+            if over_http is not None:
+                http_samples = {**samples, "sockd": over_http}
+                emit(
+                    Result(
+                        "files",
+                        label(size, conns) + ", HTTP",
+                        "MB/s",
+                        http_samples,
+                        paired_ratios(http_samples),
+                        goals={NGINX_ON: HTTP_GOAL},
+                        note="sockd over HTTP/1.0 on its file port (GET, "
+                        "twisted.web head, sendfile body); nginx samples "
+                        "shared with the row above",
+                    )
+                )
     finally:
         sockd.stop()
         nginx.stop()

@@ -59,6 +59,9 @@ log = Logger(namespace="sockd.file")
 
 #: L{parse_range}'s answer for a range that starts beyond the end
 UNSATISFIABLE = (-1, -1)
+#: pipelined requests answered for one connection in one reactor turn (as
+#: the framed protocol's REQUESTS_PER_TURN); the rest wait for the next
+REQUESTS_PER_TURN = 64
 #: methods answered, for the metrics' label (any other is "other")
 METHODS = frozenset({"GET", "HEAD", "PUT"})
 _REASONS = {
@@ -249,6 +252,17 @@ class FileRequest(http.Request):
     def process(self) -> None:
         if self.refused:
             return
+        if self.channel.spent():
+            # Many pipelined answers this turn: the other connections first.
+            self.state.clock.callLater(0, self._resume)
+            return
+        self._process()
+
+    def _resume(self) -> None:
+        if not self._disconnected:
+            self._process()
+
+    def _process(self) -> None:
         owner = self.channel.owner
         owner.requests += 1
         owner.request = f"{self.method.decode('latin-1')} {escape(self.uri)}"
@@ -611,6 +625,8 @@ class FileChannel(http.HTTPChannel):
         self.lister = lister
         #: the peer has sent all it will: close once the answer is out
         self.ended = False
+        #: requests begun in this reactor turn (L{spent})
+        self._answered = 0
 
     @classmethod
     def attach(cls, owner: HttpOwner, lister: Lister, data: bytes) -> FileChannel:
@@ -627,6 +643,16 @@ class FileChannel(http.HTTPChannel):
         if data:
             channel.received(data)
         return channel
+
+    def spent(self) -> bool:
+        """Count a request; whether this turn's share is used up."""
+        if not self._answered:
+            self.owner.factory.clock.callLater(0, self._newTurn)
+        self._answered += 1
+        return self._answered > REQUESTS_PER_TURN
+
+    def _newTurn(self) -> None:
+        self._answered = 0
 
     def received(self, data: bytes) -> None:
         """Bytes from the client (counted and timed by the owner)."""

@@ -214,6 +214,16 @@ class GetTests(HttpBase):
         self.assertTrue(transport.connected)
         self.assertEqual(protocol.requests, 2)
 
+    def test_pipelined_share_per_turn(self) -> None:
+        """Pipelined requests: 64 answered per reactor turn, the rest after."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HEAD /notes.txt HTTP/1.1\r\nHost: t\r\n\r\n" * 200)
+        self.assertEqual(transport.value().count(b" 200 OK"), 64)
+        for _ in range(10):
+            self.clock.advance(0)
+        self.assertEqual(transport.value().count(b" 200 OK"), 200)
+        self.assertTrue(transport.connected)
+
     def test_errors(self) -> None:
         cases = {
             b"/missing": 404,
