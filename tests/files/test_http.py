@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+import pytest_twisted
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import datetimeToString
@@ -538,3 +540,57 @@ class ConnectionTests(HttpBase):
         self.settle(transport)
         self.factory.drain(10)
         self.assertFalse(transport.connected)
+
+
+async def keep_alive(tls: bool, tmp_path: Path) -> bytes:
+    """Two GETs on one real connection, the second with Connection: close."""
+    from twisted.internet import reactor as _reactor
+    from twisted.internet import ssl
+    from twisted.internet.endpoints import (
+        TCP4ClientEndpoint,
+        connectProtocol,
+        wrapClientTLS,
+    )
+
+    from tests.files.test_protocol import Collector
+    from tests.files.test_sendfile import self_signed_pem
+
+    reactor: Any = _reactor
+    root = make_tree(tmp_path)
+    config = settings(file={"root": str(root), "enabled": "true"})
+    state = FileState(config.file, reactor)
+    factory = FileFactory(state, reactor, abort_grace=5)
+    if tls:
+        certificate = ssl.PrivateCertificate.loadPEM(self_signed_pem())
+        port = reactor.listenSSL(
+            0, factory, certificate.options(), interface="127.0.0.1"
+        )
+    else:
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        if tls:
+            endpoint = wrapClientTLS(ssl.CertificateOptions(verify=False), endpoint)
+        collector = Collector()
+        await connectProtocol(endpoint, collector).addTimeout(10, reactor)
+        collector.transport.write(  # type: ignore[union-attr]
+            b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n"
+            b"GET /notes.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        data: bytes = await collector.lost.addTimeout(10, reactor)
+    finally:
+        await port.stopListening()
+        state.root.close()
+    return data
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("tls", [False, True], ids=["sendfile", "tls"])
+async def test_keep_alive_real_connection(tls: bool, tmp_path: Path) -> None:
+    """A body by sendfile (or chunks under TLS), then the next request's answer."""
+    data = await keep_alive(tls, tmp_path)
+    status, headers, rest = response(data)
+    assert (status, headers[b"content-length"]) == (200, b"%d" % len(BODY))
+    assert rest[: len(BODY)] == BODY
+    status, headers, body = response(rest[len(BODY) :])
+    assert (status, body, headers[b"connection"]) == (200, b"hello notes\n", b"close")
