@@ -230,7 +230,9 @@ class FileRequest(http.Request):
         # Never written to: the body goes into the upload, or nowhere.
         self.content = io.BytesIO()
         if self.announced == b"PUT":
-            if length is None:
+            if self.channel.owner.factory.draining:
+                self._refuse(503, "shutting down")
+            elif length is None:
                 self._refuse(411, "a PUT needs a Content-Length (no chunked uploads)")
             else:
                 self._beginUpload(length)
@@ -266,8 +268,8 @@ class FileRequest(http.Request):
         owner = self.channel.owner
         owner.requests += 1
         owner.request = f"{self.method.decode('latin-1')} {escape(self.uri)}"
-        if owner.factory.draining:
-            self._abortUpload()
+        if owner.factory.draining and self.upload is None:
+            # Stopping: an upload in flight is finished, nothing new begun.
             self.fail(503, "shutting down", close=True)
             return
         if self.method == b"PUT":

@@ -483,6 +483,21 @@ class UploadTests(HttpBase):
         self.assertEqual((self.root / "x").stat().st_size, 200000)
         self.assertFalse(any(p.name.startswith(".sockd-") for p in self.root.iterdir()))
 
+    def test_upload_in_flight_finishes_at_shutdown(self) -> None:
+        factory = self.make(writable="true")
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(b"PUT /x HTTP/1.1\r\nContent-Length: 6\r\n\r\nabc")
+        factory.drain(10)
+        self.assertTrue(transport.connected)
+        protocol.dataReceived(b"def")
+        self.clock.advance(0)
+        self.assertEqual(response(bytes(transport.value()))[0], 201)
+        self.assertEqual((self.root / "x").read_bytes(), b"abcdef")
+        self.assertFalse(transport.connected)
+        late, transport = self.connect(factory)
+        late.dataReceived(b"GET /x HTTP/1.1\r\n\r\n")
+        self.assertEqual(response(bytes(transport.value()))[0], 503)
+
     def test_cut_connection_removes_temporary(self) -> None:
         factory = self.make(writable="true")
         protocol, transport = self.connect(factory)
