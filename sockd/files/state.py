@@ -381,8 +381,9 @@ class FileState:
         self.total_bucket = _byte_bucket(settings.total_rate_limit, clock)
         self.served = 0
         self.bytes_sent = 0
-        #: HTTP requests answered, by method and status (sockd.files.http)
-        self.http_requests: dict[tuple[str, int], int] = {}
+        #: HTTP requests answered, by method and status (sockd.files.http);
+        #: one series from the start, so the family shows before any traffic
+        self.http_requests: dict[tuple[str, int], int] = {("GET", 200): 0}
         #: requests answered ERR, by code; docs/protocol-file.md's codes are
         #: there from the start, so each series shows (at 0) before it is used
         self.refused: dict[int, int] = dict.fromkeys(

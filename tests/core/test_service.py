@@ -177,6 +177,11 @@ OPTIONS: dict[str, dict[str, tuple[str | None, bool, str]]] = {
         "config": ("c", True, CONFIG_HELP),
         "set": (None, True, SET_HELP),
         "listen": ("l", True, "TCP endpoint to listen on (repeatable), e.g. tcp:8898."),
+        "listen-http": (
+            None,
+            True,
+            "TCP endpoint where every connection is HTTP (repeatable), e.g. tcp:8080.",
+        ),
         "root": ("r", True, "directory served"),
         "symlinks": (
             None,
