@@ -557,6 +557,33 @@ class ConnectionTests(HttpBase):
         self.assertFalse(transport.connected)
 
 
+class RateTests(HttpBase):
+    def test_rate_limit_paces_the_body(self) -> None:
+        """The body goes through the same pacer: a second's worth at a time."""
+        factory = self.make(rate_limit="256K")
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+        for _ in range(50):
+            producer = transport.producer
+            if producer is not None and not isinstance(producer, FileChannel):
+                producer.resumeProducing()
+            self.clock.advance(0)
+        status, _, body = response(bytes(transport.value()))
+        self.assertEqual(status, 200)
+        self.assertEqual(len(body), 256 * 1024)  # the first second's burst
+        sizes = []
+        for _ in range(60):
+            self.clock.advance(0.1)
+            producer = transport.producer
+            if producer is not None and not isinstance(producer, FileChannel):
+                producer.resumeProducing()
+            sizes.append(len(response(bytes(transport.value()))[2]))
+        self.assertEqual(response(bytes(transport.value()))[2], BODY)
+        # 1 MiB at 256 KiB/s after the first 256 KiB: not done in 2 s, done in 6.
+        self.assertLess(sizes[19], len(BODY))
+        self.assertLessEqual(sizes[19], 3 * 256 * 1024)
+
+
 async def keep_alive(tls: bool, tmp_path: Path) -> bytes:
     """Two GETs on one real connection, the second with Connection: close."""
     from twisted.internet import reactor as _reactor
