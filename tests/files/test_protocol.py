@@ -175,7 +175,7 @@ class BareTests(Base):
             [
                 b"9big.bin\t/big.bin\t127.0.0.1\t9000",
                 b"1docs\t/docs\t127.0.0.1\t9000",
-                b"9empty\t/empty\t127.0.0.1\t9000",
+                b"0empty\t/empty\t127.0.0.1\t9000",  # no suffix, empty: text
                 b"0notes.txt\t/notes.txt\t127.0.0.1\t9000",
                 b"0with space%.txt\t/with space%.txt\t127.0.0.1\t9000",
             ],
@@ -335,9 +335,15 @@ class FramedTests(Base):
             transport.value(), b"ERR 500 internal error: Too many open files\r\n"
         )
         protocol, transport = self.connect(self.make(bare_errors="line"))
-        protocol.dataReceived(b"/\r\n")
+        protocol.dataReceived(b"/\n")
         self.assertEqual(
             transport.value(), b"ERR 500 internal error: Too many open files\r\n"
+        )
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"/\r\n")  # a Gopher client: an error item
+        self.assertEqual(
+            transport.value(),
+            b"3500 internal error: Too many open files\t\terror.host\t1\r\n.\r\n",
         )
 
     def test_percent_encoded_path(self) -> None:
@@ -1218,13 +1224,17 @@ class LinkPolicyTests(Base):
 
     def test_bare_and_menu(self) -> None:
         factory = self.make(bare_errors="line")
-        for request in (b"vis.txt\n", b"/gitlink/config\r\n", b"gitlink\n"):
+        for request in (b"vis.txt\n", b"/gitlink/config\n", b"gitlink\n"):
             self.assertEqual(
                 self.exchange(request, factory),
                 b"ERR 403 hidden files are not served\r\n",
             )
+        self.assertEqual(
+            self.exchange(b"/gitlink/config\r\n", factory),
+            b"3403 hidden files are not served\t\terror.host\t1\r\n.\r\n",
+        )
         menu = self.exchange(b"\r\n", factory)
-        self.assertIn(b"9plain_link\t/plain_link\t", menu)
+        self.assertIn(b"0plain_link\t/plain_link\t", menu)  # text, sniffed
         self.assertNotIn(b"vis.txt", menu)
         self.assertNotIn(b"gitlink", menu)
         self.assertNotIn(CANARY, menu)
