@@ -206,8 +206,10 @@ def parse_map(data: bytes) -> GopherMap:
     lines: list[Item] = []
     dropped: list[str] = []
     rest = False
-    text = data.decode("utf-8", "replace").removesuffix("\n")
-    for number, raw in enumerate(text.split("\n") if text else (), 1):
+    raws = data.decode("utf-8", "replace").split("\n")
+    if not raws[-1]:
+        raws.pop()  # what follows the last newline: no line
+    for number, raw in enumerate(raws, 1):
         line = raw.removesuffix("\r")
         if line.startswith("#"):
             continue
