@@ -19,6 +19,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -27,7 +28,6 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import (
     EventLoggingObserver,
     MemoryReactor,
@@ -1439,8 +1439,10 @@ class GopherTests(Base):
                 (kinds / name).write_bytes(data)
         self.assertEqual(
             [line.split(b"\t")[0] for line in self.menu(b"/kinds\r\n")],
-            [b"0Makefile", b"Ia.png", b"gb.gif", b"9blob", b"hc.html", b"sd.mp3"]
-            + [b"5e.tar.gz", b"0f.txt", b"1sub"],
+            [
+                *(b"0Makefile", b"Ia.png", b"gb.gif", b"9blob", b"hc.html"),
+                *(b"sd.mp3", b"5e.tar.gz", b"0f.txt", b"1sub"),
+            ],
         )
         # An HTML item is a file of this server: its selector, no URL: link.
         self.assertIn(
