@@ -255,9 +255,10 @@ def host_name(value: str, base: Path) -> str:
         return str(ipaddress.ip_address(value))
     except ValueError:
         pass
-    labels = value.removesuffix(".").split(".")
+    name = value.removesuffix(".")
+    labels = name.split(".")
     if (
-        _HOST.fullmatch(value)
+        _HOST.fullmatch(name)
         and not labels[-1].isdigit()
         and all(0 < len(label) <= 63 for label in labels)
         and not any(label[0] == "-" or label[-1] == "-" for label in labels)

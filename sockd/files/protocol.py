@@ -102,7 +102,8 @@ class _Format(Protocol[T]):
 @implementer(IPushProducer)
 class ListSender(Generic[T]):
     """
-    Writes a listing (L{DirectoryScan}) as the transport's push producer:
+    Writes a listing (a L{DirectoryScan} for C{LIST}, a L{MenuScan} for a
+    Gopher menu) as the transport's push producer:
     one slice per reactor turn while the transport has room, nothing while
     it is paused (a client that does not read), then the end line.  Like
     the file senders: L{start} gives a L{Deferred} of the bytes written,
