@@ -415,7 +415,7 @@ class MenuScan:
         self._lines = gophermap.lines if gophermap is not None else ()
         self._rest = gophermap is None or gophermap.rest
         self._next = 0
-        self._mapDone = gophermap is None
+        self._map_done = gophermap is None
         #: why map lines were left out, logged once the map is done
         self.dropped = list(gophermap.dropped) if gophermap is not None else []
         self._emitted = False
@@ -432,7 +432,7 @@ class MenuScan:
         if self.done:
             return []
         try:
-            if not self._mapDone:
+            if not self._map_done:
                 items = self._mapped()
             else:
                 items = [
@@ -453,7 +453,7 @@ class MenuScan:
         lines, self._next = self._lines[self._next : end], end
         items = [item for line in lines if (item := self._resolve(line)) is not None]
         if self._next == len(self._lines):
-            self._mapDone = True
+            self._map_done = True
             if self.dropped:
                 log.warn(
                     "file: gophermap of /{where}: {count} line(s) left out: {reasons}",
