@@ -246,6 +246,39 @@ def sentinel_addresses(value: str, base: Path) -> tuple[tuple[str, int], ...]:
     return tuple(found)
 
 
+def host_name(value: str, base: Path) -> str:
+    """A DNS name or an IP address (as written), or empty."""
+    value = value.strip()
+    if not value:
+        return value
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    name = value.removesuffix(".")
+    labels = name.split(".")
+    if (
+        _HOST.fullmatch(name)
+        and not labels[-1].isdigit()
+        and all(0 < len(label) <= 63 for label in labels)
+        and not any(label[0] == "-" or label[-1] == "-" for label in labels)
+    ):
+        return value
+    raise ValueError(
+        "expected a DNS name (such as gopher.example.org) or an IP address, or nothing"
+    )
+
+
+def optional_port(value: str, base: Path) -> int | None:
+    """A TCP port from 1 to 65535, or empty (None)."""
+    if not value.strip():
+        return None
+    try:
+        return integer(1, 65535)(value, base)
+    except ValueError:
+        raise ValueError("expected a port from 1 to 65535, or nothing") from None
+
+
 def directory(value: str, base: Path) -> Path:
     """An existing, readable directory; relative to the config file."""
     raw = value.strip()
@@ -644,6 +677,12 @@ class FileSettings:
         0, size(0, 2**50), "bytes per second in total (0: no cap)"
     )
     max_list_entries: int = setting(10000, integer(1, 100_000))
+    #: what Gopher menus advertise; empty: the address and port each client
+    #: connected to (see docs/protocol-file.md, "Gopher")
+    gopher_host: str = setting("", host_name)
+    gopher_port: int | None = setting(None, optional_port)
+    #: a file named gophermap in a directory shapes its Gopher menu
+    gophermap: bool = setting(False, boolean)
     #: empty: [sockd]'s allow, deny and trusted_proxies
     allow: tuple[Network, ...] | None = setting(None, own_networks)
     deny: tuple[Network, ...] | None = setting(None, own_networks)

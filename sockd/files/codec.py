@@ -155,9 +155,14 @@ class Request:
 
 @dataclass(frozen=True)
 class BareRequest:
-    """A bare request: a selector (what preceded a tab: Gopher clients add more)."""
+    """
+    A bare request: a selector (what preceded a tab: Gopher clients add
+    more); C{gopher} if it came as Gopher clients send one (a line ended
+    by CR LF, or with a tab), not as netcat does (LF, a pause, an EOF).
+    """
 
     selector: bytes
+    gopher: bool = False
 
 
 @dataclass(frozen=True)
@@ -263,7 +268,9 @@ class RequestParser:
                 self._broken = True  # nothing more for this parser
                 return HttpStart(buffer)
             line, self._buffer = buffer[:end], buffer[end + 1 :]
-            return self._request(line[:-1] if line.endswith(b"\r") else line)
+            if line.endswith(b"\r"):
+                return self._request(line[:-1], crlf=True)
+            return self._request(line)
         if not self.ended:
             return None
         if buffer:
@@ -315,12 +322,13 @@ class RequestParser:
         self._body = 0
         return BodyData(buffer[:remaining])
 
-    def _request(self, line: bytes) -> Request | BareRequest:
+    def _request(self, line: bytes, crlf: bool = False) -> Request | BareRequest:
         word, _, rest = line.partition(b" ")
         if self.mode is Mode.UNDECIDED:
             self.mode = Mode.FRAMED if word in KEYWORDS else Mode.BARE
         if self.mode is Mode.BARE:
-            return BareRequest(line.split(b"\t", 1)[0])
+            selector, tab, _ = line.partition(b"\t")
+            return BareRequest(selector, crlf or bool(tab))
         return Request(word, tuple(rest.split(b" ")) if rest else ())
 
 

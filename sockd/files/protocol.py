@@ -16,9 +16,8 @@ holds the decisions.  File bodies go out through L{sockd.files.sendfile}.
 from __future__ import annotations
 
 import enum
-import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -32,12 +31,12 @@ from sockd.core.eager import eager_write
 from sockd.core.interfaces import IReconfigurable
 from sockd.core.limits import ACCESS_DENIED, GuardedFactory, GuardedProtocol, Sample
 from sockd.core.logs import escape
-from sockd.files import codec
+from sockd.files import codec, gopher
 from sockd.files.http import FileChannel
 from sockd.files.http import refusal as http_refusal
 from sockd.files.paths import Opened, PathError
 from sockd.files.sendfile import TransferError, release, send_file
-from sockd.files.state import DirectoryScan, Entry, FileState, Upload, write_code
+from sockd.files.state import Entry, FileState, Upload, write_code
 
 __all__ = ["REQUESTS_PER_TURN", "FileFactory", "FileProtocol", "ListSender"]
 
@@ -47,9 +46,6 @@ _SHUTTING_DOWN = codec.send(codec.Failure(503, "shutting down"))
 
 #: pipelined requests answered for one connection in one reactor turn
 REQUESTS_PER_TURN = 64
-TEXT_SUFFIXES = frozenset(
-    {".txt", ".md", ".rst", ".csv", ".json", ".ini", ".cfg", ".log", ".py", ".html"}
-)
 
 
 def _number(text: bytes) -> int:
@@ -77,38 +73,39 @@ class _ListFormat:
         return codec.send(codec.ListEnd(truncated))
 
 
-class _MenuFormat:
-    """A Gopher menu (RFC 1436 type 1) of a directory."""
+#: an entry of a listing: a framed LIST's L{Entry}, or a menu's L{gopher.Item}
+T = TypeVar("T")
 
-    head = b""
 
-    def __init__(self, parts: tuple[str, ...], host: object, port: object) -> None:
-        self.parts = parts
-        self.where = f"\t{host}\t{port}"
+class _Scan(Protocol[T]):
+    """A listing worked out a slice at a time (L{DirectoryScan}, L{MenuScan})."""
 
-    def lines(self, entries: list[Entry]) -> bytes:
-        out = []
-        for kind, name, _info in entries:
-            if kind == "d":
-                kind = "1"
-            else:
-                kind = (
-                    "0" if os.path.splitext(name)[1].lower() in TEXT_SUFFIXES else "9"
-                )
-            selector = "/" + "/".join((*self.parts, name))
-            out.append(f"{kind}{name}\t{selector}{self.where}\r\n")
-        return "".join(out).encode("utf-8")
+    done: bool
+    truncated: str
 
-    def end(self, truncated: str) -> bytes:
-        # An informational line (type i), as Gopher servers write them.
-        marker = f"itruncated: {truncated}\t{self.where}\r\n" if truncated else ""
-        return marker.encode("utf-8") + b".\r\n"
+    @property
+    def started(self) -> bool: ...
+
+    def step(self) -> list[T]: ...
+
+    def close(self) -> None: ...
+
+
+class _Format(Protocol[T]):
+    """How a listing is written: a head, its entries' lines, its end."""
+
+    head: bytes
+
+    def lines(self, entries: list[T]) -> bytes: ...
+
+    def end(self, truncated: str) -> bytes: ...
 
 
 @implementer(IPushProducer)
-class ListSender:
+class ListSender(Generic[T]):
     """
-    Writes a listing (L{DirectoryScan}) as the transport's push producer:
+    Writes a listing (a L{DirectoryScan} for C{LIST}, a L{MenuScan} for a
+    Gopher menu) as the transport's push producer:
     one slice per reactor turn while the transport has room, nothing while
     it is paused (a client that does not read), then the end line.  Like
     the file senders: L{start} gives a L{Deferred} of the bytes written,
@@ -117,8 +114,8 @@ class ListSender:
 
     def __init__(
         self,
-        scan: DirectoryScan,
-        form: _ListFormat | _MenuFormat,
+        scan: _Scan[T],
+        form: _Format[T],
         clock: IReactorTime,
         write: Callable[[bytes], None],
         progress: Callable[[], None],
@@ -166,7 +163,7 @@ class ListSender:
             )
             return
         data = b""
-        if not self._begun and (self.scan.names is not None or self.scan.done):
+        if not self._begun and self.scan.started:
             data = self.form.head  # once every name is read: no more ERR
             self._begun = True
         data += self.form.lines(entries)
@@ -285,6 +282,8 @@ class FileProtocol(GuardedProtocol):
     _work: Deferred[Any] | None = None
     #: twisted.web's channel, once the connection speaks HTTP (L{_startHttp})
     _http: FileChannel | None = None
+    #: the bare request came as Gopher clients send one: errors are items
+    _gopher = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -439,6 +438,7 @@ class FileProtocol(GuardedProtocol):
 
     def _request(self, event: codec.Request | codec.BareRequest) -> None:
         if isinstance(event, codec.BareRequest):
+            self._gopher = event.gopher
             self._bare(event.selector)
             return
         word, args, path = event.command, list(event.args), event.path
@@ -462,11 +462,18 @@ class FileProtocol(GuardedProtocol):
         try:
             parts, opened = state.open(selector)
             if opened.is_dir:
-                host = self.transport.getHost()  # type: ignore[union-attr]
-                form = _MenuFormat(
-                    parts, getattr(host, "host", "localhost"), getattr(host, "port", 0)
+                settings = state.settings
+                address = self.transport.getHost()  # type: ignore[union-attr]
+                form = gopher.MenuFormat(
+                    *gopher.advertised(
+                        settings.gopher_host,
+                        settings.gopher_port,
+                        getattr(address, "host", None),
+                        getattr(address, "port", None),
+                    )
                 )
-                self._listing(parts, opened, form, self.close, b"", selector)
+                menu = state.menu(parts, opened)
+                self._listing(menu, form, self.close, b"", selector)
                 return
         except PathError as e:
             self._error(e.code, e.reason, b"", selector, close=True)
@@ -533,23 +540,23 @@ class FileProtocol(GuardedProtocol):
         if len(args) > 1:
             raise PathError(400, "usage: LIST [<dir>]")
         path = codec.percent_decode(args[0]) if args else b""
-        parts, opened = self.factory.state.open(path, "dir")
-        self._listing(parts, opened, _ListFormat(), self._next, b"LIST", path)
+        state = self.factory.state
+        parts, opened = state.open(path, "dir")
+        scan = state.scan(parts, opened)
+        self._listing(scan, _ListFormat(), self._next, b"LIST", path)
 
     def _listing(
         self,
-        parts: tuple[str, ...],
-        opened: Opened,
-        form: _ListFormat | _MenuFormat,
+        scan: _Scan[T],
+        form: _Format[T],
         then: Callable[[], None],
         command: bytes,
         path: bytes,
     ) -> None:
-        """Send a listing of C{opened}, a slice per turn; then C{then}."""
+        """Send a listing (C{scan}), a slice per turn; then C{then}."""
         state = self.factory.state
-        scan = state.scan(parts, opened)
 
-        def begin() -> tuple[ListSender, Deferred[int]]:
+        def begin() -> tuple[ListSender[T], Deferred[int]]:
             sender = ListSender(scan, form, state.clock, self._write, self.touch)
             return sender, sender.start(self.transport)
 
@@ -791,7 +798,9 @@ class FileProtocol(GuardedProtocol):
             reason=reason,
         )
         line = b""
-        if self.mode != "bare" or self.factory.state.settings.bare_errors == "line":
+        if self.mode == "bare" and self._gopher:
+            line = gopher.error_item(code, reason)
+        elif self.mode != "bare" or self.factory.state.settings.bare_errors == "line":
             line = codec.send(codec.Failure(code, reason))
         if close or self.mode == "bare":
             self.close(line)

@@ -29,6 +29,8 @@ from twisted.python.failure import Failure
 
 from sockd.core.config import FileSettings
 from sockd.core.limits import TokenBucket, idle_granularity
+from sockd.core.logs import escape
+from sockd.files import gopher
 from sockd.files.paths import RESERVED_PREFIX, Opened, PathError, Root
 from sockd.files.sendfile import Pacer
 
@@ -37,6 +39,7 @@ __all__ = [
     "DirectoryScan",
     "Entry",
     "FileState",
+    "MenuScan",
     "Upload",
     "open_root",
     "sweep_uploads",
@@ -252,11 +255,20 @@ class DirectoryScan:
     """
 
     def __init__(
-        self, root: Root, parts: tuple[str, ...], opened: Opened, limit: int
+        self,
+        root: Root,
+        parts: tuple[str, ...],
+        opened: Opened,
+        limit: int,
+        classify: Callable[[str, Opened], str] | None = None,
     ) -> None:
         self.root = root
         self.parts = parts
         self.limit = limit
+        #: gives an entry's kind (f or d without it) while it is open
+        self.classify = classify
+        #: names left out (shown already, or the gophermap)
+        self.skip: set[str] = set()
         self.found = 0
         self.truncated = ""
         self.done = False
@@ -269,6 +281,11 @@ class DirectoryScan:
             self._dir: os._ScandirIterator[str] | None = os.scandir(opened.fd)
         finally:
             opened.close()
+
+    @property
+    def started(self) -> bool:
+        """Every name is read: an error now cannot be answered as one."""
+        return self.names is not None or self.done
 
     def step(self) -> list[Entry]:
         """
@@ -331,14 +348,19 @@ class DirectoryScan:
                 return None
         except PathError:
             return None
-        if name.startswith(_UPLOAD_PREFIX):
+        if name.startswith(_UPLOAD_PREFIX) or name in self.skip:
             return None
         try:
             child = self.root.open((*self.parts, name), "any")
         except PathError:
             return None  # FIFOs, sockets, symlinks out of the root...
-        child.close()
-        return ("d" if child.is_dir else "f", name, child.stat)
+        try:
+            kind = "d" if child.is_dir else "f"
+            if self.classify is not None:
+                kind = self.classify(name, child)
+        finally:
+            child.close()
+        return (kind, name, child.stat)
 
     def _closeDir(self) -> None:
         directory, self._dir = self._dir, None
@@ -351,6 +373,128 @@ class DirectoryScan:
         self._closeDir()
         self._runs = []
         self.names = None
+
+
+def _head(opened: Opened) -> bytes:
+    """A file's first bytes, read on its open descriptor (binary if unreadable)."""
+    try:
+        return os.pread(opened.fd, gopher.SNIFF, 0)
+    except OSError:
+        return b"\0"
+
+
+def _classify(name: str, opened: Opened) -> str:
+    """The Gopher item type of an open entry (see L{gopher.item_type})."""
+    return gopher.item_type(name, opened.is_dir, lambda: _head(opened))
+
+
+class MenuScan:
+    """
+    A Gopher menu of a directory, a slice at a time: the lines of its
+    gophermap, if it has one (each local selector opened through the jail
+    as a request for it would be; one that could not be requested is
+    dropped), then, where the map asks for them (or there is no map), the
+    directory's entries as L{DirectoryScan} finds them, less those the map
+    listed and (with C{[file] gophermap}) the map itself.
+    """
+
+    def __init__(
+        self,
+        root: Root,
+        parts: tuple[str, ...],
+        listing: DirectoryScan,
+        gophermap: gopher.GopherMap | None = None,
+        hide_map: bool = False,
+    ) -> None:
+        self.root = root
+        self.parts = parts
+        self.listing = listing
+        listing.classify = _classify
+        if hide_map:
+            listing.skip.add(gopher.MAP_NAME)
+        self._lines = gophermap.lines if gophermap is not None else ()
+        self._rest = gophermap is None or gophermap.rest
+        self._next = 0
+        self._map_done = gophermap is None
+        #: why map lines were left out, logged once the map is done
+        self.dropped = list(gophermap.dropped) if gophermap is not None else []
+        self._emitted = False
+        self.done = False
+        self.truncated = ""
+
+    @property
+    def started(self) -> bool:
+        """Lines were given: an error now cannot be answered as one."""
+        return self._emitted or self.listing.started
+
+    def step(self) -> list[gopher.Item]:
+        """One slice of work: the menu's next items (map lines, then entries)."""
+        if self.done:
+            return []
+        try:
+            if not self._map_done:
+                items = self._mapped()
+            else:
+                items = [
+                    gopher.Item(kind, name, "/" + "/".join((*self.parts, name)))
+                    for kind, name, _ in self.listing.step()
+                ]
+                if self.listing.done:
+                    self.truncated = self.listing.truncated
+                    self.close()
+        except BaseException:
+            self.close()
+            raise
+        self._emitted = self._emitted or bool(items)
+        return items
+
+    def _mapped(self) -> list[gopher.Item]:
+        end = min(self._next + SCAN_ENTRIES, len(self._lines))
+        lines, self._next = self._lines[self._next : end], end
+        items = [item for line in lines if (item := self._resolve(line)) is not None]
+        if self._next == len(self._lines):
+            self._map_done = True
+            if self.dropped:
+                log.warn(
+                    "file: gophermap of /{where}: {count} line(s) left out: {reasons}",
+                    where=escape("/".join(self.parts)),
+                    count=len(self.dropped),
+                    reasons="; ".join(self.dropped[:3]),
+                )
+            if not self._rest:
+                self.close()
+        return items
+
+    def _resolve(self, line: gopher.Item) -> gopher.Item | None:
+        """A map's line as served: local selectors checked and made absolute."""
+        if line.type == gopher.INFO or line.host:
+            return line
+        selector = line.selector
+        try:
+            parts = self.root.parse(selector.encode("utf-8"))
+            if not selector.startswith("/"):
+                parts = (*self.parts, *parts)
+            opened = self.root.open(parts, "any")
+        except (PathError, OSError) as e:
+            reason = e.reason if isinstance(e, PathError) else str(e.strerror)
+            self.dropped.append(f"{escape(selector, 80)}: {reason}")
+            return None
+        try:
+            kind = line.type
+            if opened.is_dir:
+                kind = gopher.DIRECTORY
+            elif kind == gopher.DIRECTORY:
+                kind = _classify(parts[-1], opened)
+        finally:
+            opened.close()
+        if parts and parts[:-1] == self.parts:
+            self.listing.skip.add(parts[-1])  # listed: not again with the rest
+        return gopher.Item(kind, line.display, "/" + "/".join(parts))
+
+    def close(self) -> None:
+        """Finished, or abandoned: release the directory."""
+        self.done = True
+        self.listing.close()
 
 
 class FileState:
@@ -442,6 +586,43 @@ class FileState:
         """Begin listing the directory C{opened} (the path C{parts})."""
         return DirectoryScan(self.root, parts, opened, self.settings.max_list_entries)
 
+    def menu(self, parts: tuple[str, ...], opened: Opened) -> MenuScan:
+        """Begin a Gopher menu of the directory C{opened} (the path C{parts})."""
+        listing = self.scan(parts, opened)
+        shaped = self.settings.gophermap
+        found = self._gophermap(parts) if shaped else None
+        return MenuScan(self.root, parts, listing, found, hide_map=shaped)
+
+    def _gophermap(self, parts: tuple[str, ...]) -> gopher.GopherMap | None:
+        """The directory's gophermap, parsed; None if it has none (or a bad one)."""
+        where = escape("/" + "/".join((*parts, gopher.MAP_NAME)))
+        try:
+            opened = self.root.open((*parts, gopher.MAP_NAME), "file")
+        except PathError as e:
+            if e.code != 404:
+                log.warn("file: {map} ignored: {reason}", map=where, reason=e.reason)
+            return None
+        except OSError as e:
+            log.warn("file: {map} ignored: {reason}", map=where, reason=e.strerror)
+            return None
+        try:
+            data = b""
+            if opened.stat.st_size <= gopher.MAX_MAP:
+                data = os.pread(opened.fd, gopher.MAX_MAP + 1, 0)
+        except OSError as e:
+            log.warn("file: {map} ignored: {reason}", map=where, reason=e.strerror)
+            return None
+        finally:
+            opened.close()
+        if opened.stat.st_size > gopher.MAX_MAP or len(data) > gopher.MAX_MAP:
+            log.warn(
+                "file: {map} ignored: larger than {limit} bytes",
+                map=where,
+                limit=gopher.MAX_MAP,
+            )
+            return None
+        return gopher.parse_map(data)
+
     def checksum(self, opened: Opened) -> Deferred[str]:
         """SHA-256 of an open file, remembered by inode, size and mtime."""
         info = opened.stat
@@ -484,6 +665,9 @@ class FileState:
         name = parts[-1]
         if name.startswith(_UPLOAD_PREFIX):
             raise PathError(403, "reserved name")
+        if settings.gophermap and name == gopher.MAP_NAME:
+            # A map shapes menus: only those who run the server write one.
+            raise PathError(403, "gophermaps are not accepted as uploads")
         directory = self.root.open(parts[:-1], "dir")
         dir_fd = directory.fd
         try:

@@ -769,3 +769,48 @@ class HintTests(SynchronousTestCase):
             self.assertEqual(parsed.replace(f"{base}/", ""), example)
         tcp6 = serverFromString(MemoryReactor(), examples[1])
         self.assertEqual(tcp6._interface, "::1")  # type: ignore[attr-defined]
+
+
+class GopherKeysTests(SynchronousTestCase):
+    """C{[file] gopher_host} and C{gopher_port}: what Gopher menus advertise."""
+
+    def test_good_values(self) -> None:
+        self.assertEqual(
+            (config.FileSettings.gopher_host, config.FileSettings.gopher_port),
+            ("", None),
+        )
+        for host in ("gopher.example.org", "gopher.example.org.", "h", "10.0.0.1"):
+            self.assertEqual(
+                parse("", file={"gopher_host": host}).file.gopher_host, host
+            )
+        self.assertEqual(
+            parse("", file={"gopher_host": " 2001:DB8::1 "}).file.gopher_host,
+            "2001:db8::1",
+        )
+        self.assertEqual(parse("", file={"gopher_port": "70"}).file.gopher_port, 70)
+        self.assertIsNone(parse("", file={"gopher_port": " "}).file.gopher_port)
+
+    def test_bad_values(self) -> None:
+        for host in (
+            "a b",
+            "-x.org",
+            "x-.org",
+            "a..b",
+            "1.2.3.999",
+            "x" * 64 + ".org",
+            "h/70",
+            "h:70",
+        ):
+            with self.assertRaises(config.ConfigError) as caught:
+                parse("", file={"gopher_host": host})
+            self.assertIn(
+                "expected a DNS name (such as gopher.example.org) or an IP address",
+                str(caught.exception),
+            )
+        for port in ("0", "65536", "-1", "seventy"):
+            with self.assertRaises(config.ConfigError) as caught:
+                parse("", file={"gopher_port": port})
+            self.assertIn(
+                f"[file] gopher_port = {port!r}: expected a port from 1 to 65535",
+                str(caught.exception),
+            )

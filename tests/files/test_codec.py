@@ -95,10 +95,42 @@ def test_bare_request_and_the_mode() -> None:
     parser = RequestParser()
     assert parser.mode is Mode.UNDECIDED
     parser.feed(b"docs/a.txt\tgopher+ extra\r\nGET x\n")
-    assert parser.next_event() == BareRequest(b"docs/a.txt")
+    assert parser.next_event() == BareRequest(b"docs/a.txt", gopher=True)
     assert parser.mode is Mode.BARE
     # Once bare, always bare: a keyword is just a selector now.
     assert parser.next_event() == BareRequest(b"GET x")
+
+
+@pytest.mark.parametrize(
+    ("sent", "ending", "expected"),
+    [
+        # What Gopher clients send (curl, lynx: the selector and CR LF).
+        (b"/nope.txt\r\n", "", BareRequest(b"/nope.txt", gopher=True)),
+        (b"\r\n", "", BareRequest(b"", gopher=True)),
+        (b"/a\t+\r\n", "", BareRequest(b"/a", gopher=True)),
+        (b"/a\t$\n", "", BareRequest(b"/a", gopher=True)),
+        (b"/a\tsearch", "end", BareRequest(b"/a", gopher=True)),
+        # What netcat users send: LF, or no line ending at all.
+        (b"notes.txt\n", "", BareRequest(b"notes.txt")),
+        (b"/notes.txt\n", "", BareRequest(b"/notes.txt")),
+        (b"\n", "", BareRequest(b"")),
+        (b"notes.txt", "end", BareRequest(b"notes.txt")),
+        (b"notes.txt\r", "end", BareRequest(b"notes.txt")),
+        (b"notes.txt\r", "pause", BareRequest(b"notes.txt")),
+    ],
+)
+def test_a_gopher_selector_is_told_from_a_netcat_line(
+    sent: bytes, ending: str, expected: BareRequest
+) -> None:
+    parser = RequestParser()
+    parser.feed(sent)
+    if ending == "pause":
+        assert parser.next_event() is None
+        assert parser.pause() == expected
+        return
+    if ending == "end":
+        parser.end()
+    assert parser.next_event() == expected
 
 
 def test_a_keyword_without_arguments_is_framed() -> None:

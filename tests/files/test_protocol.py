@@ -19,6 +19,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -31,8 +32,9 @@ from twisted.internet.testing import (
     EventLoggingObserver,
     MemoryReactor,
     StringTransport,
+    StringTransportWithDisconnection,
 )
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -43,6 +45,8 @@ import sockd.files.protocol as files
 import sockd.files.state as file_state
 import sockd.files.tap as file_tap
 from sockd import tap
+from sockd.core.limits import AccessList
+from sockd.core.proxy import ProxyHeaderFactory
 from sockd.files.codec import percent_decode, percent_encode
 from sockd.files.paths import PathError
 from sockd.files.protocol import FileFactory
@@ -175,7 +179,7 @@ class BareTests(Base):
             [
                 b"9big.bin\t/big.bin\t127.0.0.1\t9000",
                 b"1docs\t/docs\t127.0.0.1\t9000",
-                b"9empty\t/empty\t127.0.0.1\t9000",
+                b"0empty\t/empty\t127.0.0.1\t9000",  # no suffix, empty: text
                 b"0notes.txt\t/notes.txt\t127.0.0.1\t9000",
                 b"0with space%.txt\t/with space%.txt\t127.0.0.1\t9000",
             ],
@@ -335,9 +339,15 @@ class FramedTests(Base):
             transport.value(), b"ERR 500 internal error: Too many open files\r\n"
         )
         protocol, transport = self.connect(self.make(bare_errors="line"))
-        protocol.dataReceived(b"/\r\n")
+        protocol.dataReceived(b"/\n")
         self.assertEqual(
             transport.value(), b"ERR 500 internal error: Too many open files\r\n"
+        )
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"/\r\n")  # a Gopher client: an error item
+        self.assertEqual(
+            transport.value(),
+            b"3500 internal error: Too many open files\t\terror.host\t1\r\n.\r\n",
         )
 
     def test_percent_encoded_path(self) -> None:
@@ -1218,13 +1228,17 @@ class LinkPolicyTests(Base):
 
     def test_bare_and_menu(self) -> None:
         factory = self.make(bare_errors="line")
-        for request in (b"vis.txt\n", b"/gitlink/config\r\n", b"gitlink\n"):
+        for request in (b"vis.txt\n", b"/gitlink/config\n", b"gitlink\n"):
             self.assertEqual(
                 self.exchange(request, factory),
                 b"ERR 403 hidden files are not served\r\n",
             )
+        self.assertEqual(
+            self.exchange(b"/gitlink/config\r\n", factory),
+            b"3403 hidden files are not served\t\terror.host\t1\r\n.\r\n",
+        )
         menu = self.exchange(b"\r\n", factory)
-        self.assertIn(b"9plain_link\t/plain_link\t", menu)
+        self.assertIn(b"0plain_link\t/plain_link\t", menu)  # text, sniffed
         self.assertNotIn(b"vis.txt", menu)
         self.assertNotIn(b"gitlink", menu)
         self.assertNotIn(CANARY, menu)
@@ -1300,6 +1314,258 @@ class LinkPolicyTests(Base):
         self.assertEqual(self.exchange(b"twin.txt\n", refuse), refused + b"\r\n")
         # allow, the default: served by either name
         self.assertEqual(self.exchange(b"twin.txt\n"), b"hello notes\n")
+
+
+class GopherTests(Base):
+    """
+    Requests as Gopher clients send them: error items, the advertised
+    address, item types by content, and gophermaps.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def menu(self, request: bytes, factory: FileFactory | None = None) -> list[bytes]:
+        """A menu's lines, without the final C{.}; the connection is closed."""
+        protocol, transport = self.connect(factory)
+        protocol.dataReceived(request)
+        for _ in range(1000):
+            if not transport.connected:
+                break
+            turn(self.clock)
+        value = bytes(transport.value())
+        self.assertTrue(value.endswith(b".\r\n"), value)
+        self.assertFalse(transport.connected)
+        return value.split(b"\r\n")[:-2]
+
+    def logged(self, text: str) -> list[str]:
+        return [formatEvent(e) for e in self.events if text in e.get("log_format", "")]
+
+    def test_errors_are_items(self) -> None:
+        cases = {
+            b"/missing.txt": b"404 not found",
+            b"/../canary": b"403 path segments . and .. are not allowed",
+            b"/out": b"403 leads outside the root",
+            b"/.hidden": b"403 hidden files are not served",
+            b"/fifo": b"405 not a regular file",
+            b"/a\\b": b"400 backslash in path; use / between names",
+        }
+        for selector, text in cases.items():
+            for end in (b"\r\n", b"\t+\r\n", b"\t\n"):
+                for factory in (self.factory, self.make(bare_errors="line")):
+                    protocol, transport = self.connect(factory)
+                    protocol.dataReceived(selector + end)
+                    self.assertEqual(
+                        transport.value(),
+                        b"3" + text + b"\t\terror.host\t1\r\n.\r\n",
+                        selector + end,
+                    )
+                    self.assertFalse(transport.connected)
+            # netcat's LF keeps the old answers (test_errors_close_silently too).
+            self.assertEqual(self.exchange(selector + b"\n"), b"")
+        self.assertEqual(self.factory.state.refused[404], 4)
+
+    def test_menus_advertise_the_connected_address(self) -> None:
+        lines = self.menu(b"/docs\r\n")
+        self.assertEqual(lines, [b"0README.txt\t/docs/README.txt\t127.0.0.1\t9000"])
+        protocol, transport = self.connect()
+        transport.hostAddr = IPv6Address("TCP", "::ffff:192.0.2.1", 7070)
+        protocol.dataReceived(b"/docs\r\n")
+        self.clock.advance(0)
+        self.assertEqual(
+            transport.value(),
+            b"0README.txt\t/docs/README.txt\t192.0.2.1\t7070\r\n.\r\n",
+        )
+
+    def test_gopher_host_and_port_and_reload(self) -> None:
+        factory = self.make(gopher_host="gopher.example.org", gopher_port="70")
+        self.assertEqual(
+            self.menu(b"/docs\r\n", factory),
+            [b"0README.txt\t/docs/README.txt\tgopher.example.org\t70"],
+        )
+        keys = {"root": str(self.root), "enabled": "true"}
+        factory.reconfigure(settings(file={**keys, "gopher_host": "10.1.2.3"}))
+        self.assertEqual(
+            self.menu(b"/docs\r\n", factory),
+            [b"0README.txt\t/docs/README.txt\t10.1.2.3\t9000"],
+        )
+        factory.reconfigure(settings(file=keys))
+        self.addCleanup(factory.state.root.close)
+        self.assertEqual(
+            self.menu(b"/docs\r\n", factory),
+            [b"0README.txt\t/docs/README.txt\t127.0.0.1\t9000"],
+        )
+
+    def test_behind_a_proxy_the_header_names_the_address(self) -> None:
+        """With a PROXY header, the address the client reached the proxy at."""
+        self.factory.set_access(
+            AccessList(), AccessList(config.networks("10.0.0.5/32", self.root))
+        )
+        proxied = ProxyHeaderFactory(self.factory)
+        addr = IPv4Address("TCP", "10.0.0.5", 50000)
+        protocol = proxied.buildProtocol(addr)
+        transport = StringTransportWithDisconnection(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 9000), peerAddress=addr
+        )
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        protocol.dataReceived(
+            b"PROXY TCP4 192.0.2.7 203.0.113.5 40001 7070\r\n/docs\r\n"
+        )
+        self.clock.advance(0)
+        self.assertEqual(
+            transport.value(),
+            b"0README.txt\t/docs/README.txt\t203.0.113.5\t7070\r\n.\r\n",
+        )
+
+    def test_item_types_by_content(self) -> None:
+        kinds = self.root / "kinds"
+        kinds.mkdir()
+        for name, data in {
+            "a.png": b"x",
+            "b.gif": b"x",
+            "c.html": b"<p>",
+            "d.mp3": b"x",
+            "e.tar.gz": b"x",
+            "f.txt": b"\x00binary after all",  # the name decides
+            "Makefile": b"all:\n\ttrue\n",
+            "blob": bytes(range(256)),
+            "sub": None,
+        }.items():
+            if data is None:
+                (kinds / name).mkdir()
+            else:
+                (kinds / name).write_bytes(data)
+        self.assertEqual(
+            [line.split(b"\t")[0] for line in self.menu(b"/kinds\r\n")],
+            [
+                *(b"0Makefile", b"Ia.png", b"gb.gif", b"9blob", b"hc.html"),
+                *(b"sd.mp3", b"5e.tar.gz", b"0f.txt", b"1sub"),
+            ],
+        )
+        # An HTML item is a file of this server: its selector, no URL: link.
+        self.assertIn(
+            b"hc.html\t/kinds/c.html\t127.0.0.1\t9000", self.menu(b"/kinds\r\n")
+        )
+
+    # --- gophermaps -----------------------------------------------------------
+
+    def test_map_shapes_the_menu(self) -> None:
+        (self.root / "docs" / "more.txt").write_bytes(b"more\n")
+        (self.root / "docs" / "gophermap").write_bytes(
+            b"The docs.\n"
+            b"\n"
+            b"0Start here\tREADME.txt\n"
+            b"1Back to the top\t/\n"
+            b"9Big file, from the root\t/big.bin\n"
+            b"1Elsewhere\t/\tgopher.floodgap.com\t70\n"
+            b"*\n"
+        )
+        factory = self.make(gophermap="true")
+        self.assertEqual(
+            self.menu(b"/docs\r\n", factory),
+            [
+                b"iThe docs.\t\t127.0.0.1\t9000",
+                b"i\t\t127.0.0.1\t9000",
+                b"0Start here\t/docs/README.txt\t127.0.0.1\t9000",
+                b"1Back to the top\t/\t127.0.0.1\t9000",
+                b"9Big file, from the root\t/big.bin\t127.0.0.1\t9000",
+                b"1Elsewhere\t/\tgopher.floodgap.com\t70",
+                # The rest: not README.txt (listed), not the map itself.
+                b"0more.txt\t/docs/more.txt\t127.0.0.1\t9000",
+            ],
+        )
+        # Off (the default): the map is a file like any other.
+        self.assertEqual(
+            self.menu(b"/docs\r\n"),
+            [
+                b"0README.txt\t/docs/README.txt\t127.0.0.1\t9000",
+                b"0gophermap\t/docs/gophermap\t127.0.0.1\t9000",
+                b"0more.txt\t/docs/more.txt\t127.0.0.1\t9000",
+            ],
+        )
+        # Without a star, the map is the whole menu.
+        (self.root / "docs" / "gophermap").write_bytes(b"0Only\tmore.txt\n")
+        self.assertEqual(
+            self.menu(b"/docs\r\n", factory),
+            [b"0Only\t/docs/more.txt\t127.0.0.1\t9000"],
+        )
+
+    def test_map_cannot_leave_the_root_or_reach_hidden_names(self) -> None:
+        (self.root / "gophermap").write_bytes(
+            b"0Canary\t../canary\n"
+            b"0Canary\t/../canary\n"
+            b"0Through a link\tout\n"
+            b"0Hidden\t.hidden\n"
+            b"0Absolute\t/etc/passwd\n"
+            b"0A FIFO\tfifo\n"
+            b"0Missing\tnope.txt\n"
+            b"3Fake error\t\terror.host\t1\n"
+            b"=cat /etc/passwd\n"
+            b"1The docs\tdocs\n"
+        )
+        lines = self.menu(b"\r\n", self.make(gophermap="true"))
+        self.assertEqual(lines, [b"1The docs\t/docs\t127.0.0.1\t9000"])
+        (line,) = self.logged("gophermap of")
+        self.assertIn("9 line(s) left out", line)
+        self.assertIn("never run", line)  # the first three reasons
+        # A map that is itself a link out of the root is not read.
+        (self.root / "docs" / "gophermap").symlink_to("../../canary")
+        lines = self.menu(b"/docs\r\n", self.make(gophermap="true"))
+        self.assertEqual(lines, [b"0README.txt\t/docs/README.txt\t127.0.0.1\t9000"])
+        self.assertEqual(
+            self.logged("ignored"),
+            ["file: /docs/gophermap ignored: leads outside the root"],
+        )
+
+    def test_a_map_too_large_is_ignored(self) -> None:
+        (self.root / "docs" / "gophermap").write_bytes(b"x" * (64 * 1024 + 1))
+        lines = self.menu(b"/docs\r\n", self.make(gophermap="true"))
+        self.assertEqual(lines, [b"0README.txt\t/docs/README.txt\t127.0.0.1\t9000"])
+        self.assertEqual(
+            self.logged("ignored"),
+            ["file: /docs/gophermap ignored: larger than 65536 bytes"],
+        )
+
+    def test_a_long_map_is_resolved_in_slices(self) -> None:
+        many = self.root / "many"
+        many.mkdir()
+        count = 3 * file_state.SCAN_ENTRIES
+        for n in range(count):
+            (many / f"n{n:04d}.txt").write_bytes(b"x")
+        (many / "gophermap").write_bytes(
+            b"".join(b"0Item %d\tn%04d.txt\n" % (n, n) for n in range(count))
+        )
+        protocol, transport = self.connect(self.make(gophermap="true"))
+        protocol.dataReceived(b"/many\r\n")
+        written = []
+        for _ in range(100):
+            if not transport.connected:
+                break
+            before = len(transport.value())
+            turn(self.clock)
+            written.append(len(transport.value()) - before)
+        lines = transport.value().split(b"\r\n")
+        self.assertEqual(len(lines), count + 2)
+        self.assertEqual(lines[5], b"0Item 5\t/many/n0005.txt\t127.0.0.1\t9000")
+        self.assertGreaterEqual(len([w for w in written if w]), 3)
+        longest = max(len(line) + 2 for line in lines)
+        self.assertLessEqual(max(written), file_state.SCAN_ENTRIES * longest + 3)
+
+    def test_maps_are_not_uploaded(self) -> None:
+        factory = self.make(writable="true", gophermap="true")
+        self.assertEqual(
+            self.exchange(b"PUT docs/gophermap 3\nabc", factory),
+            b"ERR 403 gophermaps are not accepted as uploads\r\n",
+        )
+        self.assertFalse((self.root / "docs" / "gophermap").exists())
+        factory = self.make(writable="true")
+        self.assertTrue(
+            self.exchange(b"PUT docs/gophermap 3\nabc", factory).startswith(
+                b"OK ready\r\nOK stored 3 "
+            )
+        )
 
 
 class ConnectionLineTests(Base):
