@@ -35,7 +35,14 @@ from sockd.core.logs import escape
 from sockd.files import codec
 from sockd.files.paths import Opened, PathError
 from sockd.files.sendfile import TransferError, release, send_file
-from sockd.files.state import DirectoryScan, Entry, FileState, Upload, write_code
+from sockd.files.state import (
+    DirectoryScan,
+    Entry,
+    FileState,
+    Peer,
+    Upload,
+    write_code,
+)
 
 __all__ = ["REQUESTS_PER_TURN", "FileFactory", "FileProtocol", "ListSender"]
 
@@ -541,7 +548,9 @@ class FileProtocol(GuardedProtocol):
         if len(args) != 2:
             raise PathError(400, "usage: PUT <path> <length>")
         length = _number(args[1])
-        upload = self.factory.state.begin_upload(codec.percent_decode(args[0]), length)
+        upload = self.factory.state.begin_upload(
+            codec.percent_decode(args[0]), length, Peer.of(self._host, self.transport)
+        )
         self._upload = upload
         self._enter(Phase.UPLOADING)
         self._log("PUT", args[0])
@@ -871,5 +880,14 @@ class FileFactory(GuardedFactory):
                     count,
                 )
                 for code, count in sorted(state.refused.items())
+            ),
+            *(
+                (
+                    "file_upload_refusals_total",
+                    "counter",
+                    {**service, "reason": reason},
+                    count,
+                )
+                for reason, count in sorted(state.upload_refused.items())
             ),
         ]

@@ -40,7 +40,15 @@ def build(config: Config, reactor: IDaemonReactor) -> list[IService]:
     state = FileState(settings, reactor, root)
     factory = FileFactory(state, reactor, config.sockd.abort_grace)
     return [
-        stream_listener("file", description, factory, reactor, config.sockd.backlog)
+        stream_listener(
+            "file",
+            description,
+            factory,
+            reactor,
+            config.sockd.backlog,
+            settings.client_certs,
+            settings.client_ca,
+        )
         for description in settings.listen
     ]
 

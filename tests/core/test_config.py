@@ -115,6 +115,8 @@ class SchemaTests(SynchronousTestCase):
                 ("sockd", "trusted_proxies"),
                 ("echo", "listen"),
                 ("echo", "listen_udp"),
+                ("file", "upload_allow"),
+                ("file", "upload_clients"),
                 ("chat", "listen"),
                 ("chat", "redis_sentinels"),
                 ("file", "listen"),

@@ -19,6 +19,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -46,7 +47,7 @@ from sockd import tap
 from sockd.files.codec import percent_decode, percent_encode
 from sockd.files.paths import PathError
 from sockd.files.protocol import FileFactory
-from sockd.files.state import FileState, sweep_uploads
+from sockd.files.state import FileState, Peer, sweep_uploads
 from tests.helpers import connect, settings
 
 reactor: Any = _reactor
@@ -79,6 +80,9 @@ class Base(SynchronousTestCase):
         self.factory = self.make()
 
     def make(self, **keys: str) -> FileFactory:
+        if "upload_allow" not in keys and "upload_clients" not in keys:
+            # Who may upload has tests of its own (tests/files/test_state.py).
+            keys["upload_allow"] = "0.0.0.0/0 ::/0"
         config = settings(file={"root": str(self.root), "enabled": "true", **keys})
         state = FileState(config.file, self.clock)
         self.addCleanup(state.root.close)
@@ -839,7 +843,7 @@ class LifecycleTests(Base):
         reaches connectionLost (seen with SIGTERM: the file stayed).
         """
         factory = self.make(writable="true")
-        protocol = factory.buildProtocol(None)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = StringTransport()  # abortConnection reports nothing back
         protocol.makeConnection(transport)
         protocol.dataReceived(b"PUT slow.bin 100\nabc")
@@ -1074,7 +1078,7 @@ class UploadTests(Base):
         connection is finally aborted (or never, if the daemon stops first).
         """
         factory = self.make(writable="true", idle_timeout="10")
-        protocol = factory.buildProtocol(None)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = StringTransport()  # loseConnection never completes
         protocol.makeConnection(transport)
         protocol.dataReceived(b"PUT stall.bin 1000000\n" + b"x" * 1000)
@@ -1096,7 +1100,7 @@ class UploadTests(Base):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
 
         state = self.factory.state
-        upload = state.begin_upload(b"docs/c.bin", 3)
+        upload = state.begin_upload(b"docs/c.bin", 3, Peer("127.0.0.1"))
         upload.feed(b"abc")
         self.patch(file_state.os, "fsync", broken)
         self.assertRaises(OSError, upload.commit)
@@ -1113,7 +1117,14 @@ class UploadTests(Base):
         protocol.dataReceived(b"PUT r.bin 6\nabc")
         cut, cut_t = self.connect(port=40001)
         cut.dataReceived(b"PUT cut.bin 6\nabc")
-        new = settings(file={"root": str(second), "enabled": "true", "writable": "1"})
+        new = settings(
+            file={
+                "root": str(second),
+                "enabled": "true",
+                "writable": "1",
+                "upload_allow": "127.0.0.1",
+            }
+        )
         self.factory.reconfigure(new)
         self.addCleanup(self.factory.state.root.close)
         protocol.dataReceived(b"def")
@@ -1426,7 +1437,14 @@ class SweepTests(Base):
         second = self.base / "second"
         second.mkdir()
         stale = self.plant(second / self.STALE)
-        new = settings(file={"root": str(second), "enabled": "true", "writable": "1"})
+        new = settings(
+            file={
+                "root": str(second),
+                "enabled": "true",
+                "writable": "1",
+                "upload_allow": "127.0.0.1",
+            }
+        )
         self.factory.reconfigure(new)
         self.addCleanup(self.factory.state.root.close)
         self.assertFalse(stale.exists())
@@ -1533,7 +1551,9 @@ class TapTests(SynchronousTestCase):
         self.base.mkdir()
         self.root = make_tree(self.base)
         self.ini = self.base / "sockd.ini"
-        self.ini.write_text("[echo]\nenabled = false\n[file]\nroot = files\n")
+        self.ini.write_text(
+            "[echo]\nenabled = false\n[file]\nroot = files\nupload_allow = 127.0.0.1\n"
+        )
 
     def test_options_map_to_keys(self) -> None:
         options = file_tap.Options()
