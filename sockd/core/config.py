@@ -338,24 +338,28 @@ def ca_file(value: str, base: Path) -> Path | None:
     if path is None:
         return None
     try:
-        info = os.stat(path)
+        # Opened without blocking and checked: a FIFO would hang the read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise ValueError(f"{path}: {e.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"{path} is {file_kind(info.st_mode)}, not a regular file")
-    if info.st_size > MAX_CONFIG_SIZE:
-        raise ValueError(f"{path} is larger than {MAX_CONFIG_SIZE} bytes")
-    from cryptography import x509  # as endpoints: only when a CA is named
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path} is {file_kind(info.st_mode)}, not a regular file")
+        if info.st_size > MAX_CONFIG_SIZE:
+            raise ValueError(f"{path} is larger than {MAX_CONFIG_SIZE} bytes")
+        data = os.read(fd, MAX_CONFIG_SIZE + 1)
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    # Imported when a CA is named: cryptography takes a while to import.
+    from cryptography import x509
 
     try:
-        with open(path, "rb") as f:
-            certificates = x509.load_pem_x509_certificates(f.read())
-    except OSError as e:
-        raise ValueError(f"{path}: {e.strerror}") from None
+        certificates = x509.load_pem_x509_certificates(data)
     except ValueError:
-        raise ValueError(
-            f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
-        ) from None
+        certificates = []
     if not certificates:
         raise ValueError(f"{path} holds no PEM certificate")
     return path

@@ -924,6 +924,35 @@ class UploadTests(Base):
         self.assertEqual((self.root / "new.bin").read_bytes(), BODY)
         self.assertEqual(self.leftovers(), [])
 
+    def test_put_refused_by_address_reads_unaffected(self) -> None:
+        """
+        A client outside upload_allow gets ERR 403 with the reason and is
+        closed (its body would follow); nothing is created, reads still work,
+        and the refusal is counted by reason.
+        """
+        factory = self.make(writable="true", upload_allow="127.0.0.2")
+        protocol, transport = connect(factory, host="127.0.0.3")
+        protocol.dataReceived(b"PUT new.bin 3\nabc")
+        self.assertEqual(
+            transport.value(), b"ERR 403 uploads are not allowed from 127.0.0.3\r\n"
+        )
+        self.assertFalse(transport.connected)
+        self.assertFalse((self.root / "new.bin").exists())
+        self.assertEqual(self.leftovers(), [])
+        protocol, transport = connect(factory, host="127.0.0.3")
+        protocol.dataReceived(b"GET notes.txt\n")
+        self.pump(transport)
+        self.assertEqual(transport.value()[-12:], b"hello notes\n")
+        protocol, transport = connect(factory, host="127.0.0.2")
+        protocol.dataReceived(b"PUT new.bin 3\nabc")
+        self.assertEqual((self.root / "new.bin").read_bytes(), b"abc")
+        refusals = {
+            labels["reason"]: value
+            for name, _, labels, value in factory.metrics()
+            if name == "file_upload_refusals_total"
+        }
+        self.assertEqual(refusals, {"acl": 1, "certificate": 0})
+
     def test_put_line_ended_by_half_close(self) -> None:
         """
         A PUT whose line ends with the client's input: the body can never
