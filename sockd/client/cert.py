@@ -405,6 +405,11 @@ def run(args: argparse.Namespace) -> int:
         return _usage("--ca DIR writes into DIR: no --ca-dir or --out-dir with it")
     if args.client is not None and args.ca_dir is None:
         return _usage("--client NAME needs --ca-dir DIR, the CA that signs it")
+    if args.client is not None:
+        try:
+            client_name(args.client)
+        except ValueError as e:
+            return _usage(str(e))
     issuer = None
     if args.ca_dir is not None:
         try:
