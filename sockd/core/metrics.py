@@ -182,6 +182,11 @@ SERIES: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("service", "code"),
         "file requests answered ERR, by code",
     ),
+    "file_upload_refusals_total": (
+        "counter",
+        ("service", "reason"),
+        "uploads refused by upload_allow (acl) or upload_clients (certificate)",
+    ),
     "workers": ("gauge", (), "worker processes running"),
     "worker_restarts_total": ("counter", (), "worker processes restarted"),
 }
