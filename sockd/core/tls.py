@@ -73,6 +73,10 @@ def ask_client_certificates(options: Any, mode: str, cafile: Path) -> None:
     (C{SSL.Error}) if C{cafile} cannot be loaded.
     """
     context: SSL.Context = options.getContext()
+    # A resumed session skips verification, and with it L{_record}: none
+    # (Twisted's default already, kept whatever its defaults become).
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    context.set_options(SSL.OP_NO_TICKET)
     # Trusted for verifying, and named to clients so they pick a certificate.
     context.load_verify_locations(str(cafile).encode())
     context.load_client_ca(str(cafile).encode())
