@@ -576,16 +576,21 @@ class Harness:
         self.config_text = ephemeral(self.default_text())
         (self.config_dir / "sockd.ini").write_text(self.config_text)
         # Where INI blocks are parsed: the files they name are there (the
-        # sample files, key pairs beside the file and in tls/, and those
-        # LoadCredential= hands over).
+        # sample files, key pairs beside the file, in tls/ and files-tls/,
+        # those LoadCredential= hands over, and a CA in ca/).
         self.ini_base.mkdir()
         shutil.copytree(samples, self.ini_base / "files")
         for directory in (
             self.ini_base,
             self.ini_base / "tls",
+            self.ini_base / "files-tls",
             self.mapped("/run/credentials/sockd-echo.service"),
         ):
             self._write_pair(directory)
+        # docs/deploy.md's private CA, as `sockd cert --ca ca` writes it.
+        from sockd.client.cert import CA_CERT, CA_KEY, make_ca, write_pair
+
+        write_pair(self.ini_base / "ca", *make_ca(), names=(CA_CERT, CA_KEY))
         return self
 
     def default_text(self) -> str:

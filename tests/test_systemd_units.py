@@ -154,7 +154,10 @@ def test_open_files_limit_fits_the_shipped_caps(name: str) -> None:
     on = {"enabled": "true"}
     shipped = config.load(
         str(ROOT / "etc" / "sockd.ini"),
-        {"file": {**on, "writable": "true"}, "metrics": on},
+        {
+            "file": {**on, "writable": "true", "upload_allow": "127.0.0.1"},
+            "metrics": on,
+        },
     )
     needed = sum(n for _, n in descriptor_budget(shipped, list(DAEMONS)))
     assert 1024 < needed <= limit

@@ -39,6 +39,7 @@ __all__ = [
     "EXIT_SERVER",
     "EXIT_USAGE",
     "EXIT_VERIFY",
+    "CertificateRefused",
     "ClientError",
     "ConnectFailed",
     "Connection",
@@ -124,6 +125,38 @@ class VerifyFailed(ClientError):
     status = EXIT_VERIFY
 
 
+class CertificateRefused(ClientError):
+    """The server refused our TLS client certificate, or its absence."""
+
+    status = EXIT_FORBIDDEN
+
+
+#: TLS alerts a server sends when it will not take the client's certificate
+_CERTIFICATE_ALERTS = frozenset(
+    {
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "TLSV1_ALERT_ACCESS_DENIED",
+    }
+)
+
+
+def _failed(name: str, what: str, error: OSError) -> ClientError:
+    """The error to report for C{error} while doing C{what} on C{name}."""
+    if isinstance(error, ssl.SSLError) and error.reason in _CERTIFICATE_ALERTS:
+        alert = error.reason.lower().replace("_", " ")
+        return CertificateRefused(
+            f"{name}: the server refused the TLS client certificate ({alert}): "
+            "give --cert FILE --key FILE, signed by a CA the server trusts"
+        )
+    return ConnectFailed(f"{name}: {what}: {_describe(error)}")
+
+
 class ServerError(ClientError):
     """An C{ERR <code> <reason>} answer, or an HTTP error status."""
 
@@ -178,9 +211,7 @@ class Connection:
                 ) from e
             except OSError as e:
                 sock.close()
-                raise ConnectFailed(
-                    f"{name}: TLS handshake failed: {_describe(e)}"
-                ) from e
+                raise _failed(name, "TLS handshake failed", e) from e
         return cls(sock, name)
 
     def close(self) -> None:
@@ -196,7 +227,7 @@ class Connection:
         try:
             return self.sock.recv_into(view)
         except OSError as e:
-            raise ConnectFailed(f"{self.name}: receive failed: {_describe(e)}") from e
+            raise _failed(self.name, "receive failed", e) from e
 
     def read(self, view: memoryview) -> int:
         """Bytes received into C{view}, buffered ones first; 0 at the end."""
@@ -219,7 +250,7 @@ class Connection:
         try:
             self.sock.sendall(line.encode("ascii") + b"\r\n")
         except OSError as e:
-            raise ConnectFailed(f"{self.name}: send failed: {_describe(e)}") from e
+            raise _failed(self.name, "send failed", e) from e
 
     def readline(self) -> bytes:
         """The next line without its ending; C{ConnectFailed} at EOF."""
@@ -281,7 +312,7 @@ class Connection:
         try:
             self.sock.sendall(data)
         except OSError as e:
-            raise ConnectFailed(f"{self.name}: send failed: {_describe(e)}") from e
+            raise _failed(self.name, "send failed", e) from e
 
 
 class Sink(Protocol):

@@ -34,7 +34,11 @@ from sockd.client.fileproto import (
     VerifyFailed,
 )
 from sockd.client.output import MeterFactory, Output, Progress, display, local_error
-from sockd.client.tls import add_tls_arguments, client_context
+from sockd.client.tls import (
+    add_client_certificate_arguments,
+    add_tls_arguments,
+    client_context,
+)
 from sockd.client.urls import Location, is_url, parse_url
 from sockd.client.urls import framed as framed_location
 
@@ -73,7 +77,8 @@ exit status:
        connection cut (a partial download stays in OUT.part: resume it with
        --continue), or the server is busy or stopping (ERR or HTTP 429, 503)
   4    not found (ERR or HTTP 404; a Gopher error item saying not found)
-  5    forbidden (ERR 403; HTTP 401, 403)
+  5    forbidden (ERR 403; HTTP 401, 403; the server refused the TLS client
+       certificate, or its absence)
   6    verification failure: SHA-256 mismatch, or TLS certificate or host
        name not accepted
   7    other server error (ERR 400, 405, 409, 413, 414, 416, 500, ...; other
@@ -112,6 +117,7 @@ def _address_argument(parser: argparse.ArgumentParser, framed_only: bool) -> Non
 
 def _common_options(parser: argparse.ArgumentParser, quiet: bool = False) -> None:
     add_tls_arguments(parser, "for https://; implies --tls for the framed protocol")
+    add_client_certificate_arguments(parser)
     parser.add_argument(
         "--timeout",
         type=_positive,
@@ -130,13 +136,13 @@ def _common_options(parser: argparse.ArgumentParser, quiet: bool = False) -> Non
 
 def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     """
-    The TLS context that C{--tls} or C{--cafile} ask for, or None; a usage
-    error if C{--cafile} cannot be loaded.
+    The TLS context that C{--tls}, C{--cafile} or C{--cert} ask for, or
+    None; a usage error if a file cannot be loaded.
     """
-    if not (args.tls or args.cafile):
+    if not (args.tls or args.cafile or args.cert or args.key):
         return None
     try:
-        return client_context(args.cafile)
+        return client_context(args.cafile, args.cert, args.key)
     except ValueError as e:
         raise UsageProblem(str(e)) from e
 
@@ -276,8 +282,9 @@ def _get(args: argparse.Namespace) -> int:
         location = Location(scheme, location.host, location.port, remote or "/")
     elif args.tls:
         raise UsageProblem(f"--tls is for the framed protocol, not {scheme}://")
-    elif args.cafile and scheme == "gopher":
-        raise UsageProblem("--cafile: gopher:// has no TLS")
+    elif (args.cafile or args.cert or args.key) and scheme == "gopher":
+        option = "--cafile" if args.cafile else "--cert" if args.cert else "--key"
+        raise UsageProblem(f"{option}: gopher:// has no TLS")
     tls = _tls(args)
     if args.recursive:
         return _get_tree(args, location, tls)

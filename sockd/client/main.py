@@ -19,7 +19,10 @@ __all__ = ["SUBCOMMANDS", "main"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "echo": ("sockd.client.echo", "send lines to an echo server, print answers"),
     "chat": ("sockd.client.chat", "talk in the UDP chat (interactive or piped)"),
-    "cert": ("sockd.client.cert", "write a self-signed TLS certificate and key"),
+    "cert": (
+        "sockd.client.cert",
+        "write a TLS certificate and key (self-signed, or from a private CA)",
+    ),
     "get": ("sockd.client.files", "download a file (sockd, gopher, http, https)"),
     "ls": (
         "sockd.client.files",

@@ -11,7 +11,12 @@ import stat
 
 from sockd.core.config import file_kind
 
-__all__ = ["TLSStream", "add_tls_arguments", "client_context"]
+__all__ = [
+    "TLSStream",
+    "add_client_certificate_arguments",
+    "add_tls_arguments",
+    "client_context",
+]
 
 
 def add_tls_arguments(parser: argparse.ArgumentParser, implies: str) -> None:
@@ -29,13 +34,76 @@ def add_tls_arguments(parser: argparse.ArgumentParser, implies: str) -> None:
     )
 
 
-def client_context(cafile: str | None = None) -> ssl.SSLContext:
+def add_client_certificate_arguments(parser: argparse.ArgumentParser) -> None:
+    """C{--cert} and C{--key}: a TLS client certificate (they imply C{--tls})."""
+    parser.add_argument(
+        "--cert",
+        metavar="FILE",
+        help="present the TLS client certificate in FILE (PEM; implies --tls), "
+        "for servers that let only certain clients upload or read",
+    )
+    parser.add_argument(
+        "--key",
+        metavar="FILE",
+        help="the private key of --cert (PEM, not encrypted; default: in the "
+        "--cert file itself)",
+    )
+
+
+def _regular(option: str, path: str, what: str) -> None:
+    """OpenSSL would wait forever reading a FIFO: only regular files."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot load {what}: {e.strerror}") from e
+    if not stat.S_ISREG(mode):
+        raise ValueError(
+            f"{option} {path}: cannot load {what}: it is {file_kind(mode)}, "
+            "not a regular file"
+        )
+
+
+def _no_password() -> bytes:
+    raise ValueError("the key is encrypted; give it unencrypted")
+
+
+def _load_client_certificate(
+    context: ssl.SSLContext, cert: str, key: str | None
+) -> None:
+    _regular("--cert", cert, "the client certificate")
+    if key is not None:
+        _regular("--key", key, "the client key")
+    shown = f"--cert {cert}" + (f" --key {key}" if key else "")
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(
+                f"{shown}: the key is not the certificate's (a key and "
+                "certificate of different pairs)"
+            ) from e
+        where = "" if key else " (no --key: the key must then be in the same file)"
+        raise ValueError(
+            f"{shown}: cannot load a PEM certificate and its key{where}: "
+            f"{e.reason or e}"
+        ) from e
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise ValueError(f"{shown}: cannot load: {reason}") from e
+
+
+def client_context(
+    cafile: str | None = None, cert: str | None = None, key: str | None = None
+) -> ssl.SSLContext:
     """
     A client context trusting the system CAs, or only C{cafile} when given,
     that requires a valid certificate for the host name it connects to
-    (C{wrap_socket(sock, server_hostname=host)}).  C{ValueError} if
-    C{cafile} cannot be loaded.
+    (C{wrap_socket(sock, server_hostname=host)}), presenting the client
+    certificate C{cert} (with C{key}) if given.  C{ValueError} if a file
+    cannot be loaded, or the key is not the certificate's.
     """
+    if key is not None and cert is None:
+        raise ValueError("--key is the key of a --cert: give --cert too")
     try:
         # OpenSSL would wait forever reading a FIFO.
         mode = os.stat(cafile).st_mode if cafile else stat.S_IFREG
@@ -51,6 +119,8 @@ def client_context(cafile: str | None = None) -> ssl.SSLContext:
             f"--cafile {cafile}: cannot load CA certificates: {reason}"
         ) from e
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        _load_client_certificate(context, cert, key)
     # The defaults already; set them here so no later change can drop them.
     context.verify_mode = ssl.CERT_REQUIRED
     context.check_hostname = True

@@ -338,6 +338,66 @@ def networks(value: str, base: Path) -> tuple[Network, ...]:
     return tuple(result)
 
 
+#: a name C{[file] upload_clients} lists: a certificate's subject CN or a
+#: DNS name of its subjectAltName
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._@-]{0,252})", re.ASCII)
+
+
+def client_names(value: str, base: Path) -> tuple[str, ...]:
+    """
+    Certificate names separated by whitespace (C{backup.example.org
+    alice}): each a subject CN or a subjectAltName DNS name, matched
+    ignoring case.
+    """
+    result: list[str] = []
+    for word in value.split():
+        if not _CLIENT_NAME.fullmatch(word):
+            raise ValueError(
+                f"{word!r} is not a certificate name; expected names of 1-253 "
+                "letters, digits, '.', '_', '@' or '-' (starting with a letter "
+                "or digit), separated by spaces"
+            )
+        if word.lower() not in result:
+            result.append(word.lower())
+    return tuple(result)
+
+
+def ca_file(value: str, base: Path) -> Path | None:
+    """
+    A PEM file of CA certificates (a regular file, holding at least one),
+    relative to the config file; empty: none.
+    """
+    path = optional_path(value, base)
+    if path is None:
+        return None
+    try:
+        # Opened without blocking and checked: a FIFO would hang the read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path} is {file_kind(info.st_mode)}, not a regular file")
+        if info.st_size > MAX_CONFIG_SIZE:
+            raise ValueError(f"{path} is larger than {MAX_CONFIG_SIZE} bytes")
+        data = os.read(fd, MAX_CONFIG_SIZE + 1)
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    # Imported when a CA is named: cryptography takes a while to import.
+    from cryptography import x509
+
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise ValueError(f"{path} holds no PEM certificate")
+    return path
+
+
 def own_networks(value: str, base: Path) -> tuple[Network, ...] | None:
     """A service's L{networks}; empty (None) means those of C{[sockd]}."""
     return networks(value, base) if value.strip() else None
@@ -683,6 +743,15 @@ class FileSettings:
     gopher_port: int | None = setting(None, optional_port)
     #: a file named gophermap in a directory shapes its Gopher menu
     gophermap: bool = setting(False, boolean)
+    #: client networks that may PUT (with writable); see FileState.authorise_upload
+    upload_allow: tuple[Network, ...] = setting((), networks)
+    #: certificate names (CN or SAN DNS) that may PUT; needs client_certs
+    upload_clients: tuple[str, ...] = setting((), client_names)
+    #: whether ssl: listeners ask for a client certificate: none, optional
+    #: (reads without one) or required (the handshake fails without one)
+    client_certs: str = setting("none", choice("none", "optional", "required"))
+    #: the CA certificates client certificates are verified against
+    client_ca: Path | None = setting(None, ca_file)
     #: empty: [sockd]'s allow, deny and trusted_proxies
     allow: tuple[Network, ...] | None = setting(None, own_networks)
     deny: tuple[Network, ...] | None = setting(None, own_networks)
@@ -976,6 +1045,43 @@ def _check(config: Config, read: Collection[str]) -> None:
                 f"{src}: [file] writable = true but root {config.file.root} "
                 "is not writable by this user"
             )
+        _check_uploads(config)
+
+
+def _check_uploads(config: Config) -> None:
+    """Who may upload, and the client certificates that tells it."""
+    src, file = config.source, config.file
+    if file.client_certs != "none":
+        if file.client_ca is None:
+            raise ConfigError(
+                f"{src}: [file] client_certs = {file.client_certs} but client_ca "
+                "is not set; expected the PEM file of the CA that signs client "
+                "certificates (sockd cert --ca DIR makes one: DIR/ca.pem)"
+            )
+        listeners = (*file.listen, *file.listen_http)
+        if not any(d.split(":", 1)[0].lower() == "ssl" for d in listeners):
+            raise ConfigError(
+                f"{src}: [file] client_certs = {file.client_certs} but no listen "
+                "endpoint is ssl:; client certificates come only over TLS"
+            )
+    elif file.client_ca is not None:
+        raise ConfigError(
+            f"{src}: [file] client_ca is set but client_certs = none; expected "
+            "client_certs = optional or required (or no client_ca)"
+        )
+    if file.upload_clients and file.client_certs == "none":
+        raise ConfigError(
+            f"{src}: [file] upload_clients is set but client_certs = none, so no "
+            "client certificate is ever asked for; expected client_certs = "
+            "optional (or required) and client_ca"
+        )
+    if file.writable and not (file.upload_allow or file.upload_clients):
+        raise ConfigError(
+            f"{src}: [file] writable = true but neither upload_allow nor "
+            "upload_clients is set, so nobody could upload; expected "
+            "upload_allow = NETWORKS (e.g. 192.0.2.0/24, or 0.0.0.0/0 ::/0 for "
+            "everyone) and/or upload_clients = CERTIFICATE NAMES"
+        )
 
 
 def access_of(

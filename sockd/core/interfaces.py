@@ -57,6 +57,7 @@ Reason = Literal[
     "send_error",
     "acl",
     "proxy",
+    "certificate",
 ]
 
 #: each L{Reason}, and what it means wherever it appears
@@ -74,6 +75,8 @@ REASONS: dict[Reason, str] = {
     "acl": "the address is not admitted by the allow/deny lists",
     "proxy": "a PROXY header missing from a trusted proxy, invalid, or sent by "
     "an address that is not a trusted proxy",
+    "certificate": "no TLS client certificate, one that did not verify against "
+    "the CA, or one whose names are not listed",
 }
 
 

@@ -187,6 +187,11 @@ SERIES: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("service", "method", "code"),
         "HTTP requests on the file port answered, by method and status",
     ),
+    "file_upload_refusals_total": (
+        "counter",
+        ("service", "reason"),
+        "uploads refused by upload_allow (acl) or upload_clients (certificate)",
+    ),
     "workers": ("gauge", (), "worker processes running"),
     "worker_restarts_total": ("counter", (), "worker processes restarted"),
 }

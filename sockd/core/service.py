@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any, cast
 
@@ -226,11 +227,23 @@ def stream_listener(
     factory: Factory,
     reactor: IDaemonReactor,
     backlog: int,
+    client_certs: str = "none",
+    client_ca: Path | None = None,
 ) -> Listener:
+    """
+    A listener on C{description}; an C{ssl:} one asks clients for a
+    certificate signed by C{client_ca} when C{client_certs} is C{optional}
+    or C{required} (see L{sockd.core.tls}).
+    """
     # haproxy: is read by our own wrapper (sockd.core.proxy), not Twisted's.
     proxied = _config.is_proxied(description)
     inner = description.split(":", 1)[1] if proxied else description
     parsed = stream_endpoint(reactor, with_backlog(inner, backlog))
+    if parsed.tls is not None and client_certs != "none" and client_ca is not None:
+        # Imported here: pyOpenSSL only for a daemon that asks for certificates.
+        from sockd.core.tls import ask_client_certificates
+
+        ask_client_certificates(parsed.tls, client_certs, client_ca)
     endpoint = parsed.endpoint
     wrapped: IProtocolFactory = factory
     if proxied:
@@ -638,7 +651,7 @@ class Lifecycle(Service):
         for section, target in self.targets():
             old_settings = getattr(self.config, section)
             new_settings = getattr(new, section)
-            for key in ("listen", "listen_udp", "enabled"):
+            for key in ("listen", "listen_udp", "enabled", "client_certs", "client_ca"):
                 if getattr(old_settings, key, None) != getattr(new_settings, key, None):
                     log.warn(
                         "sockd: [{section}] {key} changed; it applies at the "

@@ -40,7 +40,7 @@ from sockd.core.logs import escape
 from sockd.files import codec
 from sockd.files.paths import Opened, PathError
 from sockd.files.sendfile import TransferError, send_file
-from sockd.files.state import Entry, FileState, Upload, write_code
+from sockd.files.state import Entry, FileState, Peer, Upload, write_code
 
 __all__ = [
     "UNSATISFIABLE",
@@ -82,6 +82,7 @@ class HttpOwner(Protocol):
     closing: bool
 
     def touch(self) -> None: ...
+    def peer(self) -> Peer: ...
     def startDeadline(self) -> None: ...
     def stopDeadline(self) -> None: ...
     def close(self, message: bytes = b"") -> None: ...
@@ -547,7 +548,7 @@ class FileRequest(http.Request):
                 raise PathError(400, "the target must be a path starting with /")
             raw = codec.percent_decode(target)
             # Through the same door as the framed PUT: its rules and limits.
-            upload = state.begin_upload(raw, length)
+            upload = state.begin_upload(raw, length, self.channel.owner.peer())
         except PathError as e:
             self._refuse(e.code, e.reason)
             return

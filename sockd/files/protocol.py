@@ -36,7 +36,7 @@ from sockd.files.http import FileChannel
 from sockd.files.http import refusal as http_refusal
 from sockd.files.paths import Opened, PathError
 from sockd.files.sendfile import TransferError, release, send_file
-from sockd.files.state import Entry, FileState, Upload, write_code
+from sockd.files.state import Entry, FileState, Peer, Upload, write_code
 
 __all__ = ["REQUESTS_PER_TURN", "FileFactory", "FileProtocol", "ListSender"]
 
@@ -562,6 +562,10 @@ class FileProtocol(GuardedProtocol):
 
         self._stream(begin, then, command, path)
 
+    def peer(self) -> Peer:
+        """Who is asking: the client's address and TLS certificate."""
+        return Peer.of(self._host, self.transport)
+
     def _help(self, args: list[bytes]) -> None:
         self._write(codec.send(codec.Help()))
 
@@ -572,7 +576,9 @@ class FileProtocol(GuardedProtocol):
         if len(args) != 2:
             raise PathError(400, "usage: PUT <path> <length>")
         length = _number(args[1])
-        upload = self.factory.state.begin_upload(codec.percent_decode(args[0]), length)
+        upload = self.factory.state.begin_upload(
+            codec.percent_decode(args[0]), length, self.peer()
+        )
         self._upload = upload
         self._enter(Phase.UPLOADING)
         self._log("PUT", args[0])
@@ -932,5 +938,14 @@ class FileFactory(GuardedFactory):
                     count,
                 )
                 for code, count in sorted(state.refused.items())
+            ),
+            *(
+                (
+                    "file_upload_refusals_total",
+                    "counter",
+                    {**service, "reason": reason},
+                    count,
+                )
+                for reason, count in sorted(state.upload_refused.items())
             ),
         ]

@@ -19,7 +19,7 @@ import re
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
@@ -28,11 +28,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sockd.core.config import FileSettings
-from sockd.core.limits import TokenBucket, idle_granularity
+from sockd.core.interfaces import Reason
+from sockd.core.limits import AccessList, TokenBucket, idle_granularity
 from sockd.core.logs import escape
 from sockd.files import gopher
 from sockd.files.paths import RESERVED_PREFIX, Opened, PathError, Root
 from sockd.files.sendfile import Pacer
+
+if TYPE_CHECKING:
+    from sockd.core.tls import ClientCertificate
 
 __all__ = [
     "MAX_LISTING",
@@ -40,9 +44,11 @@ __all__ = [
     "Entry",
     "FileState",
     "MenuScan",
+    "Peer",
     "Upload",
     "open_root",
     "sweep_uploads",
+    "upload_refusal",
     "write_code",
 ]
 
@@ -225,6 +231,66 @@ def _remove_stale(dir_fd: int, name: str, before: float) -> int | None:
     finally:
         os.close(fd)
     return held.st_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """
+    Who sends a request: the client's address (a PROXY header's, behind a
+    proxy) and its TLS client certificate, if it sent one.
+    """
+
+    host: str
+    certificate: ClientCertificate | None = None
+
+    @classmethod
+    def of(cls, host: str, transport: object) -> Peer:
+        """The client at C{host} on C{transport}, with its certificate over TLS."""
+        from twisted.internet.interfaces import ISSLTransport
+
+        if not ISSLTransport.providedBy(transport):
+            return cls(host)
+        # Imported here: pyOpenSSL is loaded already when a transport is TLS.
+        from sockd.core.tls import client_certificate
+
+        return cls(host, client_certificate(transport))
+
+
+def upload_refusal(
+    settings: FileSettings, peer: Peer, allowed: AccessList | None = None
+) -> tuple[Reason, str] | None:
+    """
+    Why C{peer} may not upload (a reason code, and the client's message),
+    or None if it may.  With C{upload_clients}, a PUT needs a client
+    certificate that verified against C{client_ca} and names one of them
+    (subject CN or subjectAltName DNS name, ignoring case); with
+    C{upload_allow}, the address must be in one of its networks; with both,
+    both must hold.  C{allowed}: C{upload_allow} as an L{AccessList}.
+    """
+    if settings.upload_clients:
+        certificate = peer.certificate
+        if certificate is None:
+            return (
+                "certificate",
+                "uploads need a client certificate (sockd put --cert FILE --key FILE)",
+            )
+        if certificate.problem:
+            return (
+                "certificate",
+                f"client certificate not accepted: {certificate.problem}",
+            )
+        if not set(certificate.names) & set(settings.upload_clients):
+            named = escape(certificate.names[0], 64) if certificate.names else ""
+            return (
+                "certificate",
+                f"client certificate {named or '(no name)'} may not upload",
+            )
+    if settings.upload_allow:
+        if allowed is None:
+            allowed = AccessList(settings.upload_allow)
+        if not allowed.permits(peer.host):
+            return ("acl", f"uploads are not allowed from {escape(peer.host, 64)}")
+    return None
 
 
 #: the [file] keys a L{Root} is made from: a reload changing one opens a new one
@@ -536,6 +602,9 @@ class FileState:
         #: uploads receiving their body: each holds back its remaining bytes
         #: of its filesystem's free space
         self.uploads: set[Upload] = set()
+        #: C{upload_allow}, and the uploads refused by reason code
+        self.upload_access = AccessList(settings.upload_allow)
+        self.upload_refused: dict[Reason, int] = {"acl": 0, "certificate": 0}
         self._stopped = False
 
     def reconfigure(self, settings: FileSettings) -> None:
@@ -565,6 +634,8 @@ class FileState:
                 previous.close()
                 log.info("file: now serving {root}", root=str(settings.root))
         self.settings = settings
+        if settings.upload_allow != old.upload_allow:
+            self.upload_access = AccessList(settings.upload_allow)
         if settings.writable and (settings.root != old.root or not old.writable):
             self.sweep()
         if settings.total_rate_limit != old.total_rate_limit:
@@ -648,15 +719,36 @@ class FileState:
 
     # --- writing --------------------------------------------------------
 
-    def begin_upload(self, raw: bytes, length: int) -> Upload:
+    def authorise_upload(self, peer: Peer) -> None:
         """
-        Accept a PUT of C{length} bytes to C{raw}, or raise L{PathError}:
-        the upload's temporary file is created and its length held back
-        from the free space (L{release} gives it back).
+        Raise L{PathError} 403 unless uploads are on and C{peer} may upload
+        (L{upload_refusal}); a refusal is counted by reason and logged.
         """
         settings = self.settings
         if not settings.writable:
             raise PathError(403, "this server does not accept uploads")
+        refusal = upload_refusal(settings, peer, self.upload_access)
+        if refusal is None:
+            return
+        reason, message = refusal
+        self.upload_refused[reason] = self.upload_refused.get(reason, 0) + 1
+        log.info(
+            "file: refused an upload from {peer} ({reason}): {message}",
+            peer=escape(peer.host, 64),
+            reason=reason,
+            message=message,
+        )
+        raise PathError(403, message)
+
+    def begin_upload(self, raw: bytes, length: int, peer: Peer) -> Upload:
+        """
+        Accept a PUT of C{length} bytes to C{raw} from C{peer}, or raise
+        L{PathError}: who may upload is checked first (L{authorise_upload}),
+        then the upload's temporary file is created and its length held
+        back from the free space (L{release} gives it back).
+        """
+        self.authorise_upload(peer)
+        settings = self.settings
         if length > settings.max_upload:
             raise PathError(413, f"upload larger than {settings.max_upload} bytes")
         parts = self.root.parse(raw)

@@ -49,7 +49,15 @@ def build(config: Config, reactor: IDaemonReactor) -> list[IService]:
     )
     return [
         *(
-            stream_listener("file", description, f, reactor, config.sockd.backlog)
+            stream_listener(
+                "file",
+                description,
+                f,
+                reactor,
+                config.sockd.backlog,
+                settings.client_certs,
+                settings.client_ca,
+            )
             for f, listen in (
                 (factory, settings.listen),
                 (http_factory, settings.listen_http),

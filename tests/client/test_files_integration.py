@@ -45,6 +45,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, P
         listen = tcp:0:interface=127.0.0.1
         root = {root}
         writable = true
+        upload_allow = 127.0.0.1
         """
     with running("sockd-file", ini) as daemon:
         yield daemon, root

@@ -115,6 +115,8 @@ class SchemaTests(SynchronousTestCase):
                 ("sockd", "trusted_proxies"),
                 ("echo", "listen"),
                 ("echo", "listen_udp"),
+                ("file", "upload_allow"),
+                ("file", "upload_clients"),
                 ("chat", "listen"),
                 ("chat", "redis_sentinels"),
                 ("file", "listen"),
@@ -814,3 +816,90 @@ class GopherKeysTests(SynchronousTestCase):
                 f"[file] gopher_port = {port!r}: expected a port from 1 to 65535",
                 str(caught.exception),
             )
+
+
+class UploadRulesTests(SynchronousTestCase):
+    """[file] upload_allow, upload_clients, client_certs and client_ca."""
+
+    def setUp(self) -> None:
+        self.dir = tempdir(self)
+        (self.dir / "files").mkdir()
+        self.pem = self.dir / "server.pem"
+        self.pem.write_text(self_signed_pem())
+        self.ssl = f"ssl:0:interface=127.0.0.1:privateKey={self.pem}"
+
+    def parse(self, **keys: str) -> config.FileSettings:
+        keys = {"enabled": "true", "root": str(self.dir / "files"), **keys}
+        # Written in a file: relative paths are relative to its directory.
+        text = "[file]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
+        return config.parse(text, "<test>", self.dir, runs=["file"]).file
+
+    def refused(self, **keys: str) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            self.parse(**keys)
+        return str(caught.exception)
+
+    def test_writable_alone_is_refused_naming_the_keys(self) -> None:
+        self.assertEqual(
+            self.refused(writable="true"),
+            "<test>: [file] writable = true but neither upload_allow nor "
+            "upload_clients is set, so nobody could upload; expected "
+            "upload_allow = NETWORKS (e.g. 192.0.2.0/24, or 0.0.0.0/0 ::/0 for "
+            "everyone) and/or upload_clients = CERTIFICATE NAMES",
+        )
+
+    def test_upload_allow_networks(self) -> None:
+        file = self.parse(writable="true", upload_allow="10.0.0.0/8 ::ffff:192.0.2.1")
+        self.assertEqual(
+            [str(n) for n in file.upload_allow], ["10.0.0.0/8", "192.0.2.1/32"]
+        )
+        self.assertIn("is not a network", self.refused(upload_allow="10.0.0.0/33"))
+
+    def test_client_certificates_and_names(self) -> None:
+        file = self.parse(
+            listen=self.ssl,
+            writable="true",
+            upload_clients="Alice backup.example.org alice",
+            client_certs="optional",
+            client_ca="server.pem",  # relative to the file
+        )
+        self.assertEqual(file.upload_clients, ("alice", "backup.example.org"))
+        self.assertEqual((file.client_certs, file.client_ca), ("optional", self.pem))
+        self.assertIn("is not a certificate name", self.refused(upload_clients="ab -x"))
+        self.assertIn(
+            "expected one of: none, optional, required",
+            self.refused(client_certs="maybe"),
+        )
+
+    def test_inconsistent_keys_are_refused(self) -> None:
+        self.assertIn(
+            "upload_clients is set but client_certs = none",
+            self.refused(upload_clients="alice"),
+        )
+        self.assertIn(
+            "client_certs = required but client_ca is not set",
+            self.refused(listen=self.ssl, client_certs="required"),
+        )
+        self.assertIn(
+            "client_certs = optional but no listen endpoint is ssl:",
+            self.refused(client_certs="optional", client_ca=str(self.pem)),
+        )
+        self.assertIn(
+            "client_ca is set but client_certs = none",
+            self.refused(client_ca=str(self.pem)),
+        )
+
+    def test_client_ca_must_be_a_regular_pem_file(self) -> None:
+        (self.dir / "empty.pem").write_text("not a certificate\n")
+        self.assertIn("holds no PEM certificate", self.refused(client_ca="empty.pem"))
+        self.assertIn("No such file", self.refused(client_ca="missing.pem"))
+        self.assertIn("is a directory", self.refused(client_ca="files"))
+        fifo = self.dir / "ca.fifo"
+        os.mkfifo(fifo)
+        with self.assertRaises(ConfigError) as caught:
+            run_bounded(
+                lambda: self.parse(client_ca=str(fifo)), release=unblock_fifo(fifo)
+            )
+        self.assertIn(
+            "is a FIFO (named pipe), not a regular file", str(caught.exception)
+        )

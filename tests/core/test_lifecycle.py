@@ -37,6 +37,7 @@ from sockd.core.service import (
 )
 from sockd.daemons import DAEMONS
 from sockd.echo.protocol import EchoFactory, RawEcho
+from tests.files.test_sendfile import self_signed_pem
 from tests.helpers import (
     ROOT,
     Daemon,
@@ -147,6 +148,29 @@ class ReloadTests(SynchronousTestCase):
         self.assertTrue(self.lifecycle.reload())
         self.assertEqual([p[0] for p in self.reactor.tcpServers], [7007])
         self.assertTrue(any(e.get("key") == "listen" for e in events))
+
+    def test_client_certificate_change_is_warned(self) -> None:
+        """The TLS context is made at start: client_certs waits for a restart."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        pem = self.ini.parent / "server.pem"
+        pem.write_text(self_signed_pem())
+        keys = {
+            "listen": f"ssl:0:privateKey={pem}",
+            "root": str(ROOT / "sockd" / "data" / "files"),
+            "upload_clients": "alice",
+            "client_ca": str(pem),
+        }
+        old = settings(file={**keys, "client_certs": "optional"})
+        new = settings(file={**keys, "client_certs": "required"})
+        top = MultiService()
+        Listener("file", "x", lambda: None, Declared()).setServiceParent(top)  # type: ignore[arg-type,return-value]
+        lifecycle = Lifecycle(old, ["file"], MemoryReactorClock(), lambda: new)
+        lifecycle.setServiceParent(top)
+        self.assertTrue(lifecycle.reload())
+        self.assertEqual(
+            [e["key"] for e in events if "next restart" in e["log_format"]],
+            ["client_certs"],
+        )
 
 
 @implementer(IReconfigurable, IDrainable, IMetricsSource)

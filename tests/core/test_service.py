@@ -257,7 +257,9 @@ class SchemaOptionsTests(SynchronousTestCase):
 
     def test_options_win_over_set_and_flags_only_turn_on(self) -> None:
         root = tempdir(self)
-        ini = write_ini(self, f"[file]\nroot = {root}\nwritable = true\n")
+        ini = write_ini(
+            self, f"[file]\nroot = {root}\nwritable = true\nupload_allow = ::1\n"
+        )
         options = file_tap.Options()
         options.parseOptions(
             [
@@ -464,7 +466,8 @@ class DescriptorLimitTests(SynchronousTestCase):
         )
         writable = settings(
             ECHO_AND_FILE
-            + "writable = true\n[metrics]\nenabled = true\n[sockd]\nworkers = 4\n"
+            + "writable = true\nupload_allow = 127.0.0.1\n"
+            + "[metrics]\nenabled = true\n[sockd]\nworkers = 4\n"
         )
         self.assertEqual(
             descriptor_budget(writable, ["file"]),

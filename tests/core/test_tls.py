@@ -16,9 +16,11 @@ import stat
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import ssl as twisted_ssl
 from twisted.internet.address import IPv4Address
@@ -37,7 +39,19 @@ from sockd.client import cert
 from sockd.client.main import main
 from sockd.client.tls import client_context
 from sockd.core.limits import GuardedFactory, GuardedProtocol
+from sockd.core.tls import (
+    ClientCertificate,
+    ask_client_certificates,
+    client_certificate,
+    names_of,
+)
 from tests.helpers import connect, run_bounded, running, unblock_fifo
+
+
+def load_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(pem, None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key
 
 
 def load(pem: bytes) -> x509.Certificate:
@@ -468,3 +482,227 @@ def test_echo_over_tls(tmp_path: Path) -> None:
 
         # Still serving after all that.
         assert client(good, "localhost", tmp_path / "good-cert.pem") == b"HELLO TLS\n"
+
+
+class TestClientCertificates:
+    """
+    C{ask_client_certificates} and C{client_certificate}, in memory: a CA,
+    certificates it signs (C{sockd cert}'s own), and a stranger's.
+    """
+
+    def setup_method(self) -> None:
+        self.ca = cert.make_ca()
+        ca_key, ca_cert = (
+            load_key(self.ca[1]),
+            load(self.ca[0]),
+        )
+        self.issuer = (ca_key, ca_cert)
+        server_pem = cert.make_certificate("localhost", issuer=self.issuer)
+        self.server_pem = server_pem
+        self.clock = Clock()
+
+    def connect(
+        self, mode: str, cafile: Path, client_pair: tuple[bytes, bytes] | None
+    ) -> tuple[Any, Any, Any]:
+        """Handshake in memory; the server-side and client-side protocols."""
+        cert_pem, key_pem = self.server_pem
+        server_options = twisted_ssl.PrivateCertificate.loadPEM(
+            (key_pem + cert_pem).decode()
+        ).options()
+        ask_client_certificates(server_options, mode, cafile)
+        extra = {}
+        if client_pair is not None:
+            extra["clientCertificate"] = twisted_ssl.PrivateCertificate.loadPEM(
+                (client_pair[1] + client_pair[0]).decode()
+            )
+        client_options = twisted_ssl.optionsForClientTLS(
+            "localhost", twisted_ssl.Certificate.loadPEM(self.ca[0].decode()), **extra
+        )
+        server_tls = TLSMemoryBIOFactory(
+            server_options, False, ClientFactory.forProtocol(Recorder), self.clock
+        )
+        client_tls = TLSMemoryBIOFactory(
+            client_options, True, ClientFactory.forProtocol(Recorder), self.clock
+        )
+        addr = IPv4Address("TCP", "127.0.0.1", 40000)
+        client, server, pump = iosim.connectedServerAndClient(
+            lambda: server_tls.buildProtocol(addr),
+            lambda: client_tls.buildProtocol(addr),
+            clock=self.clock,
+        )
+        client.write(b"hello")
+        pump.flush()
+        return server, client, pump
+
+    def write_ca(self, tmp_path: Path) -> Path:
+        path = tmp_path / "ca.pem"
+        path.write_bytes(self.ca[0])
+        return path
+
+    def test_optional_verified_names(self, tmp_path: Path) -> None:
+        alice = cert.make_certificate(
+            "alice.example.org", issuer=self.issuer, client=True
+        )
+        server, _, _ = self.connect("optional", self.write_ca(tmp_path), alice)
+        assert server.wrappedProtocol.received == b"hello"
+        assert client_certificate(server) == ClientCertificate(("alice.example.org",))
+
+    def test_optional_stranger_and_none_connect_but_are_not_trusted(
+        self, tmp_path: Path
+    ) -> None:
+        ca = self.write_ca(tmp_path)
+        other = cert.make_ca()
+        stranger = cert.make_certificate(
+            "alice",
+            issuer=(load_key(other[1]), load(other[0])),
+            client=True,
+        )
+        server, _, _ = self.connect("optional", ca, stranger)
+        assert server.wrappedProtocol.received == b"hello"
+        assert client_certificate(server) == ClientCertificate(
+            ("alice",), "it is not signed by the CA (client_ca)"
+        )
+        self_signed = cert.make_certificate("alice", client=True)
+        server, _, _ = self.connect("optional", ca, self_signed)
+        found = client_certificate(server)
+        assert found is not None and found.problem
+        server, _, _ = self.connect("optional", ca, None)
+        assert server.wrappedProtocol.received == b"hello"
+        assert client_certificate(server) is None
+
+    def test_required_refuses_the_handshake(self, tmp_path: Path) -> None:
+        ca = self.write_ca(tmp_path)
+        server, _, _ = self.connect("required", ca, None)
+        assert getattr(server.wrappedProtocol, "received", b"") == b""
+        assert server.transport.disconnecting or not server.transport.connected
+        other = cert.make_ca()
+        stranger = cert.make_certificate(
+            "bob", issuer=(load_key(other[1]), load(other[0])), client=True
+        )
+        server, _, _ = self.connect("required", ca, stranger)
+        assert getattr(server.wrappedProtocol, "received", b"") == b""
+        assert server.transport.disconnecting or not server.transport.connected
+        bob = cert.make_certificate("bob", issuer=self.issuer, client=True)
+        server, _, _ = self.connect("required", ca, bob)
+        assert server.wrappedProtocol.received == b"hello"
+        assert client_certificate(server) == ClientCertificate(("bob",))
+
+    def test_plain_transport_has_none(self) -> None:
+        assert client_certificate(StringTransportWithDisconnection()) is None
+
+
+class TestPrivateCA:
+    def test_ca_then_client_then_server(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        ca = tmp_path / "ca"
+        assert main(["cert", "--ca", str(ca)]) == 0
+        assert stat.S_IMODE(os.stat(ca / "ca-key.pem").st_mode) == 0o600
+        authority = load((ca / "ca.pem").read_bytes())
+        constraints = authority.extensions.get_extension_for_class(
+            x509.BasicConstraints
+        ).value
+        assert constraints.ca and constraints.path_length == 0
+        assert main(
+            ["cert", "--client", "alice.example.org", "--ca-dir", str(ca),
+             "--out-dir", str(tmp_path / "alice")]
+        ) == 0  # fmt: skip
+        assert main(["cert", "--client", "bob_1", "--ca-dir", str(ca),
+                     "--out-dir", str(tmp_path / "bob")]) == 0  # fmt: skip
+        assert main(["cert", "localhost", "--ca-dir", str(ca),
+                     "--out-dir", str(tmp_path / "server")]) == 0  # fmt: skip
+        out, err = capsys.readouterr()
+        assert "self-signed" not in err
+        assert "sockd put --cert" in out
+        alice = load((tmp_path / "alice" / "cert.pem").read_bytes())
+        assert alice.issuer == authority.subject
+        assert names_of(alice) == ("alice.example.org",)
+        usage = alice.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+        assert list(usage.value) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+        alice.verify_directly_issued_by(authority)
+        # Not a DNS name: the CN alone.
+        bob = load((tmp_path / "bob" / "cert.pem").read_bytes())
+        assert names_of(bob) == ("bob_1",)
+        with pytest.raises(x509.ExtensionNotFound):
+            bob.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        server = load((tmp_path / "server" / "cert.pem").read_bytes())
+        server.verify_directly_issued_by(authority)
+        # The server's certificate and the CA are what a client trusts.
+        ssl.create_default_context(cafile=str(ca / "ca.pem")).load_cert_chain(
+            tmp_path / "alice" / "cert.pem", tmp_path / "alice" / "key.pem"
+        )
+
+    def test_existing_ca_kept_without_force(self, tmp_path: Path) -> None:
+        ca = tmp_path / "ca"
+        assert main(["cert", "--ca", str(ca)]) == 0
+        before = (ca / "ca.pem").read_bytes()
+        assert main(["cert", "--ca", str(ca)]) == 1
+        assert (ca / "ca.pem").read_bytes() == before
+        assert main(["cert", "--ca", str(ca), "--force"]) == 0
+        assert (ca / "ca.pem").read_bytes() != before
+
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (["--client", "alice"], "--client NAME needs --ca-dir DIR"),
+            (["localhost", "--ca", "x"], "give exactly one of"),
+            ([], "give exactly one of"),
+            (["--ca", "x", "--out-dir", "y"], "no --ca-dir or --out-dir"),
+            (["--client", "a b", "--ca-dir", "."], "expected one name"),
+            (["--client", "x\x1b", "--ca-dir", "."], "is not a certificate name"),
+        ],
+    )
+    def test_usage_errors(
+        self,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+        argv: list[str],
+        message: str,
+    ) -> None:
+        assert main(["cert", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err
+        assert "\x1b" not in err
+
+    def test_missing_or_wrong_ca_dir(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        argv = ["cert", "--client", "alice", "--out-dir", str(tmp_path / "out")]
+        assert main([*argv, "--ca-dir", str(tmp_path)]) == 1
+        assert "make a CA first: sockd cert --ca" in capsys.readouterr().err
+        assert main(["cert", "localhost", "--out-dir", str(tmp_path)]) == 0
+        (tmp_path / "cert.pem").rename(tmp_path / "ca.pem")
+        (tmp_path / "key.pem").rename(tmp_path / "ca-key.pem")
+        assert main([*argv, "--ca-dir", str(tmp_path)]) == 1
+        assert "is not a CA certificate" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
+
+class TestClientContextCertificate:
+    def test_mismatched_and_unreadable_files(self, tmp_path: Path) -> None:
+        one = cert.make_certificate("alice", client=True)
+        two = cert.make_certificate("bob", client=True)
+        (tmp_path / "one.pem").write_bytes(one[0])
+        (tmp_path / "two-key.pem").write_bytes(two[1])
+        with pytest.raises(ValueError, match="the key is not the certificate's"):
+            client_context(
+                None, str(tmp_path / "one.pem"), str(tmp_path / "two-key.pem")
+            )
+        with pytest.raises(ValueError, match="No such file"):
+            client_context(None, str(tmp_path / "none.pem"))
+        with pytest.raises(ValueError, match="cannot load a PEM certificate"):
+            client_context(None, str(tmp_path / "one.pem"))  # no key in it
+        with pytest.raises(ValueError, match="give --cert too"):
+            client_context(None, None, str(tmp_path / "two-key.pem"))
+
+    def test_put_usage_error_exit_status(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        fifo = tmp_path / "cert.fifo"
+        os.mkfifo(fifo)
+        local = tmp_path / "local.txt"
+        local.write_bytes(b"x")
+        status = main(["put", "127.0.0.1:1", str(local), "x", "--cert", str(fifo)])
+        assert status == 2
+        err = capsys.readouterr().err
+        assert "cannot load the client certificate: it is a FIFO" in err

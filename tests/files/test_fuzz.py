@@ -310,6 +310,7 @@ class ProtocolFuzzTests(SynchronousTestCase):
     ) -> None:
         keys = {"bare_errors": bare_errors, "symlinks": symlinks}
         keys["writable"] = str(writable).lower()
+        keys["upload_allow"] = "0.0.0.0/0 ::/0"
         outs = []
         for chunks in (split(stream, cuts), [stream]):
             top = Path(tempfile.mkdtemp(prefix="sockd-fuzz-"))

@@ -59,6 +59,8 @@ class HttpBase(SynchronousTestCase):
         self.factory = self.make()
 
     def make(self, http_only: bool = False, **keys: str) -> FileFactory:
+        if keys.get("writable") == "true":
+            keys.setdefault("upload_allow", "0.0.0.0/0 ::/0")
         config = settings(file={"root": str(self.root), "enabled": "true", **keys})
         self.state = FileState(config.file, self.clock)
         self.addCleanup(self.state.root.close)
@@ -437,6 +439,8 @@ class UploadTests(HttpBase):
             (self.make(writable="true"), b"/.sockd-upload.0123456789abcdef", 403),
             (self.make(writable="true"), b"/../x", 403),
             (self.make(writable="true", max_upload="3"), b"/x", 413),
+            # upload_allow holds for HTTP as for the framed PUT
+            (self.make(writable="true", upload_allow="10.9.9.0/24"), b"/y", 403),
         ]
         for factory, target, code in cases:
             _, transport = self.put(target, b"abcd", factory, b"Expect: 100-continue")
@@ -448,6 +452,7 @@ class UploadTests(HttpBase):
             self.assertEqual(headers[b"connection"], b"close")
             self.assertFalse(transport.connected)
         self.assertEqual((self.root / "notes.txt").read_bytes(), b"hello notes\n")
+        self.assertFalse((self.root / "y").exists())
 
     def test_over_max_upload_refused_before_the_body(self) -> None:
         factory = self.make(writable="true", max_upload="10")

@@ -47,6 +47,7 @@ def daemon(tree: Path) -> Iterator[Daemon]:
         listen_http = tcp:0:interface=127.0.0.2
         root = {tree}
         writable = true
+        upload_allow = 127.0.0.0/8
         idle_timeout = 10
         """,
     ) as d:

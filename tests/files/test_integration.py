@@ -237,6 +237,7 @@ def writable(tmp_path: Path) -> Iterator[tuple[Daemon, Path]]:
         listen = tcp:0:interface=127.0.0.1
         root = {root}
         writable = true
+        upload_allow = 127.0.0.1
         """,
         wrapper=[prlimit, f"--fsize={4 * 1024 * 1024}", "--"],
     ) as d:
@@ -346,6 +347,7 @@ def test_sigterm_removes_a_stalled_upload_and_start_sweeps(tmp_path: Path) -> No
         listen = tcp:0:interface=127.0.0.1
         root = {root}
         writable = true
+        upload_allow = 127.0.0.1
         """,
         directory=tmp_path,
     )

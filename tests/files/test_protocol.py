@@ -50,7 +50,7 @@ from sockd.core.proxy import ProxyHeaderFactory
 from sockd.files.codec import percent_decode, percent_encode
 from sockd.files.paths import PathError
 from sockd.files.protocol import FileFactory
-from sockd.files.state import FileState, sweep_uploads
+from sockd.files.state import FileState, Peer, sweep_uploads
 from tests.helpers import connect, settings
 
 reactor: Any = _reactor
@@ -83,6 +83,9 @@ class Base(SynchronousTestCase):
         self.factory = self.make()
 
     def make(self, **keys: str) -> FileFactory:
+        if "upload_allow" not in keys and "upload_clients" not in keys:
+            # Who may upload has tests of its own (tests/files/test_state.py).
+            keys["upload_allow"] = "0.0.0.0/0 ::/0"
         config = settings(file={"root": str(self.root), "enabled": "true", **keys})
         state = FileState(config.file, self.clock)
         self.addCleanup(state.root.close)
@@ -849,7 +852,7 @@ class LifecycleTests(Base):
         reaches connectionLost (seen with SIGTERM: the file stayed).
         """
         factory = self.make(writable="true")
-        protocol = factory.buildProtocol(None)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = StringTransport()  # abortConnection reports nothing back
         protocol.makeConnection(transport)
         protocol.dataReceived(b"PUT slow.bin 100\nabc")
@@ -929,6 +932,35 @@ class UploadTests(Base):
         self.assertTrue(lines[2].startswith(b"OK type=file size=%d " % len(BODY)))
         self.assertEqual((self.root / "new.bin").read_bytes(), BODY)
         self.assertEqual(self.leftovers(), [])
+
+    def test_put_refused_by_address_reads_unaffected(self) -> None:
+        """
+        A client outside upload_allow gets ERR 403 with the reason and is
+        closed (its body would follow); nothing is created, reads still work,
+        and the refusal is counted by reason.
+        """
+        factory = self.make(writable="true", upload_allow="127.0.0.2")
+        protocol, transport = connect(factory, host="127.0.0.3")
+        protocol.dataReceived(b"PUT new.bin 3\nabc")
+        self.assertEqual(
+            transport.value(), b"ERR 403 uploads are not allowed from 127.0.0.3\r\n"
+        )
+        self.assertFalse(transport.connected)
+        self.assertFalse((self.root / "new.bin").exists())
+        self.assertEqual(self.leftovers(), [])
+        protocol, transport = connect(factory, host="127.0.0.3")
+        protocol.dataReceived(b"GET notes.txt\n")
+        self.pump(transport)
+        self.assertEqual(transport.value()[-12:], b"hello notes\n")
+        protocol, transport = connect(factory, host="127.0.0.2")
+        protocol.dataReceived(b"PUT new.bin 3\nabc")
+        self.assertEqual((self.root / "new.bin").read_bytes(), b"abc")
+        refusals = {
+            labels["reason"]: value
+            for name, _, labels, value in factory.metrics()
+            if name == "file_upload_refusals_total"
+        }
+        self.assertEqual(refusals, {"acl": 1, "certificate": 0})
 
     def test_put_line_ended_by_half_close(self) -> None:
         """
@@ -1084,7 +1116,7 @@ class UploadTests(Base):
         connection is finally aborted (or never, if the daemon stops first).
         """
         factory = self.make(writable="true", idle_timeout="10")
-        protocol = factory.buildProtocol(None)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = StringTransport()  # loseConnection never completes
         protocol.makeConnection(transport)
         protocol.dataReceived(b"PUT stall.bin 1000000\n" + b"x" * 1000)
@@ -1106,7 +1138,7 @@ class UploadTests(Base):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
 
         state = self.factory.state
-        upload = state.begin_upload(b"docs/c.bin", 3)
+        upload = state.begin_upload(b"docs/c.bin", 3, Peer("127.0.0.1"))
         upload.feed(b"abc")
         self.patch(file_state.os, "fsync", broken)
         self.assertRaises(OSError, upload.commit)
@@ -1123,7 +1155,14 @@ class UploadTests(Base):
         protocol.dataReceived(b"PUT r.bin 6\nabc")
         cut, cut_t = self.connect(port=40001)
         cut.dataReceived(b"PUT cut.bin 6\nabc")
-        new = settings(file={"root": str(second), "enabled": "true", "writable": "1"})
+        new = settings(
+            file={
+                "root": str(second),
+                "enabled": "true",
+                "writable": "1",
+                "upload_allow": "127.0.0.1",
+            }
+        )
         self.factory.reconfigure(new)
         self.addCleanup(self.factory.state.root.close)
         protocol.dataReceived(b"def")
@@ -1692,7 +1731,14 @@ class SweepTests(Base):
         second = self.base / "second"
         second.mkdir()
         stale = self.plant(second / self.STALE)
-        new = settings(file={"root": str(second), "enabled": "true", "writable": "1"})
+        new = settings(
+            file={
+                "root": str(second),
+                "enabled": "true",
+                "writable": "1",
+                "upload_allow": "127.0.0.1",
+            }
+        )
         self.factory.reconfigure(new)
         self.addCleanup(self.factory.state.root.close)
         self.assertFalse(stale.exists())
@@ -1799,7 +1845,9 @@ class TapTests(SynchronousTestCase):
         self.base.mkdir()
         self.root = make_tree(self.base)
         self.ini = self.base / "sockd.ini"
-        self.ini.write_text("[echo]\nenabled = false\n[file]\nroot = files\n")
+        self.ini.write_text(
+            "[echo]\nenabled = false\n[file]\nroot = files\nupload_allow = 127.0.0.1\n"
+        )
 
     def test_options_map_to_keys(self) -> None:
         options = file_tap.Options()
