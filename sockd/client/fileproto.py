@@ -25,6 +25,7 @@ from sockd.client.exits import (
     EXIT_USAGE,
     EXIT_VERIFY,
 )
+from sockd.core.text import REPLY, sanitise
 from sockd.files import codec
 
 __all__ = [
@@ -243,10 +244,10 @@ class Connection:
             answer = codec.parse_answer(self.readline())
         except codec.CodecError as e:
             raise ProtocolError(
-                f"{self.name}: unexpected answer {_printable(e.text)!r}"
+                f"{self.name}: unexpected answer {sanitise(e.text, REPLY)!r}"
             ) from None
         if isinstance(answer, codec.Failure):
-            raise ServerError(answer.code, _printable(answer.reason))
+            raise ServerError(answer.code, sanitise(answer.reason, REPLY))
         return answer
 
     def receive(self, length: int, sink: Sink) -> None:
@@ -387,17 +388,12 @@ class Pipeline:
             self._free.put(memoryview(data.obj))
 
 
-def _printable(text: str) -> str:
-    # Server text goes to a terminal: no control characters.
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:300])
-
-
 def _parsed(parse: Callable[[str], _T], text: str) -> _T:
     """C{parse(text)}; a C{ProtocolError} saying what was wrong if it fails."""
     try:
         return parse(text)
     except codec.CodecError as e:
-        raise ProtocolError(f"{e.what}: {_printable(e.text)!r}") from None
+        raise ProtocolError(f"{e.what}: {sanitise(e.text, REPLY)!r}") from None
 
 
 class FileClient:
@@ -432,11 +428,11 @@ class FileClient:
             try:
                 item = codec.parse_list_line(raw)
             except codec.CodecError as e:
-                raise ProtocolError(f"{e.what} {_printable(e.text)!r}") from None
+                raise ProtocolError(f"{e.what} {sanitise(e.text, REPLY)!r}") from None
             if isinstance(item, codec.ListEnd):
                 return
             if isinstance(item, str):
-                self.truncated = _printable(item)
+                self.truncated = sanitise(item, REPLY)
                 continue
             yield item
 
