@@ -40,6 +40,7 @@ from twisted.python.systemd import ListenFDs
 
 from sockd.core._twisted import systemd_record
 from sockd.core.filekind import file_kind
+from sockd.core.standin import StandInReactor
 
 __all__ = [
     "DatagramEndpoint",
@@ -226,28 +227,13 @@ def stream_endpoint(reactor: Any, description: str) -> StreamEndpoint:
         return StreamEndpoint(serverFromString(reactor, description))
     # An ssl: endpoint hands its settings to IReactorSSL.listenSSL: parse it
     # once against a reactor that records them.
-    recorder = _SSLRecorder()
+    recorder = StandInReactor()
     serverFromString(recorder, description).listen(Factory())
-    ((port, _, context, backlog, interface),) = recorder.servers
-    endpoint = SSL4ServerEndpoint(reactor, port, context, backlog, interface)
-    return StreamEndpoint(endpoint, context)
-
-
-class _SSLRecorder:
-    """Takes the TLS listener an ssl: endpoint asks for, and records it."""
-
-    def __init__(self) -> None:
-        self.servers: list[tuple[int, Any, Any, int, str]] = []
-
-    def listenSSL(
-        self,
-        port: int,
-        factory: Any,
-        contextFactory: Any,
-        backlog: int = 50,
-        interface: str = "",
-    ) -> None:
-        self.servers.append((port, factory, contextFactory, backlog, interface))
+    (tls,) = recorder.tls_listeners
+    endpoint = SSL4ServerEndpoint(
+        reactor, tls.port, tls.context, tls.backlog, tls.interface
+    )
+    return StreamEndpoint(endpoint, tls.context)
 
 
 #: address families a systemd: stream endpoint may name
