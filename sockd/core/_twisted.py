@@ -27,7 +27,7 @@ from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.systemd import ListenFDs
 
-from sockd.core.standin import StandInReactor
+from sockd.core.reactors import StandInReactor
 
 __all__ = [
     "CHECKED_ON",

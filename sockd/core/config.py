@@ -321,7 +321,7 @@ def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
     # Imported when an endpoint is checked: twisted.internet.endpoints takes
     # a while to import, and a reader of the file may need none.
     from sockd.core.endpoints import check_stream, stream_endpoint
-    from sockd.core.standin import StandInReactor
+    from sockd.core.reactors import StandInReactor
 
     result = []
     for word in _endpoint_words(value):

@@ -19,7 +19,7 @@ import re
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
@@ -578,7 +578,7 @@ class FileState:
     def blocking(self, work: Callable[[], T]) -> Deferred[T]:
         """Run blocking work (fsync) in a thread when the reactor has them."""
         if IReactorThreads.providedBy(self.clock):
-            reactor: Any = self.clock
+            reactor = IReactorThreads(self.clock)
             result: Deferred[T] = deferToThreadPool(
                 reactor, reactor.getThreadPool(), work
             )

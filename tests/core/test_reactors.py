@@ -8,7 +8,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockd.core.standin import StandInReactor, TLSListener
+from sockd.core.reactors import StandInReactor, TLSListener
 
 
 class StandInReactorTests(SynchronousTestCase):

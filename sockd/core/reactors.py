@@ -1,8 +1,9 @@
 """
-A reactor that runs nothing, for Twisted code that wants a reactor where
-nothing may run: an endpoint description parsed only to be checked (the
-config check, the systemd fallback), the TLS settings an C{ssl:}
-description names, and the objects Twisted's internals are checked on.
+Reactors beside the daemon's own: L{IDatagramReactor}, what a datagram
+endpoint needs of one, and L{StandInReactor}, for Twisted code that wants a
+reactor where nothing may run (an endpoint description parsed only to be
+checked, the TLS settings an C{ssl:} description names, the objects
+Twisted's internals are checked on).
 """
 
 from __future__ import annotations
@@ -10,9 +11,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import (
+    IOpenSSLServerConnectionCreator,
+    IReactorSocket,
+    IReactorUDP,
+)
 
-__all__ = ["StandInReactor", "TLSListener"]
+__all__ = ["IDatagramReactor", "StandInReactor", "TLSListener"]
+
+
+class IDatagramReactor(IReactorUDP, IReactorSocket):
+    """
+    What a datagram endpoint listens with (a port, or an adopted socket):
+    a type for the checker only, as L{sockd.core.interfaces.IDaemonReactor}.
+    """
 
 
 @dataclass(frozen=True)
