@@ -357,6 +357,16 @@ def examples(root: Path = ROOT) -> list[Example]:
     return [each for path in documents(root) for each in reader.parse(path)]
 
 
+def block_holding(path: Path, text: str, root: Path = ROOT) -> Block:
+    """The one fenced block of C{path} whose source holds C{text}."""
+    (block,) = [
+        each.parsed
+        for each in sybil(root).parse(path)
+        if isinstance(each.parsed, Block) and text in each.parsed.source
+    ]
+    return block
+
+
 def unfenced_blocks(text: str) -> list[int]:
     """
     Lines (1-based) where an indented code block starts: four spaces more
