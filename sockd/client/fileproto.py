@@ -126,12 +126,18 @@ class VerifyFailed(ClientError):
 
 
 class ServerError(ClientError):
-    """An C{ERR <code> <reason>} answer, or an HTTP error status."""
+    """
+    An C{ERR <code> [<cause>: ]<reason>} answer, or an HTTP error status;
+    C{cause} is one of L{sockd.files.names.CAUSES}, or None.
+    """
 
-    def __init__(self, code: int, reason: str, message: str = "") -> None:
+    def __init__(
+        self, code: int, reason: str, message: str = "", cause: str | None = None
+    ) -> None:
         super().__init__(message or f"server error {code}: {reason}")
         self.code = code
         self.reason = reason
+        self.cause = cause
         self.status = _ERR_STATUS.get(code, EXIT_SERVER)
 
 
@@ -247,7 +253,9 @@ class Connection:
                 f"{self.name}: unexpected answer {sanitise(e.text, REPLY)!r}"
             ) from None
         if isinstance(answer, codec.Failure):
-            raise ServerError(answer.code, sanitise(answer.reason, REPLY))
+            raise ServerError(
+                answer.code, sanitise(answer.reason, REPLY), cause=answer.cause
+            )
         return answer
 
     def receive(self, length: int, sink: Sink) -> None:

@@ -37,6 +37,7 @@ from sockd.client.output import MeterFactory, Output, Progress, display, local_e
 from sockd.client.tls import add_tls_arguments, client_context
 from sockd.client.urls import Location, is_url, parse_url
 from sockd.client.urls import framed as framed_location
+from sockd.files.names import HIDDEN
 
 __all__ = [
     "EPILOG",
@@ -525,15 +526,17 @@ def _put_refused(error: ServerError, remote: str) -> ServerError:
     # A PUT gets 404 only for its directory: the file itself may be new.
     if error.code == 404 and len(names) > 1:
         message = f"no such directory: {display('/'.join(names[:-1]))} {said}"
-    # 403 has many causes (uploads off, "..", permissions): the server's
-    # reason tells this one.
-    elif error.code == 403 and "hidden" in error.reason:
+    # 403 has many causes (uploads off, "..", permissions): the cause the
+    # server names tells this one.
+    elif error.code == 403 and error.cause == HIDDEN:
         hidden = [n for n in names if n.startswith(".") and n.strip(".")]
         if hidden:
             message = (
                 f"hidden names are refused by the server: {display(hidden[0])} {said}"
             )
-    return ServerError(error.code, error.reason, message) if message else error
+    if not message:
+        return error
+    return ServerError(error.code, error.reason, message, error.cause)
 
 
 def _put(args: argparse.Namespace) -> int:

@@ -427,7 +427,9 @@ class FileProtocol(GuardedProtocol):
                 raise PathError(400, "arguments are separated by single spaces")
             handler(self, args)
         except PathError as e:
-            self._error(e.code, e.reason, word, path, close=word == b"PUT")
+            self._error(
+                e.code, e.reason, word, path, close=word == b"PUT", cause=e.cause
+            )
         except OSError as e:
             # Descriptor exhaustion (EMFILE), I/O errors: this request fails,
             # the daemon goes on.
@@ -445,7 +447,7 @@ class FileProtocol(GuardedProtocol):
                 self._listing(parts, opened, form, self.close, b"", selector)
                 return
         except PathError as e:
-            self._error(e.code, e.reason, b"", selector, close=True)
+            self._error(e.code, e.reason, b"", selector, close=True, cause=e.cause)
             return
         except OSError as e:
             self._error(500, f"internal error: {e.strerror}", b"", selector)
@@ -500,7 +502,7 @@ class FileProtocol(GuardedProtocol):
             if not isinstance(error, PathError):
                 log.failure("file: SUM failed", failure)
                 error = PathError(500, "internal error")
-            self._error(error.code, error.reason, b"SUM", args[0])
+            self._error(error.code, error.reason, b"SUM", args[0], cause=error.cause)
 
         work.addCallbacks(done, failed)
         work.addBoth(self._workDone)
@@ -669,7 +671,14 @@ class FileProtocol(GuardedProtocol):
             if isinstance(error, PathError):
                 # Failed before writing anything: the client hears why.
                 if self.phase is not Phase.LOST:
-                    self._error(error.code, error.reason, command, path, close=True)
+                    self._error(
+                        error.code,
+                        error.reason,
+                        command,
+                        path,
+                        close=True,
+                        cause=error.cause,
+                    )
                 return
             if not isinstance(error, TransferError):
                 log.failure("file: transfer failed", failure)
@@ -752,6 +761,7 @@ class FileProtocol(GuardedProtocol):
         command: bytes,
         path: bytes = b"",
         close: bool = False,
+        cause: str | None = None,
     ) -> None:
         refused = self.factory.state.refused
         refused[code] = refused.get(code, 0) + 1
@@ -765,7 +775,7 @@ class FileProtocol(GuardedProtocol):
         )
         line = b""
         if self.mode != "bare" or self.factory.state.settings.bare_errors == "line":
-            line = codec.send(codec.Failure(code, reason))
+            line = codec.send(codec.Failure(code, reason, cause))
         if close or self.mode == "bare":
             self.close(line)
         elif line:

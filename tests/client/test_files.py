@@ -884,17 +884,30 @@ def test_put_forbidden(serve: Any, here: Path, capfd: Any) -> None:
         ),
         (
             "sub/.secret",
-            (403, "hidden files are not served"),
+            (403, "hidden: hidden files are not served"),
             5,
             "hidden names are refused by the server: .secret "
             "(server error 403: hidden files are not served)",
         ),
         (
             ".git/config",
-            (403, "hidden files are not served"),
+            (403, "hidden: hidden files are not served"),
             5,
             "hidden names are refused by the server: .git "
             "(server error 403: hidden files are not served)",
+        ),
+        # The cause decides, never the reason's words.
+        (
+            ".env",
+            (403, "hidden files are not served"),
+            5,
+            "server error 403: hidden files are not served",
+        ),
+        (
+            ".env",
+            (403, "private: a cause no client knows yet"),
+            5,
+            "server error 403: private: a cause no client knows yet",
         ),
         # Another 403 is said as the server says it, hidden name or not.
         (

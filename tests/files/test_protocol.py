@@ -302,7 +302,7 @@ class FramedTests(Base):
             (b"GET ../canary", b"ERR 403 path segments . and .. are not allowed"),
             (b"GET %2e%2e/canary", b"ERR 403 path segments . and .. are not allowed"),
             (b"GET out", b"ERR 403 leads outside the root"),
-            (b"GET .hidden", b"ERR 403 hidden files are not served"),
+            (b"GET .hidden", b"ERR 403 hidden: hidden files are not served"),
             (b"GET a%00b", b"ERR 400 NUL byte in path"),
             (b"GET a%zz", b"ERR 400 bad %XX escape in path"),
             (b"GET %ff", b"ERR 400 path is not valid UTF-8"),
@@ -993,7 +993,7 @@ class UploadTests(Base):
         cases = [
             (b"PUT big 3000000", b"ERR 413 upload larger than 2097152 bytes"),
             (b"PUT ../x 1", b"ERR 403 path segments . and .. are not allowed"),
-            (b"PUT .x 1", b"ERR 403 hidden files are not served"),
+            (b"PUT .x 1", b"ERR 403 hidden: hidden files are not served"),
             (b"PUT docs 1", b"ERR 405 target exists and is not a regular file"),
             (b"PUT fifo 1", b"ERR 405 target exists and is not a regular file"),
             (b"PUT out/x 1", b"ERR 403 leads outside the root"),
@@ -1196,7 +1196,7 @@ class LinkPolicyTests(Base):
 
     def test_every_command_refuses(self) -> None:
         protocol, transport = self.connect()
-        hidden = b"ERR 403 hidden files are not served\r\n"
+        hidden = b"ERR 403 hidden: hidden files are not served\r\n"
         for request in (
             b"GET vis.txt",
             b"GET gitlink/config",
@@ -1221,7 +1221,7 @@ class LinkPolicyTests(Base):
         for request in (b"vis.txt\n", b"/gitlink/config\r\n", b"gitlink\n"):
             self.assertEqual(
                 self.exchange(request, factory),
-                b"ERR 403 hidden files are not served\r\n",
+                b"ERR 403 hidden: hidden files are not served\r\n",
             )
         menu = self.exchange(b"\r\n", factory)
         self.assertIn(b"9plain_link\t/plain_link\t", menu)
@@ -1262,7 +1262,7 @@ class LinkPolicyTests(Base):
             )
             self.assertNotIn(b"peek", value)
             # A hidden name too, unless hidden names are served.
-            reason = b"reserved name" if hidden == "true" else b"hidden files are"
+            reason = b"reserved name" if hidden == "true" else b"hidden: hidden files"
             self.assertIn(
                 b"ERR 403 " + reason,
                 self.exchange(b"PUT here/%s 1\nx" % temp.encode(), factory),
@@ -1279,7 +1279,7 @@ class LinkPolicyTests(Base):
         for request in (b"PUT pub/x.bin 3\nabc", b"PUT gitlink/hooks 3\nabc"):
             self.assertEqual(
                 self.exchange(request, factory),
-                b"ERR 403 hidden files are not served\r\n",
+                b"ERR 403 hidden: hidden files are not served\r\n",
             )
         self.assertEqual(os.listdir(self.root / ".private"), [])
         self.assertEqual(os.listdir(self.root / ".git"), ["config"])
