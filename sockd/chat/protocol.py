@@ -68,8 +68,9 @@ class ChatProtocol(DatagramProtocol):
         if sock is None:
             return
         # Port.write checks the address's syntax (three parses) on every
-        # datagram; ours come from recvfrom, so send straight away: this
-        # nearly doubles fan-out.  Errors are the same OSErrors.
+        # datagram; ours come from recvfrom, so send straight away
+        # (docs/performance.md, "Chat fan-out straight to sendto").  Errors
+        # are the same OSErrors.
         self._sendto = sock.sendto
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):  # else keep the default

@@ -312,7 +312,8 @@ def _get(args: argparse.Namespace) -> int:
 
                 gopher.fetch(location, out, meter, label, args.timeout, stdout)
             else:
-                # Imported when used: http.client and email cost 60 ms.
+                # Imported when used: http.client and email are slow to
+                # import (docs/performance.md, "Client start-up").
                 from sockd.client import web
 
                 web.fetch(

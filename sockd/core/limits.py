@@ -987,8 +987,8 @@ class GuardedFactory(ServerFactory):
         self.pressed = False
         self.set_limits(settings, request_timeout, abort_grace)
         self.connections: set[GuardedProtocol] = set()
-        #: peer_key -> its open connection, or a set of them if several
-        #: (one set per address would cost 200 bytes a connection)
+        #: peer_key -> its open connection, or a set of them if several (a
+        #: set each costs memory: docs/performance.md, "Memory per connection")
         self.peers: dict[str, GuardedProtocol | set[GuardedProtocol]] = {}
         self.accepted = 0
         # Every timer, so each series is there (at 0) before it first fires.

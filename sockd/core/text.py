@@ -221,11 +221,11 @@ class Profile:
             for old, new in before:
                 if old in text:
                     text = text.replace(old, new)
-            # Searched in steps, as one regex over every range is three
-            # times slower on typical text (docs/performance.md, "The
-            # sanitiser"): ASCII text for its few ranges only; other text
-            # for those of the BMP (a bitmap), and past the BMP only if
-            # needed.  A profile by category looks at each character.
+            # Searched in steps, as one regex over every range is slower on
+            # typical text (docs/performance.md, "The sanitiser"): ASCII
+            # text for its few ranges only; other text for those of the BMP
+            # (a bitmap), and past the BMP only if needed.  A profile by
+            # category looks at each character.
             if text.isascii():
                 unsafe = ascii_ is not None and ascii_.search(text) is not None
             elif by_category or (bmp is not None and bmp.search(text) is not None):

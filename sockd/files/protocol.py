@@ -264,8 +264,8 @@ class FileProtocol(GuardedProtocol):
     """One connection: a bare request, or framed requests one after another."""
 
     # Bodies go out in sendfile() calls of 256 KiB: with TCP_NODELAY each
-    # call's tail leaves as a segment of its own (1 GiB: 0.77x nginx with
-    # it, 0.92x without, in one alternating run).
+    # call's tail leaves as a segment of its own, which is slower
+    # (docs/performance.md, "File bodies without TCP_NODELAY").
     nodelay = False
 
     factory: FileFactory

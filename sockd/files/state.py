@@ -52,7 +52,8 @@ log = Logger(namespace="sockd.file")
 MAX_LISTING = 10000
 MAX_SCAN = 10 * MAX_LISTING
 #: a listing's work per reactor turn: names read (and sorted), then names
-#: checked (each an open and a stat); each is about 2 ms here
+#: checked (each an open and a stat); a few milliseconds each
+#: (docs/performance.md, "Listing work per reactor turn")
 SCAN_NAMES = 2048
 SCAN_ENTRIES = 128
 #: bytes hashed per reactor turn
