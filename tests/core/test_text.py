@@ -170,9 +170,11 @@ class EveryCodePointTests(SynchronousTestCase):
                     )
 
 
-class TerminalTests(SynchronousTestCase):
-    def test_byte_for_byte(self) -> None:
-        cases = {
+#: each profile, and what it shows for each input, byte for byte
+SHOWN: list[tuple[Profile, dict[bytes | str, str]]] = [
+    (
+        TERMINAL,
+        {
             "\x1b[31mred\x1b[0m": "\ufffd[31mred\ufffd[0m",
             "a\rb": "a\ufffdb",
             "a\r\nb\r\n": "a\nb\n",
@@ -183,10 +185,65 @@ class TerminalTests(SynchronousTestCase):
             "bad\udcff": "bad\udcff",  # decoding is the caller's
             "\U000e0041\U0001f600": "\ufffd\U0001f600",
             "\x85\x9b": "\ufffd\ufffd",
-        }
-        for raw, shown in cases.items():
-            self.assertEqual(sanitise(raw, TERMINAL), shown, repr(raw))
+        },
+    ),
+    (
+        LOG,
+        {
+            b"GET /a.txt": "GET /a.txt",
+            b'evil\r\n{"x"}\x1b[2J\xff': 'evil\\r\\n{"x"}\\x1b[2J\\xff',
+            "tab\there\\": "tab\\there\\\\",
+            "caf\u00e9": "caf\\xc3\\xa9",
+            "\u202e": "\\xe2\\x80\\xae",
+            "\u2028": "\\xe2\\x80\\xa8",
+            "bad\udcffutf8": "bad\\xffutf8",  # the byte that came
+            b"\xc2\x85\x7f\x00": "\\xc2\\x85\\x7f\\x00",
+        },
+    ),
+    (
+        LISTING,
+        {
+            b"plain name.txt": "plain name.txt",
+            "caf\u00e9": "caf\u00e9",
+            b"esc\x1b[31mred": "esc\\x1b[31mred",
+            b"a\nb\rc\x7f\xc2\x9b": "a\\x0ab\\x0dc\\x7f\\x9b",
+            "bidi\u202egnp.exe": "bidi\\u202egnp.exe",
+            b"bad\xffutf8": "bad\\\\xffutf8",
+            "lone\udcff": "lone\\udcff",
+            "a\u2028b\u2029": "a\\u2028b\\u2029",
+            "zw\u200bj\u200d": "zw\\u200bj\\u200d",  # every format character
+            "tag\U000e0041": "tag\\ue0041",
+            "a\\b": "a\\\\b",
+            "nb\u00a0sp": "nb\u00a0sp",
+        },
+    ),
+    (
+        REPLY,
+        {
+            "no such file": "no such file",
+            "a\r\nb\tc": "a\\r\\nb\\tc",
+            "\x1b[2J": "\\x1b[2J",
+            "nb\u00a0sp": "nb\\xa0sp",
+            "\u202e\u2028": "\\u202e\\u2028",
+            "\U000e0041": "\\U000e0041",
+            "lone\udcff": "lone\\udcff",
+            "a\\b": "a\\b",  # printable
+            "\ue000\u0378": "\\ue000\\u0378",
+        },
+    ),
+]
 
+
+class ByteForByteTests(SynchronousTestCase):
+    def test_each_profile(self) -> None:
+        for profile, cases in SHOWN:
+            for raw, shown in cases.items():
+                self.assertEqual(
+                    sanitise(raw, profile), shown, f"{profile.name}: {raw!r}"
+                )
+
+
+class TerminalTests(SynchronousTestCase):
     def test_invalid_utf8_is_replaced(self) -> None:
         self.assertEqual(sanitise(b"a\xffb\xc3", TERMINAL), "a\ufffdb\ufffd")
 
@@ -197,20 +254,6 @@ class TerminalTests(SynchronousTestCase):
 
 
 class LogTests(SynchronousTestCase):
-    def test_byte_for_byte(self) -> None:
-        cases: dict[bytes | str, str] = {
-            b"GET /a.txt": "GET /a.txt",
-            b'evil\r\n{"x"}\x1b[2J\xff': 'evil\\r\\n{"x"}\\x1b[2J\\xff',
-            "tab\there\\": "tab\\there\\\\",
-            "caf\u00e9": "caf\\xc3\\xa9",
-            "\u202e": "\\xe2\\x80\\xae",
-            "\u2028": "\\xe2\\x80\\xa8",
-            "bad\udcffutf8": "bad\\xffutf8",  # the byte that came
-            b"\xc2\x85\x7f\x00": "\\xc2\\x85\\x7f\\x00",
-        }
-        for raw, shown in cases.items():
-            self.assertEqual(sanitise(raw, LOG), shown, repr(raw))
-
     def test_cut_at_the_limit_in_bytes(self) -> None:
         self.assertEqual(sanitise(b"x" * 200, LOG), "x" * 200)
         self.assertEqual(sanitise(b"x" * 201, LOG), "x" * 200 + "...(201 bytes)")
@@ -231,45 +274,12 @@ class LogTests(SynchronousTestCase):
 
 
 class ListingTests(SynchronousTestCase):
-    def test_byte_for_byte(self) -> None:
-        cases: dict[bytes | str, str] = {
-            b"plain name.txt": "plain name.txt",
-            "caf\u00e9": "caf\u00e9",
-            b"esc\x1b[31mred": "esc\\x1b[31mred",
-            b"a\nb\rc\x7f\xc2\x9b": "a\\x0ab\\x0dc\\x7f\\x9b",
-            "bidi\u202egnp.exe": "bidi\\u202egnp.exe",
-            b"bad\xffutf8": "bad\\\\xffutf8",
-            "lone\udcff": "lone\\udcff",
-            "a\u2028b\u2029": "a\\u2028b\\u2029",
-            "zw\u200bj\u200d": "zw\\u200bj\\u200d",  # every format character
-            "tag\U000e0041": "tag\\ue0041",
-            "a\\b": "a\\\\b",
-            "nb\u00a0sp": "nb\u00a0sp",
-        }
-        for raw, shown in cases.items():
-            self.assertEqual(sanitise(raw, LISTING), shown, repr(raw))
-
     def test_cut_when_asked(self) -> None:
         self.assertEqual(sanitise("\x1b" * 500, LISTING, 300), "\\x1b" * 300)
         self.assertEqual(len(sanitise("x" * 10**6, LISTING)), 10**6)
 
 
 class ReplyTests(SynchronousTestCase):
-    def test_byte_for_byte(self) -> None:
-        cases = {
-            "no such file": "no such file",
-            "a\r\nb\tc": "a\\r\\nb\\tc",
-            "\x1b[2J": "\\x1b[2J",
-            "nb\u00a0sp": "nb\\xa0sp",
-            "\u202e\u2028": "\\u202e\\u2028",
-            "\U000e0041": "\\U000e0041",
-            "lone\udcff": "lone\\udcff",
-            "a\\b": "a\\b",  # printable
-            "\ue000\u0378": "\\ue000\\u0378",
-        }
-        for raw, shown in cases.items():
-            self.assertEqual(sanitise(raw, REPLY), shown, repr(raw))
-
     def test_cut_at_300_characters_unmarked(self) -> None:
         self.assertEqual(sanitise("x" * 1000, REPLY), "x" * 300)
         self.assertEqual(sanitise("\x00" * 1000, REPLY), "\\x00" * 300)
