@@ -229,6 +229,14 @@ class BlockParser:
         self.comments = DirectiveInHTMLCommentLexer(directive="docs", arguments=".*?")
 
     def __call__(self, document: Document) -> Iterable[Region]:
+        for fence, block in self.blocks(document):
+            shown_only = block.language in SHOWN and not block.problem
+            if shown_only and not (block.directive("output of") or block.not_run):
+                continue
+            yield Region(fence.start, fence.end, block, evaluate)
+
+    def blocks(self, document: Document) -> Iterator[tuple[Region, Block]]:
+        """Every fenced block of C{document}, checked or only shown."""
         path = self._name(document.path)
         directives = sorted(self.comments(document), key=lambda r: r.start)
         previous_end = 0
@@ -238,12 +246,8 @@ class BlockParser:
                 for d in directives
                 if previous_end <= d.start and d.end <= fence.start
             ]
-            block = self._block(document, path, fence, previous_end, mine)
+            yield fence, self._block(document, path, fence, previous_end, mine)
             previous_end = fence.end
-            shown_only = block.language in SHOWN and not block.problem
-            if shown_only and not (block.directive("output of") or block.not_run):
-                continue
-            yield Region(fence.start, fence.end, block, evaluate)
 
     def _name(self, path: str) -> str:
         try:
@@ -355,6 +359,15 @@ def examples(root: Path = ROOT) -> list[Example]:
     """Every example of every document, in document order."""
     reader = sybil(root)
     return [each for path in documents(root) for each in reader.parse(path)]
+
+
+def block_holding(path: Path, text: str, root: Path = ROOT) -> Block:
+    """The one fenced block of C{path} (checked or only shown) holding C{text}."""
+    document = Document(path.read_text(), str(path))
+    (block,) = [
+        block for _, block in BlockParser(root).blocks(document) if text in block.source
+    ]
+    return block
 
 
 def unfenced_blocks(text: str) -> list[int]:

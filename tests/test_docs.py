@@ -5,6 +5,7 @@ parses, shown output matches (the harness is C{tests/docblocks.py}).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,3 +64,24 @@ def test_the_documents_have_checked_blocks() -> None:
     blocks = [e.parsed for e in docblocks.examples()]
     found = {block.path for block in blocks if block.language in CHECKED}
     assert {"README.md", "docs/deploy.md", "docs/protocol-chat.md"} <= found
+
+
+def test_code_names_existing_performance_sections() -> None:
+    # Figures live in docs/performance.md; a comment names the section.
+    headings = {
+        line.lstrip("#").strip().replace("`", "")
+        for line in (docblocks.ROOT / "docs" / "performance.md")
+        .read_text()
+        .splitlines()
+        if line.startswith("#")
+    }
+    named = {
+        (path.name, section)
+        for path in sorted((docblocks.ROOT / "sockd").rglob("*.py"))
+        for section in re.findall(
+            r'docs/performance\.md,\s*(?:#:?\s*)?"([^"]+)"',
+            re.sub(r"\n\s*#:?\s*", " ", path.read_text()),
+        )
+    }
+    assert named, "no comment names a section"
+    assert {(f, s) for f, s in named if s not in headings} == set()

@@ -15,13 +15,14 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sockd.chat.state import Address, ChatState
+from sockd.chat.state import ChatState
 from sockd.chat.text import clean
 from sockd.core.config import Config
 from sockd.core.interfaces import (
     IAccessControlled,
     IMetricsSource,
     IReconfigurable,
+    PeerAddress,
     Sample,
 )
 from sockd.core.limits import AccessList
@@ -60,21 +61,22 @@ class ChatProtocol(DatagramProtocol):
         self.send_errors = 0
         if state.reporter is None:
             state.reporter = self
-        self._sendto: Callable[[bytes, Address], object] | None = None
+        self._sendto: Callable[[bytes, PeerAddress], object] | None = None
 
     def startProtocol(self) -> None:
         sock = getattr(self.transport, "socket", None)
         if sock is None:
             return
         # Port.write checks the address's syntax (three parses) on every
-        # datagram; ours come from recvfrom, so send straight away: this
-        # nearly doubles fan-out.  Errors are the same OSErrors.
+        # datagram; ours come from recvfrom, so send straight away
+        # (docs/performance.md, "Chat fan-out straight to sendto").  Errors
+        # are the same OSErrors.
         self._sendto = sock.sendto
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):  # else keep the default
                 sock.setsockopt(socket.SOL_SOCKET, option, self.socket_buffer)
 
-    def datagramReceived(self, data: bytes, addr: Address) -> None:
+    def datagramReceived(self, data: bytes, addr: PeerAddress) -> None:
         if not self.access.permits(addr[0]):
             self.acl_dropped += 1  # before any reply, state or cookie
             return
@@ -94,7 +96,7 @@ class ChatProtocol(DatagramProtocol):
             return
         self.state.receive(self, addr, size, clean(text))
 
-    def _oversized(self, addr: Address, size: int) -> None:
+    def _oversized(self, addr: PeerAddress, size: int) -> None:
         message = f"message longer than {self.state.max_message} bytes"
         self.state.refuse(self, addr, size, message, "oversized")
 
@@ -174,7 +176,7 @@ class ChatProtocol(DatagramProtocol):
             )
         return samples
 
-    def send(self, data: bytes, addr: Address) -> None:
+    def send(self, data: bytes, addr: PeerAddress) -> None:
         try:
             if self._sendto is not None:
                 self._sendto(data, addr)

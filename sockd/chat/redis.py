@@ -23,13 +23,14 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sockd.chat.federation import NODE, Federation
 from sockd.chat.state import ChatState
 from sockd.core.config import ChatSettings
+from sockd.core.interfaces import IDaemonReactor
 from sockd.core.logs import escape
 
 __all__ = [
@@ -270,7 +271,7 @@ class RedisStore(Service):
         prefix: str,
         node: str,
         federation: Federation,
-        reactor: Any,
+        reactor: IDaemonReactor,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -583,7 +584,7 @@ def _watched(base: Any, store: RedisStore) -> Any:
     class Watched(base):  # type: ignore[misc]
         which = ""
 
-        def buildProtocol(self, addr: Any) -> Any:
+        def buildProtocol(self, addr: IAddress) -> Any:
             protocol = super().buildProtocol(addr)
             protocol.whenConnected().addCallback(
                 lambda _: store.opened(self.which, protocol)
@@ -757,7 +758,9 @@ def _base36(number: int) -> str:
             return out
 
 
-def federate(state: ChatState, settings: ChatSettings, reactor: Any) -> RedisLink:
+def federate(
+    state: ChatState, settings: ChatSettings, reactor: IDaemonReactor
+) -> RedisLink:
     """Make C{state} a node of the cluster on the Redis C{settings} name."""
     node = node_name(settings.node_name)
     federation = Federation(settings, node, "0", reactor)

@@ -24,7 +24,7 @@ import math
 import os
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -39,7 +39,7 @@ from sockd.chat.text import (
     room_name,
 )
 from sockd.core.config import ChatSettings
-from sockd.core.interfaces import Reason
+from sockd.core.interfaces import PeerAddress, Reason
 from sockd.core.limits import LOOP_PORTS, RateLimiter, TokenBucket, peer_key
 from sockd.core.logs import escape
 
@@ -59,8 +59,6 @@ __all__ = [
 ]
 
 log = Logger(namespace="sockd.chat")
-
-Address = Any  # (host, port) as recvfrom gives it
 
 #: an unvalidated address gets at most this many times the bytes it sent
 AMPLIFICATION = 3
@@ -101,7 +99,7 @@ HELP = (
 class Sender(Protocol):
     """Where the state's datagrams go."""
 
-    def send(self, data: bytes, addr: Address) -> None: ...
+    def send(self, data: bytes, addr: PeerAddress) -> None: ...
 
 
 class Backend:
@@ -208,7 +206,7 @@ class Member:
     )
 
     def __init__(
-        self, addr: Address, nick: str, out: Sender, bucket: MemberBucket
+        self, addr: PeerAddress, nick: str, out: Sender, bucket: MemberBucket
     ) -> None:
         self.addr = addr
         #: the client address it counts under (L{peer_key}: IPv4, IPv6 /64)
@@ -234,7 +232,7 @@ class Room:
 
     def __init__(self, name: str, history: int) -> None:
         self.name = name
-        self.members: dict[Address, Member] = {}
+        self.members: dict[PeerAddress, Member] = {}
         self.topic = ""
         self.history: deque[bytes] = deque(maxlen=history)
 
@@ -357,7 +355,7 @@ class ChatState:
         #: members per client address (L{peer_key})
         self.peers: dict[str, int] = {}
         self.blocked_ports = LOOP_PORTS | own_ports
-        self.members: dict[Address, Member] = {}
+        self.members: dict[PeerAddress, Member] = {}
         self.nicks: dict[str, Member] = {}
         self.rooms: dict[str, Room] = {}
         default = room_name(settings.default_room)
@@ -365,9 +363,9 @@ class ChatState:
         self.default_room = default
         self._room(self.default_room)
         #: address -> [bytes received, bytes sent] until it is validated
-        self.pending: OrderedDict[Address, list[int]] = OrderedDict()
+        self.pending: OrderedDict[PeerAddress, list[int]] = OrderedDict()
         #: client address -> its addresses in C{pending}, least recent first
-        self.pending_peers: dict[str, OrderedDict[Address, None]] = {}
+        self.pending_peers: dict[str, OrderedDict[PeerAddress, None]] = {}
         #: replies to strangers, per address (IP and port) and in total
         self.strangers = RateLimiter(
             settings.rate,
@@ -446,7 +444,7 @@ class ChatState:
 
     # --- datagrams in ----------------------------------------------------
 
-    def receive(self, out: Sender, addr: Address, size: int, text: str) -> None:
+    def receive(self, out: Sender, addr: PeerAddress, size: int, text: str) -> None:
         """One datagram of C{size} bytes, decoded and made terminal-safe."""
         member = self.members.get(addr)
         if member is None:
@@ -469,7 +467,7 @@ class ChatState:
     def refuse(
         self,
         out: Sender,
-        addr: Address,
+        addr: PeerAddress,
         size: int,
         reason: str,
         code: Literal["oversized", "invalid"],
@@ -520,7 +518,7 @@ class ChatState:
 
     # --- strangers and validation -----------------------------------------
 
-    def _stranger_allowed(self, addr: Address, size: int) -> bool:
+    def _stranger_allowed(self, addr: PeerAddress, size: int) -> bool:
         """Count what a stranger sent; may it be answered at all?"""
         self.stats["stranger_bytes_in"] += size
         peer = peer_key(addr[0])
@@ -547,7 +545,7 @@ class ChatState:
             return False
         return True
 
-    def _forget(self, addr: Address) -> None:
+    def _forget(self, addr: PeerAddress) -> None:
         """Drop a stranger's byte counts."""
         if self.pending.pop(addr, None) is None:
             return
@@ -557,7 +555,7 @@ class ChatState:
         if not mine:
             del self.pending_peers[peer]
 
-    def _no_place(self, addr: Address) -> list[bytes] | None:
+    def _no_place(self, addr: PeerAddress) -> list[bytes] | None:
         """Why C{addr} cannot become a member now (longest first), or None."""
         if len(self.members) >= self.settings.max_members:
             self.refused["total"] += 1
@@ -572,7 +570,7 @@ class ChatState:
             ]
         return None
 
-    def _stranger(self, out: Sender, addr: Address, size: int, text: str) -> None:
+    def _stranger(self, out: Sender, addr: PeerAddress, size: int, text: str) -> None:
         if not self._stranger_allowed(addr, size):
             return
         if text.startswith("***"):
@@ -622,7 +620,9 @@ class ChatState:
         prompts += [f"*** to join, send: /v {token}\n", ""]
         self._to_stranger(out, addr, [(p + event).encode() for p in prompts])
 
-    def _to_stranger(self, out: Sender, addr: Address, choices: list[bytes]) -> None:
+    def _to_stranger(
+        self, out: Sender, addr: PeerAddress, choices: list[bytes]
+    ) -> None:
         """Send the first of C{choices} that fits the address's credit."""
         pending = self.pending.get(addr)
         if pending is None:
@@ -636,7 +636,7 @@ class ChatState:
                 return
         self.dropped["amplification"] += 1
 
-    def token(self, addr: Address, epoch: int | None = None) -> str:
+    def token(self, addr: PeerAddress, epoch: int | None = None) -> str:
         """The cookie for C{addr}: stateless, good for two epochs."""
         if epoch is None:
             epoch = int(self.clock.seconds() // EPOCH)
@@ -644,7 +644,7 @@ class ChatState:
         digest = hmac.new(self.key, message, hashlib.sha256).digest()
         return base64.b32encode(digest[:5]).decode("ascii").lower()
 
-    def check_token(self, addr: Address, token: str) -> bool:
+    def check_token(self, addr: PeerAddress, token: str) -> bool:
         # compare_digest raises TypeError on non-ASCII str: refuse those here.
         if len(token) != TOKEN_LENGTH or not token.isascii():
             return False
@@ -654,7 +654,7 @@ class ChatState:
             hmac.compare_digest(self.token(addr, e), token) for e in (epoch, epoch - 1)
         )
 
-    def _admit(self, out: Sender, addr: Address) -> Member | None:
+    def _admit(self, out: Sender, addr: PeerAddress) -> Member | None:
         """A (validated) address becomes a member, in the default room."""
         refusal = self._no_place(addr)
         if refusal is not None:

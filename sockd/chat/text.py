@@ -1,9 +1,10 @@
 """
 The chat's text rules, with no I/O, shared by the relay and the C{sockd
-chat} client: the terminal-safety filter (L{clean}), the syntax of
-nicknames and room names, the helpers that keep replies short, and the
-machine lines (L{event_line}, L{parse_event}) that tell a client program
-what a notice means without parsing its prose.
+chat} client: the terminal-safety filter (L{clean}, the core's sanitiser
+with its C{terminal} profile), the syntax of nicknames and room names,
+the helpers that keep replies short, and the machine lines
+(L{event_line}, L{parse_event}) that tell a client program what a notice
+means without parsing its prose.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from sockd.core.text import TERMINAL, TERMINAL_RANGES, sanitise
 
 __all__ = [
     "BYE",
@@ -32,68 +35,8 @@ __all__ = [
     "room_name",
 ]
 
-#: code points that never reach another terminal or the log raw (each
-#: becomes U+FFFD, a tab a space): C0 controls but newline, DEL, C1
-#: controls; every format character (Unicode category Cf: bidi marks,
-#: embeddings, overrides and isolates, zero-width space, word joiner, BOM,
-#: soft hyphen, tags...) except the zero-width non-joiner and joiner, which
-#: emoji sequences and several scripts need; the line and paragraph
-#: separators (Zl, Zp); and the other characters that render as nothing
-#: (combining grapheme joiner, Hangul fillers, Khmer inherent vowels), with
-#: the unassigned code points reserved for more of them.  Variation
-#: selectors stay: they only pick the glyph of the character before them.
-UNSAFE_RANGES = (
-    (0x00, 0x09),
-    (0x0B, 0x1F),
-    (0x7F, 0x9F),
-    (0xAD, 0xAD),
-    (0x034F, 0x034F),
-    (0x0600, 0x0605),
-    (0x061C, 0x061C),
-    (0x06DD, 0x06DD),
-    (0x070F, 0x070F),
-    (0x0890, 0x0891),
-    (0x08E2, 0x08E2),
-    (0x115F, 0x1160),
-    (0x17B4, 0x17B5),
-    (0x180E, 0x180E),
-    (0x200B, 0x200B),
-    (0x200E, 0x200F),
-    (0x2028, 0x202E),
-    (0x2060, 0x206F),
-    (0x3164, 0x3164),
-    (0xFEFF, 0xFEFF),
-    (0xFFA0, 0xFFA0),
-    (0xFFF0, 0xFFFB),
-    (0x110BD, 0x110BD),
-    (0x110CD, 0x110CD),
-    (0x13430, 0x1343F),
-    (0x1BCA0, 0x1BCA3),
-    (0x1D173, 0x1D17A),
-    (0xE0000, 0xE00FF),
-    (0xE01F0, 0xE0FFF),
-)
-
-
-def _character_class(low: int, high: int) -> re.Pattern[str]:
-    """A regex for the code points of L{UNSAFE_RANGES} from C{low} to C{high}."""
-    parts = [
-        f"\\U{max(a, low):08x}-\\U{min(b, high):08x}"
-        for a, b in UNSAFE_RANGES
-        if a <= high and b >= low
-    ]
-    return re.compile("[" + "".join(parts) + "]")
-
-
-# Searched in steps, as a regex over every range is three times slower on
-# typical text: ASCII text (the usual case) for its few ranges only; other
-# text for those of the BMP (a bitmap), and past the BMP only if needed.
-_UNSAFE_ASCII = _character_class(0, 0x7F)
-_UNSAFE_BMP = _character_class(0, 0xFFFF)
-_UNSAFE_ASTRAL = _character_class(0x10000, 0x10FFFF)
-_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
-_SAFE_TABLE = {c: "\ufffd" for a, b in UNSAFE_RANGES for c in range(a, b + 1)}
-_SAFE_TABLE[0x09] = " "
+#: what L{clean} replaces (the core's table)
+UNSAFE_RANGES = TERMINAL_RANGES
 
 #: a nickname (its length is a setting)
 NICK = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
@@ -123,21 +66,12 @@ _VALUE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 def clean(text: str) -> str:
     """
-    Make untrusted text safe for a terminal: line endings become C{\\n},
-    a tab a space, and every other control (C0, DEL, C1, bare CR), format
-    character, line separator or invisible filler (L{UNSAFE_RANGES}) U+FFFD.
-    Other valid text is kept as it is.
+    Make untrusted text safe for a terminal (the core's L{TERMINAL}
+    profile): line endings become C{\\n}, a tab a space, and every other
+    control (C0, DEL, C1, bare CR), format character, line separator or
+    invisible filler (L{UNSAFE_RANGES}) U+FFFD.  Other valid text is kept.
     """
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\ufffd")
-    if text.isascii():
-        if _UNSAFE_ASCII.search(text) is None:
-            return text
-    elif _UNSAFE_BMP.search(text) is None and (
-        _ASTRAL.search(text) is None or _UNSAFE_ASTRAL.search(text) is None
-    ):
-        return text
-    return text.translate(_SAFE_TABLE)
+    return sanitise(text, TERMINAL)
 
 
 def nick_problem(nick: str, limit: int) -> str | None:

@@ -28,6 +28,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
     IReactorTime,
+    IReactorUDP,
 )
 from twisted.internet.protocol import DatagramProtocol
 from twisted.protocols.basic import LineReceiver
@@ -37,6 +38,7 @@ from zope.interface import implementer
 from sockd.chat.text import BYE, PONG, Event, clean, parse_event
 from sockd.client.echo import split_address
 from sockd.client.exits import EXIT_USAGE
+from sockd.core.interfaces import PeerAddress
 from sockd.core.limits import TokenBucket
 
 __all__ = ["ChatClient", "add_arguments", "run"]
@@ -435,7 +437,7 @@ class _Datagrams(DatagramProtocol):
         self.server = server
         self.failed = False
 
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
+    def datagramReceived(self, data: bytes, addr: PeerAddress) -> None:
         if (addr[0], addr[1]) == self.server:
             self.client.received(data)
 
@@ -582,8 +584,9 @@ def run(args: argparse.Namespace) -> int:
         notice=notice,
     )
     datagrams = _Datagrams(client, (str(sockaddr[0]), int(sockaddr[1])))
-    reactor.listenUDP(  # type: ignore[attr-defined]
-        0, datagrams, interface="::" if family == socket.AF_INET6 else ""
+    # 8192: the reactor's default, which the interface does not declare.
+    IReactorUDP(reactor).listenUDP(
+        0, datagrams, "::" if family == socket.AF_INET6 else "", 8192
     )
     screen.append(stdio.StandardIO(_Keyboard(client)))
 

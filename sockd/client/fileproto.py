@@ -25,6 +25,7 @@ from sockd.client.exits import (
     EXIT_USAGE,
     EXIT_VERIFY,
 )
+from sockd.core.text import REPLY, sanitise
 from sockd.files import codec
 
 __all__ = [
@@ -158,12 +159,18 @@ def _failed(name: str, what: str, error: OSError) -> ClientError:
 
 
 class ServerError(ClientError):
-    """An C{ERR <code> <reason>} answer, or an HTTP error status."""
+    """
+    An C{ERR <code> [<cause>: ]<reason>} answer, or an HTTP error status;
+    C{cause} is one of L{sockd.files.names.CAUSES}, or None.
+    """
 
-    def __init__(self, code: int, reason: str, message: str = "") -> None:
+    def __init__(
+        self, code: int, reason: str, message: str = "", cause: str | None = None
+    ) -> None:
         super().__init__(message or f"server error {code}: {reason}")
         self.code = code
         self.reason = reason
+        self.cause = cause
         self.status = _ERR_STATUS.get(code, EXIT_SERVER)
 
 
@@ -274,10 +281,12 @@ class Connection:
             answer = codec.parse_answer(self.readline())
         except codec.CodecError as e:
             raise ProtocolError(
-                f"{self.name}: unexpected answer {_printable(e.text)!r}"
+                f"{self.name}: unexpected answer {sanitise(e.text, REPLY)!r}"
             ) from None
         if isinstance(answer, codec.Failure):
-            raise ServerError(answer.code, _printable(answer.reason))
+            raise ServerError(
+                answer.code, sanitise(answer.reason, REPLY), cause=answer.cause
+            )
         return answer
 
     def receive(self, length: int, sink: Sink) -> None:
@@ -418,17 +427,12 @@ class Pipeline:
             self._free.put(memoryview(data.obj))
 
 
-def _printable(text: str) -> str:
-    # Server text goes to a terminal: no control characters.
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:300])
-
-
 def _parsed(parse: Callable[[str], _T], text: str) -> _T:
     """C{parse(text)}; a C{ProtocolError} saying what was wrong if it fails."""
     try:
         return parse(text)
     except codec.CodecError as e:
-        raise ProtocolError(f"{e.what}: {_printable(e.text)!r}") from None
+        raise ProtocolError(f"{e.what}: {sanitise(e.text, REPLY)!r}") from None
 
 
 class FileClient:
@@ -463,11 +467,11 @@ class FileClient:
             try:
                 item = codec.parse_list_line(raw)
             except codec.CodecError as e:
-                raise ProtocolError(f"{e.what} {_printable(e.text)!r}") from None
+                raise ProtocolError(f"{e.what} {sanitise(e.text, REPLY)!r}") from None
             if isinstance(item, codec.ListEnd):
                 return
             if isinstance(item, str):
-                self.truncated = _printable(item)
+                self.truncated = sanitise(item, REPLY)
                 continue
             yield item
 

@@ -41,6 +41,7 @@ from sockd.client.tls import (
 )
 from sockd.client.urls import Location, is_url, parse_url
 from sockd.client.urls import framed as framed_location
+from sockd.files.names import HIDDEN, READ_ONLY, UNAUTHORISED
 
 __all__ = [
     "EPILOG",
@@ -318,7 +319,8 @@ def _get(args: argparse.Namespace) -> int:
 
                 gopher.fetch(location, out, meter, label, args.timeout, stdout)
             else:
-                # Imported when used: http.client and email cost 60 ms.
+                # Imported when used: http.client and email are slow to
+                # import (docs/performance.md, "Client start-up").
                 from sockd.client import web
 
                 web.fetch(
@@ -532,15 +534,24 @@ def _put_refused(error: ServerError, remote: str) -> ServerError:
     # A PUT gets 404 only for its directory: the file itself may be new.
     if error.code == 404 and len(names) > 1:
         message = f"no such directory: {display('/'.join(names[:-1]))} {said}"
-    # 403 has many causes (uploads off, "..", permissions): the server's
-    # reason tells this one.
-    elif error.code == 403 and "hidden" in error.reason:
+    # 403 has many causes (uploads off, "..", permissions): the cause the
+    # server names tells this one.
+    elif error.code == 403 and error.cause == HIDDEN:
         hidden = [n for n in names if n.startswith(".") and n.strip(".")]
         if hidden:
             message = (
                 f"hidden names are refused by the server: {display(hidden[0])} {said}"
             )
-    return ServerError(error.code, error.reason, message) if message else error
+    elif error.code == 403 and error.cause == READ_ONLY:
+        message = f"the server does not accept uploads {said}"
+    elif error.code == 403 and error.cause == UNAUTHORISED:
+        message = (
+            "the server does not let this client upload: use --cert FILE --key "
+            f"FILE with a certificate it accepts, or a network it allows {said}"
+        )
+    if not message:
+        return error
+    return ServerError(error.code, error.reason, message, error.cause)
 
 
 def _put(args: argparse.Namespace) -> int:

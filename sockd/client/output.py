@@ -12,13 +12,13 @@ import errno
 import hashlib
 import os
 import stat
-import unicodedata
 from collections.abc import Callable
 from typing import Protocol, TextIO
 
 from tqdm import tqdm
 
 from sockd.client.fileproto import CHUNK, ClientError, ServerError, VerifyFailed
+from sockd.core.text import LISTING, sanitise
 
 __all__ = [
     "Meter",
@@ -115,23 +115,7 @@ class Progress:
 
 def display(name: bytes | str) -> str:
     """A name from the server or the user, safe to print on a terminal."""
-    if isinstance(name, bytes):
-        name = name.decode("utf-8", "backslashreplace")
-    out = []
-    for ch in name:
-        # Controls, format characters (bidi, zero-width), line separators.
-        if ch == "\\" or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
-            code = ord(ch)
-            out.append(
-                "\\\\"
-                if ch == "\\"
-                else f"\\x{code:02x}"
-                if code < 0x100
-                else f"\\u{code:04x}"
-            )
-        else:
-            out.append(ch)
-    return "".join(out)
+    return sanitise(name, LISTING)
 
 
 def local_error(path: str, error: OSError, doing: str) -> ClientError:

@@ -37,6 +37,7 @@ from sockd.client.fileproto import (
 from sockd.client.output import MeterFactory, Output, Writer, display, local_error
 from sockd.client.tls import client_context
 from sockd.client.urls import Location, parse_url
+from sockd.core.text import LISTING, sanitise
 
 __all__ = [
     "MAX_REDIRECTS",
@@ -59,7 +60,8 @@ _META = re.compile(r"If-Range: ([\x20-\x7e]{1,1000})\n\Z")
 
 
 def _printable(text: str) -> str:
-    return display(text[:300])
+    """A server's text, quoted in an error: a name's escapes, 300 characters."""
+    return sanitise(text, LISTING, 300)
 
 
 def content_range(value: str | None) -> tuple[int, int, int | None]:

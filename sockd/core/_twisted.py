@@ -27,6 +27,8 @@ from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.systemd import ListenFDs
 
+from sockd.core.reactors import StandInReactor
+
 __all__ = [
     "CHECKED_ON",
     "EpollParts",
@@ -48,20 +50,6 @@ CHECKED_ON = "24.3.0 to 26.10.0"
 
 #: the most inherited sockets the public systemd fallback looks for
 _MAX_SYSTEMD_SOCKETS = 1024
-
-
-class _Inert:
-    """
-    The reactor handed to the objects the self-check builds: it is asked to
-    watch descriptors or schedule calls and does nothing, as nothing runs.
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        return _nothing
-
-
-def _nothing(*args: object, **kwargs: object) -> None:
-    return None
 
 
 @dataclass(frozen=True)
@@ -158,7 +146,7 @@ def _systemd_record_from_parser() -> ListenFDs:
     for index in range(_MAX_SYSTEMD_SOCKETS):
         try:
             endpoint: Any = serverFromString(
-                _Inert(), f"systemd:domain=INET:index={index}"
+                StandInReactor(), f"systemd:domain=INET:index={index}"
             )
         except Exception:  # IndexError past the last one
             break
@@ -231,7 +219,7 @@ def _check_tcp() -> str | None:
     ours, theirs = socket.socketpair()
     try:
         theirs.setblocking(False)
-        inert: Any = _Inert()
+        inert: Any = StandInReactor()  # Twisted wants an IReactorFDSet
         transport = tcp.Connection(ours, Protocol(), inert)
         transport.connected = True
         # The public attributes eager writes read beside these internals.
@@ -270,7 +258,7 @@ class _NoSocket:
 
 
 def _check_udp() -> str | None:
-    port: Any = udp.Port(0, DatagramProtocol(), "127.0.0.1", reactor=_Inert())
+    port: Any = udp.Port(0, DatagramProtocol(), "127.0.0.1", reactor=StandInReactor())
     if udp_connected(port):
         return "a new port looks connected"
     port.socket = _NoSocket()
@@ -358,7 +346,7 @@ def _check_systemd() -> str | None:
     mark = -2
     parser._sddaemon = ListenFDs([mark], ("sockd-check",))
     try:
-        reactor = _Inert()
+        reactor = StandInReactor()
         found = [
             getattr(endpoints.serverFromString(reactor, description), "fileno", None)
             for description in (

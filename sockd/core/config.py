@@ -414,6 +414,7 @@ def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
     # Imported when an endpoint is checked: twisted.internet.endpoints takes
     # a while to import, and a reader of the file may need none.
     from sockd.core.endpoints import check_stream, stream_endpoint
+    from sockd.core.reactors import StandInReactor
 
     result = []
     for word in _endpoint_words(value):
@@ -443,7 +444,7 @@ def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
             check_stream(word)
             # Twisted's own parser checks the syntax and, for ssl:, loads the
             # key and certificate now rather than at bind.
-            stream_endpoint(_NotListening(), word)
+            stream_endpoint(StandInReactor(), word)
         except Exception as e:
             raise ValueError(f"{word!r} is not a valid endpoint: {e}") from None
         result.append(f"{_PROXY_PREFIX}:{word}" if proxied else word)
@@ -453,16 +454,6 @@ def stream_endpoints(value: str, base: Path) -> tuple[str, ...]:
 def is_proxied(description: str) -> bool:
     """Whether a stream endpoint description reads a PROXY header first."""
     return description.split(":", 1)[0].lower() == _PROXY_PREFIX
-
-
-class _NotListening:
-    """
-    The reactor given to Twisted's endpoint parser when a description is only
-    checked.  The endpoint made keeps it for a C{listen()} that never comes;
-    it has nothing to call, so a parser that tried to bind would fail.
-    """
-
-    __slots__ = ()
 
 
 def _absolute_ssl_paths(word: str, base: Path) -> str:

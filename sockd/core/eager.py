@@ -32,6 +32,7 @@ from twisted.internet import tcp, udp
 
 from sockd.core import _twisted
 from sockd.core._twisted import fast_paths, udp_connected, write_idle
+from sockd.core.interfaces import PeerAddress
 from sockd.core.proxy import ProxyHeaderProtocol
 
 __all__ = ["can_write_eagerly", "eager_write", "send_datagram", "unwrap"]
@@ -93,7 +94,7 @@ def eager_write(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
-def send_datagram(transport: Any, data: bytes, addr: Any) -> None:
+def send_datagram(transport: Any, data: bytes, addr: PeerAddress) -> None:
     """
     Send C{data} to C{addr}, an address C{transport} received a datagram
     from.  Errors are those of C{transport.write(data, addr)}: any failure

@@ -22,7 +22,6 @@ import socket
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import (
@@ -33,6 +32,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
+    IReactorSocket,
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import DatagramProtocol, Factory
@@ -40,6 +40,7 @@ from twisted.python.systemd import ListenFDs
 
 from sockd.core._twisted import systemd_record
 from sockd.core.filekind import file_kind
+from sockd.core.reactors import IDatagramReactor, StandInReactor
 
 __all__ = [
     "DatagramEndpoint",
@@ -93,7 +94,7 @@ class DatagramEndpoint:
 
     def listen(
         self,
-        reactor: Any,
+        reactor: IDatagramReactor,
         protocol: DatagramProtocol,
         max_packet_size: int,
         reuse_port: bool = False,
@@ -135,7 +136,7 @@ class DatagramEndpoint:
 
 
 def bind_reusing_port(
-    reactor: Any,
+    reactor: IReactorSocket,
     protocol: DatagramProtocol,
     max_packet_size: int,
     family: socket.AddressFamily,
@@ -212,11 +213,12 @@ class StreamEndpoint:
     tls: IOpenSSLServerConnectionCreator | None = None
 
 
-def stream_endpoint(reactor: Any, description: str) -> StreamEndpoint:
+def stream_endpoint(reactor: object, description: str) -> StreamEndpoint:
     """
     Parse a Twisted stream endpoint description; C{systemd:} ones are looked
-    up in L{inherited_sockets}.  Errors are Twisted's parser's, or
-    ValueError saying what is wrong.
+    up in L{inherited_sockets}.  C{reactor} is only kept for C{listen()}
+    (Twisted's parser types none: each kind wants its own interface).
+    Errors are Twisted's parser's, or ValueError saying what is wrong.
     """
     kind = description.split(":", 1)[0]
     if kind.lower() == "systemd":  # Twisted finds plugins whatever the case
@@ -226,28 +228,13 @@ def stream_endpoint(reactor: Any, description: str) -> StreamEndpoint:
         return StreamEndpoint(serverFromString(reactor, description))
     # An ssl: endpoint hands its settings to IReactorSSL.listenSSL: parse it
     # once against a reactor that records them.
-    recorder = _SSLRecorder()
+    recorder = StandInReactor()
     serverFromString(recorder, description).listen(Factory())
-    ((port, _, context, backlog, interface),) = recorder.servers
-    endpoint = SSL4ServerEndpoint(reactor, port, context, backlog, interface)
-    return StreamEndpoint(endpoint, context)
-
-
-class _SSLRecorder:
-    """Takes the TLS listener an ssl: endpoint asks for, and records it."""
-
-    def __init__(self) -> None:
-        self.servers: list[tuple[int, Any, Any, int, str]] = []
-
-    def listenSSL(
-        self,
-        port: int,
-        factory: Any,
-        contextFactory: Any,
-        backlog: int = 50,
-        interface: str = "",
-    ) -> None:
-        self.servers.append((port, factory, contextFactory, backlog, interface))
+    (tls,) = recorder.tls_listeners
+    endpoint = SSL4ServerEndpoint(
+        reactor, tls.port, tls.context, tls.backlog, tls.interface
+    )
+    return StreamEndpoint(endpoint, tls.context)
 
 
 #: address families a systemd: stream endpoint may name
@@ -259,7 +246,7 @@ _SYSTEMD_DOMAINS = {
 
 
 def _systemd_endpoint(
-    reactor: Any, given: list[str], kwargs: dict[str, str]
+    reactor: object, given: list[str], kwargs: dict[str, str]
 ) -> AdoptedStreamServerEndpoint:
     names = _STREAM_PARAMETERS["systemd"]
     if len(given) > len(names) or set(names[: len(given)]) & set(kwargs):

@@ -39,10 +39,10 @@ __all__ = ["lean_dispatch"]
 log = Logger(namespace="sockd")
 
 #: reactors already switched
-_switched: weakref.WeakSet[Any] = weakref.WeakSet()
+_switched: weakref.WeakSet[object] = weakref.WeakSet()
 
 
-def lean_dispatch(reactor: Any) -> bool:
+def lean_dispatch(reactor: object) -> bool:
     """
     Switch C{reactor} to the direct dispatch if it is Twisted's epoll
     reactor exactly (a subclass may dispatch its own way) and its internals
@@ -79,7 +79,7 @@ def lean_dispatch(reactor: Any) -> bool:
                     selectable=selectable,
                 )
 
-    target: Any = reactor
+    target: Any = reactor  # an instance attribute over the method
     target.doIteration = doIteration
     _switched.add(reactor)
     return True

@@ -18,14 +18,13 @@ from twisted.internet.interfaces import (
     IReactorCore,
     IReactorFromThreads,
     IReactorProcess,
-    IReactorSocket,
     IReactorTCP,
     IReactorTime,
-    IReactorUDP,
 )
 from zope.interface import Interface
 
 from sockd.core.config import Config
+from sockd.core.reactors import IDatagramReactor
 
 __all__ = [
     "REASONS",
@@ -35,9 +34,14 @@ __all__ = [
     "IDrainable",
     "IMetricsSource",
     "IReconfigurable",
+    "PeerAddress",
     "Reason",
     "Sample",
 ]
+
+#: a datagram's peer, (host, port), as Twisted's UDP port gives it (an
+#: IPv6 address's flow and scope dropped) and C{sendto} takes it
+PeerAddress = tuple[str, int]
 
 #: one metric sample: (name, "counter" or "gauge", labels, value)
 Sample = tuple[str, str, dict[str, str], float]
@@ -115,8 +119,7 @@ class IDaemonReactor(
     IReactorCore,
     IReactorTime,
     IReactorTCP,
-    IReactorUDP,
-    IReactorSocket,
+    IDatagramReactor,
     IReactorProcess,
     IReactorFromThreads,
 ):

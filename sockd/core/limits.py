@@ -17,8 +17,9 @@ import ipaddress
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
@@ -40,6 +41,7 @@ from sockd.core.interfaces import (
     IAccessControlled,
     IDrainable,
     IMetricsSource,
+    PeerAddress,
     Reason,
     Sample,
 )
@@ -195,7 +197,10 @@ def _everyone(host: str) -> bool:
     return True
 
 
-def _longest(networks: tuple[Network, ...], address: Any) -> int:
+def _longest(
+    networks: tuple[Network, ...],
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> int:
     """The longest prefix in C{networks} holding C{address}; -1 if none."""
     return max(
         (n.prefixlen for n in networks if address in n),
@@ -421,7 +426,7 @@ class RateLimiter:
         self.set_rates(rate, burst, total_rate)
         self.total.tokens = self.total.burst
         self.newcomers.tokens = self.newcomers.burst
-        self.sources: OrderedDict[Any, list[float]] = OrderedDict()
+        self.sources: OrderedDict[Hashable, list[float]] = OrderedDict()
         self.dropped = 0
 
     def set_rates(self, rate: float, burst: float, total_rate: float) -> None:
@@ -434,7 +439,7 @@ class RateLimiter:
         self.newcomers.rate = total_rate * share
         self.newcomers.burst = self.total.burst * share
 
-    def allow(self, source: Any, cost: float = 1.0) -> bool:
+    def allow(self, source: Hashable, cost: float = 1.0) -> bool:
         """Charge C{cost} to C{source}; False means drop the request."""
         now = self.clock.seconds()
         state = self.sources.get(source)
@@ -487,9 +492,9 @@ class PeerBudget:
         self.clock = clock
         self.max_peers = max_peers
         #: (host, port) -> [time of its last datagram, datagrams without a pause]
-        self.peers: dict[Any, list[float]] = {}
+        self.peers: dict[PeerAddress, list[float]] = {}
 
-    def allow(self, peer: Any) -> bool:
+    def allow(self, peer: PeerAddress) -> bool:
         """A datagram from C{peer}: False means drop it."""
         if not self.budget:
             return True
@@ -917,6 +922,19 @@ class Refusal(Protocol):
             self._abort.cancel()
 
 
+class ConnectionSettings(TypingProtocol):
+    """The settings of a stream service a L{GuardedFactory} reads."""
+
+    @property
+    def max_connections(self) -> int: ...
+
+    @property
+    def max_connections_per_ip(self) -> int: ...
+
+    @property
+    def idle_timeout(self) -> float: ...
+
+
 @implementer(IAccessControlled, IDrainable, IMetricsSource)
 class GuardedFactory(ServerFactory):
     """
@@ -955,7 +973,7 @@ class GuardedFactory(ServerFactory):
     def __init__(
         self,
         clock: IReactorTime,
-        settings: Any,
+        settings: ConnectionSettings,
         *,
         request_timeout: float,
         abort_grace: float,
@@ -969,8 +987,8 @@ class GuardedFactory(ServerFactory):
         self.pressed = False
         self.set_limits(settings, request_timeout, abort_grace)
         self.connections: set[GuardedProtocol] = set()
-        #: peer_key -> its open connection, or a set of them if several
-        #: (one set per address would cost 200 bytes a connection)
+        #: peer_key -> its open connection, or a set of them if several (a
+        #: set each costs memory: docs/performance.md, "Memory per connection")
         self.peers: dict[str, GuardedProtocol | set[GuardedProtocol]] = {}
         self.accepted = 0
         # Every timer, so each series is there (at 0) before it first fires.
@@ -979,7 +997,7 @@ class GuardedFactory(ServerFactory):
         self._drained: list[Deferred[None]] = []
 
     def set_limits(
-        self, settings: Any, request_timeout: float, abort_grace: float
+        self, settings: ConnectionSettings, request_timeout: float, abort_grace: float
     ) -> None:
         """
         Take C{max_connections}, C{max_connections_per_ip} and

@@ -20,6 +20,8 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
+from sockd.core.text import JSON, LOG, sanitise
+
 __all__ = [
     "EVENTS",
     "FIELDS",
@@ -30,28 +32,15 @@ __all__ = [
     "prefer_journal",
 ]
 
-_ESCAPES = {0x5C: "\\\\", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
-
 
 def escape(data: bytes | str, limit: int = 200) -> str:
     """
-    Render untrusted C{data} for a log line: printable ASCII stays, everything
-    else (CR, LF, ESC, other controls, non-ASCII, invalid UTF-8) is written as
-    an escape, and the result is cut at C{limit} characters of input.
+    Render untrusted C{data} for a log line (the L{LOG} profile): printable
+    ASCII stays, everything else (CR, LF, ESC, other controls, non-ASCII,
+    invalid UTF-8) is written as an escape, and the result is cut at
+    C{limit} bytes of input.
     """
-    raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
-    cut = raw[:limit]
-    out = []
-    for byte in cut:
-        if byte in _ESCAPES:
-            out.append(_ESCAPES[byte])
-        elif 0x20 <= byte < 0x7F:
-            out.append(chr(byte))
-        else:
-            out.append(f"\\x{byte:02x}")
-    if len(raw) > limit:
-        out.append(f"...({len(raw)} bytes)")
-    return "".join(out)
+    return sanitise(data, LOG, limit)
 
 
 # --- observers for `twistd --logger` ----------------------------------------
@@ -129,9 +118,7 @@ _SERVICES = frozenset({"echo", "chat", "file"})
 
 def _clean(text: str) -> str:
     # JSON cannot carry lone surrogates (undecodable bytes): escape them.
-    if text.isascii():
-        return text
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return sanitise(text, JSON)
 
 
 def json_record(event: Mapping[str, Any]) -> dict[str, Any]:

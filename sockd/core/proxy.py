@@ -19,8 +19,6 @@ parsers and its address-reporting wrapper, and instead:
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -237,5 +235,5 @@ class ProxyHeaderFactory(HAProxyWrappingFactory):
     def __init__(self, wrappedFactory: GuardedFactory) -> None:
         super().__init__(wrappedFactory)
 
-    def buildProtocol(self, addr: Any) -> ProxyHeaderProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> ProxyHeaderProtocol:
         return ProxyHeaderProtocol(self)

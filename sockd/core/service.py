@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any, cast
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import (
     IFileDescriptor,
@@ -128,8 +129,9 @@ class Listener(Service):
         """Where workers bind beside us, or None if they inherit the socket."""
         if self._rebind is None or self.port is None:
             return None
-        address: Any = self.port.getHost()
-        return str(address.host), int(address.port)
+        address = self.port.getHost()
+        assert isinstance(address, IPv4Address | IPv6Address)  # it binds one
+        return address.host, address.port
 
     def inherit(self, fd: int) -> None:
         """
@@ -193,11 +195,10 @@ class Listener(Service):
     def where(self) -> tuple[str, str]:
         """(C{TCP}/C{UDP}/C{UNIX}, address) of the bound port."""
         assert self.port is not None
-        address: Any = self.port.getHost()
-        kind = getattr(address, "type", "UNIX")
-        if hasattr(address, "port"):
-            return kind, f"{address.host}:{address.port}"
-        return kind, str(getattr(address, "name", address))
+        address = self.port.getHost()
+        if isinstance(address, IPv4Address | IPv6Address):
+            return address.type, f"{address.host}:{address.port}"
+        return getattr(address, "type", "UNIX"), str(getattr(address, "name", address))
 
     def _failed(self, error: BaseException) -> str:
         return f"sockd: {self.service} cannot listen on {self.description}: {error}"

@@ -13,7 +13,6 @@ upper-cased.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol, connectionDone
@@ -27,6 +26,7 @@ from sockd.core.interfaces import (
     IAccessControlled,
     IMetricsSource,
     IReconfigurable,
+    PeerAddress,
     Reason,
 )
 from sockd.core.limits import (
@@ -391,7 +391,7 @@ class DatagramEcho(DatagramProtocol):
             )
         return samples
 
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
+    def datagramReceived(self, data: bytes, addr: PeerAddress) -> None:
         host, port = addr[0], addr[1]
         if not self.access.permits(host):
             self.dropped["acl"] += 1

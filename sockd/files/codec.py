@@ -12,7 +12,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-from sockd.files.names import PathError
+from sockd.files.names import CAUSES, PathError
 
 __all__ = [
     "KEYWORDS",
@@ -387,10 +387,11 @@ class Ok:
 
 @dataclass(frozen=True)
 class Failure:
-    """C{ERR <code> <reason>}."""
+    """C{ERR <code> [<cause>: ]<reason>}: C{cause} is one of L{CAUSES}."""
 
     code: int
     reason: str
+    cause: str | None = None
 
 
 @dataclass(frozen=True)
@@ -451,8 +452,10 @@ def send(answer: Answer) -> bytes:
             return b"OK bye\r\n"
         case Ok():
             return b"OK\r\n"
-        case Failure(code, reason):
+        case Failure(code, reason, None):
             return _line(f"ERR {code} {reason}")
+        case Failure(code, reason, cause):
+            return _line(f"ERR {code} {cause}: {reason}")
         case ListLine(kind, size, mtime, name):
             return b"%s %d %d %s\r\n" % (
                 kind.encode(),
@@ -489,6 +492,10 @@ def parse_answer(line: bytes) -> str | Failure:
     if text.startswith("ERR "):
         code, _, reason = text[4:].partition(" ")
         if code.isdigit() and code.isascii():
+            # Only a known cause counts: a reason may start "usage: ".
+            cause, colon, rest = reason.partition(": ")
+            if colon and cause in CAUSES:
+                return Failure(int(code), rest, cause)
             return Failure(int(code), reason)
     raise CodecError("unexpected answer", text)
 

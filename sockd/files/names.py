@@ -10,9 +10,13 @@ from __future__ import annotations
 import unicodedata
 
 __all__ = [
+    "CAUSES",
+    "HIDDEN",
     "MAX_COMPONENT",
     "MAX_PATH",
+    "READ_ONLY",
     "RESERVED_PREFIX",
+    "UNAUTHORISED",
     "PathError",
     "parse_path",
 ]
@@ -26,13 +30,34 @@ MAX_COMPONENT = 255
 RESERVED_PREFIX = ".sockd-upload."
 
 
-class PathError(Exception):
-    """A request that cannot be served: a protocol code and a reason."""
+#: the cause a refusal names before its reason, for programs: which of its
+#: code's causes it is (docs/protocol-file.md, "Errors"); a client acts on
+#: the causes it knows and reads any other line by its code
+HIDDEN = "hidden"
+READ_ONLY = "readonly"
+UNAUTHORISED = "unauthorised"
+#: every cause: the code it comes with, and what it means
+CAUSES: dict[str, tuple[int, str]] = {
+    HIDDEN: (403, "the path names a hidden name (one starting with '.')"),
+    READ_ONLY: (403, "a PUT to a server that accepts no uploads (writable = false)"),
+    UNAUTHORISED: (
+        403,
+        "a PUT from a client that upload_allow or upload_clients does not admit",
+    ),
+}
 
-    def __init__(self, code: int, reason: str) -> None:
+
+class PathError(Exception):
+    """
+    A request that cannot be served: a protocol code, a reason for people,
+    and for some refusals a cause for programs (one of L{CAUSES}).
+    """
+
+    def __init__(self, code: int, reason: str, cause: str | None = None) -> None:
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
+        self.cause = cause
 
     def __str__(self) -> str:
         return f"{self.code} {self.reason}"
@@ -67,6 +92,6 @@ def parse_path(raw: bytes, hidden: bool = False) -> tuple[str, ...]:
         if folded.strip(".") == "" or "/" in folded or "\\" in folded:
             raise PathError(403, "path segments . and .. are not allowed")
         if part.startswith(".") and not hidden:
-            raise PathError(403, "hidden files are not served")
+            raise PathError(403, "hidden files are not served", HIDDEN)
         parts.append(part)
     return tuple(parts)

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sockd.files.names import (
+    HIDDEN,
     MAX_COMPONENT,
     MAX_PATH,
     RESERVED_PREFIX,
@@ -248,7 +249,7 @@ class Root:
         if name.startswith(RESERVED_PREFIX):
             raise PathError(404, "not found")
         if name.startswith(".") and not self.hidden:
-            raise PathError(403, "hidden files are not served")
+            raise PathError(403, "hidden files are not served", HIDDEN)
 
     def _open(
         self, parts: Sequence[str], flags: int, walked: list[tuple[int, str]]

@@ -263,8 +263,8 @@ class FileProtocol(GuardedProtocol):
     """One connection: a bare request, or framed requests one after another."""
 
     # Bodies go out in sendfile() calls of 256 KiB: with TCP_NODELAY each
-    # call's tail leaves as a segment of its own (1 GiB: 0.77x nginx with
-    # it, 0.92x without, in one alternating run).
+    # call's tail leaves as a segment of its own, which is slower
+    # (docs/performance.md, "File bodies without TCP_NODELAY").
     nodelay = False
 
     factory: FileFactory
@@ -451,7 +451,9 @@ class FileProtocol(GuardedProtocol):
                 raise PathError(400, "arguments are separated by single spaces")
             handler(self, args)
         except PathError as e:
-            self._error(e.code, e.reason, word, path, close=word == b"PUT")
+            self._error(
+                e.code, e.reason, word, path, close=word == b"PUT", cause=e.cause
+            )
         except OSError as e:
             # Descriptor exhaustion (EMFILE), I/O errors: this request fails,
             # the daemon goes on.
@@ -476,7 +478,7 @@ class FileProtocol(GuardedProtocol):
                 self._listing(menu, form, self.close, b"", selector)
                 return
         except PathError as e:
-            self._error(e.code, e.reason, b"", selector, close=True)
+            self._error(e.code, e.reason, b"", selector, close=True, cause=e.cause)
             return
         except OSError as e:
             self._error(500, f"internal error: {e.strerror}", b"", selector)
@@ -531,7 +533,7 @@ class FileProtocol(GuardedProtocol):
             if not isinstance(error, PathError):
                 log.failure("file: SUM failed", failure)
                 error = PathError(500, "internal error")
-            self._error(error.code, error.reason, b"SUM", args[0])
+            self._error(error.code, error.reason, b"SUM", args[0], cause=error.cause)
 
         work.addCallbacks(done, failed)
         work.addBoth(self._workDone)
@@ -706,7 +708,14 @@ class FileProtocol(GuardedProtocol):
             if isinstance(error, PathError):
                 # Failed before writing anything: the client hears why.
                 if self.phase is not Phase.LOST:
-                    self._error(error.code, error.reason, command, path, close=True)
+                    self._error(
+                        error.code,
+                        error.reason,
+                        command,
+                        path,
+                        close=True,
+                        cause=error.cause,
+                    )
                 return
             if not isinstance(error, TransferError):
                 log.failure("file: transfer failed", failure)
@@ -792,6 +801,7 @@ class FileProtocol(GuardedProtocol):
         command: bytes,
         path: bytes = b"",
         close: bool = False,
+        cause: str | None = None,
     ) -> None:
         refused = self.factory.state.refused
         refused[code] = refused.get(code, 0) + 1
@@ -807,7 +817,7 @@ class FileProtocol(GuardedProtocol):
         if self.mode == "bare" and self._gopher:
             line = gopher.error_item(code, reason)
         elif self.mode != "bare" or self.factory.state.settings.bare_errors == "line":
-            line = codec.send(codec.Failure(code, reason))
+            line = codec.send(codec.Failure(code, reason, cause))
         if close or self.mode == "bare":
             self.close(line)
         elif line:

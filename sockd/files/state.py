@@ -19,7 +19,7 @@ import re
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
@@ -32,6 +32,7 @@ from sockd.core.interfaces import Reason
 from sockd.core.limits import AccessList, TokenBucket, idle_granularity
 from sockd.core.logs import escape
 from sockd.files import gopher
+from sockd.files.names import READ_ONLY, UNAUTHORISED
 from sockd.files.paths import RESERVED_PREFIX, Opened, PathError, Root
 from sockd.files.sendfile import Pacer
 
@@ -61,7 +62,8 @@ log = Logger(namespace="sockd.file")
 MAX_LISTING = 10000
 MAX_SCAN = 10 * MAX_LISTING
 #: a listing's work per reactor turn: names read (and sorted), then names
-#: checked (each an open and a stat); each is about 2 ms here
+#: checked (each an open and a stat); a few milliseconds each
+#: (docs/performance.md, "Listing work per reactor turn")
 SCAN_NAMES = 2048
 SCAN_ENTRIES = 128
 #: bytes hashed per reactor turn
@@ -726,7 +728,7 @@ class FileState:
         """
         settings = self.settings
         if not settings.writable:
-            raise PathError(403, "this server does not accept uploads")
+            raise PathError(403, "this server does not accept uploads", READ_ONLY)
         refusal = upload_refusal(settings, peer, self.upload_access)
         if refusal is None:
             return
@@ -738,7 +740,7 @@ class FileState:
             reason=reason,
             message=message,
         )
-        raise PathError(403, message)
+        raise PathError(403, message, UNAUTHORISED)
 
     def begin_upload(self, raw: bytes, length: int, peer: Peer) -> Upload:
         """
@@ -861,7 +863,7 @@ class FileState:
     def blocking(self, work: Callable[[], T]) -> Deferred[T]:
         """Run blocking work (fsync) in a thread when the reactor has them."""
         if IReactorThreads.providedBy(self.clock):
-            reactor: Any = self.clock
+            reactor = IReactorThreads(self.clock)
             result: Deferred[T] = deferToThreadPool(
                 reactor, reactor.getThreadPool(), work
             )

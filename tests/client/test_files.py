@@ -884,17 +884,30 @@ def test_put_forbidden(serve: Any, here: Path, capfd: Any) -> None:
         ),
         (
             "sub/.secret",
-            (403, "hidden files are not served"),
+            (403, "hidden: hidden files are not served"),
             5,
             "hidden names are refused by the server: .secret "
             "(server error 403: hidden files are not served)",
         ),
         (
             ".git/config",
-            (403, "hidden files are not served"),
+            (403, "hidden: hidden files are not served"),
             5,
             "hidden names are refused by the server: .git "
             "(server error 403: hidden files are not served)",
+        ),
+        # The cause decides, never the reason's words.
+        (
+            ".env",
+            (403, "hidden files are not served"),
+            5,
+            "server error 403: hidden files are not served",
+        ),
+        (
+            ".env",
+            (403, "private: a cause no client knows yet"),
+            5,
+            "server error 403: private: a cause no client knows yet",
         ),
         # Another 403 is said as the server says it, hidden name or not.
         (
@@ -902,6 +915,21 @@ def test_put_forbidden(serve: Any, here: Path, capfd: Any) -> None:
             (403, "this server does not accept uploads"),
             5,
             "server error 403: this server does not accept uploads",
+        ),
+        (
+            "f",
+            (403, "readonly: this server does not accept uploads"),
+            5,
+            "the server does not accept uploads "
+            "(server error 403: this server does not accept uploads)",
+        ),
+        (
+            "f",
+            (403, "unauthorised: uploads are not allowed from 192.0.2.7"),
+            5,
+            "the server does not let this client upload: use --cert FILE --key "
+            "FILE with a certificate it accepts, or a network it allows "
+            "(server error 403: uploads are not allowed from 192.0.2.7)",
         ),
         ("f", (404, "not found"), 4, "server error 404: not found"),
     ],

@@ -86,7 +86,7 @@ def test_root_menu_to_stdout(gopher_server: Any, capfdbinary: Any) -> None:
         (b"3ERR 403 forbidden\t\th\t1\r\n", 5, "server error 403: forbidden"),
         (b"3server on fire\t\terror.host\t1\r\n.\r\n", EXIT_SERVER, "on fire"),
         (b"ERR 404 not found\r\n", 4, "server error 404: not found"),
-        (b"ERR 403 hidden files are not served\r\n", 5, "server error 403"),
+        (b"ERR 403 hidden: hidden files are not served\r\n", 5, "server error 403"),
         (b"3esc \x1b[2J\t\th\t1\r\n", EXIT_SERVER, "esc \\x1b[2J"),
     ],
 )

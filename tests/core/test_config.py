@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import ast
 import os
-import re
 import socket
 import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 from twisted.internet.endpoints import _SystemdParser
 from twisted.python.systemd import ListenFDs
@@ -18,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import sockd.core.config as config
 from sockd.core.config import ConfigError
+from tests.docblocks import block_holding
 from tests.files.test_sendfile import self_signed_pem
 from tests.helpers import ROOT, run_bounded, tempdir, unblock_fifo
 
@@ -531,15 +530,6 @@ class ProductionCodeTests(SynchronousTestCase):
                     )
 
 
-def doc_block(path: Path, containing: str) -> str:
-    """The fenced code block of a Markdown file holding C{containing}."""
-    blocks = re.findall(
-        r"^( *)```[a-z]*\n(.*?)^\1```$", path.read_text(), re.MULTILINE | re.DOTALL
-    )
-    (block,) = [textwrap.dedent(b) for _, b in blocks if containing in b]
-    return block
-
-
 def fake_systemd(case: SynchronousTestCase, count: int) -> None:
     """As if systemd had passed C{count} named sockets."""
     case.patch(
@@ -608,16 +598,20 @@ class CommentTests(SynchronousTestCase):
 
     def test_readme_examples(self) -> None:
         readme = ROOT / "README.md"
-        c = parse(doc_block(readme, "node_name = chat-1          # unique per node"))
+        c = parse(
+            block_holding(
+                readme, "node_name = chat-1          # unique per node"
+            ).source
+        )
         self.assertEqual((c.chat.node_name, c.chat.backend), ("chat-1", "redis"))
-        c = parse(doc_block(readme, "# the old port"))
+        c = parse(block_holding(readme, "# the old port").source)
         self.assertEqual(c.echo.listen, ("tcp:7007:interface=127.0.0.1",))
         self.assertEqual((c.echo.mode, c.echo.listen_udp), ("raw", ()))
 
     def test_deploy_socket_activation_example(self) -> None:
         fake_systemd(self, 2)
-        block = doc_block(ROOT / "docs" / "deploy.md", "# ListenStream=127.0.0.1:7")
-        c = parse(block)
+        block = block_holding(ROOT / "docs" / "deploy.md", "# ListenStream=127.0.0.1:7")
+        c = parse(block.source)
         self.assertEqual(c.echo.listen, ("systemd:domain=INET:index=0",))
         self.assertEqual(c.echo.listen_udp, ("systemd:domain=INET:index=1",))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.test_config import doc_block
+from tests.docblocks import block_holding
 from tests.helpers import ROOT, Daemon, free_port_pair, need, run_tool, tcp_exchange
 
 pytestmark = pytest.mark.integration
@@ -77,7 +77,7 @@ def nodes() -> Iterator[list[Daemon]]:
 def haproxy(nodes: list[Daemon]) -> Iterator[int]:
     binary = need("haproxy")
     front = free_port_pair()
-    config = doc_block(DEPLOY, "send-proxy-v2")
+    config = block_holding(DEPLOY, "send-proxy-v2").source
     config = config.replace("127.0.0.1:7000", f"127.0.0.1:{front}")
     config = config.replace("127.0.0.1:9000", f"127.0.0.1:{nodes[0].port('echo')}")
     config = config.replace("127.0.0.1:9010", f"127.0.0.1:{nodes[1].port('echo')}")
@@ -146,7 +146,7 @@ def test_nginx_stream_example(nodes: list[Daemon]) -> None:
     ):
         pytest.skip(f"nginx has no stream module ({NGINX_STREAM}: libnginx-mod-stream)")
     front = free_port_pair()
-    block = doc_block(DEPLOY, "proxy_protocol on")
+    block = block_holding(DEPLOY, "proxy_protocol on").source
     block = block.replace("127.0.0.1:7001", f"127.0.0.1:{front}")
     block = block.replace("127.0.0.1:9000", f"127.0.0.1:{nodes[0].port('echo')}")
     directory = Path(tempfile.mkdtemp(prefix="sockd-nginx-"))

@@ -6,6 +6,8 @@ formatted by the server and read back by the client, the percent codec.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from sockd.files import codec
@@ -22,7 +24,8 @@ from sockd.files.codec import (
     RequestParser,
     Waiting,
 )
-from sockd.files.names import PathError
+from sockd.files.names import CAUSES, PathError
+from tests.helpers import ROOT
 
 STREAM = (
     b"STAT a%20b\r\n"
@@ -234,6 +237,10 @@ ANSWERS: list[tuple[codec.Answer, bytes]] = [
     (codec.Bye(), b"OK bye\r\n"),
     (codec.Ok(), b"OK\r\n"),
     (codec.Failure(404, "no such file"), b"ERR 404 no such file\r\n"),
+    (
+        codec.Failure(403, "hidden files are not served", "hidden"),
+        b"ERR 403 hidden: hidden files are not served\r\n",
+    ),
     (codec.ListLine("f", 12, 3, b"a b%\xff"), b"f 12 3 a%20b%25%FF\r\n"),
     (codec.ListEnd(), b".\r\n"),
     (codec.ListEnd("more than 5 entries"), b"truncated more than 5 entries\r\n.\r\n"),
@@ -329,6 +336,30 @@ def test_status_lines() -> None:
     for bad in (b"OKAY", b"ERR x y", b"ERR", b"hello"):
         with pytest.raises(CodecError, match="unexpected answer"):
             codec.parse_answer(bad)
+
+
+def test_only_a_known_cause_is_read_as_one() -> None:
+    read = codec.parse_answer
+    hidden = read(b"ERR 403 hidden: hidden files are not served")
+    assert hidden == codec.Failure(403, "hidden files are not served", "hidden")
+    # A reason that merely starts with a word and a colon keeps it.
+    for line, reason in [
+        (b"ERR 400 usage: GET <path>", "usage: GET <path>"),
+        (b"ERR 403 private: a cause not known here", "private: a cause not known here"),
+        (b"ERR 403 hidden:no space", "hidden:no space"),
+        (b"ERR 403 hidden files are not served", "hidden files are not served"),
+    ]:
+        assert read(line) == codec.Failure(int(line[4:7]), reason)
+
+
+def test_causes_are_documented() -> None:
+    # docs/protocol-file.md's table of causes is this table.
+    text = (ROOT / "docs" / "protocol-file.md").read_text()
+    section = text.split("### Causes", 1)[1].split("\n## ", 1)[0]
+    documented = dict(
+        re.findall(r"^\| `([a-z][a-z0-9-]*)` \| (\d{3}) \|", section, re.M)
+    )
+    assert documented == {cause: str(code) for cause, (code, _) in CAUSES.items()}
 
 
 # --- the percent codec ----------------------------------------------------------

@@ -309,7 +309,7 @@ class FramedTests(Base):
             (b"GET ../canary", b"ERR 403 path segments . and .. are not allowed"),
             (b"GET %2e%2e/canary", b"ERR 403 path segments . and .. are not allowed"),
             (b"GET out", b"ERR 403 leads outside the root"),
-            (b"GET .hidden", b"ERR 403 hidden files are not served"),
+            (b"GET .hidden", b"ERR 403 hidden: hidden files are not served"),
             (b"GET a%00b", b"ERR 400 NUL byte in path"),
             (b"GET a%zz", b"ERR 400 bad %XX escape in path"),
             (b"GET %ff", b"ERR 400 path is not valid UTF-8"),
@@ -320,7 +320,7 @@ class FramedTests(Base):
             (b"FETCH x", b"ERR 400 unknown command; send HELP for the list"),
             (b"SUM docs", b"ERR 405 is a directory, not a regular file"),
             (b"LIST notes.txt", b"ERR 405 not a directory"),
-            (b"PUT x 1", b"ERR 403 this server does not accept uploads"),
+            (b"PUT x 1", b"ERR 403 readonly: this server does not accept uploads"),
         ]
         for request, answer in cases:
             protocol.dataReceived(b"HELP\n" if not protocol.mode else b"")
@@ -943,7 +943,8 @@ class UploadTests(Base):
         protocol, transport = connect(factory, host="127.0.0.3")
         protocol.dataReceived(b"PUT new.bin 3\nabc")
         self.assertEqual(
-            transport.value(), b"ERR 403 uploads are not allowed from 127.0.0.3\r\n"
+            transport.value(),
+            b"ERR 403 unauthorised: uploads are not allowed from 127.0.0.3\r\n",
         )
         self.assertFalse(transport.connected)
         self.assertFalse((self.root / "new.bin").exists())
@@ -1035,7 +1036,7 @@ class UploadTests(Base):
         cases = [
             (b"PUT big 3000000", b"ERR 413 upload larger than 2097152 bytes"),
             (b"PUT ../x 1", b"ERR 403 path segments . and .. are not allowed"),
-            (b"PUT .x 1", b"ERR 403 hidden files are not served"),
+            (b"PUT .x 1", b"ERR 403 hidden: hidden files are not served"),
             (b"PUT docs 1", b"ERR 405 target exists and is not a regular file"),
             (b"PUT fifo 1", b"ERR 405 target exists and is not a regular file"),
             (b"PUT out/x 1", b"ERR 403 leads outside the root"),
@@ -1245,7 +1246,7 @@ class LinkPolicyTests(Base):
 
     def test_every_command_refuses(self) -> None:
         protocol, transport = self.connect()
-        hidden = b"ERR 403 hidden files are not served\r\n"
+        hidden = b"ERR 403 hidden: hidden files are not served\r\n"
         for request in (
             b"GET vis.txt",
             b"GET gitlink/config",
@@ -1270,7 +1271,7 @@ class LinkPolicyTests(Base):
         for request in (b"vis.txt\n", b"/gitlink/config\n", b"gitlink\n"):
             self.assertEqual(
                 self.exchange(request, factory),
-                b"ERR 403 hidden files are not served\r\n",
+                b"ERR 403 hidden: hidden files are not served\r\n",
             )
         self.assertEqual(
             self.exchange(b"/gitlink/config\r\n", factory),
@@ -1315,7 +1316,7 @@ class LinkPolicyTests(Base):
             )
             self.assertNotIn(b"peek", value)
             # A hidden name too, unless hidden names are served.
-            reason = b"reserved name" if hidden == "true" else b"hidden files are"
+            reason = b"reserved name" if hidden == "true" else b"hidden: hidden files"
             self.assertIn(
                 b"ERR 403 " + reason,
                 self.exchange(b"PUT here/%s 1\nx" % temp.encode(), factory),
@@ -1332,7 +1333,7 @@ class LinkPolicyTests(Base):
         for request in (b"PUT pub/x.bin 3\nabc", b"PUT gitlink/hooks 3\nabc"):
             self.assertEqual(
                 self.exchange(request, factory),
-                b"ERR 403 hidden files are not served\r\n",
+                b"ERR 403 hidden: hidden files are not served\r\n",
             )
         self.assertEqual(os.listdir(self.root / ".private"), [])
         self.assertEqual(os.listdir(self.root / ".git"), ["config"])

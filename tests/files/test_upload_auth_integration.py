@@ -195,6 +195,6 @@ def test_upload_allow_by_source_address(required: tuple[Daemon, Path]) -> None:
     assert answer.startswith(b"OK ready\r\nOK stored 3 "), answer
     assert (root / "two.bin").read_bytes() == b"abc"
     answer = put_from("127.0.0.3", port, "three.bin")
-    assert answer == b"ERR 403 uploads are not allowed from 127.0.0.3\r\n"
+    assert answer == b"ERR 403 unauthorised: uploads are not allowed from 127.0.0.3\r\n"
     assert not (root / "three.bin").exists()
     daemon.wait_for(r"refused an upload from 127\.0\.0\.3 \(acl\)")
