@@ -395,6 +395,8 @@ class FileRequest(http.Request):
         if known is not None:
             digest = base64.b64encode(bytes.fromhex(known))
             self.setHeader(b"Repr-Digest", b"sha-256=:" + digest + b":")
+            # The older header (RFC 3230), for the clients that read only it.
+            self.setHeader(b"Digest", b"SHA-256=" + digest)
         # If-None-Match, when sent, decides alone (RFC 9110 13.2.2).
         matching = self.getHeader(b"If-None-Match")
         if matching is not None:

@@ -184,6 +184,7 @@ class GetTests(HttpBase):
             datetimeToString(math.ceil(info.st_mtime)),
         )
         self.assertNotIn(b"repr-digest", headers)  # never hashed on a GET
+        self.assertNotIn(b"digest", headers)
 
     def test_big_body(self) -> None:
         status, headers, body = self.get(b"/big.bin")
@@ -272,6 +273,7 @@ class GetTests(HttpBase):
         self.assertEqual(
             headers[b"repr-digest"], b"sha-256=:" + base64.b64encode(digest) + b":"
         )
+        self.assertEqual(headers[b"digest"], b"SHA-256=" + base64.b64encode(digest))
 
     def test_metrics(self) -> None:
         self.get(b"/notes.txt")
