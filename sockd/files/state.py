@@ -381,6 +381,8 @@ class FileState:
         self.total_bucket = _byte_bucket(settings.total_rate_limit, clock)
         self.served = 0
         self.bytes_sent = 0
+        #: of those, sent with sendfile: the rest were copied (TLS, ...)
+        self.sendfile_bytes = 0
         #: requests answered ERR, by code; docs/protocol-file.md's codes are
         #: there from the start, so each series shows (at 0) before it is used
         self.refused: dict[int, int] = dict.fromkeys(
