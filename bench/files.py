@@ -5,7 +5,8 @@ sendfile, one worker process each, driven by the C load generator's
 download loop: one stream of a 1 GiB file (goal: at least 1.0x nginx) and
 100 concurrent streams of a 10 MiB file (at least 1.0x), with sockd's peak
 memory growth under 50 MiB.  nginx runs in both settings of tcp_nopush:
-on (TCP_CORK, as people run it; the goals are against it) and off.
+on (TCP_CORK, as people run it; the goals are against it) and off, and
+sockd beside itself with its own TCP_CORK turned off ("sockd, no cork").
 
 Then capped downloads: server CPU per MB of an 8 MiB download under
 C{rate_limit = 2M}, under C{total_rate_limit = 2M}, and under C{rate_limit}
@@ -55,6 +56,10 @@ SCENARIOS = [
 RSS_GROWTH_MIB = 50
 #: the two nginx contenders; goals are against the first
 NGINX_ON, NGINX_OFF = "nginx, tcp_nopush on", "nginx, tcp_nopush off"
+#: sockd without TCP_CORK while a body streams (as before it had it)
+NO_CORK = "sockd, no cork"
+#: run in the daemon before twistd: never cork
+NO_CORK_PRELUDE = "import sockd.files.sendfile as s\ns._CORK = None"
 
 #: capped downloads: (scenario, [file] keys, over TLS); each against the
 #: same download with no cap, on a daemon of its own
@@ -199,14 +204,17 @@ def main() -> int:
         max_connections_per_ip = 1000
     """
     sockd = sockd_daemon("sockd file", "sockd-file", ini).start()
+    uncorked = sockd_daemon("sockd file, no cork", "sockd-file", ini, NO_CORK_PRELUDE)
     nginx = Nginx(root).start()
     nginx_off = Nginx(root, nopush=False)
     try:
+        uncorked.start()
         nginx_off.start()
         for name, size, conns, goal in scenarios:
             cpu: dict[str, list[float]] = {}
             get = f"GET /{name} HTTP/1.0\\r\\n\\r\\n"
-            requests = {sockd: f"{name}\\n", nginx: get, nginx_off: get}
+            bare = f"{name}\\n"
+            requests = {sockd: bare, uncorked: bare, nginx: get, nginx_off: get}
             rss_before = memory_kib(sockd.pid, "VmRSS")
 
             def run(
@@ -228,6 +236,7 @@ def main() -> int:
                     "sockd": lambda: run(sockd),
                     NGINX_ON: lambda: run(nginx),
                     NGINX_OFF: lambda: run(nginx_off),
+                    NO_CORK: lambda: run(uncorked),
                 },
             )
             note = "CPU (cores, median): " + ", ".join(
@@ -253,6 +262,7 @@ def main() -> int:
             )
     finally:
         sockd.stop()
+        uncorked.stop()
         nginx.stop()
         nginx_off.stop()
         shutil.rmtree(root, ignore_errors=True)
