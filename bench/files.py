@@ -217,26 +217,33 @@ def main() -> int:
             requests = {sockd: bare, uncorked: bare, nginx: get, nginx_off: get}
             rss_before = memory_kib(sockd.pid, "VmRSS")
 
+            per_cpu: dict[str, list[float]] = {}
+
             def run(
+                who: str,
                 server: Server,
                 conns: int = conns,
                 cpu: dict[str, list[float]] = cpu,
                 requests: dict[Server, str] = requests,
+                per_cpu: dict[str, list[float]] = per_cpu,
             ) -> float:
                 before, started = server.cpu(), time.monotonic()
                 values = loadgen_fetch(server, requests[server], conns, seconds)
                 wall = time.monotonic() - started
-                cpu.setdefault(server.name, []).append((server.cpu() - before) / wall)
+                used = server.cpu() - before
+                cpu.setdefault(server.name, []).append(used / wall)
                 cpu.setdefault("loadgen", []).append(values.get("cpu", 0.0))
-                return values["rate"] / 1e6
+                rate = values["rate"] / 1e6
+                per_cpu.setdefault(who, []).append(rate * wall / used if used else 0.0)
+                return rate
 
             samples = alternate(
                 rounds,
                 {
-                    "sockd": lambda: run(sockd),
-                    NGINX_ON: lambda: run(nginx),
-                    NGINX_OFF: lambda: run(nginx_off),
-                    NO_CORK: lambda: run(uncorked),
+                    "sockd": lambda: run("sockd", sockd),
+                    NGINX_ON: lambda: run(NGINX_ON, nginx),
+                    NGINX_OFF: lambda: run(NGINX_OFF, nginx_off),
+                    NO_CORK: lambda: run(NO_CORK, uncorked),
                 },
             )
             note = "CPU (cores, median): " + ", ".join(
@@ -258,6 +265,16 @@ def main() -> int:
                     paired_ratios(samples),
                     goals={NGINX_ON: goal},
                     note=note,
+                )
+            )
+            emit(
+                Result(
+                    "files",
+                    f"{label(size, conns)}, per server CPU-second",
+                    "MB/CPU-s",
+                    per_cpu,
+                    paired_ratios(per_cpu),
+                    note="MB / server CPU seconds (nginx: master and worker)",
                 )
             )
     finally:
