@@ -365,24 +365,20 @@ class SendfileProducer(_Producer):
             self._uncork()  # waiting for the cap: what is paid for goes now
             return
         self._cork()
-        sock = transport.fileno()
-        pushed = 0
-        while pushed < budget:
-            try:
-                count = os.sendfile(
-                    sock, self.fd, self.offset + pushed, budget - pushed
-                )
-            except BlockingIOError:
-                break  # socket buffer full
-            except OSError as e:
-                self._count(pushed)
-                self._finish(os.strerror(e.errno or errno.EIO))
-                return
-            if count == 0:
-                self._count(pushed)
+        # One call a wake: a short count means the socket buffer is full
+        # (asking again would only get EAGAIN) or the file ended early,
+        # which the next call says with 0.
+        try:
+            pushed = os.sendfile(transport.fileno(), self.fd, self.offset, budget)
+        except BlockingIOError:
+            pushed = 0  # socket buffer full
+        except OSError as e:
+            self._finish(os.strerror(e.errno or errno.EIO))
+            return
+        else:
+            if pushed == 0:
                 self._finish("file shrank during the transfer")
                 return
-            pushed += count
         self._count(pushed)
         if self.remaining <= 0:
             self._finish(None)

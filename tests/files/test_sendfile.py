@@ -895,6 +895,27 @@ class CorkTests(SynchronousTestCase):
         # ... and uncorked after the last, before the result fires.
         self.assertEqual(events[bodies[-1] + 2 :], [("cork", 0), ("ended", 0)])
 
+    def test_one_sendfile_call_a_wake(self) -> None:
+        """A short send means the socket is full: no call just for EAGAIN."""
+        calls: list[str] = []
+        real = os.sendfile
+
+        def counted(*args: Any) -> int:
+            try:
+                count = real(*args)
+            except BlockingIOError:
+                calls.append("EAGAIN")
+                raise
+            calls.append("sent")
+            return count
+
+        self.patch(os, "sendfile", counted)
+        _, result = self.start()
+        self.drive()  # the reader drains the socket before each wake
+        self.assertEqual(self.successResultOf(result), self.size)
+        self.assertGreater(len(calls), 1)
+        self.assertEqual(set(calls), {"sent"})
+
     def test_client_close_uncorks(self) -> None:
         _, result = self.start()
         self.theirs.close()
