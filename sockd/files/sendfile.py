@@ -11,14 +11,16 @@ Sending a file body over a transport without holding it in memory.
    uncorked whenever the transfer ends or waits for its rate cap, so
    neither the header nor the tail waits.
  - L{ChunkProducer}: the fallback under TLS or without C{os.sendfile}: a push
-   producer reading 256 KiB at a time.
+   producer reading 256 KiB at a time.  It never corks: under TLS the bytes
+   reach the socket from Twisted's buffers at a time it does not see, so it
+   could not uncork just after the last one.
 
 A L{Pacer} holds either to byte rates (token buckets from L{sockd.core.limits}),
 sending in quanta paid for in advance rather than every crumb of refill.
 
-Behind a C{haproxy:} listener both work on the TCP transport under the
-PROXY header wrapper (L{sockd.core.eager.unwrap}), which only passes writes
-and producers through.
+Behind a C{haproxy:} listener L{SendfileProducer} works on the TCP
+transport under the PROXY header wrapper (L{sockd.core.eager.unwrap}),
+which only passes writes and producers through.
 
 Both send exactly the bytes announced, stop early (and say so) when the file
 shrinks, close the file descriptor whatever happens, and unregister
