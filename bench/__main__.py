@@ -35,7 +35,7 @@ from bench import (
 )
 
 #: benchmark modules, in order; each runs only if its file exists
-MODULES = ["echo", "chat", "files", "scaling"]
+MODULES = ["echo", "chat", "files", "proxy", "scaling"]
 
 EPILOG = """\
 modules (--only, comma-separated):
@@ -47,6 +47,9 @@ modules (--only, comma-separated):
            sockd-chat against an asyncio relay
   files    one 1 GiB download, 100 concurrent 10 MiB downloads: sockd-file
            against nginx (sendfile on; tcp_nopush on, and off)
+  proxy    the PROXY protocol wrapper's cost: echo request/response and
+           downloads through a haproxy: listener against the same daemon
+           on a tcp: one
   scaling  throughput, p50 and p99 latency, server CPU per unit of work and
            server RSS as the load grows (echo: 1 to 10,000 connections;
            downloads: 1 to 1000 streams; chat: 10 to 10,000 members), sockd

@@ -8,7 +8,8 @@ memory growth under 50 MiB.  The 1 GiB file is also fetched from sockd over
 HTTP/1.0 on the same port (twisted.web's head, then sendfile), in the same
 alternation: its row goes against the same nginx samples (goal: at least
 0.9x).  nginx runs in both settings of tcp_nopush:
-on (TCP_CORK, as people run it; the goals are against it) and off.
+on (TCP_CORK, as people run it; the goals are against it) and off, and
+sockd beside itself with its own TCP_CORK turned off ("sockd, no cork").
 
 Then capped downloads: server CPU per MB of an 8 MiB download under
 C{rate_limit = 2M}, under C{total_rate_limit = 2M}, and under C{rate_limit}
@@ -61,6 +62,10 @@ NGINX_ON, NGINX_OFF = "nginx, tcp_nopush on", "nginx, tcp_nopush off"
 #: sockd's HTTP contender (the one-stream scenario only), and its goal
 SOCKD_HTTP = "sockd, HTTP"
 HTTP_GOAL = 0.9
+#: sockd without TCP_CORK while a body streams (as before it had it)
+NO_CORK = "sockd, no cork"
+#: run in the daemon before twistd: never cork
+NO_CORK_PRELUDE = "import sockd.files.sendfile as s\ns._CORK = None"
 
 #: capped downloads: (scenario, [file] keys, over TLS); each against the
 #: same download with no cap, on a daemon of its own
@@ -205,45 +210,54 @@ def main() -> int:
         max_connections_per_ip = 1000
     """
     sockd = sockd_daemon("sockd file", "sockd-file", ini).start()
+    uncorked = sockd_daemon("sockd file, no cork", "sockd-file", ini, NO_CORK_PRELUDE)
     nginx = Nginx(root).start()
     nginx_off = Nginx(root, nopush=False)
     try:
+        uncorked.start()
         nginx_off.start()
         for name, size, conns, goal in scenarios:
             cpu: dict[str, list[float]] = {}
             get = f"GET /{name} HTTP/1.0\\r\\n\\r\\n"
-            requests = {sockd: f"{name}\\n", nginx: get, nginx_off: get}
+            bare = f"{name}\\n"
+            requests = {sockd: bare, uncorked: bare, nginx: get, nginx_off: get}
             rss_before = memory_kib(sockd.pid, "VmRSS")
 
+            per_cpu: dict[str, list[float]] = {}
+
             def run(
+                who: str,
                 server: Server,
                 conns: int = conns,
                 cpu: dict[str, list[float]] = cpu,
                 requests: dict[Server, str] = requests,
+                per_cpu: dict[str, list[float]] = per_cpu,
                 request: str = "",
-                who: str = "",
             ) -> float:
                 before, started = server.cpu(), time.monotonic()
                 asked = request or requests[server]
                 values = loadgen_fetch(server, asked, conns, seconds)
                 wall = time.monotonic() - started
-                cpu.setdefault(who or server.name, []).append(
-                    (server.cpu() - before) / wall
-                )
+                used = server.cpu() - before
+                cpu.setdefault(who, []).append(used / wall)
                 cpu.setdefault("loadgen", []).append(values.get("cpu", 0.0))
-                return values["rate"] / 1e6
+                rate = values["rate"] / 1e6
+                per_cpu.setdefault(who, []).append(rate * wall / used if used else 0.0)
+                return rate
 
             contenders = {
-                "sockd": lambda: run(sockd),
-                NGINX_ON: lambda: run(nginx),
-                NGINX_OFF: lambda: run(nginx_off),
+                "sockd": lambda: run("sockd", sockd),
+                NGINX_ON: lambda: run(NGINX_ON, nginx),
+                NGINX_OFF: lambda: run(NGINX_OFF, nginx_off),
+                NO_CORK: lambda: run(NO_CORK, uncorked),
             }
             if conns == 1:
                 contenders[SOCKD_HTTP] = lambda get=get: run(
-                    sockd, request=get, who="sockd HTTP"
+                    SOCKD_HTTP, sockd, request=get
                 )
             samples = alternate(rounds, contenders)
             over_http = samples.pop(SOCKD_HTTP, None)
+            per_cpu.pop(SOCKD_HTTP, None)
             note = "CPU (cores, median): " + ", ".join(
                 f"{k} {statistics.median(v):.2f}" for k, v in cpu.items()
             )
@@ -280,8 +294,19 @@ def main() -> int:
                         "shared with the row above",
                     )
                 )
+            emit(
+                Result(
+                    "files",
+                    f"{label(size, conns)}, per server CPU-second",
+                    "MB/CPU-s",
+                    per_cpu,
+                    paired_ratios(per_cpu),
+                    note="MB / server CPU seconds (nginx: master and worker)",
+                )
+            )
     finally:
         sockd.stop()
+        uncorked.stop()
         nginx.stop()
         nginx_off.stop()
         shutil.rmtree(root, ignore_errors=True)

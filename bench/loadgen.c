@@ -21,6 +21,10 @@
  *       such), read until the server closes, and start over: a file
  *       download loop.  rate is bytes a second, answers whole downloads.
  *
+ * LOADGEN_PROXY=v1 or v2 in the environment: every tcp and fetch connection
+ * first sends a PROXY protocol header (text v1, binary v2) naming its own
+ * addresses, as a load balancer in front of a haproxy: listener would.
+ *
  * Prints one line of key=value pairs: rate (answers a second), answers,
  * seconds, errors (bad bytes or failed connections), cpu (the share of one
  * core this process used: well under 1 means it was not the bottleneck),
@@ -206,6 +210,48 @@ static void check(struct conn *c, const char *buf, size_t n)
     }
 }
 
+static int proxy_version; /* LOADGEN_PROXY: 0 (none), 1 or 2 */
+
+/* The PROXY header for a connected socket, sent before anything else. */
+static void send_proxy(int fd)
+{
+    if (!proxy_version)
+        return;
+    struct sockaddr_in src, dst;
+    socklen_t len = sizeof src;
+    if (getsockname(fd, (struct sockaddr *)&src, &len) < 0)
+        die("getsockname");
+    len = sizeof dst;
+    if (getpeername(fd, (struct sockaddr *)&dst, &len) < 0) {
+        errors++;
+        return;
+    }
+    unsigned char head[108];
+    size_t n;
+    if (proxy_version == 1) {
+        char s[INET_ADDRSTRLEN], d[INET_ADDRSTRLEN];
+        inet_ntop(AF_INET, &src.sin_addr, s, sizeof s);
+        inet_ntop(AF_INET, &dst.sin_addr, d, sizeof d);
+        n = (size_t)snprintf((char *)head, sizeof head, "PROXY TCP4 %s %s %u %u\r\n", s,
+                             d, ntohs(src.sin_port), ntohs(dst.sin_port));
+    } else {
+        static const unsigned char sig[12] = {0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D,
+                                              0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A};
+        memcpy(head, sig, 12);
+        head[12] = 0x21; /* version 2, PROXY */
+        head[13] = 0x11; /* TCP over IPv4 */
+        head[14] = 0;
+        head[15] = 12; /* address block length */
+        memcpy(head + 16, &src.sin_addr, 4);
+        memcpy(head + 20, &dst.sin_addr, 4);
+        memcpy(head + 24, &src.sin_port, 2);
+        memcpy(head + 26, &dst.sin_port, 2);
+        n = 28;
+    }
+    if (send(fd, head, n, MSG_NOSIGNAL) != (ssize_t)n)
+        errors++;
+}
+
 static int fetch_connect(int ep, struct sockaddr_in *sa, struct conn *c)
 {
     c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
@@ -270,6 +316,7 @@ static int fetch_main(int argc, char **argv)
                     goto again;
                 }
                 c->connected = 1;
+                send_proxy(c->fd);
                 if (send(c->fd, req, rlen, MSG_NOSIGNAL) != (ssize_t)rlen)
                     errors++;
                 struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
@@ -317,6 +364,14 @@ static int fetch_main(int argc, char **argv)
 
 int main(int argc, char **argv)
 {
+    const char *proxy = getenv("LOADGEN_PROXY");
+    if (proxy && *proxy) {
+        proxy_version = strcmp(proxy, "v1") == 0 ? 1 : strcmp(proxy, "v2") == 0 ? 2 : 0;
+        if (!proxy_version) {
+            fprintf(stderr, "loadgen: LOADGEN_PROXY is v1 or v2\n");
+            return 2;
+        }
+    }
     if (argc >= 7 && strcmp(argv[1], "fetch") == 0)
         return fetch_main(argc, argv);
     if (argc < 8) {
@@ -460,6 +515,7 @@ int main(int argc, char **argv)
                 settled++;
                 struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
                 epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+                send_proxy(c->fd);
                 pump(c, 0);
                 if (c->owed) {
                     ev.events = EPOLLIN | EPOLLOUT;

@@ -177,6 +177,12 @@ SERIES: dict[str, tuple[str, tuple[str, ...], str]] = {
         "file transfers completed",
     ),
     "file_sent_bytes_total": ("counter", ("service",), "file body bytes sent"),
+    "file_sendfile_bytes_total": (
+        "counter",
+        ("service",),
+        "file body bytes of those sent with sendfile (zero-copy), counted as "
+        "each transfer ends",
+    ),
     "file_request_errors_total": (
         "counter",
         ("service", "code"),

@@ -35,7 +35,7 @@ from sockd.files import codec, gopher
 from sockd.files.http import FileChannel
 from sockd.files.http import refusal as http_refusal
 from sockd.files.paths import Opened, PathError
-from sockd.files.sendfile import TransferError, release, send_file
+from sockd.files.sendfile import SendfileProducer, TransferError, release, send_file
 from sockd.files.state import Entry, FileState, Peer, Upload, write_code
 
 __all__ = ["REQUESTS_PER_TURN", "FileFactory", "FileProtocol", "ListSender"]
@@ -498,9 +498,9 @@ class FileProtocol(GuardedProtocol):
             raise PathError(416, f"offset {offset} is beyond the end ({size} bytes)")
         count = size - offset if length is None else min(size - offset, length)
         mtime = int(opened.stat.st_mtime)
-        self._write(codec.send(codec.GetHeader(count, size, mtime)))
         self._log("GET", args[0])
-        self._send(opened, offset, count, self._next)
+        head = codec.send(codec.GetHeader(count, size, mtime))
+        self._send(opened, offset, count, self._next, head)
 
     def _stat(self, args: list[bytes]) -> None:
         if len(args) != 1:
@@ -653,11 +653,19 @@ class FileProtocol(GuardedProtocol):
     # --- sending --------------------------------------------------------
 
     def _send(
-        self, opened: Opened, offset: int, count: int, then: Callable[[], None]
+        self,
+        opened: Opened,
+        offset: int,
+        count: int,
+        then: Callable[[], None],
+        head: bytes = b"",
     ) -> None:
+        """Send C{head}, then C{count} bytes of the file from C{offset}."""
         state = self.factory.state
 
         def begin() -> tuple[Any, Deferred[int]]:
+            # The header goes with the body, so that both share the cork.
+            self.bytes_out += len(head)
             sender, result = send_file(
                 self.transport,
                 opened.fd,
@@ -667,6 +675,7 @@ class FileProtocol(GuardedProtocol):
                 state.pacer(),
                 self._progress,
                 state.use_sendfile,
+                head,
             )
             return sender, result.addCallback(self._served)
 
@@ -698,6 +707,7 @@ class FileProtocol(GuardedProtocol):
 
         def sent(count: int) -> None:
             self._sender = None
+            self._zeroCopied(sender, count)
             if self.phase is Phase.STREAMING:
                 self._resume()
                 then()
@@ -719,7 +729,9 @@ class FileProtocol(GuardedProtocol):
                 return
             if not isinstance(error, TransferError):
                 log.failure("file: transfer failed", failure)
-            elif self.phase is not Phase.LOST:
+            else:
+                self._zeroCopied(sender, error.sent)
+            if isinstance(error, TransferError) and self.phase is not Phase.LOST:
                 log.info(
                     "file: {peer}: transfer ended early: {error}",
                     peer=self._key,
@@ -728,6 +740,11 @@ class FileProtocol(GuardedProtocol):
             self.close()
 
         result.addCallbacks(sent, failed)
+
+    def _zeroCopied(self, sender: object, count: int) -> None:
+        """A transfer ended: count its bytes if they went with sendfile."""
+        if isinstance(sender, SendfileProducer):
+            self.factory.state.sendfile_bytes += count
 
     def _progress(self, count: int) -> None:
         self.factory.state.bytes_sent += count
@@ -940,6 +957,7 @@ class FileFactory(GuardedFactory):
             ),
             ("file_transfers_completed_total", "counter", service, state.served),
             ("file_sent_bytes_total", "counter", service, state.bytes_sent),
+            ("file_sendfile_bytes_total", "counter", service, state.sendfile_bytes),
             *(
                 (
                     "file_request_errors_total",

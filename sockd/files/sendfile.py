@@ -5,12 +5,22 @@ Sending a file body over a transport without holding it in memory.
    plain TCP (or UNIX) transport, only once the transport's own buffer is
    empty (the response header goes first), a byte budget per reactor turn so
    other connections are served, and C{EAGAIN} answered by waiting for the
-   socket to become writable through the transport itself.
+   socket to become writable through the transport itself.  On Linux TCP
+   the socket is corked (C{TCP_CORK}) from the response header to the
+   body's last byte, so the kernel sends only full segments meanwhile, and
+   uncorked whenever the transfer ends or waits for its rate cap, so
+   neither the header nor the tail waits.
  - L{ChunkProducer}: the fallback under TLS or without C{os.sendfile}: a push
-   producer reading 256 KiB at a time.
+   producer reading 256 KiB at a time.  It never corks: under TLS the bytes
+   reach the socket from Twisted's buffers at a time it does not see, so it
+   could not uncork just after the last one.
 
 A L{Pacer} holds either to byte rates (token buckets from L{sockd.core.limits}),
 sending in quanta paid for in advance rather than every crumb of refill.
+
+Behind a C{haproxy:} listener L{SendfileProducer} works on the TCP
+transport under the PROXY header wrapper (L{sockd.core.eager.unwrap}),
+which only passes writes and producers through.
 
 Both send exactly the bytes announced, stop early (and say so) when the file
 shrinks, close the file descriptor whatever happens, and unregister
@@ -25,8 +35,10 @@ empty.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import socket
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -43,6 +55,7 @@ from twisted.internet.interfaces import (
 from zope.interface import implementer
 
 from sockd.core._twisted import fast_paths, queued_bytes
+from sockd.core.eager import eager_write, unwrap
 from sockd.core.limits import TokenBucket
 
 __all__ = [
@@ -61,6 +74,8 @@ __all__ = [
 CHUNK = 256 * 1024
 #: bytes sendfile may push for one connection in one reactor turn
 TURN_BUDGET = 4 * 1024 * 1024
+#: Linux's TCP_CORK (nginx's C{tcp_nopush}); None elsewhere
+_CORK: int | None = getattr(socket, "TCP_CORK", None)
 
 
 class TransferError(Exception):
@@ -182,6 +197,18 @@ def can_sendfile(transport: Any) -> bool:
     )
 
 
+def _corkable(transport: Any) -> socket.socket | None:
+    """The TCP socket under C{transport} if it can be corked, else None."""
+    sock = getattr(transport, "socket", None)
+    if (
+        _CORK is None
+        or not isinstance(sock, socket.socket)
+        or sock.family not in (socket.AF_INET, socket.AF_INET6)
+    ):
+        return None
+    return sock
+
+
 @implementer(IProducer)
 class _Producer:
     """What both producers share: bookkeeping, pacing, and ending once."""
@@ -209,23 +236,52 @@ class _Producer:
         self.deferred: Deferred[int] = Deferred()
         self.done = False
         self._wake: IDelayedCall | None = None
+        #: the socket while it is corked
+        self._corked: socket.socket | None = None
 
-    def start(self, transport: Any) -> Deferred[int]:
+    def start(self, transport: Any, head: bytes = b"") -> Deferred[int]:
         """
-        Register with C{transport} and send; the result fires with the byte
-        count, or fails with L{TransferError}.  The transport must have no
-        producer registered.
+        Write C{head} (the response header), register with C{transport} and
+        send; the result fires with the byte count, or fails with
+        L{TransferError}.  The transport must have no producer registered.
         """
         self.transport = transport
         if self.remaining <= 0:
+            if head:
+                eager_write(transport, head)
             self._finish(None, unregister=False)
             return self.deferred
+        self._begin(head)
         # A pull producer is asked for data at once; a push one starts
         # itself, on the next turn (as Twisted starts one under TLS).
         transport.registerProducer(self, self.streaming)
         if self.streaming and not self.done:
             self._wake = self.clock.callLater(0, self._woken)
         return self.deferred
+
+    def _begin(self, head: bytes) -> None:
+        """Write C{head}, first thing, before the body."""
+        if head:
+            eager_write(self.transport, head)
+
+    def _cork(self) -> None:
+        """Cork the socket (if it is Linux TCP) until L{_uncork}."""
+        if self._corked is None and _CORK is not None:
+            sock = _corkable(self.transport)
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, _CORK, 1)
+                except OSError:
+                    return
+                self._corked = sock
+
+    def _uncork(self) -> None:
+        """Let what the cork holds go now (the header, a quantum's tail)."""
+        sock, self._corked = self._corked, None
+        if sock is not None and _CORK is not None:
+            # Closed already: nothing is held any more.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _CORK, 0)
 
     def _allowed(self, most: int) -> int:
         """
@@ -266,6 +322,7 @@ class _Producer:
         if self._wake is not None and self._wake.active():
             self._wake.cancel()
         self._wake = None
+        self._uncork()
         if self.pacer is not None:
             self.pacer.close()
         os.close(self.fd)
@@ -288,6 +345,11 @@ class SendfileProducer(_Producer):
     def resumeProducing(self) -> None:
         self._go()
 
+    def _begin(self, head: bytes) -> None:
+        # Corked first: the header waits for the body's first segment.
+        self._cork()
+        super()._begin(head)
+
     def _go(self) -> None:
         if self.done:
             return
@@ -302,25 +364,23 @@ class SendfileProducer(_Producer):
             return
         budget = self._allowed(TURN_BUDGET)
         if budget <= 0:
+            self._uncork()  # waiting for the cap: what is paid for goes now
             return
-        sock = transport.fileno()
-        pushed = 0
-        while pushed < budget:
-            try:
-                count = os.sendfile(
-                    sock, self.fd, self.offset + pushed, budget - pushed
-                )
-            except BlockingIOError:
-                break  # socket buffer full
-            except OSError as e:
-                self._count(pushed)
-                self._finish(os.strerror(e.errno or errno.EIO))
-                return
-            if count == 0:
-                self._count(pushed)
+        self._cork()
+        # One call a wake: a short count means the socket buffer is full
+        # (asking again would only get EAGAIN) or the file ended early,
+        # which the next call says with 0.
+        try:
+            pushed = os.sendfile(transport.fileno(), self.fd, self.offset, budget)
+        except BlockingIOError:
+            pushed = 0  # socket buffer full
+        except OSError as e:
+            self._finish(os.strerror(e.errno or errno.EIO))
+            return
+        else:
+            if pushed == 0:
                 self._finish("file shrank during the transfer")
                 return
-            pushed += count
         self._count(pushed)
         if self.remaining <= 0:
             self._finish(None)
@@ -332,6 +392,8 @@ class SendfileProducer(_Producer):
         # quantum instead.
         if self._wake is None and self._allowed(TURN_BUDGET) > 0:
             transport.startWriting()
+        else:
+            self._uncork()  # waiting for the cap: this quantum's tail goes now
 
 
 @implementer(IPushProducer)
@@ -392,13 +454,19 @@ def send_file(
     pacer: Pacer | None = None,
     progress: Callable[[int], None] | None = None,
     use_sendfile: bool = True,
+    head: bytes = b"",
 ) -> tuple[_Producer, Deferred[int]]:
     """
-    Send C{length} bytes of C{fd} from C{offset} over C{transport}, the
-    fastest way it allows.  C{fd} is closed when the transfer ends.
+    Write C{head} (a response header, may be empty), then send C{length}
+    bytes of C{fd} from C{offset} over C{transport}, the fastest way it
+    allows.  C{fd} is closed when the transfer ends.
     """
-    kind = (
-        SendfileProducer if use_sendfile and can_sendfile(transport) else ChunkProducer
-    )
-    producer = kind(fd, offset, length, clock, pacer, progress)
-    return producer, producer.start(transport)
+    # Behind a PROXY header wrapper: sendfile on the TCP transport under it.
+    plain = unwrap(transport)
+    if use_sendfile and can_sendfile(plain):
+        producer: _Producer = SendfileProducer(
+            fd, offset, length, clock, pacer, progress
+        )
+        return producer, producer.start(plain, head)
+    producer = ChunkProducer(fd, offset, length, clock, pacer, progress)
+    return producer, producer.start(transport, head)

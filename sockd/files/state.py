@@ -596,6 +596,8 @@ class FileState:
         #: HTTP requests answered, by method and status (sockd.files.http);
         #: one series from the start, so the family shows before any traffic
         self.http_requests: dict[tuple[str, int], int] = {("GET", 200): 0}
+        #: of those, sent with sendfile: the rest were copied (TLS, ...)
+        self.sendfile_bytes = 0
         #: requests answered ERR, by code; docs/protocol-file.md's codes are
         #: there from the start, so each series shows (at 0) before it is used
         self.refused: dict[int, int] = dict.fromkeys(

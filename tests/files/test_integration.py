@@ -14,10 +14,12 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import Daemon, need, run_tool, running, tcp_exchange
 
@@ -73,6 +75,56 @@ def test_nc_half_close(daemon: Daemon, tree: Path) -> None:
     assert result.stdout == b"hello notes\n"
     result = run_tool([nc, "-N", "127.0.0.1", str(port)], b"big.bin\n", timeout=20)
     assert result.stdout == (tree / "big.bin").read_bytes()
+
+
+def test_sendfile_behind_haproxy_listener(tree: Path) -> None:
+    """
+    Downloads through a C{haproxy:} listener (a PROXY v1 and a v2 header,
+    as HAProxy sends them) get the same bytes as a direct one, and every
+    body byte goes out with sendfile (the metrics say so), not copied.
+    """
+    ini = f"""
+    [sockd]
+    trusted_proxies = 127.0.0.1/32
+    [echo]
+    enabled = false
+    [file]
+    listen = haproxy:tcp:0:interface=127.0.0.1 tcp:0:interface=127.0.0.1
+    root = {tree}
+    [metrics]
+    enabled = true
+    listen = tcp:0:interface=127.0.0.1
+    """
+    v1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 70\r\n"
+    v2 = (
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
+        + socket.inet_aton("192.0.2.8")
+        + socket.inet_aton("127.0.0.1")
+        + (40001).to_bytes(2, "big")
+        + (70).to_bytes(2, "big")
+    )
+    expected = (tree / "big.bin").read_bytes()
+    with running("sockd-file", ini) as d:
+        proxied, direct = d.port("file"), d.port("file", index=1)
+        assert fetch(direct, b"big.bin\n", 20) == expected
+        assert fetch(proxied, v1 + b"big.bin\n", 20) == expected
+        framed = fetch(proxied, v2 + b"GET big.bin\nQUIT\n", 20)
+        header, _, rest = framed.partition(b"\r\n")
+        assert header.startswith(b"OK %d size=%d " % (BIG, BIG))
+        assert rest == expected + b"OK bye\r\n"
+        url = f"http://127.0.0.1:{d.port('metrics')}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        logs = d.log()
+    samples = {
+        family.name: family.samples[0].value
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("sockd_file_")
+    }
+    assert samples["sockd_file_sent_bytes"] == 3 * BIG
+    assert samples["sockd_file_sendfile_bytes"] == 3 * BIG
+    # The clients the headers named, not the proxy's address.
+    assert "192.0.2.7" in logs and "192.0.2.8" in logs
 
 
 def test_tutorial_client(daemon: Daemon) -> None:

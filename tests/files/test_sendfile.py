@@ -533,7 +533,7 @@ class SocketTransport:
     disconnecting = False
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+        self.sock = self.socket = sock
         self.dataBuffer = b""
         self.offset = 0
         self._tempDataLen = 0
@@ -542,6 +542,10 @@ class SocketTransport:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def write(self, data: bytes) -> None:
+        """A header: small, so the kernel takes it at once."""
+        assert self.sock.send(data) == len(data)
 
     def startWriting(self) -> None:
         self.writing = True
@@ -779,3 +783,217 @@ class PacingTests(SynchronousTestCase):
         producer.stopProducing()
         self.failureResultOf(result, TransferError)
         self.assertEqual(total.available(), 0)
+
+
+CORK = getattr(socket, "TCP_CORK", None)
+needs_cork = pytest.mark.skipif(CORK is None, reason="TCP_CORK is Linux's")
+
+
+class RecordingSocket(socket.socket):
+    """A TCP socket noting, in order, its TCP_CORK changes and its sends."""
+
+    def __init__(self) -> None:
+        super().__init__(socket.AF_INET, socket.SOCK_STREAM)
+        self.events: list[tuple[str, int]] = []
+
+    def setsockopt(self, *args: Any) -> None:
+        if args[:2] == (socket.IPPROTO_TCP, CORK):
+            self.events.append(("cork", args[2]))
+        super().setsockopt(*args)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        sent = super().send(data, flags)
+        self.events.append(("send", sent))
+        return sent
+
+    def corked(self) -> int:
+        return self.getsockopt(socket.IPPROTO_TCP, CORK)
+
+
+@needs_cork
+class CorkTests(SynchronousTestCase):
+    """
+    L{SendfileProducer} corks a TCP socket before the header and uncorks
+    it after the body's last byte, and whenever it stops early or waits for
+    its rate cap: the header and the tail never wait on the cork, and a
+    connection is never left corked.
+    """
+
+    HEAD = b"HEADER\r\n"
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir()
+        self.path = self.dir / "f.bin"
+        self.size = 3 * 1024 * 1024 + 5
+        self.path.write_bytes(pattern(self.size))
+        # Small buffers: the body takes many turns, as over a real network.
+        with socket.socket() as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            self.ours = RecordingSocket()
+            self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+            self.ours.connect(listener.getsockname())
+            self.theirs, _ = listener.accept()
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.theirs.close)
+        self.ours.setblocking(False)
+        self.theirs.setblocking(False)
+        self.transport = SocketTransport(self.ours)
+        self.received: list[bytes] = []
+
+    def progress(self, count: int) -> None:
+        # Each body send, and whether the socket was corked just after it.
+        self.ours.events.append(("body", count))
+        self.ours.events.append(("corked", self.ours.corked()))
+
+    def start(self, pacer: Pacer | None = None) -> tuple[Any, Deferred[int]]:
+        fd = os.open(self.path, os.O_RDONLY)
+        producer = SendfileProducer(fd, 0, self.size, self.clock, pacer, self.progress)
+        result = producer.start(self.transport, self.HEAD)
+        result.addBoth(self.ended)
+        return producer, result
+
+    def ended(self, result: Any) -> Any:
+        closed = self.ours.fileno() == -1
+        self.ours.events.append(("ended", -1 if closed else self.ours.corked()))
+        return result
+
+    def read(self) -> bytes:
+        while True:
+            try:
+                data = self.theirs.recv(1024 * 1024)
+            except BlockingIOError:
+                return b"".join(self.received)
+            if not data:
+                return b"".join(self.received)
+            self.received.append(data)
+
+    def drive(self, turns: int = 1000) -> None:
+        """Play the reactor: read, and write while the producer asks to."""
+        for _ in range(turns):
+            if self.theirs.fileno() != -1:
+                self.read()
+            if not self.transport.writing:
+                return
+            self.transport.doWrite()
+
+    def test_header_and_body_corked_then_uncorked(self) -> None:
+        _, result = self.start()
+        self.drive()
+        self.assertEqual(self.successResultOf(result), self.size)
+        self.assertEqual(self.read(), self.HEAD + self.path.read_bytes())
+        events = self.ours.events
+        # Corked before the header went to the kernel ...
+        self.assertEqual(events[:2], [("cork", 1), ("send", len(self.HEAD))])
+        # ... every body send made corked ...
+        bodies = [i for i, (kind, _) in enumerate(events) if kind == "body"]
+        self.assertGreater(len(bodies), 1)  # the socket filled: several turns
+        self.assertTrue(all(events[i + 1] == ("corked", 1) for i in bodies))
+        # ... and uncorked after the last, before the result fires.
+        self.assertEqual(events[bodies[-1] + 2 :], [("cork", 0), ("ended", 0)])
+
+    def test_one_sendfile_call_a_wake(self) -> None:
+        """A short send means the socket is full: no call just for EAGAIN."""
+        calls: list[str] = []
+        real = os.sendfile
+
+        def counted(*args: Any) -> int:
+            try:
+                count = real(*args)
+            except BlockingIOError:
+                calls.append("EAGAIN")
+                raise
+            calls.append("sent")
+            return count
+
+        self.patch(os, "sendfile", counted)
+        _, result = self.start()
+        self.drive()  # the reader drains the socket before each wake
+        self.assertEqual(self.successResultOf(result), self.size)
+        self.assertGreater(len(calls), 1)
+        self.assertEqual(set(calls), {"sent"})
+
+    def test_client_close_uncorks(self) -> None:
+        _, result = self.start()
+        self.theirs.close()
+        self.drive()
+        failure = self.failureResultOf(result, TransferError)
+        self.assertLess(failure.value.sent, self.size)
+        self.assertEqual(self.ours.events[-2:], [("cork", 0), ("ended", 0)])
+
+    def test_abort_uncorks(self) -> None:
+        """The connection lost (C{stopProducing}) while the body streams."""
+        producer, result = self.start()
+        self.assertEqual(self.ours.corked(), 1)
+        producer.stopProducing()
+        self.failureResultOf(result, TransferError)
+        self.assertEqual(self.ours.events[-2:], [("cork", 0), ("ended", 0)])
+
+    def test_closing_transport_uncorks(self) -> None:
+        """A close asked for meanwhile: the transfer stops, uncorked."""
+        _, result = self.start()
+        self.transport.disconnecting = True
+        self.drive()
+        self.failureResultOf(result, TransferError)
+        self.assertEqual(self.ours.events[-2:], [("cork", 0), ("ended", 0)])
+
+    def test_socket_already_closed(self) -> None:
+        """Uncorking a socket the transport has closed is no error."""
+        producer, result = self.start()
+        self.ours.close()
+        producer.stopProducing()
+        self.failureResultOf(result, TransferError)
+        self.assertEqual(self.ours.events[-2:], [("cork", 0), ("ended", -1)])
+
+    def test_uncorked_while_the_rate_cap_waits(self) -> None:
+        """
+        Capped at 1 MiB/s: each quantum goes corked and is uncorked as the
+        producer waits for the next, so its tail is not held meanwhile.
+        """
+        rate = 1024 * 1024
+        _, result = self.start(Pacer(cap(rate, self.clock)))
+        waits = 0
+        for _ in range(100):
+            self.drive()
+            if self.clock.getDelayedCalls():
+                waits += 1
+                self.assertEqual(self.ours.corked(), 0)
+                self.assertEqual(self.ours.events[-1], ("cork", 0))
+            self.clock.advance(0.25)
+            self.transport.doWrite()  # a wake: as the reactor would after it
+        self.drive()
+        self.assertEqual(self.successResultOf(result), self.size)
+        self.assertEqual(self.read(), self.HEAD + self.path.read_bytes())
+        self.assertGreaterEqual(waits, 3)
+        events = self.ours.events
+        bodies = [i for i, (kind, _) in enumerate(events) if kind == "body"]
+        self.assertTrue(all(events[i + 1] == ("corked", 1) for i in bodies))
+        self.assertEqual(events[-2:], [("cork", 0), ("ended", 0)])
+        self.assertGreaterEqual(events.count(("cork", 1)), 4)
+
+    def test_empty_body_not_corked(self) -> None:
+        """Nothing to stream: the header goes alone, at once."""
+        self.size = 0
+        self.path.write_bytes(b"")
+        _, result = self.start()
+        self.assertEqual(self.successResultOf(result), 0)
+        self.assertEqual(self.read(), self.HEAD)
+        self.assertNotIn(("cork", 1), self.ours.events)
+
+    def test_chunk_producer_never_corks(self) -> None:
+        """The fallback (TLS, use_sendfile off) leaves the socket alone."""
+        transport = StringTransport()
+        transport.socket = self.ours  # type: ignore[attr-defined]
+        fd = os.open(self.path, os.O_RDONLY)
+        producer, result = send_file(
+            transport, fd, 0, self.size, self.clock, use_sendfile=False, head=b"H\n"
+        )
+        self.assertIsInstance(producer, ChunkProducer)
+        for _ in range(20):
+            self.clock.advance(0)
+        self.successResultOf(result)
+        self.assertEqual(transport.value(), b"H\n" + self.path.read_bytes())
+        self.assertEqual(self.ours.events, [])
