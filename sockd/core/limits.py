@@ -700,12 +700,28 @@ class GuardedProtocol(Protocol):
         slot = self._slot
         # Filed too late for the new due only when the timeout became
         # shorter: file it again, or it would outlive the new timeout.
-        if (
-            slot is not None
-            and slot - now - factory.idle_timeout >= factory.idle_granularity
-        ):
+        if slot is not None and slot - now >= factory.refile_after:
             factory.idle_wheel.remove(self)
             factory.idle_wheel.add(self)
+
+    def received(self) -> bool:
+        """
+        Data arrived: whether to handle it (L{permitted}), and if so restart
+        the idle timer (L{touch}).  The two at the cost of one call, for
+        services that read small requests.
+        """
+        factory = self.factory
+        if (factory.access is not self._access or self.closing) and (
+            not self.permitted()
+        ):
+            return False
+        # touch(), inline: this runs on every read.
+        self._seen = now = factory.clock.seconds()
+        slot = self._slot
+        if slot is not None and slot - now >= factory.refile_after:
+            factory.idle_wheel.remove(self)
+            factory.idle_wheel.add(self)
+        return True
 
     def permitted(self) -> bool:
         """
@@ -1005,8 +1021,10 @@ class GuardedFactory(ServerFactory):
     def _set_idle(self) -> None:
         share = self.pressure_idle_share if self.pressed else 1.0
         self.idle_timeout = self.idle_setting * share
-        # Kept next to the timeout: touch() reads it on every read.
         self.idle_granularity = idle_granularity(self.idle_timeout)
+        # touch() reads it on every read: a connection filed at least this
+        # far after its data is filed too late for the timeout now.
+        self.refile_after = self.idle_timeout + self.idle_granularity
 
     def check_pressure(self) -> None:
         """

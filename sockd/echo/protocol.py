@@ -185,12 +185,11 @@ class LineEcho(GuardedProtocol):
     _telnet: TelnetFilter | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        if not self.permitted():
+        if not self.received():
             return
-        self.touch()
         self.bytes_in += len(data)
         factory = self.factory
-        if b"\xff" in data or self._telnet is not None:
+        if self._telnet is not None or b"\xff" in data:
             if self._telnet is None:
                 self._telnet = TelnetFilter()
             data, replies = self._telnet.feed(data)
@@ -201,25 +200,25 @@ class LineEcho(GuardedProtocol):
             data = self._buffer + data
         end = data.rfind(b"\n") + 1
         if end:
-            block = data[:end]
-            self._buffer = data[end:]
+            self._buffer = rest = data[end:]
             limit = factory.max_line_length
             # Only a block longer than the limit can hold a line that is.
-            if len(block) > limit and self._tooLong(block, limit):
+            if end > limit and self._tooLong(data[:end], limit):
                 return
-            answer = factory.transform_lines(block)
+            answer = factory.transform_lines(data[:end])
             self.bytes_out += len(answer)
             # Sent at once when nothing is queued (see sockd.core.eager).
             eager_write(self.transport, answer)
-            if self._buffer:
-                self.restartDeadline()
-            else:
-                self.stopDeadline()
+            if not rest:
+                if self._deadline is not None:
+                    self.stopDeadline()
+                return
+            self.restartDeadline()
         else:
-            self._buffer = data
+            self._buffer = rest = data
             self.startDeadline()
         # A trailing CR may be the first half of a CRLF, which does not count.
-        if len(self._buffer) - self._buffer.endswith(b"\r") > factory.max_line_length:
+        if len(rest) - rest.endswith(b"\r") > factory.max_line_length:
             self._refuseLine()
 
     def _tooLong(self, block: bytes, limit: int) -> bool:
@@ -264,9 +263,8 @@ class RawEcho(GuardedProtocol):
     factory: EchoFactory
 
     def dataReceived(self, data: bytes) -> None:
-        if not self.permitted():
+        if not self.received():
             return
-        self.touch()
         self.bytes_in += len(data)
         eager_write(self.transport, self.factory.transform_bytes(data))
 
