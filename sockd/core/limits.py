@@ -364,10 +364,14 @@ class TokenBucket:
 
     def take(self, cost: float = 1.0) -> bool:
         """Charge C{cost} if that many tokens are there; say whether it was."""
-        tokens = self.available()
+        # available(), inline: UDP services take a token per datagram.
+        now = self.clock.seconds()
+        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
         if tokens >= cost:
             self.tokens = tokens - cost
             return True
+        self.tokens = tokens
         return False
 
     def available(self) -> float:

@@ -77,6 +77,8 @@ def upper_line(data: bytes) -> bytes:
 def upper_within(data: bytes) -> bytes:
     """L{upper_line}, but never longer than C{data}: characters whose upper
     case would grow are left as they are."""
+    if data.isascii():
+        return data.upper()  # the usual datagram: no call to upper_line
     result = upper_line(data)
     if len(result) <= len(data):
         return result
@@ -322,6 +324,8 @@ class DatagramEcho(DatagramProtocol):
     #: who is answered; set at start and on each reload (before anything
     #: else: a datagram refused gets no reply, state or budget)
     access = AccessList()
+    #: whether C{access} has rules (an empty list admits every source)
+    screened = False
 
     def __init__(
         self,
@@ -358,6 +362,7 @@ class DatagramEcho(DatagramProtocol):
     def set_access(self, access: AccessList, trusted_proxies: AccessList) -> None:
         """Answer only the sources C{access} permits (no PROXY over UDP)."""
         self.access = access
+        self.screened = bool(access)
 
     def reconfigure(self, config: Config) -> None:
         """A reload: new rates, ports, loop budget and transform at once."""
@@ -391,7 +396,7 @@ class DatagramEcho(DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         host, port = addr[0], addr[1]
-        if not self.access.permits(host):
+        if self.screened and not self.access.permits(host):
             self.dropped["acl"] += 1
             return
         if port in self.blocked_ports:
@@ -402,7 +407,8 @@ class DatagramEcho(DatagramProtocol):
             # it is known to be whole-or-truncated: drop, never answer a part.
             self.dropped["oversized"] += 1
             return
-        if not self.loops.allow(addr):
+        loops = self.loops
+        if loops.budget and not loops.allow(addr):
             self.dropped["loop_budget"] += 1
             return
         if not self.limiter.allow(peer_key(host)):
