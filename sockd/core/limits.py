@@ -618,25 +618,43 @@ class GuardedProtocol(Protocol):
     default, closes once every answer is written.
     """
 
+    # Slots for what every connection sets: thousands of idle connections
+    # each carry them.  What only some connections set (a deadline, a close,
+    # a request count) stays a class default, so that it costs memory (an
+    # instance dict) only on the connections that set it.
+    __slots__ = (
+        "_access",
+        "_host",
+        "_key",
+        "_opened",
+        "_seen",
+        "_slot",
+        "bytes_in",
+        "bytes_out",
+        "connected",
+        "factory",
+        "transport",
+    )
+
     factory: GuardedFactory
     #: when data last arrived, and the time of the L{IdleWheel} bucket the
     #: connection is filed in (None: not filed)
-    _seen = 0.0
-    _slot: float | None = None
+    _seen: float
+    _slot: float | None
     _deadline: IDelayedCall | None = None
     _abort: IDelayedCall | None = None
     _handshake: IDelayedCall | None = None
-    _key: str | None = None
+    _key: str | None
     #: its client's address, and the access list it was last admitted by
-    _host = ""
-    _access: AccessList | None = None
+    _host: str
+    _access: AccessList | None
     #: its slot was given back early, to make room (L{GuardedFactory})
     _evicted = False
     #: the timer that ran out, for the end line's outcome
     _expired: str | None = None
-    _opened = 0.0
-    bytes_in = 0
-    bytes_out = 0
+    _opened: float
+    bytes_in: int
+    bytes_out: int
     requests = 0
     request = ""
     _lingering = False
@@ -646,6 +664,15 @@ class GuardedProtocol(Protocol):
     #: unacknowledged waits for the client's, possibly delayed, ACK); bulk
     #: senders are faster without it
     nodelay = True
+
+    def __init__(self) -> None:
+        self.connected = 0
+        self.transport = None
+        self._seen = self._opened = 0.0
+        self._slot = None
+        self._key = self._access = None
+        self._host = ""
+        self.bytes_in = self.bytes_out = 0
 
     def connectionMade(self) -> None:
         transport = self.transport

@@ -182,9 +182,15 @@ class TelnetFilter:
 class LineEcho(GuardedProtocol):
     """Answers each line, transformed, with the client's own line ending."""
 
+    __slots__ = ("_buffer", "_telnet")
+
     factory: EchoFactory
-    _buffer = b""
-    _telnet: TelnetFilter | None = None
+    _telnet: TelnetFilter | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffer = b""
+        self._telnet = None
 
     def dataReceived(self, data: bytes) -> None:
         if not self.received():
@@ -261,6 +267,8 @@ class LineEcho(GuardedProtocol):
 
 class RawEcho(GuardedProtocol):
     """RFC 862: every chunk back as it arrives, transformed byte-wise."""
+
+    __slots__ = ()
 
     factory: EchoFactory
 
