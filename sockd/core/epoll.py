@@ -27,10 +27,12 @@ that forgot would lose the speed above without a word.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.python import log as legacy_log
 
 from sockd.core._twisted import epoll_parts, fast_paths
 
@@ -56,7 +58,7 @@ def lean_dispatch(reactor: Any) -> bool:
 
     if type(reactor) is not EPollReactor or reactor in _switched:
         return False
-    poller, selectables, handle = epoll_parts(reactor)
+    poller, selectables, handle, disconnect, readable = epoll_parts(reactor)
 
     def doIteration(timeout: float | None) -> None:
         try:
@@ -72,7 +74,18 @@ def lean_dispatch(reactor: Any) -> bool:
             if selectable is None:
                 continue
             try:
-                handle(selectable, fd, event)
+                if event != readable or selectable.fileno() == -1:
+                    handle(selectable, fd, event)
+                    continue
+                # Readable, nothing else: the reactor's handling of it,
+                # without the call and the tests for the other events.
+                try:
+                    why = selectable.doRead()
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    legacy_log.err()
+                if why:
+                    disconnect(selectable, why, True)
             except Exception:
                 log.failure(
                     "sockd: handling an event on {selectable!r} failed",
