@@ -102,6 +102,9 @@ class Sender(Protocol):
 
     def send(self, data: bytes, addr: Address) -> None: ...
 
+    def send_many(self, data: bytes, addrs: list[Address]) -> None:
+        """C{send} to each of C{addrs} in turn (a fan-out, in one call)."""
+
 
 class Backend:
     """
@@ -829,9 +832,16 @@ class ChatState:
             self.dropped[refused] += count
             return refused
         self.stats["relayed"] += count
-        for other in room.members.values():
-            if other is not sender:
-                other.out.send(data, other.addr)
+        members = room.members.values()
+        # Usually every member came in through the same port: one call for
+        # all of them.  Members of other ports (several listen_udp) follow.
+        out = sender.out if sender is not None else next(iter(members)).out
+        addrs = [m.addr for m in members if m.out is out and m is not sender]
+        out.send_many(data, addrs)
+        if len(addrs) < count:
+            for other in members:
+                if other.out is not out and other is not sender:
+                    other.out.send(data, other.addr)
         return None
 
     def _say(self, member: Member, text: str) -> None:
