@@ -17,6 +17,10 @@ start-up; if they differ, the reactor keeps Twisted's C{doIteration}).  The
 only loss is that prefix on legacy log lines written while an event is
 handled; sockd's own log events carry their fields.  As before, a handler
 that raises is logged and every other ready descriptor is still served.
+The most common event, "readable" and nothing else, skips the handler too:
+the descriptor's C{doRead} is called here, and what it returns or raises is
+logged and disconnected through the reactor's own C{_disconnectSelectable},
+exactly as the handler would.
 
 This patches the one reactor instance rather than installing an
 C{EPollReactor} subclass: which reactor runs is twistd's choice (its default,
