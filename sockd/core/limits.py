@@ -611,7 +611,8 @@ class GuardedProtocol(Protocol):
     progress, a deadline for the TLS handshake (over C{ssl:}), backpressure,
     and a close that really closes.
 
-    Subclasses call L{touch} when data arrives, L{startDeadline} and
+    Subclasses call L{touch} when data arrives (or L{received}, which also
+    checks the access list), L{startDeadline} and
     L{stopDeadline} around a partial request, and L{close} to finish.
     They add what they read to C{bytes_in} and what they write to
     C{bytes_out} (an integer add, no more, on the hot path), and may count
