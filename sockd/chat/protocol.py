@@ -183,10 +183,26 @@ class ChatProtocol(DatagramProtocol):
             else:
                 self.transport.write(data, addr)  # type: ignore[union-attr]
         except (OSError, MessageLengthError) as e:
-            # ENOBUFS, EAGAIN, EHOSTUNREACH...: count it, serve the others.
-            self.send_errors += 1
-            log.debug(
-                "chat: sendto {peer} failed: {error}",
-                peer=escape(str(addr)),
-                error=str(e),
-            )
+            self._failed(addr, e)
+
+    def send_many(self, data: bytes, addrs: list[PeerAddress]) -> None:
+        """L{send} to each of C{addrs}, without a call per datagram."""
+        sendto = self._sendto
+        if sendto is None:
+            for addr in addrs:
+                self.send(data, addr)
+            return
+        for addr in addrs:
+            try:
+                sendto(data, addr)
+            except OSError as e:
+                self._failed(addr, e)
+
+    def _failed(self, addr: PeerAddress, error: Exception) -> None:
+        # ENOBUFS, EAGAIN, EHOSTUNREACH...: count it, serve the others.
+        self.send_errors += 1
+        log.debug(
+            "chat: sendto {peer} failed: {error}",
+            peer=escape(str(addr)),
+            error=str(error),
+        )

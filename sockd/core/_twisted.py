@@ -17,12 +17,14 @@ Other modules reach Twisted's internals only through these accessors.
 from __future__ import annotations
 
 import os
+import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from twisted.internet import tcp, udp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.systemd import ListenFDs
@@ -113,6 +115,11 @@ class EpollParts(NamedTuple):
     #: C{(selectable, fd, event)}: the reactor's handling of one event
     #: (C{_doReadOrWrite}), without C{callWithLogger} around it
     dispatch: Any
+    #: C{(selectable, why, isRead)}: what C{_doReadOrWrite} does with a
+    #: C{doRead} that returned or raised C{why} (C{_disconnectSelectable})
+    disconnect: Any
+    #: the event mask of "readable" alone (C{_POLL_IN})
+    readable: int
 
 
 def epoll_parts(reactor: Any) -> EpollParts:
@@ -120,7 +127,13 @@ def epoll_parts(reactor: Any) -> EpollParts:
     The internals of an C{EPollReactor} its C{doPoll} uses.  Checked on
     Twisted L{CHECKED_ON}.
     """
-    return EpollParts(reactor._poller, reactor._selectables, reactor._doReadOrWrite)
+    return EpollParts(
+        reactor._poller,
+        reactor._selectables,
+        reactor._doReadOrWrite,
+        reactor._disconnectSelectable,
+        reactor._POLL_IN,
+    )
 
 
 def systemd_record() -> ListenFDs:
@@ -282,6 +295,7 @@ class _Readable:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.reads = 0
+        self.lost = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -294,7 +308,7 @@ class _Readable:
         self.reads += 1
 
     def connectionLost(self, reason: object) -> None:
-        pass
+        self.lost = True
 
 
 def _check_epoll() -> str | None:
@@ -314,7 +328,11 @@ def _check_epoll() -> str | None:
                 parts.dispatch(readable, fd, event)
         if readable.reads != 1:
             return f"a readable socket was read {readable.reads} times, not once"
-        reactor.removeReader(readable)
+        if parts.readable != select.EPOLLIN:
+            return f"the read event is {parts.readable}, not EPOLLIN"
+        parts.disconnect(readable, ConnectionDone(), True)
+        if not readable.lost:
+            return "a disconnected selectable was not told its connection is lost"
         if ours.fileno() in parts.selectables:
             return "an unwatched descriptor is still among the selectables"
         return None

@@ -17,6 +17,10 @@ start-up; if they differ, the reactor keeps Twisted's C{doIteration}).  The
 only loss is that prefix on legacy log lines written while an event is
 handled; sockd's own log events carry their fields.  As before, a handler
 that raises is logged and every other ready descriptor is still served.
+The most common event, "readable" and nothing else, skips the handler too:
+the descriptor's C{doRead} is called here, and what it returns or raises is
+logged and disconnected through the reactor's own C{_disconnectSelectable},
+exactly as the handler would.
 
 This patches the one reactor instance rather than installing an
 C{EPollReactor} subclass: which reactor runs is twistd's choice (its default,
@@ -27,10 +31,12 @@ that forgot would lose the speed above without a word.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.python import log as legacy_log
 
 from sockd.core._twisted import epoll_parts, fast_paths
 
@@ -56,7 +62,7 @@ def lean_dispatch(reactor: object) -> bool:
 
     if type(reactor) is not EPollReactor or reactor in _switched:
         return False
-    poller, selectables, handle = epoll_parts(reactor)
+    poller, selectables, handle, disconnect, readable = epoll_parts(reactor)
 
     def doIteration(timeout: float | None) -> None:
         try:
@@ -72,7 +78,18 @@ def lean_dispatch(reactor: object) -> bool:
             if selectable is None:
                 continue
             try:
-                handle(selectable, fd, event)
+                if event != readable or selectable.fileno() == -1:
+                    handle(selectable, fd, event)
+                    continue
+                # Readable, nothing else: the reactor's handling of it,
+                # without the call and the tests for the other events.
+                try:
+                    why = selectable.doRead()
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    legacy_log.err()
+                if why:
+                    disconnect(selectable, why, True)
             except Exception:
                 log.failure(
                     "sockd: handling an event on {selectable!r} failed",

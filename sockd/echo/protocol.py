@@ -77,6 +77,8 @@ def upper_line(data: bytes) -> bytes:
 def upper_within(data: bytes) -> bytes:
     """L{upper_line}, but never longer than C{data}: characters whose upper
     case would grow are left as they are."""
+    if data.isascii():
+        return data.upper()  # the usual datagram: no call to upper_line
     result = upper_line(data)
     if len(result) <= len(data):
         return result
@@ -180,17 +182,22 @@ class TelnetFilter:
 class LineEcho(GuardedProtocol):
     """Answers each line, transformed, with the client's own line ending."""
 
+    __slots__ = ("_buffer", "_telnet")
+
     factory: EchoFactory
-    _buffer = b""
-    _telnet: TelnetFilter | None = None
+    _telnet: TelnetFilter | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffer = b""
+        self._telnet = None
 
     def dataReceived(self, data: bytes) -> None:
-        if not self.permitted():
+        if not self.received():
             return
-        self.touch()
         self.bytes_in += len(data)
         factory = self.factory
-        if b"\xff" in data or self._telnet is not None:
+        if self._telnet is not None or b"\xff" in data:
             if self._telnet is None:
                 self._telnet = TelnetFilter()
             data, replies = self._telnet.feed(data)
@@ -201,25 +208,25 @@ class LineEcho(GuardedProtocol):
             data = self._buffer + data
         end = data.rfind(b"\n") + 1
         if end:
-            block = data[:end]
-            self._buffer = data[end:]
+            self._buffer = rest = data[end:]
             limit = factory.max_line_length
             # Only a block longer than the limit can hold a line that is.
-            if len(block) > limit and self._tooLong(block, limit):
+            if end > limit and self._tooLong(data[:end], limit):
                 return
-            answer = factory.transform_lines(block)
+            answer = factory.transform_lines(data[:end])
             self.bytes_out += len(answer)
             # Sent at once when nothing is queued (see sockd.core.eager).
             eager_write(self.transport, answer)
-            if self._buffer:
-                self.restartDeadline()
-            else:
-                self.stopDeadline()
+            if not rest:
+                if self._deadline is not None:
+                    self.stopDeadline()
+                return
+            self.restartDeadline()
         else:
-            self._buffer = data
+            self._buffer = rest = data
             self.startDeadline()
         # A trailing CR may be the first half of a CRLF, which does not count.
-        if len(self._buffer) - self._buffer.endswith(b"\r") > factory.max_line_length:
+        if len(rest) - rest.endswith(b"\r") > factory.max_line_length:
             self._refuseLine()
 
     def _tooLong(self, block: bytes, limit: int) -> bool:
@@ -261,12 +268,13 @@ class LineEcho(GuardedProtocol):
 class RawEcho(GuardedProtocol):
     """RFC 862: every chunk back as it arrives, transformed byte-wise."""
 
+    __slots__ = ()
+
     factory: EchoFactory
 
     def dataReceived(self, data: bytes) -> None:
-        if not self.permitted():
+        if not self.received():
             return
-        self.touch()
         self.bytes_in += len(data)
         eager_write(self.transport, self.factory.transform_bytes(data))
 
@@ -324,6 +332,8 @@ class DatagramEcho(DatagramProtocol):
     #: who is answered; set at start and on each reload (before anything
     #: else: a datagram refused gets no reply, state or budget)
     access = AccessList()
+    #: whether C{access} has rules (an empty list admits every source)
+    screened = False
 
     def __init__(
         self,
@@ -360,6 +370,7 @@ class DatagramEcho(DatagramProtocol):
     def set_access(self, access: AccessList, trusted_proxies: AccessList) -> None:
         """Answer only the sources C{access} permits (no PROXY over UDP)."""
         self.access = access
+        self.screened = bool(access)
 
     def reconfigure(self, config: Config) -> None:
         """A reload: new rates, ports, loop budget and transform at once."""
@@ -393,7 +404,7 @@ class DatagramEcho(DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: PeerAddress) -> None:
         host, port = addr[0], addr[1]
-        if not self.access.permits(host):
+        if self.screened and not self.access.permits(host):
             self.dropped["acl"] += 1
             return
         if port in self.blocked_ports:
@@ -404,7 +415,8 @@ class DatagramEcho(DatagramProtocol):
             # it is known to be whole-or-truncated: drop, never answer a part.
             self.dropped["oversized"] += 1
             return
-        if not self.loops.allow(addr):
+        loops = self.loops
+        if loops.budget and not loops.allow(addr):
             self.dropped["loop_budget"] += 1
             return
         if not self.limiter.allow(peer_key(host)):

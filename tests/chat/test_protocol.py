@@ -156,10 +156,13 @@ class DatagramTests(SynchronousTestCase):
         self.assertEqual(len(Socket.options), 2)
         protocol.datagramReceived(b"/nick ann\n", A)
         protocol.datagramReceived(b"/nick bob\n", B)
+        C = ("127.0.0.1", 40003)
+        protocol.datagramReceived(b"/nick cy\n", C)
         protocol.datagramReceived(b"hi\n", A)
         protocol.datagramReceived(b"/who\n", B)
         self.assertEqual(transport.written, [])  # all through the socket
         self.assertIn((b"*** guest-2 is now known as bob\n", A), sent)
+        self.assertIn((b"<ann> hi\n", C), sent)  # after bob's failed send
         self.assertFalse([d for d, a in sent if a == B])
         self.assertGreaterEqual(protocol.send_errors, 4)
         protocol.stopProtocol()

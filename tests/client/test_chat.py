@@ -49,6 +49,10 @@ class Wire:
         else:
             self.others.append((data, addr))
 
+    def send_many(self, data: bytes, addrs: list[Any]) -> None:
+        for addr in addrs:
+            self.send(data, addr)
+
     # the client's send
     def to_server(self, data: bytes) -> None:
         self.from_client.append(data)

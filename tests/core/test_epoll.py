@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import select
 import socket
 from typing import Any
 
 import pytest
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -31,11 +33,11 @@ class Reader:
     def logPrefix(self) -> str:
         return self.name
 
-    def doRead(self) -> None:
+    def doRead(self) -> Any:
         self.sock.recv(100)
         self.seen.append(self.name)
-        if self.then is not None:
-            self.then()
+        # What then() returns is what the reactor is told (a reason to close).
+        return self.then() if self.then is not None else None
 
     def connectionLost(self, reason: object) -> None:
         self.seen.append(f"{self.name} lost")
@@ -75,24 +77,50 @@ class LeanDispatchTests(SynchronousTestCase):
         self.assertEqual(self.seen, [])
 
     def test_a_failing_handler_does_not_stop_the_others(self) -> None:
-        original = self.reactor._doReadOrWrite
+        original = self.reactor._disconnectSelectable
 
-        def handle(selectable: Any, fd: int, event: int) -> None:
+        def disconnect(selectable: Any, why: object, isRead: bool) -> None:
             if selectable.name == "bad":
                 raise RuntimeError("boom")
-            original(selectable, fd, event)
+            original(selectable, why, isRead)
 
-        self.reactor._doReadOrWrite = handle
+        self.reactor._disconnectSelectable = disconnect
         lean_dispatch(self.reactor)
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        self.reader("bad")
-        self.reader("good")
+        self.reader("bad").then = ConnectionDone
+        self.reader("good").then = ConnectionDone
         self.reactor.doIteration(1)
-        self.assertEqual(self.seen, ["good"])
+        self.assertEqual(sorted(self.seen), ["bad", "good", "good lost"])
         (failed,) = [e for e in events if "log_failure" in e]
         self.assertIn("handling an event on", formatEvent(failed))
         self.assertEqual(failed["log_failure"].getErrorMessage(), "boom")
         self.flushLoggedErrors(RuntimeError)
+
+    def test_other_events_go_through_the_reactor(self) -> None:
+        # Plain reads are handled directly; a hang-up, an error or a write
+        # by the reactor's own _doReadOrWrite.
+        handled: list[int] = []
+        original = self.reactor._doReadOrWrite
+
+        def handle(selectable: Any, fd: int, event: int) -> None:
+            handled.append(event)
+            original(selectable, fd, event)
+
+        self.reactor._doReadOrWrite = handle
+        lean_dispatch(self.reactor)
+        self.reader("plain")
+        self.reactor.doIteration(1)
+        self.assertEqual((self.seen, handled), (["plain"], []))
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        hung = Reader(ours, self.seen, "hung")
+        self.reactor.addReader(hung)
+        self.addCleanup(self.reactor.removeReader, hung)
+        theirs.close()
+        self.reactor.doIteration(1)
+        (event,) = handled
+        self.assertTrue(event & select.EPOLLHUP)
+        self.assertEqual(self.seen, ["plain", "hung"])
 
     def test_a_descriptor_removed_by_an_earlier_handler_is_skipped(self) -> None:
         lean_dispatch(self.reactor)

@@ -301,6 +301,13 @@ class Touchy(GuardedProtocol):
         self.touch()
 
 
+class Receiving(GuardedProtocol):
+    """Any data counts as activity, through received() as echo does."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received()
+
+
 class Warner(Touchy):
     """Says so instead of closing when a timer runs out."""
 
@@ -423,6 +430,21 @@ class IdleWheelTests(SynchronousTestCase):
         factory.set_limits(limits_for(10), 1000, 1000)
         clock.advance(100)
         self.assertTrue(transport.connected)  # nothing sent since: still 300 s
+        proto.dataReceived(b"x")
+        clock.advance(9.99)
+        self.assertTrue(transport.connected)
+        clock.advance(1.01)
+        self.assertFalse(transport.connected)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_reload_applies_at_next_received(self) -> None:
+        # received() restarts the idle timer exactly as touch() does.
+        clock = Clock()
+        factory = guarded(clock, 300, Receiving)
+        proto, transport = connect(factory)
+        factory.set_limits(limits_for(10), 1000, 1000)
+        clock.advance(100)
+        self.assertTrue(transport.connected)
         proto.dataReceived(b"x")
         clock.advance(9.99)
         self.assertTrue(transport.connected)

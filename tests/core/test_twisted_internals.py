@@ -6,6 +6,7 @@ stock paths taken when Twisted changed.
 from __future__ import annotations
 
 import os
+import select
 import socket
 from typing import Any
 
@@ -98,6 +99,8 @@ class AccessorTests(SynchronousTestCase):
         self.addCleanup(parts.poller.close)
         self.assertEqual(parts.selectables, {reactor.waker.fileno(): reactor.waker})
         self.assertTrue(callable(parts.dispatch))
+        self.assertTrue(callable(parts.disconnect))
+        self.assertEqual(parts.readable, select.EPOLLIN)
 
     def test_systemd_record_is_twisteds(self) -> None:
         record = ListenFDs([5, 6], ("web", "admin"))
@@ -180,6 +183,15 @@ class ChangedTwistedTests(SynchronousTestCase):
         self.patch(posixbase._PollLikeMixin, "_doReadOrWrite", lambda *args: None)
         self.assertFalse(fast_paths().epoll_dispatch)
         self.assertIn("was read 0 times, not once", self.warning())
+
+    def test_epoll_disconnect_behaves_differently(self) -> None:
+        self.patch(
+            posixbase._DisconnectSelectableMixin,
+            "_disconnectSelectable",
+            lambda *args: None,
+        )
+        self.assertFalse(fast_paths().epoll_dispatch)
+        self.assertIn("was not told its connection is lost", self.warning())
 
     def test_systemd_record_of_another_type(self) -> None:
         self.patch(endpoints._SystemdParser, "_sddaemon", Quacks())

@@ -71,6 +71,11 @@ class LineEchoTests(SynchronousTestCase):
         self.proto.dataReceived(b"hello\n")
         self.assertEqual(self.transport.value(), b"HELLO\n")
 
+    def test_answered_connection_holds_no_attribute_dict(self) -> None:
+        # Its state is in slots: an idle connection carries no dict.
+        self.proto.dataReceived(b"hello\n")
+        self.assertEqual(vars(self.proto), {})
+
     def test_crlf_line_keeps_crlf(self) -> None:
         self.proto.dataReceived(b"hello\r\nworld\n")
         self.assertEqual(self.transport.value(), b"HELLO\r\nWORLD\n")
@@ -645,6 +650,10 @@ class DatagramAccessTests(SynchronousTestCase):
         self.assertEqual(proto.loops.peers, {})
         proto.datagramReceived(b"x", ("127.0.0.2", 5000))
         self.assertEqual(transport.written, [(b"X", ("127.0.0.2", 5000))])
+        # A reload to an empty list answers everyone again.
+        proto.set_access(AccessList(), AccessList())
+        proto.datagramReceived(b"y", ("127.0.0.3", 5000))
+        self.assertEqual(transport.written[-1], (b"Y", ("127.0.0.3", 5000)))
         self.assertIn(
             (
                 "datagrams_dropped_total",
