@@ -40,7 +40,14 @@ from sockd.core.logs import escape
 from sockd.files import codec
 from sockd.files.paths import Opened, PathError
 from sockd.files.sendfile import TransferError, send_file
-from sockd.files.state import Entry, FileState, Peer, Upload, write_code
+from sockd.files.state import (
+    Entry,
+    FileState,
+    Peer,
+    Upload,
+    store_failure,
+    write_code,
+)
 
 __all__ = [
     "UNSATISFIABLE",
@@ -599,15 +606,7 @@ class FileRequest(http.Request):
 
         def failed(failure: Failure) -> None:
             upload.abort()
-            error = failure.value
-            if isinstance(error, OSError):
-                code = write_code(error)
-                reason = (
-                    "file exists" if code == 409 else f"cannot store: {error.strerror}"
-                )
-            else:
-                log.failure("file: storing an HTTP upload failed", failure)
-                code, reason = 500, "internal error"
+            code, reason = store_failure(failure)
             if not self._disconnected:
                 self.fail(code, reason, close=True)
 

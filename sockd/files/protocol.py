@@ -36,7 +36,14 @@ from sockd.files.http import FileChannel
 from sockd.files.http import refusal as http_refusal
 from sockd.files.paths import Opened, PathError
 from sockd.files.sendfile import SendfileProducer, TransferError, release, send_file
-from sockd.files.state import Entry, FileState, Peer, Upload, write_code
+from sockd.files.state import (
+    Entry,
+    FileState,
+    Peer,
+    Upload,
+    store_failure,
+    write_code,
+)
 
 __all__ = ["REQUESTS_PER_TURN", "FileFactory", "FileProtocol", "ListSender"]
 
@@ -630,15 +637,7 @@ class FileProtocol(GuardedProtocol):
 
         def failed(failure: Failure) -> None:
             upload.abort()
-            error = failure.value
-            if isinstance(error, OSError):
-                code = write_code(error)
-                reason = (
-                    "file exists" if code == 409 else f"cannot store: {error.strerror}"
-                )
-            else:
-                log.failure("file: storing an upload failed", failure)
-                code, reason = 500, "internal error"
+            code, reason = store_failure(failure)
             self._error(code, reason, b"PUT", upload.name.encode(), close=True)
 
         work.addCallbacks(done, failed)

@@ -48,6 +48,7 @@ __all__ = [
     "Peer",
     "Upload",
     "open_root",
+    "store_failure",
     "sweep_uploads",
     "upload_refusal",
     "write_code",
@@ -915,6 +916,19 @@ class _Hasher:
             self.call.cancel()
             self.call = None
             self.opened.close()
+
+
+def store_failure(failure: Failure) -> tuple[int, str]:
+    """
+    The code and reason for an upload whose storing failed: a write error
+    the client can act on, else 500 (and the traceback is logged).
+    """
+    error = failure.value
+    if isinstance(error, OSError):
+        code = write_code(error)
+        return code, "file exists" if code == 409 else f"cannot store: {error.strerror}"
+    log.failure("file: storing an upload failed", failure)
+    return 500, "internal error"
 
 
 def write_code(error: OSError) -> int:
