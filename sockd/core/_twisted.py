@@ -113,14 +113,22 @@ class EpollParts(NamedTuple):
     #: C{(selectable, fd, event)}: the reactor's handling of one event
     #: (C{_doReadOrWrite}), without C{callWithLogger} around it
     dispatch: Any
+    #: descriptors registered for writability (C{_writes}), a subset of
+    #: C{selectables}' keys
+    writers: set[int]
 
 
 def epoll_parts(reactor: Any) -> EpollParts:
     """
-    The internals of an C{EPollReactor} its C{doPoll} uses.  Checked on
-    Twisted L{CHECKED_ON}.
+    The internals of an C{EPollReactor} its C{doPoll} and C{removeWriter}
+    use.  Checked on Twisted L{CHECKED_ON}.
     """
-    return EpollParts(reactor._poller, reactor._selectables, reactor._doReadOrWrite)
+    return EpollParts(
+        reactor._poller,
+        reactor._selectables,
+        reactor._doReadOrWrite,
+        reactor._writes,
+    )
 
 
 def systemd_record() -> ListenFDs:
@@ -277,11 +285,12 @@ def _epoll_available() -> bool:
 
 
 class _Readable:
-    """A socket an epoll reactor watches; counts its reads."""
+    """A socket an epoll reactor watches; counts its reads and writes."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.reads = 0
+        self.writes = 0
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -292,6 +301,9 @@ class _Readable:
     def doRead(self) -> None:
         self.sock.recv(16)
         self.reads += 1
+
+    def doWrite(self) -> None:
+        self.writes += 1
 
     def connectionLost(self, reason: object) -> None:
         pass
@@ -304,19 +316,36 @@ def _check_epoll() -> str | None:
     ours, theirs = socket.socketpair()
     try:
         parts = epoll_parts(reactor)
+        mine = ours.fileno()
         readable = _Readable(ours)
         reactor.addReader(readable)
-        if parts.selectables.get(ours.fileno()) is not readable:
+        if parts.selectables.get(mine) is not readable:
             return "a watched descriptor is not among the selectables"
         theirs.send(b"x")
-        for fd, event in parts.poller.poll(1.0, max(1, len(parts.selectables))):
-            if fd == ours.fileno():
-                parts.dispatch(readable, fd, event)
+        for ready, event in parts.poller.poll(1.0, max(1, len(parts.selectables))):
+            if ready == mine:
+                parts.dispatch(readable, ready, event)
         if readable.reads != 1:
             return f"a readable socket was read {readable.reads} times, not once"
+        # Write interest, which coalescing writer removals reads.
+        reactor.addWriter(readable)
+        if mine not in parts.writers or parts.selectables.get(mine) is not readable:
+            return "a writer is not among the writers"
+        reactor.removeWriter(readable)
+        if mine in parts.writers or parts.selectables.get(mine) is not readable:
+            return "a removed writer that still reads is not just a reader"
         reactor.removeReader(readable)
-        if ours.fileno() in parts.selectables:
+        if mine in parts.selectables:
             return "an unwatched descriptor is still among the selectables"
+        reactor.addWriter(readable)
+        for ready, event in parts.poller.poll(1.0, max(1, len(parts.selectables))):
+            if ready == mine:
+                parts.dispatch(readable, ready, event)
+        if readable.writes != 1:
+            return f"a writable socket was written {readable.writes} times, not once"
+        reactor.removeWriter(readable)
+        if mine in parts.writers or mine in parts.selectables:
+            return "a removed writer is still watched"
         return None
     finally:
         ours.close()
