@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from sockd.core._twisted import epoll_parts
 from sockd.core.epoll import lean_dispatch
-from sockd.files.sendfile import SendfileProducer
+from sockd.files.sendfile import ChunkProducer, SendfileProducer
 
 epollreactor = pytest.importorskip("twisted.internet.epollreactor")
 
@@ -399,3 +399,33 @@ class WriterCoalescingTests(SynchronousTestCase):
         self.assertGreater(writes, 10)
         # Only the end of the transfer: write interest dropped once.
         self.assertEqual(self.poller.calls, [("del", conn.fileno())])
+
+    def test_chunk_producer_turns_make_no_epoll_ctl(self) -> None:
+        # The fallback writes a chunk per turn from a timer: the removal its
+        # drained write asked for is cancelled by the next chunk's write.
+        size = 4 * 1024 * 1024
+        path = self.mktemp()
+        data = os.urandom(size)
+        with open(path, "wb") as f:
+            f.write(data)
+        conn, theirs = self.conn(reading=False, writing=False)
+        received = bytearray()
+        sink = Reader(theirs, [], "sink")
+        sink.doRead = lambda: received.extend(theirs.recv(1 << 20))  # type: ignore[method-assign]
+        self.reactor.addReader(sink)
+        self.addCleanup(self.reactor.removeReader, sink)
+        producer = ChunkProducer(os.open(path, os.O_RDONLY), 0, size, self.reactor)
+        done = producer.start(conn)
+        self.poller.calls.clear()
+        for _ in range(20000):
+            if len(received) >= size:
+                break
+            self.reactor.runUntilCurrent()
+            self.reactor.doIteration(0.1)
+        self.assertEqual(bytes(received), data)
+        self.assertEqual(self.successResultOf(done), size)
+        self.assertGreater(conn.writes, 10)
+        # Write interest asked for once, dropped once.
+        self.assertEqual(
+            self.poller.calls, [("add", conn.fileno(), OUT), ("del", conn.fileno())]
+        )
