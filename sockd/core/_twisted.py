@@ -8,7 +8,7 @@ asked: every group of internals is exercised on objects of its own (a
 socket pair, a throwaway epoll reactor), and a group that is missing or
 behaves differently switches its fast path off, said in one log line.  The
 fallbacks are Twisted's stock paths: C{transport.write}, Twisted's own
-C{doIteration}, and the systemd record rebuilt through the public
+C{doIteration} and writer methods, and the systemd record rebuilt through the public
 C{systemd:} endpoint parser.
 
 Other modules reach Twisted's internals only through these accessors.
@@ -60,7 +60,8 @@ class FastPaths:
     tcp_write: bool
     #: UDP replies straight to C{sendto}: a port's connected address is visible
     udp_send: bool
-    #: epoll events dispatched without a logging context each
+    #: epoll events dispatched without a logging context each, and writer
+    #: removals held until the next poll (L{sockd.core.epoll})
     epoll_dispatch: bool
     #: Twisted's own record of the sockets systemd passed is readable
     systemd_record: bool

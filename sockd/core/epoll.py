@@ -18,16 +18,18 @@ only loss is that prefix on legacy log lines written while an event is
 handled; sockd's own log events carry their fields.  As before, a handler
 that raises is logged and every other ready descriptor is still served.
 
-It also coalesces writer removals (L{_Writers}): Twisted's C{doWrite}
+It also holds back writer removals (L{_Writers}).  Twisted's C{doWrite}
 drops write interest whenever its buffer empties, and a pull producer that
-writes past the buffer (sockd's sendfile) asks for it again in the same
-call, two C{epoll_ctl} calls per wake that change nothing.  A removal
-asked for while a TCP connection is connected is held until the next poll;
-the same connection adding its writer back meanwhile cancels it, and any
-other change of that descriptor or selectable (a reader added or removed,
-C{connectionLost}, which removes the reader before the socket closes;
-C{removeAll}; C{getWriters}) applies it first, so Twisted's bookkeeping and
-the kernel's agree at every poll and whenever anyone else looks.
+sends past the buffer (sockd's sendfile) asks for it again in the same
+call: two C{epoll_ctl} calls per wake that change nothing (the chunk
+fallback's next write, from a timer, does the same before the next poll).
+A removal asked for while a TCP connection is connected is held until the
+next poll, and the same connection adding its writer back meanwhile
+cancels it.  Anything else about that descriptor or selectable (a reader
+added or removed, so C{connectionLost}, which removes the reader before
+the socket closes; C{removeAll}; C{getWriters}) applies it first, so what
+epoll watches and what the reactor reports are what was asked for at
+every poll and whenever anyone looks.  Readers are never held.
 
 This patches the one reactor instance rather than installing an
 C{EPollReactor} subclass: which reactor runs is twistd's choice (its default,
@@ -150,7 +152,8 @@ class _Writers:
             and writer.connected
         ):
             # Its socket closes only in connectionLost, after removeReader,
-            # which applies this first.
+            # which applies this first.  (docs/performance.md, "Writer
+            # removals held until the poll").
             self.pending[fd] = writer
             self._held[id(writer)] = fd
             return
