@@ -8,7 +8,7 @@ asked: every group of internals is exercised on objects of its own (a
 socket pair, a throwaway epoll reactor), and a group that is missing or
 behaves differently switches its fast path off, said in one log line.  The
 fallbacks are Twisted's stock paths: C{transport.write}, Twisted's own
-C{doIteration}, and the systemd record rebuilt through the public
+C{doIteration} and writer methods, and the systemd record rebuilt through the public
 C{systemd:} endpoint parser.
 
 Other modules reach Twisted's internals only through these accessors.
@@ -62,7 +62,8 @@ class FastPaths:
     tcp_write: bool
     #: UDP replies straight to C{sendto}: a port's connected address is visible
     udp_send: bool
-    #: epoll events dispatched without a logging context each
+    #: epoll events dispatched without a logging context each, and writer
+    #: removals held until the next poll (L{sockd.core.epoll})
     epoll_dispatch: bool
     #: Twisted's own record of the sockets systemd passed is readable
     systemd_record: bool
@@ -120,12 +121,15 @@ class EpollParts(NamedTuple):
     disconnect: Any
     #: the event mask of "readable" alone (C{_POLL_IN})
     readable: int
+    #: descriptors registered for writability (C{_writes}), a subset of
+    #: C{selectables}' keys
+    writers: set[int]
 
 
 def epoll_parts(reactor: Any) -> EpollParts:
     """
-    The internals of an C{EPollReactor} its C{doPoll} uses.  Checked on
-    Twisted L{CHECKED_ON}.
+    The internals of an C{EPollReactor} its C{doPoll} and C{removeWriter}
+    use.  Checked on Twisted L{CHECKED_ON}.
     """
     return EpollParts(
         reactor._poller,
@@ -133,6 +137,7 @@ def epoll_parts(reactor: Any) -> EpollParts:
         reactor._doReadOrWrite,
         reactor._disconnectSelectable,
         reactor._POLL_IN,
+        reactor._writes,
     )
 
 
@@ -290,12 +295,13 @@ def _epoll_available() -> bool:
 
 
 class _Readable:
-    """A socket an epoll reactor watches; counts its reads."""
+    """A socket an epoll reactor watches; counts its reads and writes."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.reads = 0
         self.lost = False
+        self.writes = 0
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -306,6 +312,9 @@ class _Readable:
     def doRead(self) -> None:
         self.sock.recv(16)
         self.reads += 1
+
+    def doWrite(self) -> None:
+        self.writes += 1
 
     def connectionLost(self, reason: object) -> None:
         self.lost = True
@@ -318,23 +327,40 @@ def _check_epoll() -> str | None:
     ours, theirs = socket.socketpair()
     try:
         parts = epoll_parts(reactor)
+        mine = ours.fileno()
         readable = _Readable(ours)
         reactor.addReader(readable)
-        if parts.selectables.get(ours.fileno()) is not readable:
+        if parts.selectables.get(mine) is not readable:
             return "a watched descriptor is not among the selectables"
         theirs.send(b"x")
-        for fd, event in parts.poller.poll(1.0, max(1, len(parts.selectables))):
-            if fd == ours.fileno():
-                parts.dispatch(readable, fd, event)
+        for ready, event in parts.poller.poll(1.0, max(1, len(parts.selectables))):
+            if ready == mine:
+                parts.dispatch(readable, ready, event)
         if readable.reads != 1:
             return f"a readable socket was read {readable.reads} times, not once"
         if parts.readable != select.EPOLLIN:
             return f"the read event is {parts.readable}, not EPOLLIN"
+        # Write interest, which coalescing writer removals reads.
+        reactor.addWriter(readable)
+        if mine not in parts.writers or parts.selectables.get(mine) is not readable:
+            return "a writer is not among the writers"
+        reactor.removeWriter(readable)
+        if mine in parts.writers or parts.selectables.get(mine) is not readable:
+            return "a removed writer that still reads is not just a reader"
         parts.disconnect(readable, ConnectionDone(), True)
         if not readable.lost:
             return "a disconnected selectable was not told its connection is lost"
-        if ours.fileno() in parts.selectables:
+        if mine in parts.selectables:
             return "an unwatched descriptor is still among the selectables"
+        reactor.addWriter(readable)
+        for ready, event in parts.poller.poll(1.0, max(1, len(parts.selectables))):
+            if ready == mine:
+                parts.dispatch(readable, ready, event)
+        if readable.writes != 1:
+            return f"a writable socket was written {readable.writes} times, not once"
+        reactor.removeWriter(readable)
+        if mine in parts.writers or mine in parts.selectables:
+            return "a removed writer is still watched"
         return None
     finally:
         ours.close()

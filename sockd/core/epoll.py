@@ -22,6 +22,19 @@ the descriptor's C{doRead} is called here, and what it returns or raises is
 logged and disconnected through the reactor's own C{_disconnectSelectable},
 exactly as the handler would.
 
+It also holds back writer removals (L{_Writers}).  Twisted's C{doWrite}
+drops write interest whenever its buffer empties, and a pull producer that
+sends past the buffer (sockd's sendfile) asks for it again in the same
+call: two C{epoll_ctl} calls per wake that change nothing (the chunk
+fallback's next write, from a timer, does the same before the next poll).
+A removal asked for while a TCP connection is connected is held until the
+next poll, and the same connection adding its writer back meanwhile
+cancels it.  Anything else about that descriptor or selectable (a reader
+added or removed, so C{connectionLost}, which removes the reader before
+the socket closes; C{removeAll}; C{getWriters}) applies it first, so what
+epoll watches and what the reactor reports are what was asked for at
+every poll and whenever anyone looks.  Readers are never held.
+
 This patches the one reactor instance rather than installing an
 C{EPollReactor} subclass: which reactor runs is twistd's choice (its default,
 or C{--reactor}), so a subclass would serve only the deployments that name
@@ -33,12 +46,15 @@ from __future__ import annotations
 
 import sys
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from twisted.python import log as legacy_log
 
 from sockd.core._twisted import epoll_parts, fast_paths
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["lean_dispatch"]
 
@@ -62,9 +78,13 @@ def lean_dispatch(reactor: object) -> bool:
 
     if type(reactor) is not EPollReactor or reactor in _switched:
         return False
-    poller, selectables, handle, disconnect, readable = epoll_parts(reactor)
+    poller, selectables, handle, disconnect, readable, writers = epoll_parts(reactor)
+    held = _Writers(reactor, selectables, writers)
+    pending = held.pending
 
     def doIteration(timeout: float | None) -> None:
+        if pending:
+            held.settle_all(log_errors=True)
         try:
             # At most as many events as descriptors watched, as Twisted asks.
             ready = poller.poll(
@@ -100,3 +120,119 @@ def lean_dispatch(reactor: object) -> bool:
     target.doIteration = doIteration
     _switched.add(reactor)
     return True
+
+
+class _Writers:
+    """
+    An epoll reactor's writer methods, holding back a TCP connection's
+    writer removal until the next poll, or until something else about that
+    descriptor or selectable changes (see the module's docstring).
+    """
+
+    def __init__(
+        self, reactor: Any, selectables: dict[int, Any], writers: set[int]
+    ) -> None:
+        from twisted.internet.tcp import Connection
+
+        self._connection = Connection
+        self._selectables = selectables
+        self._writers = writers
+        #: descriptor -> the connection whose writer removal is held
+        self.pending: dict[int, Any] = {}
+        #: id of a connection held -> its descriptor
+        self._held: dict[int, int] = {}
+        # The reactor's own methods, bound, to apply what is not held.
+        self._add_writer: Callable[[Any], None] = reactor.addWriter
+        self._remove_writer: Callable[[Any], None] = reactor.removeWriter
+        self._add_reader: Callable[[Any], None] = reactor.addReader
+        self._remove_reader: Callable[[Any], None] = reactor.removeReader
+        self._remove_all: Callable[[], list[Any]] = reactor.removeAll
+        self._get_writers: Callable[[], list[Any]] = reactor.getWriters
+        reactor.addWriter = self.addWriter
+        reactor.removeWriter = self.removeWriter
+        reactor.addReader = self.addReader
+        reactor.removeReader = self.removeReader
+        reactor.removeAll = self.removeAll
+        reactor.getWriters = self.getWriters
+
+    def removeWriter(self, writer: Any) -> None:
+        """Hold the removal if C{writer} is a connected TCP connection."""
+        fd = writer.fileno()
+        if self.pending:
+            if self.pending.get(fd) is writer:
+                return
+            self._settle_for(writer, fd)
+        if (
+            fd in self._writers
+            and self._selectables.get(fd) is writer
+            and isinstance(writer, self._connection)
+            and writer.connected
+        ):
+            # Its socket closes only in connectionLost, after removeReader,
+            # which applies this first.  (docs/performance.md, "Writer
+            # removals held until the poll").
+            self.pending[fd] = writer
+            self._held[id(writer)] = fd
+            return
+        self._remove_writer(writer)
+
+    def addWriter(self, writer: Any) -> None:
+        """Cancel a held removal of C{writer}: it is still registered."""
+        if self.pending:
+            fd = writer.fileno()
+            if self.pending.get(fd) is writer:
+                del self.pending[fd]
+                del self._held[id(writer)]
+                return
+            self._settle_for(writer, fd)
+        self._add_writer(writer)
+
+    def addReader(self, reader: Any) -> None:
+        """Apply what is held for C{reader}'s descriptor, then add it."""
+        if self.pending:
+            self._settle_for(reader, reader.fileno())
+        self._add_reader(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        """Apply what is held for C{reader}'s descriptor, then remove it."""
+        if self.pending:
+            self._settle_for(reader, reader.fileno())
+        self._remove_reader(reader)
+
+    def removeAll(self) -> list[Any]:
+        """Apply everything held, then Twisted's C{removeAll}."""
+        self.settle_all()
+        return self._remove_all()
+
+    def getWriters(self) -> list[Any]:
+        """Apply everything held, then Twisted's C{getWriters}."""
+        self.settle_all()
+        return self._get_writers()
+
+    def settle_all(self, log_errors: bool = False) -> None:
+        """Apply every held removal (before a poll, or when asked)."""
+        while self.pending:
+            fd = next(iter(self.pending))
+            if not log_errors:
+                self._settle(fd)
+                continue
+            writer = self.pending[fd]
+            try:
+                self._settle(fd)
+            except Exception:
+                log.failure(
+                    "sockd: removing the writer {writer!r} failed", writer=writer
+                )
+
+    def _settle_for(self, selectable: Any, fd: int) -> None:
+        # Whoever holds this descriptor, and this selectable under another.
+        if fd in self.pending:
+            self._settle(fd)
+        other = self._held.get(id(selectable))
+        if other is not None:
+            self._settle(other)
+
+    def _settle(self, fd: int) -> None:
+        writer = self.pending.pop(fd)
+        del self._held[id(writer)]
+        self._remove_writer(writer)

@@ -179,6 +179,23 @@ class ChangedTwistedTests(SynchronousTestCase):
         self.assertNotIn("doIteration", vars(reactor))  # Twisted's own
         self.assertIn("instead of: lean epoll dispatch", self.warning())
 
+    def test_epoll_writers_kept_elsewhere(self) -> None:
+        # A Twisted that records write interest somewhere sockd does not
+        # look: no held writer removals, and no lean dispatch either.
+        original = epollreactor.EPollReactor.addWriter
+
+        def add_writer(reactor: Any, writer: Any) -> None:
+            original(reactor, writer)
+            reactor._writes.discard(writer.fileno())
+
+        self.patch(epollreactor.EPollReactor, "addWriter", add_writer)
+        reactor = epollreactor.EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        self.assertFalse(lean_dispatch(reactor))
+        for name in ("doIteration", "addWriter", "removeWriter", "removeReader"):
+            self.assertNotIn(name, vars(reactor))  # Twisted's own
+        self.assertIn("a writer is not among the writers", self.warning())
+
     def test_epoll_dispatch_behaves_differently(self) -> None:
         self.patch(posixbase._PollLikeMixin, "_doReadOrWrite", lambda *args: None)
         self.assertFalse(fast_paths().epoll_dispatch)
