@@ -88,7 +88,7 @@ NGINX_CONF = """\
     error_log stderr warn;
     events {{ worker_connections 4096; }}
     http {{
-        access_log off;
+        access_log {dir}/access.log;
         sendfile on;
         tcp_nopush {nopush};
         client_body_temp_path {dir}/body;
