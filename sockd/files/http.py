@@ -35,6 +35,7 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.http_headers import Headers
 
 from sockd.core.logs import escape
 from sockd.files import codec
@@ -678,15 +679,14 @@ class FileChannel(http.HTTPChannel):
     def writeHeaders(
         self, version: bytes, code: bytes, reason: bytes, headers: Any
     ) -> None:
-        owner = self.owner
-        owner.bytes_out += (
-            16
-            + len(reason)
-            + sum(
-                len(name) + len(value) + 4
-                for name, values in headers.getAllRawHeaders()
-                for value in values
-            )
+        # Twisted 24.3 passes (name, value) pairs; later releases a Headers.
+        pairs = (
+            [(n, v) for n, values in headers.getAllRawHeaders() for v in values]
+            if isinstance(headers, Headers)
+            else headers
+        )
+        self.owner.bytes_out += (
+            16 + len(reason) + sum(len(name) + len(value) + 4 for name, value in pairs)
         )
         super().writeHeaders(version, code, reason, headers)
 
