@@ -527,8 +527,15 @@ class FileRequest(http.Request):
         result.addCallbacks(sent, failed)
 
     def _index(self, parts: tuple[str, ...], opened: Opened) -> None:
-        """A directory: HTML, or text with C{?format=text}; a slice per turn."""
-        text = self.args.get(b"format") == [b"text"]
+        """
+        A directory: HTML, or text with C{?format=text} or when C{Accept}
+        names C{text/plain} and not C{text/html}; a slice per turn.
+        """
+        accept = (self.getHeader(b"Accept") or b"").lower()
+        text = self.args.get(b"format") == [b"text"] or (
+            b"text/plain" in accept and b"text/html" not in accept
+        )
+        self.setHeader(b"Vary", b"Accept")
         self.setHeader(
             b"Content-Type",
             b"text/plain; charset=utf-8" if text else b"text/html; charset=utf-8",

@@ -396,6 +396,17 @@ class IndexTests(HttpBase):
             b"big.bin\ndocs/\nempty\nnotes.txt\nwith space%.txt\n",
         )
 
+    def test_text_when_accepted(self) -> None:
+        listing = b"big.bin\ndocs/\nempty\nnotes.txt\nwith space%.txt\n"
+        _, headers, body = self.get(b"/", b"Accept: text/plain")
+        self.assertEqual(headers[b"content-type"], b"text/plain; charset=utf-8")
+        self.assertEqual(headers[b"vary"], b"Accept")
+        self.assertEqual(dechunk(body), listing)
+        # A browser names text/html (and */*): it gets the page.
+        browser = b"Accept: text/html,application/xhtml+xml,text/plain;q=0.8,*/*"
+        _, headers, _ = self.get(b"/", browser)
+        self.assertEqual(headers[b"content-type"], b"text/html; charset=utf-8")
+
     def test_redirect(self) -> None:
         status, headers, _ = self.get(b"/docs?format=text")
         self.assertEqual((status, headers[b"location"]), (301, b"/docs/?format=text"))
