@@ -38,6 +38,8 @@ __all__ = [
     "checked",
     "epoll_parts",
     "fast_paths",
+    "is_connected_tcp",
+    "patch_reactor",
     "queued_bytes",
     "self_check",
     "systemd_record",
@@ -139,6 +141,25 @@ def epoll_parts(reactor: Any) -> EpollParts:
         reactor._POLL_IN,
         reactor._writes,
     )
+
+
+def patch_reactor(reactor: Any, **methods: Callable[..., Any]) -> None:
+    """
+    Give one reactor instance these methods, over its class's: the epoll
+    reactor's own code calls them by these names (C{doIteration} from
+    C{mainLoop}, C{removeWriter} from C{doWrite}, ...).  Checked on Twisted
+    L{CHECKED_ON}.
+    """
+    for name, method in methods.items():
+        setattr(reactor, name, method)
+
+
+def is_connected_tcp(selectable: object) -> bool:
+    """
+    Whether C{selectable} is a connected TCP connection (C{tcp.Connection}),
+    whose socket closes only in C{connectionLost}, after C{removeReader}.
+    """
+    return isinstance(selectable, tcp.Connection) and bool(selectable.connected)
 
 
 def systemd_record() -> ListenFDs:

@@ -51,7 +51,12 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 from twisted.python import log as legacy_log
 
-from sockd.core._twisted import epoll_parts, fast_paths
+from sockd.core._twisted import (
+    epoll_parts,
+    fast_paths,
+    is_connected_tcp,
+    patch_reactor,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -116,8 +121,7 @@ def lean_dispatch(reactor: object) -> bool:
                     selectable=selectable,
                 )
 
-    target: Any = reactor  # an instance attribute over the method
-    target.doIteration = doIteration
+    patch_reactor(reactor, doIteration=doIteration)
     _switched.add(reactor)
     return True
 
@@ -132,9 +136,6 @@ class _Writers:
     def __init__(
         self, reactor: Any, selectables: dict[int, Any], writers: set[int]
     ) -> None:
-        from twisted.internet.tcp import Connection
-
-        self._connection = Connection
         self._selectables = selectables
         self._writers = writers
         #: descriptor -> the connection whose writer removal is held
@@ -148,12 +149,15 @@ class _Writers:
         self._remove_reader: Callable[[Any], None] = reactor.removeReader
         self._remove_all: Callable[[], list[Any]] = reactor.removeAll
         self._get_writers: Callable[[], list[Any]] = reactor.getWriters
-        reactor.addWriter = self.addWriter
-        reactor.removeWriter = self.removeWriter
-        reactor.addReader = self.addReader
-        reactor.removeReader = self.removeReader
-        reactor.removeAll = self.removeAll
-        reactor.getWriters = self.getWriters
+        patch_reactor(
+            reactor,
+            addWriter=self.addWriter,
+            removeWriter=self.removeWriter,
+            addReader=self.addReader,
+            removeReader=self.removeReader,
+            removeAll=self.removeAll,
+            getWriters=self.getWriters,
+        )
 
     def removeWriter(self, writer: Any) -> None:
         """Hold the removal if C{writer} is a connected TCP connection."""
@@ -165,8 +169,7 @@ class _Writers:
         if (
             fd in self._writers
             and self._selectables.get(fd) is writer
-            and isinstance(writer, self._connection)
-            and writer.connected
+            and is_connected_tcp(writer)
         ):
             # Its socket closes only in connectionLost, after removeReader,
             # which applies this first.  (docs/performance.md, "Writer
