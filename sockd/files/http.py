@@ -90,6 +90,7 @@ class HttpOwner(Protocol):
     closing: bool
 
     def touch(self) -> None: ...
+    def progress(self, count: int) -> None: ...
     def peer(self) -> Peer: ...
     def startDeadline(self) -> None: ...
     def stopDeadline(self) -> None: ...
@@ -472,11 +473,6 @@ class FileRequest(http.Request):
         # takes its place meanwhile, as it needs the transport itself.
         transport.unregisterProducer()
 
-        def progress(sent: int) -> None:
-            state.bytes_sent += sent
-            owner.bytes_out += sent
-            owner.touch()  # a transfer that moves is not idle
-
         sender, result = send_file(
             transport,
             opened.fd,
@@ -484,7 +480,7 @@ class FileRequest(http.Request):
             count,
             state.clock,
             state.pacer(),
-            progress,
+            owner.progress,
             state.use_sendfile,
         )
         self._sender = sender

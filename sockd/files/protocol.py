@@ -672,7 +672,7 @@ class FileProtocol(GuardedProtocol):
                 count,
                 state.clock,
                 state.pacer(),
-                self._progress,
+                self.progress,
                 state.use_sendfile,
                 head,
             )
@@ -745,7 +745,8 @@ class FileProtocol(GuardedProtocol):
         if isinstance(sender, SendfileProducer):
             self.factory.state.sendfile_bytes += count
 
-    def _progress(self, count: int) -> None:
+    def progress(self, count: int) -> None:
+        """C{count} more bytes of a body sent (framed, bare or HTTP)."""
         self.factory.state.bytes_sent += count
         self.bytes_out += count
         self.touch()  # a transfer that moves is not idle
